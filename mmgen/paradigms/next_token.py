@@ -1,0 +1,179 @@
+"""Raster next-token prediction for text-to-image (LlamaGen, Sun et al. 2024; Lumina-mGPT, Liu et al. 2024).
+
+Sequence layout (one unified vocabulary, see `mmgen.text`)::
+
+    [PAD ... PAD] [text ids] <boi> [image ids, raster order] <eoi>
+    |---------- max_text_len ---------|
+
+Text is left-padded so every sample's <boi> sits at the same index, which lets a batch decode in lock step
+with one static KV cache. Pads are masked out as keys. Conditioning is dropped to the single token <null> with
+probability `cond_drop_prob` (10% by default) so one model gives both terms of classifier-free guidance.
+
+Positions are 2-D: a text token at sequence index i gets (i, i); image token (r, c) gets (o + r, o + c)
+with o the index just after <boi>, so rows and columns are explicit to the 2-D RoPE.
+
+Sampling is split into gpt-fast style small functions: `prefill` runs the prompt once, `decode_step`
+feeds one token; `generate` is only the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mmgen.models.transformer import KVCache, Transformer
+from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
+from mmgen.text import UnifiedVocab
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class NextTokenLayout:
+    vocab: UnifiedVocab
+    max_text_len: int
+    grid: tuple[int, int]  # (h, w) image token grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def boi_index(self) -> int:
+        return self.max_text_len
+
+    @property
+    def seq_len(self) -> int:
+        return self.max_text_len + 1 + self.num_image_tokens + 1
+
+    def positions(self, batch_size: int, device=None) -> torch.Tensor:
+        """(B, seq_len, 2) integer positions for the full sequence."""
+        h, w = self.grid
+        idx = torch.arange(self.boi_index + 1, device=device)
+        text = torch.stack([idx, idx], -1)
+        o = self.boi_index + 1
+        rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        image = torch.stack([rows.flatten() + o, cols.flatten() + o], -1)
+        eoi = torch.tensor([[o + h, o + w]], device=device)
+        return torch.cat([text, image, eoi]).unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def text_block(layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], drop: torch.Tensor | None = None):
+    """Left-padded text + <boi>: tokens (B, max_text_len + 1) and key validity (B, max_text_len + 1)."""
+    B, L, v = len(text_ids), layout.max_text_len, layout.vocab
+    tokens = torch.full((B, L + 1), v.pad, dtype=torch.long)
+    for b, ids in enumerate(text_ids):
+        if len(ids) > L:
+            raise ValueError(f"text of {len(ids)} tokens exceeds max_text_len={L}")
+        ids = [v.null] if (drop is not None and bool(drop[b])) or len(ids) == 0 else list(ids)
+        tokens[b, L - len(ids):L] = torch.tensor(ids, dtype=torch.long)
+    tokens[:, L] = v.boi
+    return tokens, tokens != v.pad
+
+
+def attention_mask(key_valid_BS: torch.Tensor, T: int | None = None) -> torch.Tensor:
+    """Causal mask (B, 1, T, S) over valid keys for the last T queries; a query always sees itself so padded
+    rows never softmax over nothing (which would put NaNs into the cache)."""
+    B, S = key_valid_BS.shape
+    T = S if T is None else T
+    causal = torch.ones(T, S, dtype=torch.bool, device=key_valid_BS.device).tril(diagonal=S - T)
+    eye = torch.zeros(T, S, dtype=torch.bool, device=key_valid_BS.device)
+    eye[:, S - T:] = torch.eye(T, dtype=torch.bool, device=key_valid_BS.device)
+    return ((causal & key_valid_BS[:, None, :]) | eye).unsqueeze(1)
+
+
+@dataclass
+class NextTokenBatch:
+    tokens: torch.Tensor  # (B, L) model input
+    targets: torch.Tensor  # (B, L) next ids, IGNORE_INDEX outside image tokens and <eoi>
+    positions: torch.Tensor  # (B, L, 2)
+    mask: torch.Tensor  # (B, 1, L, L)
+
+
+def build_batch(layout: NextTokenLayout, text_ids, image_codes_BHW: torch.Tensor, cond_drop_prob: float = 0.0,
+                generator: torch.Generator | None = None) -> NextTokenBatch:
+    """Teacher-forced training batch from caption ids and tokenizer codes."""
+    B = image_codes_BHW.shape[0]
+    if tuple(image_codes_BHW.shape[1:]) != tuple(layout.grid):
+        raise ValueError(f"image codes have grid {tuple(image_codes_BHW.shape[1:])}, the model expects {layout.grid}")
+    drop = torch.rand(B, generator=generator) < cond_drop_prob if cond_drop_prob > 0 else None
+    text, text_valid = text_block(layout, text_ids, drop)
+    image = layout.vocab.image_to_unified(image_codes_BHW.reshape(B, -1).cpu())
+    eoi = torch.full((B, 1), layout.vocab.eoi, dtype=torch.long)
+    seq = torch.cat([text, image, eoi], 1)
+    valid = torch.cat([text_valid, torch.ones(B, image.shape[1] + 1, dtype=torch.bool)], 1)
+    targets = seq[:, 1:].clone()
+    targets[:, : layout.boi_index] = IGNORE_INDEX  # loss on image tokens (and <eoi>) only
+    dev = image_codes_BHW.device
+    return NextTokenBatch(seq[:, :-1].to(dev), targets.to(dev), layout.positions(B, dev)[:, :-1],
+                          attention_mask(valid[:, :-1]).to(dev))
+
+
+def loss_fn(model: Transformer, batch: NextTokenBatch) -> torch.Tensor:
+    logits = model(batch.tokens, positions=batch.positions, mask=batch.mask)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+# ---- sampling: small functions, the loop stays visible -------------------------------------------------
+
+
+def prefill(model: Transformer, tokens_BT, positions_BT2, key_valid_BT, cache: KVCache) -> torch.Tensor:
+    """Run the prompt through the model, filling the cache; returns last-position logits (B, V)."""
+    logits = model(tokens_BT, positions=positions_BT2, mask=attention_mask(key_valid_BT), cache=cache, start=0)
+    return logits[:, -1]
+
+
+def decode_step(model: Transformer, token_B, position_B2, key_valid_BS, cache: KVCache) -> torch.Tensor:
+    """Feed one token per row at the cache end; returns its logits (B, V)."""
+    S = cache.length + 1
+    mask = key_valid_BS[:, None, None, :S]
+    logits = model(token_B[:, None], positions=position_B2[:, None], mask=mask, cache=cache)
+    return logits[:, -1]
+
+
+def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Restrict to image ids and apply CFG; the batch is [cond rows; uncond rows] when guidance is on."""
+    off = layout.vocab.image_offset
+    logits = logits_BV[:, off: off + layout.vocab.image_vocab_size].float()
+    if guidance_scale == 1.0:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return cfg_combine(cond, uncond, guidance_scale)
+
+
+@torch.no_grad()
+def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
+             generators: Sequence[torch.Generator] | None = None, callback: Callable[[int], None] | None = None):
+    """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and the number of forward passes."""
+    B = len(text_ids)
+    use_cfg = cfg.guidance_scale != 1.0
+    text, valid = text_block(layout, text_ids)
+    if use_cfg:
+        null, null_valid = text_block(layout, [[]] * B)
+        text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
+    device = model.device
+    text, valid = text.to(device), valid.to(device)
+    R = text.shape[0]
+    positions = layout.positions(R, device)
+    n_img, T0 = layout.num_image_tokens, text.shape[1]
+    cache = model.new_cache(R, T0 + n_img)
+    key_valid = torch.ones(R, T0 + n_img, dtype=torch.bool, device=device)
+    key_valid[:, :T0] = valid
+    greedy = cfg.temperature == 0
+    codes = torch.empty(B, n_img, dtype=torch.long, device=device)
+
+    logits = prefill(model, text, positions[:, :T0], valid, cache)
+    for i in range(n_img):
+        logits = process_logits(image_logits(layout, logits, cfg.guidance_scale), cfg)
+        codes[:, i] = sample(logits, generators, greedy)
+        if callback is not None:
+            callback(i)
+        if i + 1 == n_img:
+            break
+        token = layout.vocab.image_to_unified(codes[:, i])
+        token = torch.cat([token, token]) if use_cfg else token
+        logits = decode_step(model, token, positions[:, T0 + i], key_valid, cache)
+    return codes.view(B, *layout.grid), n_img

@@ -1,0 +1,85 @@
+"""Logits processors and the categorical sampler shared by every discrete paradigm and stage.
+
+Classifier-free guidance as in Ho & Salimans (2022) on logits, `u + s (c - u)` (the LlamaGen convention);
+temperature; top-k; nucleus (top-p) filtering following Holtzman et al. (2020). Sampling takes one
+`torch.Generator` per row so every image has its own seed, independent of how images are batched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    guidance_scale: float = 1.0
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        validate_sampling_args(self.guidance_scale, self.temperature, self.top_k, self.top_p)
+
+
+def validate_sampling_args(guidance_scale=1.0, temperature=1.0, top_k=None, top_p=None) -> None:
+    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def cfg_combine(cond_BV: torch.Tensor, uncond_BV: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond_BV + scale * (cond_BV - uncond_BV)
+
+
+def top_k_filter(logits_BV: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits_BV.shape[-1])
+    kth = torch.topk(logits_BV, k, dim=-1).values[..., -1:]
+    return logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+
+
+def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logits_BV
+    sorted_logits, order = torch.sort(logits_BV, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    drop_sorted = mass_before >= p  # the top token always has mass_before 0, so it stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits_BV.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits_BV: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (the order of transformers' generate)."""
+    if cfg.temperature > 0 and cfg.temperature != 1.0:
+        logits_BV = logits_BV / cfg.temperature
+    if cfg.top_k is not None:
+        logits_BV = top_k_filter(logits_BV, cfg.top_k)
+    if cfg.top_p is not None:
+        logits_BV = top_p_filter(logits_BV, cfg.top_p)
+    return logits_BV
+
+
+def sample(logits_BV: torch.Tensor, generators: Sequence[torch.Generator] | None, greedy: bool = False):
+    """One token per row. Exponential-race sampling: argmax p / E with E ~ Exp(1) draws from p, and lets
+    every row use its own generator without a per-row multinomial call or a host sync."""
+    if greedy:
+        return logits_BV.argmax(-1)
+    probs = logits_BV.float().softmax(-1)
+    if generators is None:
+        noise = torch.empty_like(probs).exponential_()
+    else:
+        if len(generators) != probs.shape[0]:
+            raise ValueError(f"need one generator per row: {probs.shape[0]} rows, {len(generators)} generators")
+        noise = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g)
+                             for g in generators])
+    return (probs / noise).argmax(-1)
