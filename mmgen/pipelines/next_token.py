@@ -1,0 +1,106 @@
+"""Text-to-image by raster next-token prediction (LlamaGen / Lumina-mGPT style), as a diffusers pipeline.
+
+Components: a text tokenizer (`transformers`), the decoder `Transformer`, and a `VQGAN` visual tokenizer.
+The pipeline owns the visible loop: tokenize prompts, sample image codes with `paradigms.next_token`,
+decode them to pixels, return PIL images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from transformers import PreTrainedTokenizerFast
+
+from mmgen.models.transformer import Transformer
+from mmgen.paradigms import next_token
+from mmgen.sampling.logits import SamplingConfig
+from mmgen.text import UnifiedVocab, encode_prompts
+from tokenizers_vis.vqgan import VQGAN
+
+MAX_IMAGES_PER_CALL = 4096
+
+
+@dataclass
+class ARPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | torch.Tensor
+    tokens: torch.Tensor  # (N, h, w) image codes
+    nfe: int  # forward passes of the decoder per image
+
+
+def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:
+    """One generator per image. A single generator seeds n fresh ones, so images stay reproducible
+    and independent of batch composition; a list must have one per image (diffusers convention)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"generator list has {len(generator)} entries; expected one per image ({n})")
+        return list(generator)
+    if generator is None:
+        seeds = torch.randint(0, 2**62, (n,)).tolist()
+    elif isinstance(generator, torch.Generator):
+        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    else:
+        raise ValueError(f"generator must be a torch.Generator, a list of them, or None; got {type(generator)}")
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+
+def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:
+    """Image i gets seed + i: the same seed gives the same images whatever the batch size."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+class NextTokenPipeline(DiffusionPipeline):
+    def __init__(self, transformer: Transformer, vq_model: VQGAN, tokenizer: PreTrainedTokenizerFast,
+                 max_text_len: int = 32):
+        super().__init__()
+        self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
+        self.register_to_config(max_text_len=max_text_len)
+        self.vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=vq_model.vocab_size)
+        if transformer.config.vocab_size != self.vocab.size:
+            raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
+                             f"({len(tokenizer)}) + special + image ({vq_model.vocab_size}) = {self.vocab.size}")
+        self.layout = next_token.NextTokenLayout(self.vocab, max_text_len, tuple(vq_model.grid_size))
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or not 1 <= num_images_per_prompt * len(prompts) <= MAX_IMAGES_PER_CALL:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
+                             f"images per call, got {num_images_per_prompt} for {len(prompts)} prompt(s)")
+        if output_type not in ("pil", "pt", "np"):
+            raise ValueError(f"output_type must be one of 'pil', 'pt', 'np'; got {output_type!r}")
+        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
+        text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
+        gens = per_image_generators(generator, len(text_ids))
+
+        with self.progress_bar(total=self.layout.num_image_tokens) as bar:
+            codes, nfe = next_token.generate(self.transformer, self.layout, text_ids, cfg, gens,
+                                             callback=lambda i: bar.update())
+        images = self.vq_model.decode(codes)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        if not return_dict:
+            return images, codes, nfe
+        return ARPipelineOutput(images=images, tokens=codes, nfe=nfe)
