@@ -1,0 +1,106 @@
+"""End to end: tiny tokenizer + decoder -> pipeline -> save/load -> CLI, with bad-input errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from mmgen import cli
+from mmgen.models.transformer import Transformer
+from mmgen.pipelines import NextTokenPipeline, load_pipeline
+from mmgen.text import UnifiedVocab, train_text_tokenizer
+from tokenizers_vis.vqgan import VQGAN
+
+CAPTIONS = ["a red circle", "a blue square above a red circle", "two green stars"]
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
+               image_size=16)
+    tok = train_text_tokenizer(CAPTIONS)
+    vocab = UnifiedVocab(text_vocab_size=len(tok), image_vocab_size=vq.vocab_size)
+    tr = Transformer(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
+    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=8)
+    d = tmp_path_factory.mktemp("pipe")
+    pipe.save_pretrained(d)
+    return d
+
+
+def test_pipeline_output_and_reload_identical(pipe_dir):
+    pipe = load_pipeline(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=["a red circle", "two green stars"], num_images_per_prompt=2, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 4 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in out.images)
+    assert out.tokens.shape == (4, 8, 8) and out.nfe == 64
+    again = load_pipeline(pipe_dir)
+    again.set_progress_bar_config(disable=True)
+    out2 = again(prompt=["a red circle", "two green stars"], num_images_per_prompt=2, guidance_scale=2.0,
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out.tokens, out2.tokens)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(out.images, out2.images))
+    files = {p.name for p in pipe_dir.rglob("*") if p.is_file()}
+    assert "model_index.json" in files and "tokenizer.json" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+
+
+def test_same_seed_same_image_across_batch_sizes(pipe_dir):
+    pipe = load_pipeline(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    from mmgen.pipelines.next_token import generators_from_seed
+    big = pipe(prompt="a red circle", num_images_per_prompt=3, generator=generators_from_seed(5, 3))
+    one = pipe(prompt="a red circle", num_images_per_prompt=1, generator=generators_from_seed(5, 1))
+    assert torch.equal(big.tokens[0], one.tokens[0])
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(prompt="a purple hexagon"), "does not know"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="a red circle", num_images_per_prompt=0), "num_images_per_prompt"),
+    (dict(prompt="a red circle", top_p=1.5), "top_p"),
+    (dict(prompt="a red circle", top_k=0), "top_k"),
+    (dict(prompt="a red circle", guidance_scale=-1.0), "guidance_scale"),
+])
+def test_bad_pipeline_input(pipe_dir, kwargs, name):
+    pipe = load_pipeline(pipe_dir)
+    with pytest.raises(ValueError, match=name):
+        pipe(**kwargs)
+
+
+def test_cli_generate_json(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "a red circle", "--model", str(pipe_dir), "--out", str(out), "--num-images", "2",
+                     "--seed", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == [str(tmp_path / "img_0.png"), str(tmp_path / "img_1.png")]
+    assert Image.open(result["images"][0]).size == (16, 16)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "a red circle", "--top-p", "0"], "top_p"),
+    (["generate", "a red circle", "--num-images", "0"], "--num-images"),
+    (["generate", "a red circle", "--model", "/nonexistent/model"], "does not exist"),
+    (["generate", "a blorp circle"], "does not know"),
+    (["generate", "a red circle", "--out", "x.txt"], "--out"),
+])
+def test_cli_bad_input_exit_2_and_nothing_written(pipe_dir, tmp_path, args, needle):
+    if "--model" not in args:
+        args = args + ["--model", str(pipe_dir)]
+    if "--out" not in args:
+        args = args + ["--out", str(tmp_path / "o.png")]
+    proc = subprocess.run([sys.executable, "-m", "mmgen.cli", *args], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert not any(tmp_path.glob("*.png")) and not any(tmp_path.glob(".*png"))
+
+
+def test_every_command_has_help():
+    for argv in (["--help"], ["generate", "--help"]):
+        proc = subprocess.run([sys.executable, "-m", "mmgen.cli", *argv], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: mmgen" in proc.stdout
