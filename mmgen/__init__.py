@@ -1,0 +1,1 @@
+"""mmgen: autoregressive visual generation."""
