@@ -46,8 +46,12 @@ def _build(cls, data: Any, where: str):
             kwargs[name] = _build(typ, value, f"{where}.{name}".lstrip("."))
         elif typ in (tuple,) or typing.get_origin(typ) is tuple:
             kwargs[name] = tuple(value) if value is not None else None
-        elif typ is float and isinstance(value, int) and not isinstance(value, bool):
-            kwargs[name] = float(value)
+        elif typ is float and not isinstance(value, bool) and isinstance(value, (int, str)):
+            try:  # YAML 1.1 reads "3e-3" (no dot) as a string
+                kwargs[name] = float(value)
+            except ValueError:
+                raise ValueError(f"config key {where + '.' if where else ''}{name} must be a number, "
+                                 f"got {value!r}") from None
         else:
             kwargs[name] = value
     return cls(**kwargs)

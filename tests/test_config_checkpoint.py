@@ -26,9 +26,14 @@ class Outer:
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("steps: 5\ninner:\n  lr: 2\n")
-    cfg = load_config(Outer, f, ["inner.betas=[0.5, 0.9]", "name=run"])
+    cfg = load_config(Outer, f, ["inner.betas=[0.5, 0.9]", "name=run", "inner.lr=2e0"])
     assert cfg == Outer(name="run", steps=5, inner=Inner(lr=2.0, betas=(0.5, 0.9)))
     assert isinstance(cfg.inner.lr, float)
+
+
+def test_non_numeric_float_is_rejected_by_key():
+    with pytest.raises(ValueError, match="inner.lr must be a number"):
+        load_config(Outer, None, ["inner.lr=fast"])
 
 
 def test_unknown_keys_rejected(tmp_path):
