@@ -104,3 +104,14 @@ def test_every_command_has_help():
     for argv in (["--help"], ["generate", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "mmgen.cli", *argv], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: mmgen" in proc.stdout
+
+
+def test_shipped_default_model_generates(tmp_path):
+    """The README's main command: the default model in mmgen/zoo makes a real 64x64 image."""
+    assert cli.DEFAULT_MODEL.is_dir()
+    size = sum(f.stat().st_size for f in cli.DEFAULT_MODEL.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20
+    out = tmp_path / "default.png"
+    assert cli.main(["generate", "a red circle above a blue square", "--out", str(out), "--json"]) == 0
+    img = Image.open(out)
+    assert img.size == (64, 64) and len(set(img.getdata())) > 10  # not a blank canvas
