@@ -46,15 +46,29 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
+        self.row_end = 0  # with per-row starts: max over rows of start + T, set by the model each forward
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, start: int, k_BKTD, v_BKTD):
-        end = start + k_BKTD.shape[2]
-        self.k[layer, :, :, start:end] = k_BKTD
-        self.v[layer, :, :, start:end] = v_BKTD
+    def update(self, layer: int, start, k_BKTD, v_BKTD):
+        """Write T new keys/values at `start` and return the buffers up to the written end.
+
+        `start` is an int (every row writes at the same slots) or a (B,) LongTensor of per-row write offsets,
+        which lets rows of one batch sit at different lengths (speculative decoding with per-sample
+        acceptance); the caller's mask then decides which slots each row may see."""
+        T = k_BKTD.shape[2]
+        if not torch.is_tensor(start):
+            end = start + T
+            self.k[layer, :, :, start:end] = k_BKTD
+            self.v[layer, :, :, start:end] = v_BKTD
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        B, K, _, D = k_BKTD.shape
+        slots = (start[:, None] + torch.arange(T, device=start.device))[:, None, :, None].expand(B, K, T, D)
+        self.k[layer].scatter_(2, slots, k_BKTD)
+        self.v[layer].scatter_(2, slots, v_BKTD)
+        end = self.row_end
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def rollback(self, length: int) -> None:
@@ -220,16 +234,22 @@ class Transformer(ModelMixin, ConfigMixin):
         positions: (B, T, 2) or (B, T) ints; default 0..T-1 after the cache prefix.
         mask: bool (B or 1, 1 or H, T, S), True = may attend; S = start + T with a cache, else T. Default causal.
         cache/start: write keys/values at [start, start + T) (default: cache.length) and attend to [0, start + T).
+            `start` may be a (B,) LongTensor of per-row offsets; then `positions` and `mask` must be given and
+            the mask spans S = max(start) + T keys.
         """
         x = self.tok_emb(tokens) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if cache is not None:
             start = cache.length if start is None else start
-            if start + T > cache.max_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the cache length {cache.max_len}")
+            end = int(start.max()) + T if torch.is_tensor(start) else start + T
+            if end > cache.max_len:
+                raise ValueError(f"sequence of {end} tokens exceeds the cache length {cache.max_len}")
+            cache.row_end = end
         else:
-            start = 0
+            start = end = 0
         if positions is None:
+            if torch.is_tensor(start):
+                raise ValueError("positions are required when start is a per-row tensor")
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         angles = rope_angles(positions, self.head_dim, self.config.rope_theta, self.config.rope_2d)
         angles = torch.cat([angles, angles], dim=-1)
@@ -240,6 +260,6 @@ class Transformer(ModelMixin, ConfigMixin):
             if output_hidden_states:
                 hiddens.append(x)
         if cache is not None:
-            cache.length = start + T
+            cache.length = end
         logits = self.head(self.norm(x))
         return (logits, hiddens) if output_hidden_states else logits

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
+from mmgen.sampling.sjd import SJDConfig, jacobi_sample
 from mmgen.text import UnifiedVocab
 
 IGNORE_INDEX = -100
@@ -177,3 +178,66 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
         token = torch.cat([token, token]) if use_cfg else token
         logits = decode_step(model, token, positions[:, T0 + i], key_valid, cache)
     return codes.view(B, *layout.grid), n_img
+
+
+class NextTokenBackend:
+    """`mmgen.sampling.sjd.JacobiBackend` for this paradigm. The first pass runs the prompt and the first
+    window together; every later pass writes its window at per-row cache offsets (row a's window starts at
+    the slot of its last committed image token) and sees its own committed prefix only."""
+
+    def __init__(self, model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]],
+                 guidance_scale: float, window: int):
+        self.model, self.layout, self.guidance_scale = model, layout, guidance_scale
+        self.num_samples, self.vocab_size = len(text_ids), layout.vocab.image_vocab_size
+        self.device = model.device
+        text, valid = text_block(layout, text_ids)
+        self.use_cfg = guidance_scale != 1.0
+        if self.use_cfg:
+            null, null_valid = text_block(layout, [[]] * len(text_ids))
+            text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
+        self.text, self.prefix = text.to(self.device), text.shape[1] - 1  # text slots before <boi>
+        R, n_img = text.shape[0], layout.num_image_tokens
+        self.capacity = self.prefix + n_img + window
+        self.key_valid = torch.ones(R, self.capacity, dtype=torch.bool, device=self.device)
+        self.key_valid[:, : self.prefix] = valid[:, : self.prefix].to(self.device)
+        pos = layout.positions(1, self.device)[0]  # (seq_len, 2): slot -> 2-D position
+        self.slot_positions = torch.cat([pos, pos[-1:].expand(self.capacity - len(pos), 2)])
+        self.cache = model.new_cache(R, self.capacity)
+        self.prefilled = False
+
+    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
+        A, T = window_AT.shape
+        tokens = self.layout.vocab.image_to_unified(window_AT)
+        tokens[:, 0] = torch.where(n_A == 0, self.layout.vocab.boi, tokens[:, 0])
+        start = self.prefix + n_A  # slot of row a's last committed token (<boi> is slot prefix)
+        if self.use_cfg:
+            tokens, start = torch.cat([tokens, tokens]), torch.cat([start, start])
+        if not self.prefilled:  # the first pass carries the prompt: no separate prefill pass
+            tokens, start = torch.cat([self.text[:, : self.prefix], tokens], 1), torch.zeros_like(start)
+            self.prefilled = True
+        slots = start[:, None] + torch.arange(tokens.shape[1], device=self.device)
+        S = int(start.max()) + tokens.shape[1]
+        keys = torch.arange(S, device=self.device)[None, None, :]
+        mask = ((keys <= slots[:, :, None]) & self.key_valid[:, None, :S]) | (keys == slots[:, :, None])
+        logits = self.model(tokens, positions=self.slot_positions[slots], mask=mask.unsqueeze(1),
+                            cache=self.cache, start=start)[:, -T:]
+        return image_logits(self.layout, logits.flatten(0, 1), self.guidance_scale).view(A, T, -1)
+
+    def keep(self, keep_A: torch.Tensor) -> None:
+        rows = keep_A.nonzero().squeeze(-1)
+        if self.use_cfg:
+            rows = torch.cat([rows, rows + len(keep_A)])
+        self.cache.reorder(rows)
+        self.key_valid, self.text = self.key_valid[rows], self.text[rows]
+
+
+@torch.no_grad()
+def generate_sjd(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]],
+                 cfg: SamplingConfig, sjd: SJDConfig = SJDConfig(),
+                 generators: Sequence[torch.Generator] | None = None,
+                 callback: Callable[[int], None] | None = None):
+    """Like `generate`, with speculative Jacobi decoding. Returns codes (B, h, w) and `SJDStats`."""
+    backend = NextTokenBackend(model, layout, text_ids, cfg.guidance_scale, sjd.window)
+    codes, stats = jacobi_sample(backend, layout.num_image_tokens, cfg, sjd, generators,
+                                 grid_width=layout.grid[1], callback=callback)
+    return codes.view(len(text_ids), *layout.grid), stats

@@ -1,0 +1,259 @@
+"""Speculative Jacobi Decoding (Teng et al., "Accelerating Auto-regressive Text-to-Image Generation with
+Training-free Speculative Jacobi Decoding", ICLR 2025) as a sampling stage for any next-token model.
+
+One forward pass scores a window of L tokens after each sample's accepted prefix: the last accepted token
+followed by L - 1 draft tokens. Causal attention gives, at every window position j, the model's conditional
+p_j given the prefix and the drafts before j. Drafts are verified left to right; draft x, drawn from q, is
+accepted with probability min(1, p_j(x) / q_j(x)). At the first rejection the token is resampled from
+normalize(max(0, p_j - q_j)) and the rest of the window is not verified this pass. This is the speculative
+sampling rule, so the accepted tokens are distributed exactly as plain autoregressive sampling with the same
+logits processors (CFG, temperature, top-k, top-p), whatever the drafts are. The unverified positions get new
+drafts sampled from this pass's p_j (the Jacobi update: they become the next pass's q), and new positions
+are appended to refill the window from an initialization.
+
+Differences from the reference implementation, all keeping exactness:
+
+* Every sample advances by its own accepted length (the reference advances the batch by the minimum), through
+  per-row KV-cache write offsets; finished samples leave the batch.
+* Initializations: ``random`` (uniform over the vocabulary, the paper's default), ``repeat`` (copy the left
+  neighbour), ``sample_left`` (sample from the left neighbour's distribution, which is then the draft's q),
+  and ``above`` (copy the token one image row up: the vertical spatial prior, not in the paper).
+  A copied or uniformly drawn draft is treated as deterministic (q one-hot at the draft), which makes the
+  acceptance probability p_j(x) and the residual p_j without x, renormalized.
+* Temperature 0 gives greedy Jacobi decoding: the accepted tokens are the greedy AR tokens, and a draft is
+  kept exactly when it equals the current argmax (the deterministic convergence check).
+
+The model side is a small protocol, `JacobiBackend`; `mmgen.sampling.backends` has one for mmgen's decoder
+and one for transformers' causal LMs (LlamaForCausalLM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mmgen.sampling.logits import SamplingConfig, process_logits
+
+INITS = ("random", "repeat", "sample_left", "above")
+
+
+@dataclass(frozen=True)
+class SJDConfig:
+    window: int = 16  # draft tokens verified per forward pass (the paper's max_num_new_tokens)
+    init: str = "random"
+
+    def __post_init__(self):
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= 1024:
+            raise ValueError(f"sjd window must be an integer in [1, 1024], got {self.window!r}")
+        if self.init not in INITS:
+            raise ValueError(f"sjd init must be one of {', '.join(INITS)}; got {self.init!r}")
+
+
+@dataclass
+class SJDStats:
+    """What a call cost. `nfe` counts batched forward passes, the prompt's included (plain AR over N tokens
+    needs N: the prompt pass that yields the first token, then N - 1 decode steps)."""
+
+    tokens: int  # tokens generated per sample
+    nfe: int
+    passes: list[int]  # verification passes each sample needed
+
+    @property
+    def step_compression(self) -> float:
+        """Plain AR forward passes / SJD forward passes for the same tokens."""
+        return self.tokens / self.nfe
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens committed per verification pass, averaged over samples."""
+        return sum(self.tokens / p for p in self.passes) / len(self.passes)
+
+    def as_dict(self) -> dict:
+        return {"nfe": self.nfe, "tokens": self.tokens, "step_compression": round(self.step_compression, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 4)}
+
+
+class JacobiBackend(Protocol):
+    """A causal LM whose KV cache lets each row sit at its own length.
+
+    The backend owns the prompt, the cache and classifier-free guidance. Token ids here are ids of the draft
+    vocabulary (for images: codebook indices); the backend maps them to its own vocabulary.
+    """
+
+    num_samples: int
+    vocab_size: int
+    device: torch.device
+
+    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
+        """Logits (A, T, vocab_size), guidance applied, for the active samples.
+
+        Row a has n_A[a] committed tokens; window_AT[a, 0] is its last committed token (ignored when
+        n_A[a] == 0: the backend feeds its start token) and window_AT[a, 1:] are drafts for the tokens after
+        it. Output j is the distribution of token n_A[a] + j. Keys/values of the window are written after
+        the row's committed prefix, overwriting whatever a previous pass left there. The first call also
+        runs the prompt (all n_A are 0), so the pass that yields the first token is the only prompt pass,
+        as in plain AR decoding."""
+
+    def keep(self, keep_A: torch.Tensor) -> None:
+        """Drop the active samples where keep_A (bool, A) is False."""
+
+
+class RowRandom:
+    """Random draws with one generator per sample (or the global generator when none are given). Every pass
+    draws the same amounts for every sample, so a sample's stream never depends on the rest of the batch."""
+
+    def __init__(self, generators: Sequence[torch.Generator] | None, num_samples: int, device):
+        if generators is not None and len(generators) != num_samples:
+            raise ValueError(f"need one generator per sample: {num_samples} samples, {len(generators)} generators")
+        self.generators, self.device = generators, device
+
+    def uniform(self, rows: torch.Tensor, *shape: int) -> torch.Tensor:
+        if self.generators is None:
+            return torch.rand(len(rows), *shape, device=self.device)
+        return torch.stack([torch.rand(shape, generator=self.generators[r]) for r in rows.tolist()]).to(self.device)
+
+    def exponential(self, rows: torch.Tensor, *shape: int) -> torch.Tensor:
+        return -torch.log1p(-self.uniform(rows, *shape))
+
+
+def _race(probs: torch.Tensor, noise: torch.Tensor, greedy: bool) -> torch.Tensor:
+    """Sample from probs (..., V) with Exp(1) noise: argmax p / E (the same sampler as plain AR)."""
+    return probs.argmax(-1) if greedy else (probs / noise).argmax(-1)
+
+
+def _one_hot(tokens: torch.Tensor, V: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(tokens, V).float()
+
+
+def _fill_drafts(drafts, q, first_new, n, out, left_dist, u, sjd: SJDConfig, grid_width: int | None, greedy):
+    """Initialize window slots j >= first_new[a] (token index n[a] + j) in place, left to right."""
+    A, L, V = q.shape
+    rows = torch.arange(A, device=drafts.device)
+    for j in range(L):
+        new = j >= first_new
+        if not bool(new.any()):
+            continue
+        random_tok = (u[:, j] * V).long().clamp_max(V - 1)
+        if j > 0:
+            left = drafts[:, j - 1]
+        else:  # the last committed token, or a random one before the first token
+            left = torch.where(n > 0, out[rows, (n - 1).clamp_min(0)], random_tok)
+        if sjd.init == "random":
+            tok, dist = random_tok, None
+        elif sjd.init == "repeat":
+            tok, dist = left, None
+        elif sjd.init == "above":
+            tok, dist = left, None  # the first image row has nothing above: repeat the left neighbour
+            if grid_width is not None:
+                if j >= grid_width:  # the token above is a draft in this window
+                    tok = drafts[:, j - grid_width]
+                else:
+                    up = n + j - grid_width
+                    tok = torch.where(up >= 0, out[rows, up.clamp_min(0)], left)
+        else:  # sample_left: a draw from the left neighbour's distribution, which is then the draft's q
+            dist = left_dist if left_dist is not None else torch.full((A, V), 1.0 / V, device=q.device)
+            cdf = dist.cumsum(-1)
+            tok = torch.searchsorted(cdf, (u[:, j] * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+            tok = tok.clamp_max(V - 1)
+            if greedy:
+                tok = dist.argmax(-1)
+        drafts[new, j] = tok[new]
+        q[new, j] = (_one_hot(tok, V) if dist is None else dist)[new]
+
+
+@torch.no_grad()
+def jacobi_sample(
+    backend: JacobiBackend,
+    num_tokens: int,
+    sampling: SamplingConfig,
+    sjd: SJDConfig = SJDConfig(),
+    generators: Sequence[torch.Generator] | None = None,
+    grid_width: int | None = None,
+    callback: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, SJDStats]:
+    """Sample (num_samples, num_tokens) tokens with speculative Jacobi decoding.
+
+    `grid_width` is the image width in tokens (needed by the ``above`` initialization). `callback(n)` is
+    called after each pass with the number of tokens every sample has committed."""
+    B, V, N, L = backend.num_samples, backend.vocab_size, num_tokens, sjd.window
+    device = backend.device
+    rng = RowRandom(generators, B, device)
+    greedy = sampling.temperature == 0
+    out = torch.zeros(B, N, dtype=torch.long, device=device)
+    n = torch.zeros(B, dtype=torch.long, device=device)
+    passes = torch.zeros(B, dtype=torch.long)
+    active = torch.arange(B)
+    nfe = 0
+
+    drafts = torch.zeros(B, L, dtype=torch.long, device=device)
+    q = torch.zeros(B, L, V, device=device)
+    _fill_drafts(drafts, q, torch.zeros_like(n), n, out, None, rng.uniform(active, L), sjd, grid_width, greedy)
+
+    arange_L = torch.arange(L, device=device)
+    while len(active):
+        A = len(active)
+        n_a = n[active]
+        T = int(min(L, int((N - n_a).max())))
+        last = out[active, (n_a - 1).clamp_min(0)]
+        window = torch.cat([last[:, None], drafts[:, : T - 1]], 1)
+        logits = backend.forward(window, n_a)
+        nfe += 1
+        logits = process_logits(logits.reshape(A * T, V).float(), sampling).view(A, T, V)
+        p = _one_hot(logits.argmax(-1), V) if greedy else logits.softmax(-1)
+
+        # draw this pass's randomness first, a fixed amount per sample
+        u_accept = rng.uniform(active, L)[:, :T]
+        e_fresh = rng.exponential(active, L, V)[:, :T]
+        e_resid = rng.exponential(active, V)
+        u_init = rng.uniform(active, L)
+
+        # verify drafts left to right
+        x = drafts[:, :T]
+        m = (N - n_a).clamp_max(T)  # positions inside the image
+        px = p.gather(-1, x[..., None]).squeeze(-1)
+        qx = q[:, :T].gather(-1, x[..., None]).squeeze(-1).clamp_min(1e-30)
+        accept = (u_accept < px / qx) & (arange_L[None, :T] < m[:, None])
+        k = accept.long().cumprod(1).sum(1)  # leading accepted drafts
+        rejected = k < m
+        kk = k.clamp_max(T - 1)
+        rows = torch.arange(A, device=device)
+        p_k, q_k = p[rows, kk], q[rows, kk]
+        resid = (p_k - q_k).clamp_min(0)
+        mass = resid.sum(-1, keepdim=True)
+        resid = torch.where(mass > 1e-6, resid / mass.clamp_min(1e-30), p_k)  # mass 0 only up to rounding
+        y = _race(resid, e_resid, greedy)
+        commit = x.clone()
+        commit[rows, kk] = torch.where(rejected, y, commit[rows, kk])
+        a = k + rejected.long()
+        keep_pos = arange_L[None, :T] < a[:, None]
+        r_idx = active.to(device)[:, None].expand(A, T)[keep_pos]
+        c_idx = (n_a[:, None] + arange_L[None, :T])[keep_pos]
+        out[r_idx, c_idx] = commit[keep_pos]
+
+        # Jacobi update: unverified positions get fresh drafts from this pass; new slots are initialized
+        fresh = _race(p, e_fresh, greedy)
+        src = arange_L[None, :] + a[:, None]  # old window position of new slot j
+        from_pass = src < T
+        src_c = src.clamp_max(T - 1)
+        new_drafts = torch.zeros_like(drafts)
+        new_q = torch.zeros_like(q)
+        new_drafts[from_pass] = fresh.gather(1, src_c)[from_pass]
+        new_q[from_pass] = p[rows[:, None].expand(A, L), src_c][from_pass]
+        n_new = n_a + a
+        n[active] = n_new
+        passes[active.cpu()] += 1
+        first_new = (T - a).clamp_min(0)
+        _fill_drafts(new_drafts, new_q, first_new, n_new, out[active], p[:, T - 1], u_init, sjd, grid_width,
+                     greedy)
+        drafts, q = new_drafts, new_q
+
+        running = n_new < N
+        if not bool(running.all()):
+            backend.keep(running)
+            active, drafts, q = active[running.cpu()], drafts[running], q[running]
+        if callback is not None:
+            callback(int(n.min()))
+    return out, SJDStats(tokens=N, nfe=nfe, passes=passes.tolist())
