@@ -37,6 +37,7 @@ class NextTokenLayout:
     vocab: UnifiedVocab
     max_text_len: int
     grid: tuple[int, int]  # (h, w) image token grid
+    rope_2d: bool = True  # False: plain 1-D positions (both coordinates = sequence index), LLaMA's layout
 
     @property
     def num_image_tokens(self) -> int:
@@ -52,6 +53,9 @@ class NextTokenLayout:
 
     def positions(self, batch_size: int, device=None) -> torch.Tensor:
         """(B, seq_len, 2) integer positions for the full sequence."""
+        if not self.rope_2d:
+            idx = torch.arange(self.seq_len, device=device)
+            return torch.stack([idx, idx], -1).unsqueeze(0).expand(batch_size, -1, -1)
         h, w = self.grid
         idx = torch.arange(self.boi_index + 1, device=device)
         text = torch.stack([idx, idx], -1)

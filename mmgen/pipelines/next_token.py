@@ -65,7 +65,8 @@ class NextTokenPipeline(DiffusionPipeline):
         if transformer.config.vocab_size != self.vocab.size:
             raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
                              f"({len(tokenizer)}) + special + image ({vq_model.vocab_size}) = {self.vocab.size}")
-        self.layout = next_token.NextTokenLayout(self.vocab, max_text_len, tuple(vq_model.grid_size))
+        self.layout = next_token.NextTokenLayout(self.vocab, max_text_len, tuple(vq_model.grid_size),
+                                                 rope_2d=transformer.config.rope_2d)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @torch.no_grad()

@@ -1,0 +1,226 @@
+"""Speculative Jacobi decoding: exactness against plain AR, greedy Jacobi, per-sample acceptance, backends.
+
+The distribution tests enumerate every image of a tiny model (4 codes, 2x2 grid: 256 images), compute each
+image's exact probability under the same logits processors by teacher forcing, and compare the empirical
+distribution of many samples with it in total variation. The bound comes from the sample size n over K
+outcomes: E[TV] <= 1/2 sum_x sqrt(p(x)(1 - p(x)) / n), and TV moves by at most 1/n per sample, so by
+McDiarmid TV exceeds its mean by t with probability <= exp(-2 n t^2); t is taken for a 1e-6 failure rate.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mmgen.models.hf_llama import to_llama
+from mmgen.models.transformer import Transformer
+from mmgen.paradigms.next_token import NextTokenLayout, build_batch, generate, generate_sjd, image_logits
+from mmgen.sampling.hf_backend import CausalLMBackend
+from mmgen.sampling.logits import SamplingConfig, process_logits
+from mmgen.sampling.sjd import INITS, SJDConfig, jacobi_sample
+from mmgen.text import UnifiedVocab
+
+N_SAMPLES = 20000
+PROMPTS = [[3, 4, 5], [6]]
+
+
+def peaked_model(seed=0, image_vocab=4, grid=(2, 2), rope_2d=True):
+    """A tiny random decoder with weights large enough that its conditionals are far from uniform."""
+    torch.manual_seed(seed)
+    layout = NextTokenLayout(UnifiedVocab(text_vocab_size=10, image_vocab_size=image_vocab), max_text_len=4, grid=grid,
+                             rope_2d=rope_2d)
+    model = Transformer(vocab_size=layout.vocab.size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                        max_seq_len=layout.seq_len, rope_2d=rope_2d).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.35)
+    return model, layout
+
+
+def exact_distribution(model, layout, text, cfg: SamplingConfig) -> torch.Tensor:
+    """Probability of every image (V^N, in lexicographic order) under AR sampling with `cfg`."""
+    V, N = layout.vocab.image_vocab_size, layout.num_image_tokens
+    images = torch.tensor(list(itertools.product(range(V), repeat=N)))
+    codes = images.view(-1, *layout.grid)
+    rows = [build_batch(layout, [text] * len(images), codes)]
+    if cfg.guidance_scale != 1.0:
+        rows.append(build_batch(layout, [[]] * len(images), codes))
+    with torch.no_grad():
+        logits = [model(b.tokens, positions=b.positions, mask=b.mask)[:, layout.boi_index:layout.boi_index + N]
+                  for b in rows]
+    logits = torch.cat(logits).flatten(0, 1)
+    scores = process_logits(image_logits(layout, logits, cfg.guidance_scale), cfg).view(len(images), N, V)
+    logp = scores.log_softmax(-1).gather(-1, images[..., None]).squeeze(-1).sum(-1)
+    return logp.exp()
+
+
+def empirical(samples: torch.Tensor, V: int) -> torch.Tensor:
+    N = samples.shape[1]
+    index = (samples * V ** torch.arange(N - 1, -1, -1)).sum(1)
+    return torch.bincount(index, minlength=V ** N).double() / len(samples)
+
+
+def tv_bound(p: torch.Tensor, n: int, delta: float = 1e-6) -> float:
+    p = p.double()
+    return float(0.5 * (p * (1 - p) / n).sqrt().sum()) + math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+def tv(p, q) -> float:
+    return float(0.5 * (p.double() - q.double()).abs().sum())
+
+
+CONFIGS = {
+    "plain": SamplingConfig(guidance_scale=1.0),
+    "cfg_topk_temp": SamplingConfig(guidance_scale=2.0, temperature=0.8, top_k=3),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_sjd_samples_the_ar_distribution(config):
+    cfg = CONFIGS[config]
+    model, layout = peaked_model()
+    V = layout.vocab.image_vocab_size
+    target = exact_distribution(model, layout, PROMPTS[0], cfg)
+    assert target.sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert target.max() < 0.5 and (target > 1e-3).sum() > 20  # a distribution worth testing
+    bound = tv_bound(target, N_SAMPLES)
+
+    torch.manual_seed(1)
+    ar, _ = generate(model, layout, [PROMPTS[0]] * N_SAMPLES, cfg)
+    assert tv(empirical(ar.flatten(1), V), target) < bound
+    for init, window in [("random", 4), ("repeat", 3), ("sample_left", 4), ("above", 2)]:
+        torch.manual_seed(2)
+        codes, stats = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, cfg, SJDConfig(window, init))
+        distance = tv(empirical(codes.flatten(1), V), target)
+        assert distance < bound, f"init={init}: TV {distance:.4f} >= bound {bound:.4f}"
+        assert stats.nfe < layout.num_image_tokens + 1
+
+
+def test_distribution_check_has_power():
+    """The same bound rejects samples from a slightly different sampler (temperature 0.8 instead of 1)."""
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], SamplingConfig())
+    torch.manual_seed(3)
+    codes, _ = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, SamplingConfig(temperature=0.8), SJDConfig(4))
+    assert tv(empirical(codes.flatten(1), 4), target) > tv_bound(target, N_SAMPLES)
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_greedy_jacobi_equals_greedy_ar(init, guidance):
+    model, layout = peaked_model(seed=4, image_vocab=16, grid=(4, 5))
+    prompts = [[3, 4, 5], [6], [7, 8]]
+    cfg = SamplingConfig(guidance_scale=guidance, temperature=0, top_k=8)
+    ar, nfe_ar = generate(model, layout, prompts, cfg)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    sjd, stats = generate_sjd(model, layout, prompts, cfg, SJDConfig(6, init), gens)
+    assert torch.equal(sjd, ar)
+    assert nfe_ar == 20 and stats.nfe <= 20 and len(stats.passes) == 3
+
+
+def test_window_one_is_plain_ar_cost():
+    model, layout = peaked_model(seed=5, image_vocab=16, grid=(3, 3))
+    _, stats = generate_sjd(model, layout, PROMPTS, SamplingConfig(guidance_scale=2.0), SJDConfig(window=1))
+    assert stats.nfe == 9 and stats.passes == [9, 9]
+    assert stats.step_compression == 1.0 and stats.mean_accepted_length == 1.0
+
+
+def test_each_sample_advances_by_its_own_acceptance():
+    """Samples finish after different numbers of passes, and a sample's tokens and pass count do not depend
+    on which other samples share its batch (one generator per image)."""
+    model, layout = peaked_model(seed=6, image_vocab=16, grid=(4, 4))
+    cfg = SamplingConfig(guidance_scale=2.0)
+    prompts = [[3, 4], [5], [6, 7, 8], [9]]
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    batch, stats = generate_sjd(model, layout, prompts, cfg, SJDConfig(8, "above"), gens([10, 11, 12, 13]))
+    assert len(set(stats.passes)) > 1
+    assert stats.nfe == max(stats.passes)
+    for i in (0, 2):
+        alone, s = generate_sjd(model, layout, [prompts[i]], cfg, SJDConfig(8, "above"), gens([10 + i]))
+        assert torch.equal(alone[0], batch[i]) and s.passes[0] == stats.passes[i]
+
+
+def test_config_validation_names_the_argument():
+    with pytest.raises(ValueError, match="window"):
+        SJDConfig(window=0)
+    with pytest.raises(ValueError, match="init must be one of random, repeat, sample_left, above"):
+        SJDConfig(init="diagonal")
+
+
+# ---- transformers backend ---------------------------------------------------------------------------------
+
+
+def tiny_llama(seed=0, vocab=40):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_llama_greedy_jacobi_equals_generate(init):
+    model = tiny_llama()
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 11, 12]])  # left-padded, as generate() expects
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, suppress_tokens=list(range(16)), pad_token_id=0)[:, 4:] - 16
+    backend = CausalLMBackend(model, [[5, 6, 7, 8], [11, 12]], vocab_offset=16, vocab_size=24, num_tokens=12,
+                              window=5)
+    tokens, stats = jacobi_sample(backend, 12, SamplingConfig(temperature=0), SJDConfig(5, init), grid_width=4)
+    assert torch.equal(tokens, ref) and stats.nfe <= 12
+
+
+def test_llama_backend_samples_the_ar_distribution_with_cfg():
+    """Same exactness check through the transformers backend: 3 tokens over 6 codes, CFG and top-p."""
+    model = tiny_llama(seed=1, vocab=24)
+    V, N, offset = 6, 3, 18
+    cfg = SamplingConfig(guidance_scale=1.5, top_p=0.9)
+    cond, uncond = [2, 3, 4], [5]
+    seqs = torch.tensor(list(itertools.product(range(V), repeat=N)))
+    with torch.no_grad():
+        def scores(prompt):
+            ids = torch.cat([torch.tensor(prompt).expand(len(seqs), -1), seqs[:, :-1] + offset], 1)
+            return model(ids).logits[:, len(prompt) - 1:, offset:offset + V]
+        logits = torch.cat([scores(cond), scores(uncond)]).flatten(0, 1)
+    from mmgen.sampling.logits import cfg_combine
+    c, u = logits.chunk(2)
+    logp = process_logits(cfg_combine(c, u, cfg.guidance_scale), cfg).view(len(seqs), N, V).log_softmax(-1)
+    target = logp.gather(-1, seqs[..., None]).squeeze(-1).sum(-1).exp()
+    backend = CausalLMBackend(model, [cond] * N_SAMPLES, offset, V, N, window=3, guidance_scale=1.5,
+                              uncond_prompts=[uncond] * N_SAMPLES)
+    torch.manual_seed(7)
+    tokens, _ = jacobi_sample(backend, N, cfg, SJDConfig(3, "random"))
+    assert tv(empirical(tokens, V), target) < tv_bound(target, N_SAMPLES)
+
+
+@pytest.mark.parametrize("rope_2d", [False, True])
+def test_to_llama_gives_the_same_logits_and_greedy_tokens(rope_2d):
+    model, layout = peaked_model(seed=8, image_vocab=16, grid=(3, 4), rope_2d=rope_2d)
+    text = [3, 4, 5, 6]  # fills max_text_len: no padding, so positions coincide exactly
+    codes = torch.randint(0, 16, (1, 3, 4), generator=torch.Generator().manual_seed(0))
+    batch = build_batch(layout, [text], codes)
+    hf = to_llama(model, grid_width=4)
+    if rope_2d:
+        hf.model.rotary_emb.prefix_len = layout.boi_index + 1
+    with torch.no_grad():
+        ours = model(batch.tokens, positions=batch.positions, mask=batch.mask)
+        theirs = hf(batch.tokens).logits
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=1e-5)
+
+    cfg = SamplingConfig(guidance_scale=1.0, temperature=0)
+    ar, _ = generate(model, layout, [text], cfg)
+    prompt = torch.tensor([text + [layout.vocab.boi]])
+    off = layout.vocab.image_offset
+    with torch.no_grad():
+        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, min_new_tokens=12,
+                          do_sample=False, suppress_tokens=[i for i in range(layout.vocab.size) if not off <= i < off + 16],
+                          pad_token_id=0)
+    assert torch.equal(out[0, prompt.shape[1]:] - off, ar.flatten())
