@@ -120,7 +120,7 @@ def main(argv=None):
     key = hashlib.sha256(json.dumps([asdict(cfg.data), cfg.tokenizer]).encode()).hexdigest()
     codes = encode_dataset(vq, dataset, out / "codes.safetensors", key)
     vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=vq.vocab_size)
-    layout = next_token.NextTokenLayout(vocab, cfg.max_text_len, tuple(codes.shape[1:]))
+    layout = next_token.NextTokenLayout(vocab, cfg.max_text_len, tuple(codes.shape[1:]), rope_2d=cfg.model.rope_2d)
 
     model = Transformer(vocab_size=vocab.size, max_seq_len=layout.seq_len, **asdict(cfg.model))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
