@@ -66,12 +66,15 @@ def cmd_generate(args) -> dict:
     t0 = time.perf_counter()
     result = pipe(prompt=args.prompt, num_images_per_prompt=n, guidance_scale=args.guidance_scale,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  generator=generators_from_seed(args.seed, n))
+                  generator=generators_from_seed(args.seed, n), sampler=args.sampler, sjd_window=args.sjd_window,
+                  sjd_init=args.sjd_init)
     seconds = time.perf_counter() - t0
     for image, path in zip(result.images, paths):
         _save_atomic(image, path)
     return {"prompt": args.prompt, "model": str(args.model), "images": [str(p) for p in paths], "seed": args.seed,
-            "nfe_per_image": result.nfe, "seconds": round(seconds, 3), "seconds_per_image": round(seconds / n, 3)}
+            "sampler": args.sampler, "nfe": result.nfe, "step_compression": round(result.step_compression, 4),
+            "mean_accepted_length": round(result.mean_accepted_length, 4), "seconds": round(seconds, 3),
+            "seconds_per_image": round(seconds / n, 3)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; 0 = greedy)")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--sampler", choices=("ar", "sjd"), default="ar",
+                   help="ar: one token per forward pass; sjd: speculative Jacobi decoding (same distribution, "
+                        "fewer passes)")
+    g.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
+    g.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default="random",
+                   help="SJD draft initialization (above: the token one image row up)")
     g.add_argument("--json", action="store_true", help="print a JSON result instead of text")
     g.set_defaults(func=cmd_generate)
     return parser

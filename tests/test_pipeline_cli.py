@@ -65,6 +65,9 @@ def test_same_seed_same_image_across_batch_sizes(pipe_dir):
     (dict(prompt="a red circle", top_p=1.5), "top_p"),
     (dict(prompt="a red circle", top_k=0), "top_k"),
     (dict(prompt="a red circle", guidance_scale=-1.0), "guidance_scale"),
+    (dict(prompt="a red circle", sampler="beam"), "sampler must be one of ar, sjd"),
+    (dict(prompt="a red circle", sampler="sjd", sjd_window=0), "window"),
+    (dict(prompt="a red circle", sampler="sjd", sjd_init="zigzag"), "init must be one of"),
 ])
 def test_bad_pipeline_input(pipe_dir, kwargs, name):
     pipe = load_pipeline(pipe_dir)
@@ -87,6 +90,8 @@ def test_cli_generate_json(pipe_dir, tmp_path, capsys):
     (["generate", "a red circle", "--model", "/nonexistent/model"], "does not exist"),
     (["generate", "a blorp circle"], "does not know"),
     (["generate", "a red circle", "--out", "x.txt"], "--out"),
+    (["generate", "a red circle", "--sampler", "beam"], "--sampler"),
+    (["generate", "a red circle", "--sampler", "sjd", "--sjd-window", "0"], "--sjd-window"),
 ])
 def test_cli_bad_input_exit_2_and_nothing_written(pipe_dir, tmp_path, args, needle):
     if "--model" not in args:
@@ -98,6 +103,26 @@ def test_cli_bad_input_exit_2_and_nothing_written(pipe_dir, tmp_path, args, need
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr
     assert not any(tmp_path.glob("*.png")) and not any(tmp_path.glob(".*png"))
+
+
+def test_sjd_sampler_in_pipeline_and_cli(pipe_dir, tmp_path, capsys):
+    """Greedy SJD through the pipeline gives the greedy AR images in fewer passes; the CLI reports the
+    cost figures."""
+    pipe = load_pipeline(pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=["a red circle", "two green stars"], guidance_scale=2.0, temperature=0, output_type="pt")
+    ar = pipe(**kw)
+    sjd = pipe(**kw, sampler="sjd", sjd_window=8, sjd_init="above", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sjd.tokens, ar.tokens) and torch.equal(sjd.images, ar.images)
+    assert ar.nfe == 64 and ar.step_compression == 1.0
+    assert sjd.nfe <= 64 and sjd.step_compression == pytest.approx(64 / sjd.nfe)
+    out = tmp_path / "s.png"
+    assert cli.main(["generate", "a red circle", "--model", str(pipe_dir), "--out", str(out), "--sampler", "sjd",
+                     "--sjd-init", "repeat", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sampler"] == "sjd" and 1 <= result["nfe"] <= 64
+    assert result["step_compression"] == pytest.approx(64 / result["nfe"], abs=1e-4)
+    assert result["mean_accepted_length"] >= 1 and out.is_file()
 
 
 def test_every_command_has_help():

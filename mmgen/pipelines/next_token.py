@@ -19,17 +19,21 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token
 from mmgen.sampling.logits import SamplingConfig
+from mmgen.sampling.sjd import SJDConfig
 from mmgen.text import UnifiedVocab, encode_prompts
 from tokenizers_vis.vqgan import VQGAN
 
 MAX_IMAGES_PER_CALL = 4096
+SAMPLERS = ("ar", "sjd")
 
 
 @dataclass
 class ARPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | torch.Tensor
     tokens: torch.Tensor  # (N, h, w) image codes
-    nfe: int  # forward passes of the decoder per image
+    nfe: int  # batched forward passes of the decoder (the prompt pass included)
+    step_compression: float = 1.0  # image tokens / nfe (plain AR: 1)
+    mean_accepted_length: float = 1.0  # tokens committed per pass, averaged over images (plain AR: 1)
 
 
 def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:
@@ -81,7 +85,17 @@ class NextTokenPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        sampler: str = "ar",
+        sjd_window: int = 16,
+        sjd_init: str = "random",
     ):
+        """Generate images for `prompt`.
+
+        sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
+        distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
+        random / repeat / sample_left / above). Image i of a call uses its own generator, so with a seed per
+        image the result does not depend on the batch size.
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
@@ -91,17 +105,28 @@ class NextTokenPipeline(DiffusionPipeline):
                              f"images per call, got {num_images_per_prompt} for {len(prompts)} prompt(s)")
         if output_type not in ("pil", "pt", "np"):
             raise ValueError(f"output_type must be one of 'pil', 'pt', 'np'; got {output_type!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        sjd = SJDConfig(sjd_window, sjd_init) if sampler == "sjd" else None
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
 
-        with self.progress_bar(total=self.layout.num_image_tokens) as bar:
-            codes, nfe = next_token.generate(self.transformer, self.layout, text_ids, cfg, gens,
-                                             callback=lambda i: bar.update())
+        n_img = self.layout.num_image_tokens
+        with self.progress_bar(total=n_img) as bar:
+            if sjd is None:
+                codes, nfe = next_token.generate(self.transformer, self.layout, text_ids, cfg, gens,
+                                                 callback=lambda i: bar.update())
+                compression = accepted = 1.0
+            else:
+                codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, cfg, sjd, gens,
+                                                       callback=lambda done: bar.update(done - bar.n))
+                nfe, compression, accepted = stats.nfe, stats.step_compression, stats.mean_accepted_length
         images = self.vq_model.decode(codes)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
         if not return_dict:
             return images, codes, nfe
-        return ARPipelineOutput(images=images, tokens=codes, nfe=nfe)
+        return ARPipelineOutput(images=images, tokens=codes, nfe=nfe, step_compression=compression,
+                                mean_accepted_length=accepted)
