@@ -77,6 +77,17 @@ def cmd_generate(args) -> dict:
             "seconds_per_image": round(seconds / n, 3)}
 
 
+def cmd_bench(args) -> dict:
+    from mmgen import bench
+
+    suites = args.suite or list(bench.SUITES)
+    if not Path(args.model).is_dir():
+        raise CLIError(f"--model {args.model!r} does not exist or is not a directory")
+    batch_sizes = tuple(args.batch_sizes)
+    return bench.run(suites, model_dir=args.model, progress=not args.json, batch_sizes=batch_sizes,
+                     window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmgen", description="Autoregressive visual generation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -100,6 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SJD draft initialization (above: the token one image row up)")
     g.add_argument("--json", action="store_true", help="print a JSON result instead of text")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
+                       description="Benchmarks (see mmgen/bench.py): each figure is a ratio against a baseline run "
+                                   "in the same process.")
+    b.add_argument("--suite", action="append", choices=("sjd",), help="suite to run (repeatable; default: all)")
+    b.add_argument("--model", default=str(DEFAULT_MODEL), help="saved pipeline directory (default: shipped model)")
+    b.add_argument("--batch-sizes", type=_positive_int("--batch-sizes"), nargs="+", default=[1, 8],
+                   help="batch sizes for the latency table")
+    b.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
+    b.add_argument("--repeats", type=_positive_int("--repeats"), default=5, help="timed calls per measurement")
+    b.add_argument("--eval-per-category", type=_positive_int("--eval-per-category"), default=16,
+                   help="held-out prompts per category for compositional accuracy")
+    b.add_argument("--json", action="store_true", help="print the JSON report")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -114,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
-            print(f"{key}: {value}")
+            print(f"{key}: {json.dumps(value, indent=2) if isinstance(value, dict) else value}")
     return 0
 
 

@@ -126,7 +126,7 @@ def test_sjd_sampler_in_pipeline_and_cli(pipe_dir, tmp_path, capsys):
 
 
 def test_every_command_has_help():
-    for argv in (["--help"], ["generate", "--help"]):
+    for argv in (["--help"], ["generate", "--help"], ["bench", "--help"]):
         proc = subprocess.run([sys.executable, "-m", "mmgen.cli", *argv], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: mmgen" in proc.stdout
 

@@ -1,0 +1,167 @@
+"""Benchmarks behind `mmgen bench` and `scripts/benchmark.py`.
+
+Every figure is a ratio against a baseline run in the same process on the same machine (plain AR sampling
+for the sampling stages, mmgen's own decode loop for transformers' `generate()`), so the numbers travel
+between machines better than raw seconds. Latencies are medians over repeated calls after a warm-up call.
+
+Suites
+  sjd: plain AR vs speculative Jacobi decoding (each initialization) on a saved next-token pipeline:
+       forward passes, step compression, mean accepted length and latency for batch 1 and batch 8, and
+       compositional accuracy on held-out shapes prompts with the same seeds; then mmgen's AR decode
+       against transformers' `LlamaForCausalLM.generate()` on the same weights.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+SUITES = ("sjd",)
+
+
+def _timed(fn, repeats: int):
+    fn()  # warm-up
+    results, seconds = [], []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        results.append(fn(r))
+        seconds.append(time.perf_counter() - t0)
+    return results, statistics.median(seconds)
+
+
+def _samplers(inits, window):
+    out = {"ar": dict(sampler="ar")}
+    for init in inits:
+        out[f"sjd_{init}"] = dict(sampler="sjd", sjd_window=window, sjd_init=init)
+    return out
+
+
+def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_left", "above"), window: int = 16,
+              repeats: int = 5, eval_per_category: int = 16, guidance_scale: float = 3.0, seed: int = 0,
+              sweep_windows=(4, 8, 16, 32), progress: bool = True) -> dict:
+    from mmgen.data.shapes import CATEGORIES, heldout_prompts
+    from mmgen.eval.compositional import evaluate
+    from mmgen.pipelines import load_pipeline
+    from mmgen.pipelines.next_token import generators_from_seed
+
+    pipe = load_pipeline(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    samplers = _samplers(inits, window)
+    n_img = pipe.layout.num_image_tokens
+    report = {"model": str(model_dir), "tokens_per_image": n_img, "window": window,
+              "guidance_scale": guidance_scale, "latency": {}, "accuracy": {}}
+
+    bar = tqdm(total=len(batch_sizes) * len(samplers) + len(samplers), desc="bench sjd", disable=not progress)
+    for b in batch_sizes:
+        prompts = heldout_prompts(b, seed=seed)
+        rows, ar_seconds = {}, None
+        for name, kw in samplers.items():
+            def call(r=0, kw=kw):
+                return pipe(prompt=prompts, guidance_scale=guidance_scale, output_type="pt",
+                            generator=generators_from_seed(seed + 1000 * r, b), **kw)
+            outs, seconds = _timed(call, repeats)
+            nfe = statistics.mean(o.nfe for o in outs)
+            row = {"nfe": nfe, "step_compression": round(n_img / nfe, 3),
+                   "mean_accepted_length": round(statistics.mean(o.mean_accepted_length for o in outs), 3),
+                   "seconds_per_call": round(seconds, 4)}
+            if name == "ar":
+                ar_seconds = seconds
+            row["latency_ratio"] = round(seconds / ar_seconds, 3)  # < 1: faster than AR
+            row["speedup"] = round(ar_seconds / seconds, 3)
+            rows[name] = row
+            bar.update()
+        report["latency"][f"batch_{b}"] = rows
+
+    # window sweep at batch 1 with the paper's default initialization
+    prompts = heldout_prompts(1, seed=seed)
+    sweep = {}
+    for w in sweep_windows:
+        def call(r=0, w=w):
+            return pipe(prompt=prompts, guidance_scale=guidance_scale, output_type="pt", sampler="sjd",
+                        sjd_window=w, sjd_init="random", generator=generators_from_seed(seed + 1000 * r, 1))
+        outs, seconds = _timed(call, repeats)
+        ar_seconds = report["latency"].get("batch_1", {}).get("ar", {}).get("seconds_per_call")
+        sweep[f"window_{w}"] = {"step_compression": round(n_img / statistics.mean(o.nfe for o in outs), 3),
+                                "seconds_per_call": round(seconds, 4),
+                                "speedup": round(ar_seconds / seconds, 3) if ar_seconds else None}
+    report["window_sweep_batch_1"] = sweep
+
+    prompts = [p for c in CATEGORIES for p in heldout_prompts(eval_per_category, seed=seed, category=c)]
+    for name, kw in samplers.items():
+        images, nfes = [], []
+        for i in range(0, len(prompts), 8):
+            chunk = prompts[i:i + 8]
+            out = pipe(prompt=chunk, guidance_scale=guidance_scale, generator=generators_from_seed(seed + i, len(chunk)),
+                       **kw)
+            images.extend(out.images)
+            nfes.append(out.nfe)
+        scores = evaluate(images, prompts)
+        report["accuracy"][name] = {"accuracy": scores["accuracy"], "n": scores["n"],
+                                    "per_category": scores["per_category"],
+                                    "step_compression_batch_8": round(n_img / statistics.mean(nfes), 3)}
+        bar.update()
+    bar.close()
+    report["hf_generate"] = bench_hf_generate(pipe, batch_sizes, repeats=repeats, seed=seed)
+    return report
+
+
+def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0) -> dict:
+    """mmgen's AR decode vs `LlamaForCausalLM.generate()` holding the same weights, without CFG (transformers'
+    own CFG runs a separate unconditional pass). Greedy tokens must agree; latency is for sampling."""
+    from mmgen.data.shapes import heldout_prompts
+    from mmgen.models.hf_llama import to_llama
+    from mmgen.paradigms import next_token
+    from mmgen.pipelines.next_token import generators_from_seed
+    from mmgen.sampling.logits import SamplingConfig
+    from mmgen.text import encode_prompts
+
+    layout, vocab = pipe.layout, pipe.vocab
+    hf = to_llama(pipe.transformer, grid_width=layout.grid[1])
+    prompt = heldout_prompts(1, seed=seed)[0]
+    text = encode_prompts(pipe.tokenizer, [prompt], layout.max_text_len)[0]
+    if hasattr(hf.model.rotary_emb, "prefix_len"):
+        hf.model.rotary_emb.prefix_len = len(text) + 1
+    off, n_img = vocab.image_offset, layout.num_image_tokens
+    suppress = [i for i in range(vocab.size) if not off <= i < off + vocab.image_vocab_size]
+    report = {"prompt": prompt}
+    for b in batch_sizes:
+        ids = torch.tensor([text + [vocab.boi]] * b)
+
+        def hf_call(r=0, greedy=False):
+            torch.manual_seed(seed + r)
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_img,
+                                  min_new_tokens=n_img, do_sample=not greedy, top_k=0, top_p=1.0, temperature=1.0,
+                                  suppress_tokens=suppress, pad_token_id=vocab.pad)
+            return out[:, ids.shape[1]:] - off
+
+        def ours(r=0, greedy=False):
+            cfg = SamplingConfig(guidance_scale=1.0, temperature=0 if greedy else 1.0)
+            codes, _ = next_token.generate(pipe.transformer, layout, [text] * b, cfg, generators_from_seed(seed + r, b))
+            return codes.flatten(1)
+
+        same = torch.equal(hf_call(greedy=True), ours(greedy=True))
+        _, t_hf = _timed(hf_call, repeats)
+        _, t_ours = _timed(ours, repeats)
+        report[f"batch_{b}"] = {"greedy_tokens_identical": same, "mmgen_seconds": round(t_ours, 4),
+                                "transformers_generate_seconds": round(t_hf, 4),
+                                "generate_over_mmgen": round(t_hf / t_ours, 3)}
+    return report
+
+
+def run(suites=SUITES, model_dir=None, progress: bool = True, **kw) -> dict:
+    from mmgen.cli import DEFAULT_MODEL
+
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise ValueError(f"--suite must be one of {', '.join(SUITES)}; got {', '.join(unknown)}")
+    report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "device": "cpu"}}
+    if "sjd" in suites:
+        report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, **kw)
+    return report

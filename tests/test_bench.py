@@ -1,0 +1,37 @@
+"""`mmgen bench`: the SJD suite on the shipped model, at the smallest settings, reports consistent ratios."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmgen import bench
+from mmgen.cli import DEFAULT_MODEL
+
+
+def test_sjd_suite_report():
+    r = bench.bench_sjd(DEFAULT_MODEL, batch_sizes=(1, 2), inits=("above",), repeats=1, eval_per_category=1,
+                        sweep_windows=(4,), progress=False)
+    n = r["tokens_per_image"]
+    assert n == 64
+    for b in ("batch_1", "batch_2"):
+        ar, sjd = r["latency"][b]["ar"], r["latency"][b]["sjd_above"]
+        assert ar["nfe"] == n and ar["step_compression"] == 1.0 and ar["latency_ratio"] == 1.0
+        assert 1 <= sjd["nfe"] <= n and sjd["step_compression"] == pytest.approx(n / sjd["nfe"], abs=1e-3)
+        assert sjd["speedup"] * sjd["latency_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert set(r["accuracy"]) == {"ar", "sjd_above"} and r["accuracy"]["ar"]["n"] == 4
+    assert r["window_sweep_batch_1"]["window_4"]["step_compression"] >= 1.0
+    # transformers' generate() on the converted weights takes the same greedy path as mmgen's decode loop
+    assert r["hf_generate"]["batch_1"]["greedy_tokens_identical"] is True
+    assert r["hf_generate"]["batch_2"]["greedy_tokens_identical"] is True
+
+
+def test_bench_cli_rejects_bad_suite_and_model(tmp_path):
+    for args, needle in ((["--suite", "nope"], "--suite"), (["--model", str(tmp_path / "none")], "--model")):
+        proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "bench", *args, "--json"], capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and needle in proc.stderr
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--suite" in proc.stdout
