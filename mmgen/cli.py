@@ -72,7 +72,7 @@ def cmd_generate(args) -> dict:
     for image, path in zip(result.images, paths):
         _save_atomic(image, path)
     return {"prompt": args.prompt, "model": str(args.model), "images": [str(p) for p in paths], "seed": args.seed,
-            "sampler": args.sampler, "nfe": result.nfe, "step_compression": round(result.step_compression, 4),
+            "sampler": args.sampler, "nfe_per_image": result.nfe, "step_compression": round(result.step_compression, 4),
             "mean_accepted_length": round(result.mean_accepted_length, 4), "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / n, 3)}
 

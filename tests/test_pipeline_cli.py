@@ -120,8 +120,8 @@ def test_sjd_sampler_in_pipeline_and_cli(pipe_dir, tmp_path, capsys):
     assert cli.main(["generate", "a red circle", "--model", str(pipe_dir), "--out", str(out), "--sampler", "sjd",
                      "--sjd-init", "repeat", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["sampler"] == "sjd" and 1 <= result["nfe"] <= 64
-    assert result["step_compression"] == pytest.approx(64 / result["nfe"], abs=1e-4)
+    assert result["sampler"] == "sjd" and 1 <= result["nfe_per_image"] <= 64
+    assert result["step_compression"] == pytest.approx(64 / result["nfe_per_image"], abs=1e-4)
     assert result["mean_accepted_length"] >= 1 and out.is_file()
 
 
