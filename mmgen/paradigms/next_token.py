@@ -151,8 +151,12 @@ def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scal
 
 @torch.no_grad()
 def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
-             generators: Sequence[torch.Generator] | None = None, callback: Callable[[int], None] | None = None):
-    """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and the number of forward passes."""
+             generators: Sequence[torch.Generator] | None = None, callback: Callable[[int], None] | None = None,
+             processor: Callable | None = None):
+    """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and the number of forward passes.
+
+    `processor(logits (B, V), prefix (B, L), lengths (B,))` runs after the standard processors on the final
+    sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`)."""
     B = len(text_ids)
     use_cfg = cfg.guidance_scale != 1.0
     text, valid = text_block(layout, text_ids)
@@ -168,11 +172,13 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
     key_valid = torch.ones(R, T0 + n_img, dtype=torch.bool, device=device)
     key_valid[:, :T0] = valid
     greedy = cfg.temperature == 0
-    codes = torch.empty(B, n_img, dtype=torch.long, device=device)
+    codes = torch.zeros(B, n_img, dtype=torch.long, device=device)
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
     for i in range(n_img):
         logits = process_logits(image_logits(layout, logits, cfg.guidance_scale), cfg)
+        if processor is not None:
+            logits = processor(logits, codes, torch.full((B,), i, dtype=torch.long))
         codes[:, i] = sample(logits, generators, greedy)
         if callback is not None:
             callback(i)
@@ -239,9 +245,9 @@ class NextTokenBackend:
 def generate_sjd(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]],
                  cfg: SamplingConfig, sjd: SJDConfig = SJDConfig(),
                  generators: Sequence[torch.Generator] | None = None,
-                 callback: Callable[[int], None] | None = None):
+                 callback: Callable[[int], None] | None = None, processor: Callable | None = None):
     """Like `generate`, with speculative Jacobi decoding. Returns codes (B, h, w) and `SJDStats`."""
     backend = NextTokenBackend(model, layout, text_ids, cfg.guidance_scale, sjd.window)
     codes, stats = jacobi_sample(backend, layout.num_image_tokens, cfg, sjd, generators,
-                                 grid_width=layout.grid[1], callback=callback)
+                                 grid_width=layout.grid[1], callback=callback, processor=processor)
     return codes.view(len(text_ids), *layout.grid), stats

@@ -8,6 +8,7 @@ decode them to pixels, return PIL images.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -20,11 +21,13 @@ from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
+from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
 from mmgen.text import UnifiedVocab, encode_prompts
 from tokenizers_vis.vqgan import VQGAN
 
 MAX_IMAGES_PER_CALL = 4096
 SAMPLERS = ("ar", "sjd")
+WATERMARK_FILE = "watermark.json"
 
 
 @dataclass
@@ -73,6 +76,47 @@ class NextTokenPipeline(DiffusionPipeline):
                                                  rope_2d=transformer.config.rope_2d)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
+    # ---- watermark ----------------------------------------------------------------------------------------
+
+    watermark: WatermarkConfig | None = None
+
+    def watermark_config(self) -> WatermarkConfig:
+        """The saved watermark config (`watermark.json`), or the default C-reweight clustering of this
+        tokenizer's codebook (deterministic k-means) when the model was saved without one."""
+        if self.watermark is None:
+            self.watermark = WatermarkConfig(clusters=cluster_codebook(self.vq_model.quantizer.codebook, 16))
+        return self.watermark
+
+    def save_pretrained(self, save_directory, **kwargs):
+        super().save_pretrained(save_directory, **kwargs)
+        if self.watermark is not None:
+            self.watermark.save(Path(save_directory) / WATERMARK_FILE)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(pretrained_model_name_or_path) / WATERMARK_FILE
+        if path.is_file():
+            pipe.watermark = WatermarkConfig.load(path)
+        return pipe
+
+    @torch.no_grad()
+    def detect_watermark(self, images, key: str, fpr: float = 0.01) -> list[dict]:
+        """Re-encode images with the tokenizer and test for the watermark under `key`: per image the green
+        count, scored positions, z-score, p-value (exact under no watermark) and the verdict at `fpr`.
+        Images of another size are resized (bicubic) to the tokenizer's resolution first."""
+        if not 0 < fpr < 1:
+            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        size = self.vq_model.config.image_size
+        batch = []
+        for image in images:
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), PIL.Image.BICUBIC)
+            batch.append(self.image_processor.preprocess(image))
+        codes = self.vq_model.encode(torch.cat(batch).to(self.vq_model.device))
+        return [d.as_dict(fpr) for d in detect_tokens(codes.flatten(1), self.watermark_config(), key)]
+
     @torch.no_grad()
     def __call__(
         self,
@@ -88,13 +132,16 @@ class NextTokenPipeline(DiffusionPipeline):
         sampler: str = "ar",
         sjd_window: int = 16,
         sjd_init: str = "random",
+        watermark_key: str | None = None,
     ):
         """Generate images for `prompt`.
 
         sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
         distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
         random / repeat / sample_left / above). Image i of a call uses its own generator, so with a seed per
-        image the result does not depend on the batch size.
+        image the result does not depend on the batch size. `watermark_key`: embed the distortion-free
+        watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
+        `detect_watermark`.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -109,6 +156,9 @@ class NextTokenPipeline(DiffusionPipeline):
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
         sjd = SJDConfig(sjd_window, sjd_init) if sampler == "sjd" else None
+        processor = None
+        if watermark_key is not None:
+            processor = WatermarkProcessor(self.watermark_config(), watermark_key)
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
@@ -117,11 +167,12 @@ class NextTokenPipeline(DiffusionPipeline):
         with self.progress_bar(total=n_img) as bar:
             if sjd is None:
                 codes, nfe = next_token.generate(self.transformer, self.layout, text_ids, cfg, gens,
-                                                 callback=lambda i: bar.update())
+                                                 callback=lambda i: bar.update(), processor=processor)
                 compression = accepted = 1.0
             else:
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, cfg, sjd, gens,
-                                                       callback=lambda done: bar.update(done - bar.n))
+                                                       callback=lambda done: bar.update(done - bar.n),
+                                                       processor=processor)
                 nfe, compression, accepted = stats.nfe, stats.step_compression, stats.mean_accepted_length
         images = self.vq_model.decode(codes)
         if output_type != "pt":

@@ -173,11 +173,14 @@ def jacobi_sample(
     generators: Sequence[torch.Generator] | None = None,
     grid_width: int | None = None,
     callback: Callable[[int], None] | None = None,
+    processor: Callable | None = None,
 ) -> tuple[torch.Tensor, SJDStats]:
     """Sample (num_samples, num_tokens) tokens with speculative Jacobi decoding.
 
     `grid_width` is the image width in tokens (needed by the ``above`` initialization). `callback(n)` is
-    called after each pass with the number of tokens every sample has committed."""
+    called after each pass with the number of tokens every sample has committed. `processor(logits, prefix,
+    lengths)` is the same extra stage plain AR takes (e.g. a watermark); it sees each window position's
+    prefix (committed tokens, then the drafts before it), so SJD samples the processed distribution."""
     B, V, N, L = backend.num_samples, backend.vocab_size, num_tokens, sjd.window
     device = backend.device
     rng = RowRandom(generators, B, device)
@@ -201,7 +204,13 @@ def jacobi_sample(
         window = torch.cat([last[:, None], drafts[:, : T - 1]], 1)
         logits = backend.forward(window, n_a)
         nfe += 1
-        logits = process_logits(logits.reshape(A * T, V).float(), sampling).view(A, T, V)
+        logits = process_logits(logits.reshape(A * T, V).float(), sampling)
+        if processor is not None:
+            seq = out[active].clone()
+            seq.scatter_(1, (n_a[:, None] + arange_L[None, : T - 1]).clamp_max(N - 1), drafts[:, : T - 1])
+            lengths = (n_a[:, None] + arange_L[None, :T]).flatten()
+            logits = processor(logits, seq.repeat_interleave(T, 0), lengths)
+        logits = logits.view(A, T, V)
         p = _one_hot(logits.argmax(-1), V) if greedy else logits.softmax(-1)
 
         # draw this pass's randomness first, a fixed amount per sample
