@@ -9,6 +9,8 @@ Suites
        forward passes, step compression, mean accepted length and latency for batch 1 and batch 8, and
        compositional accuracy on held-out shapes prompts with the same seeds; then mmgen's AR decode
        against transformers' `LlamaForCausalLM.generate()` on the same weights.
+  watermark: C-reweight vs token-reweight and KGW (token, cluster) under image attacks: TPR at 1% FPR,
+       empirical FPR, AUC and re-tokenization match rates (`mmgen.watermark.attacks.attack_suite`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-SUITES = ("sjd",)
+SUITES = ("sjd", "watermark")
 
 
 def _timed(fn, repeats: int):
@@ -153,7 +155,7 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
     return report
 
 
-def run(suites=SUITES, model_dir=None, progress: bool = True, **kw) -> dict:
+def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: int = 100, **kw) -> dict:
     from mmgen.cli import DEFAULT_MODEL
 
     unknown = [s for s in suites if s not in SUITES]
@@ -164,4 +166,10 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, **kw) -> dict:
                           "device": "cpu"}}
     if "sjd" in suites:
         report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, **kw)
+    if "watermark" in suites:
+        from mmgen.pipelines import load_pipeline
+        from mmgen.watermark.attacks import attack_suite
+
+        report["watermark"] = attack_suite(load_pipeline(model_dir or DEFAULT_MODEL), n_images=watermark_images,
+                                           progress=progress)
     return report

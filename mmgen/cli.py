@@ -110,7 +110,8 @@ def cmd_bench(args) -> dict:
         raise CLIError(f"--model {args.model!r} does not exist or is not a directory")
     batch_sizes = tuple(args.batch_sizes)
     return bench.run(suites, model_dir=args.model, progress=not args.json, batch_sizes=batch_sizes,
-                     window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category)
+                     window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
+                     watermark_images=args.watermark_images)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
                        description="Benchmarks (see mmgen/bench.py): each figure is a ratio against a baseline run "
                                    "in the same process.")
-    b.add_argument("--suite", action="append", choices=("sjd",), help="suite to run (repeatable; default: all)")
+    b.add_argument("--suite", action="append", choices=("sjd", "watermark"),
+                   help="suite to run (repeatable; default: all)")
     b.add_argument("--model", default=str(DEFAULT_MODEL), help="saved pipeline directory (default: shipped model)")
     b.add_argument("--batch-sizes", type=_positive_int("--batch-sizes"), nargs="+", default=[1, 8],
                    help="batch sizes for the latency table")
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int("--repeats"), default=5, help="timed calls per measurement")
     b.add_argument("--eval-per-category", type=_positive_int("--eval-per-category"), default=16,
                    help="held-out prompts per category for compositional accuracy")
+    b.add_argument("--watermark-images", type=_positive_int("--watermark-images"), default=100,
+                   help="images per watermark method (and unwatermarked) in the attack suite")
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench)
     return parser
