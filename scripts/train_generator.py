@@ -80,7 +80,7 @@ def encode_dataset(vq: VQGAN, dataset, cache_file: Path, key: str, batch_size: i
     with torch.no_grad():
         for i in tqdm(range(0, len(dataset), batch_size), desc="encode images"):
             imgs = torch.stack([dataset[j]["image"] for j in range(i, min(i + batch_size, len(dataset)))])
-            codes.append(vq.encode(imgs))
+            codes.append(vq.encode(imgs.to(vq.device)).cpu())
     codes = torch.cat(codes)
     tmp = cache_file.with_name(cache_file.name + ".tmp")
     save_file({"codes": codes, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
@@ -100,7 +100,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
 
-    vq = VQGAN.from_pretrained(cfg.tokenizer).eval().requires_grad_(False)
+    vq = VQGAN.from_pretrained(cfg.tokenizer).eval().requires_grad_(False).to(accelerator.device)
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
         else list(dataset.captions)
@@ -167,7 +167,7 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pipe = NextTokenPipeline(transformer=accelerator.unwrap_model(model).eval(), vq_model=vq,
+        pipe = NextTokenPipeline(transformer=accelerator.unwrap_model(model).eval().cpu(), vq_model=vq.cpu(),
                                  tokenizer=tokenizer, max_text_len=cfg.max_text_len)
         pipe.save_pretrained(out / "pipeline")
         accelerator.print(f"saved pipeline to {out / 'pipeline'}")
