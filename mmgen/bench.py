@@ -44,13 +44,14 @@ def _samplers(inits, window):
 
 def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_left", "above"), window: int = 16,
               repeats: int = 5, eval_per_category: int = 16, guidance_scale: float = 3.0, seed: int = 0,
-              sweep_windows=(4, 8, 16, 32), progress: bool = True) -> dict:
-    from mmgen.data.shapes import CATEGORIES, heldout_prompts
+              sweep_windows=(4, 8, 16, 32), eval_split: str = "train", device: str = "cpu",
+              progress: bool = True) -> dict:
+    from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
     from mmgen.eval.compositional import evaluate
     from mmgen.pipelines import load_pipeline
     from mmgen.pipelines.next_token import generators_from_seed
 
-    pipe = load_pipeline(model_dir)
+    pipe = load_pipeline(model_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     samplers = _samplers(inits, window)
     n_img = pipe.layout.num_image_tokens
@@ -92,7 +93,9 @@ def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_
                                 "speedup": round(ar_seconds / seconds, 3) if ar_seconds else None}
     report["window_sweep_batch_1"] = sweep
 
-    prompts = [p for c in CATEGORIES for p in heldout_prompts(eval_per_category, seed=seed, category=c)]
+    make_prompts = {"heldout": heldout_prompts, "train": train_prompts}[eval_split]
+    prompts = [p for c in CATEGORIES for p in make_prompts(eval_per_category, seed=seed, category=c)]
+    report["accuracy_split"] = eval_split
     for name, kw in samplers.items():
         images, nfes = [], []
         for i in range(0, len(prompts), 8):
@@ -131,7 +134,7 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
     suppress = [i for i in range(vocab.size) if not off <= i < off + vocab.image_vocab_size]
     report = {"prompt": prompt}
     for b in batch_sizes:
-        ids = torch.tensor([text + [vocab.boi]] * b)
+        ids = torch.tensor([text + [vocab.boi]] * b, device=hf.device)
 
         def hf_call(r=0, greedy=False):
             torch.manual_seed(seed + r)
@@ -161,15 +164,16 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"--suite must be one of {', '.join(SUITES)}; got {', '.join(unknown)}")
+    device = kw.get("device", "cpu")
     report = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads(),
-                          "device": "cpu"}}
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+                          "accelerator": torch.cuda.get_device_name() if device.startswith("cuda") else None}}
     if "sjd" in suites:
         report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, **kw)
     if "watermark" in suites:
         from mmgen.pipelines import load_pipeline
         from mmgen.watermark.attacks import attack_suite
 
-        report["watermark"] = attack_suite(load_pipeline(model_dir or DEFAULT_MODEL), n_images=watermark_images,
-                                           progress=progress)
+        report["watermark"] = attack_suite(load_pipeline(model_dir or DEFAULT_MODEL).to(device),
+                                           n_images=watermark_images, progress=progress)
     return report

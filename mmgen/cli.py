@@ -111,7 +111,7 @@ def cmd_bench(args) -> dict:
     batch_sizes = tuple(args.batch_sizes)
     return bench.run(suites, model_dir=args.model, progress=not args.json, batch_sizes=batch_sizes,
                      window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
-                     watermark_images=args.watermark_images)
+                     watermark_images=args.watermark_images, eval_split=args.eval_split, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out prompts per category for compositional accuracy")
     b.add_argument("--watermark-images", type=_positive_int("--watermark-images"), default=100,
                    help="images per watermark method (and unwatermarked) in the attack suite")
+    b.add_argument("--eval-split", choices=("train", "heldout"), default="train",
+                   help="prompt split for the compositional accuracy column")
+    b.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -80,6 +80,8 @@ def sample(logits_BV: torch.Tensor, generators: Sequence[torch.Generator] | None
     else:
         if len(generators) != probs.shape[0]:
             raise ValueError(f"need one generator per row: {probs.shape[0]} rows, {len(generators)} generators")
-        noise = torch.stack([torch.empty(probs.shape[-1], device=probs.device).exponential_(generator=g)
-                             for g in generators])
+        # noise comes from each generator on its own device (CPU generators drive GPU sampling too, so a
+        # seed gives the same draws on any device)
+        noise = torch.stack([torch.empty(probs.shape[-1], device=g.device).exponential_(generator=g)
+                             for g in generators]).to(probs.device)
     return (probs / noise).argmax(-1)

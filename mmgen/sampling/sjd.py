@@ -113,7 +113,8 @@ class RowRandom:
     def uniform(self, rows: torch.Tensor, *shape: int) -> torch.Tensor:
         if self.generators is None:
             return torch.rand(len(rows), *shape, device=self.device)
-        return torch.stack([torch.rand(shape, generator=self.generators[r]) for r in rows.tolist()]).to(self.device)
+        return torch.stack([torch.rand(shape, generator=self.generators[r], device=self.generators[r].device)
+                            for r in rows.tolist()]).to(self.device)
 
     def exponential(self, rows: torch.Tensor, *shape: int) -> torch.Tensor:
         return -torch.log1p(-self.uniform(rows, *shape))

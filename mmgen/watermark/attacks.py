@@ -94,14 +94,14 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
                 out = pipe(prompt=chunk, guidance_scale=guidance_scale, generator=generators_from_seed(seed + i, len(chunk)),
                            watermark_key=key if wm_config is not None else None)
                 images.extend(out.images)
-                tokens.append(out.tokens.flatten(1))
+                tokens.append(out.tokens.flatten(1).cpu())
         finally:
             pipe.watermark = saved
         return images, torch.cat(tokens)
 
     def encode(images):
         batch = torch.cat([pipe.image_processor.preprocess(im.convert("RGB")) for im in images])
-        return pipe.vq_model.encode(batch).flatten(1)
+        return pipe.vq_model.encode(batch.to(pipe.vq_model.device)).flatten(1).cpu()
 
     bar = tqdm(total=(len(configs) + 1) * (len(ATTACKS) + 1), desc="watermark attacks", disable=not progress)
     plain_images, plain_tokens = make(None)
