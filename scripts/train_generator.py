@@ -24,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
+from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
+from mmgen.alignment.losses import resample_patches
 from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmgen.config import load_config
 from mmgen.models.transformer import Transformer
@@ -68,6 +70,38 @@ class GeneratorRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+
+
+def alignment_targets(encoder, dataset, idx, grid, want_patches: bool, device):
+    """Target features of dataset images `idx`: global (B, D) and patches on the token grid (B, h*w, Dp)."""
+    imgs = torch.stack([dataset[int(i)]["image"] for i in idx]).to(device)
+    g, patches = encoder(imgs)
+    patches = resample_patches(patches, encoder.patch_grid, grid) if want_patches else None
+    return g, patches
+
+
+def cached_alignment_targets(encoder, dataset, grid, want_patches, cache_file: Path, key: str, device,
+                             batch_size: int = 256):
+    """Target features for the whole dataset, computed once (fp16) and cached as safetensors."""
+    if cache_file.is_file():
+        cached = load_file(cache_file)
+        if bytes(cached["key"].tolist()).decode() == key:
+            return cached["global"], cached.get("patches")
+    gs, ps = [], []
+    for i in tqdm(range(0, len(dataset), batch_size), desc="alignment targets"):
+        g, p = alignment_targets(encoder, dataset, range(i, min(i + batch_size, len(dataset))), grid,
+                                 want_patches, device)
+        gs.append(g.half().cpu())
+        if p is not None:
+            ps.append(p.half().cpu())
+    out = {"global": torch.cat(gs), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}
+    if ps:
+        out["patches"] = torch.cat(ps)
+    tmp = cache_file.with_name(cache_file.name + ".tmp")
+    save_file(out, tmp)
+    tmp.replace(cache_file)
+    return out["global"], out.get("patches")
 
 
 def encode_dataset(vq: VQGAN, dataset, cache_file: Path, key: str, batch_size: int = 256) -> torch.Tensor:
@@ -123,16 +157,34 @@ def main(argv=None):
     layout = next_token.NextTokenLayout(vocab, cfg.max_text_len, tuple(codes.shape[1:]), rope_2d=cfg.model.rope_2d)
 
     model = Transformer(vocab_size=vocab.size, max_seq_len=layout.seq_len, **asdict(cfg.model))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    align = cfg.alignment
+    align.validate(cfg.model.n_layers)
+    head = encoder = targets = None
+    if align.type != "none":
+        encoder = make_target_encoder(align.encoder, vq=vq).to(accelerator.device)
+        want_patches = align.type == "repa"
+        head = AlignmentHead(align, cfg.model.dim, encoder.patch_dim if want_patches else encoder.global_dim)
+        if align.cache:
+            akey = hashlib.sha256(json.dumps([asdict(cfg.data), align.encoder, want_patches, list(layout.grid)])
+                                  .encode()).hexdigest()
+            targets = cached_alignment_targets(encoder, dataset, layout.grid, want_patches,
+                                               out / "alignment_targets.safetensors", akey, accelerator.device)
+    params = list(model.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
+                                               if head is not None else [])
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=cfg.train.betas)
     start = 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
-        start = load_checkpoint(ckpt, {"model": model}, {"opt": opt})["step"]
+        modules = {"model": model} | ({"align": head} if head is not None else {})
+        start = load_checkpoint(ckpt, modules, {"opt": opt})["step"]
         accelerator.print(f"resumed from {ckpt} at step {start}")
-    model, opt = accelerator.prepare(model, opt)
+    if head is not None:
+        model, head, opt = accelerator.prepare(model, head, opt)
+    else:
+        model, opt = accelerator.prepare(model, opt)
     logger = JsonlLogger(out, accelerator.is_main_process)
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", asdict(cfg))
@@ -150,20 +202,37 @@ def main(argv=None):
         lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = next_token.loss_fn(model, batch)
+        if head is None:
+            loss = next_token.loss_fn(model, batch)
+            align_loss = None
+        else:
+            ar_loss, hidden = next_token.loss_and_image_hidden(model, batch, layout, align.layer)
+            if targets is not None:
+                tg = targets[0][idx].to(accelerator.device).float()
+                tp = targets[1][idx].to(accelerator.device).float() if targets[1] is not None else None
+            else:
+                tg, tp = alignment_targets(encoder, dataset, idx, layout.grid, align.type == "repa",
+                                           accelerator.device)
+            align_loss = head(hidden, tg, tp)
+            loss = ar_loss + align.weight * align_loss
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        grad_norm = accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
         opt.step()
         if step % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             record = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                       "elapsed_s": round(time.time() - t0, 1)}
+            if align_loss is not None:
+                record |= {"ar_loss": round(ar_loss.item(), 5), "align_loss": round(align_loss.item(), 5)}
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, {"model": accelerator.unwrap_model(model)}, {"opt": opt})
+                modules = {"model": accelerator.unwrap_model(model)}
+                if head is not None:
+                    modules["align"] = accelerator.unwrap_model(head)  # training-only; not in the pipeline
+                save_checkpoint(out, step + 1, modules, {"opt": opt})
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

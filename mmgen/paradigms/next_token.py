@@ -122,6 +122,15 @@ def loss_fn(model: Transformer, batch: NextTokenBatch) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def loss_and_image_hidden(model: Transformer, batch: NextTokenBatch, layout: NextTokenLayout, layer: int):
+    """The AR loss and the hidden states after block `layer` at the image-token positions (B, h*w, C),
+    for alignment losses (`mmgen.alignment`)."""
+    logits, hiddens = model(batch.tokens, positions=batch.positions, mask=batch.mask, output_hidden_states=True)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+    start = layout.boi_index + 1
+    return ce, hiddens[layer - 1][:, start: start + layout.num_image_tokens]
+
+
 # ---- sampling: small functions, the loop stays visible -------------------------------------------------
 
 
