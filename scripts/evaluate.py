@@ -44,11 +44,14 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--fd", type=int, default=0, metavar="N",
+                   help="also FD-ENL0 between N generated images and the N real training scenes they caption")
+    p.add_argument("--device", default="cpu", help="torch device for generation (cpu, cuda)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
 
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p)
@@ -60,6 +63,13 @@ def main(argv=None):
         scores = evaluate(images, prompts)
         scores["seconds_per_image"] = round(seconds / len(prompts), 4)
         result["splits"][split] = scores
+    if args.fd:
+        from mmgen.data.shapes import ShapesDataset
+        from mmgen.eval.frechet import fd_enl0
+        scenes = ShapesDataset("train", size=args.fd, seed=args.seed + 12345)
+        real = torch.stack([scenes[i]["image"] for i in range(args.fd)])
+        fake, _ = run(pipe, [scenes[i]["caption"] for i in range(args.fd)], args.batch_size, args.seed, **sampling)
+        result["fd_enl0"] = {"n": args.fd, "value": round(fd_enl0(real, fake, device=args.device), 3)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
