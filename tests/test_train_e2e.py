@@ -68,3 +68,20 @@ def test_unknown_config_key_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "train.stepz=3"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown config key(s) ['stepz'] in train" in proc.stderr
+
+
+def test_generator_with_arra_alignment(trained):
+    """alignment.type=arra trains the projector beside the decoder: the alignment loss falls, the projector
+    is checkpointed but never reaches the pipeline."""
+    d, _, _ = trained
+    out = d / "gen_arra"
+    run("train_generator.py", *GEN, f"tokenizer={d / 'vq' / 'final'}", f"train.out_dir={out}", "train.steps=25",
+        "train.ckpt_every=25", "alignment.type=arra", "alignment.encoder=tokenizer", "alignment.layer=1")
+    log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["align_loss"] < 0.5 * log[0]["align_loss"]
+    assert abs(log[-1]["loss"] - log[-1]["ar_loss"] - log[-1]["align_loss"]) < 1e-3
+    from safetensors.torch import load_file
+    ckpt = list((out / "step-0000025").glob("*align*"))
+    assert ckpt and all(load_file(f) for f in ckpt)
+    pipe_files = [p.name for p in (out / "pipeline").rglob("*")]
+    assert not any("align" in n for n in pipe_files)
