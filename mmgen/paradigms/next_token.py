@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
-from mmgen.sampling.sjd import SJDConfig, jacobi_sample
+from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
 from mmgen.text import UnifiedVocab
 
 IGNORE_INDEX = -100
@@ -236,8 +236,7 @@ class NextTokenBackend:
             self.prefilled = True
         slots = start[:, None] + torch.arange(tokens.shape[1], device=self.device)
         S = int(start.max()) + tokens.shape[1]
-        keys = torch.arange(S, device=self.device)[None, None, :]
-        mask = ((keys <= slots[:, :, None]) & self.key_valid[:, None, :S]) | (keys == slots[:, :, None])
+        mask = window_mask(slots, self.key_valid[:, :S])
         logits = self.model(tokens, positions=self.slot_positions[slots], mask=mask.unsqueeze(1),
                             cache=self.cache, start=start)[:, -T:]
         return image_logits(self.layout, logits.flatten(0, 1), self.guidance_scale).view(A, T, -1)

@@ -101,12 +101,9 @@ class NextTokenPipeline(DiffusionPipeline):
         return pipe
 
     @torch.no_grad()
-    def detect_watermark(self, images, key: str, fpr: float = 0.01) -> list[dict]:
-        """Re-encode images with the tokenizer and test for the watermark under `key`: per image the green
-        count, scored positions, z-score, p-value (exact under no watermark) and the verdict at `fpr`.
-        Images of another size are resized (bicubic) to the tokenizer's resolution first."""
-        if not 0 < fpr < 1:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+    def retokenize(self, images) -> torch.Tensor:
+        """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back. Images of
+        another size or mode are converted to RGB and resized (bicubic) to the tokenizer's resolution."""
         size = self.vq_model.config.image_size
         batch = []
         for image in images:
@@ -114,8 +111,16 @@ class NextTokenPipeline(DiffusionPipeline):
             if image.size != (size, size):
                 image = image.resize((size, size), PIL.Image.BICUBIC)
             batch.append(self.image_processor.preprocess(image))
-        codes = self.vq_model.encode(torch.cat(batch).to(self.vq_model.device))
-        return [d.as_dict(fpr) for d in detect_tokens(codes.flatten(1), self.watermark_config(), key)]
+        return self.vq_model.encode(torch.cat(batch).to(self.vq_model.device)).flatten(1)
+
+    @torch.no_grad()
+    def detect_watermark(self, images, key: str, fpr: float = 0.01) -> list[dict]:
+        """Re-encode images with the tokenizer and test for the watermark under `key`: per image the green
+        count, scored positions, z-score, p-value (exact under no watermark) and the verdict at `fpr`.
+        Images of another size are resized (bicubic) to the tokenizer's resolution first."""
+        if not 0 < fpr < 1:
+            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        return [d.as_dict(fpr) for d in detect_tokens(self.retokenize(images), self.watermark_config(), key)]
 
     @torch.no_grad()
     def __call__(

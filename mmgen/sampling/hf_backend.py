@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mmgen.sampling.logits import cfg_combine
+from mmgen.sampling.sjd import window_mask
 
 
 class RowOffsetLayer(CacheLayerMixin):
@@ -119,9 +120,7 @@ class CausalLMBackend:
         L = tokens.shape[1]
         self.cache.set_window(start, L)
         slots = start[:, None] + torch.arange(L, device=self.device)
-        keys = torch.arange(self.cache.end, device=self.device)[None, None, :]
-        allowed = (keys <= slots[:, :, None]) & self.key_valid[:, None, : self.cache.end]
-        allowed = allowed | (keys == slots[:, :, None])  # pads see themselves: no empty softmax rows
+        allowed = window_mask(slots, self.key_valid[:, : self.cache.end])
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
         mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)

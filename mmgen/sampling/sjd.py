@@ -101,6 +101,14 @@ class JacobiBackend(Protocol):
         """Drop the active samples where keep_A (bool, A) is False."""
 
 
+def window_mask(slots_RT: torch.Tensor, key_valid_RS: torch.Tensor) -> torch.Tensor:
+    """(R, T, S) bool: query at cache slot slots[r, t] may see key s iff s <= that slot and the key is valid
+    (prompt pads are not); every query sees itself, so no softmax row is empty (pads would write NaNs)."""
+    keys = torch.arange(key_valid_RS.shape[1], device=slots_RT.device)[None, None, :]
+    own = keys == slots_RT[:, :, None]
+    return ((keys <= slots_RT[:, :, None]) & key_valid_RS[:, None, :]) | own
+
+
 class RowRandom:
     """Random draws with one generator per sample (or the global generator when none are given). Every pass
     draws the same amounts for every sample, so a sample's stream never depends on the rest of the batch."""

@@ -100,8 +100,7 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
         return images, torch.cat(tokens)
 
     def encode(images):
-        batch = torch.cat([pipe.image_processor.preprocess(im.convert("RGB")) for im in images])
-        return pipe.vq_model.encode(batch.to(pipe.vq_model.device)).flatten(1).cpu()
+        return pipe.retokenize(images).cpu()
 
     bar = tqdm(total=(len(configs) + 1) * (len(ATTACKS) + 1), desc="watermark attacks", disable=not progress)
     plain_images, plain_tokens = make(None)
