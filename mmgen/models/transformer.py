@@ -183,6 +183,7 @@ class Transformer(ModelMixin, ConfigMixin):
         rope_2d: bool = True,
         norm_eps: float = 1e-5,
         cond_dim: int | None = None,
+        logits_head: bool = True,
     ):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
@@ -196,7 +197,8 @@ class Transformer(ModelMixin, ConfigMixin):
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(Block(dim, n_heads, n_kv_heads, hidden, norm_eps, cond_dim) for _ in range(n_layers))
         self.norm = RMSNorm(dim, norm_eps)
-        self.head = LogitsHead(dim, vocab_size)
+        # continuous paradigms (flow heads) read the normed hidden states and have no use for logits
+        self.head = LogitsHead(dim, vocab_size) if logits_head else None
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
@@ -229,7 +231,8 @@ class Transformer(ModelMixin, ConfigMixin):
         cond: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ):
-        """Logits (B, T, V) for tokens (B, T) or inputs_embeds (B, T, C).
+        """Logits (B, T, V) for tokens (B, T) or inputs_embeds (B, T, C); with `logits_head=False` the final
+        normed hidden states (B, T, C) instead.
 
         positions: (B, T, 2) or (B, T) ints; default 0..T-1 after the cache prefix.
         mask: bool (B or 1, 1 or H, T, S), True = may attend; S = start + T with a cache, else T. Default causal.
@@ -261,5 +264,6 @@ class Transformer(ModelMixin, ConfigMixin):
                 hiddens.append(x)
         if cache is not None:
             cache.length = end
-        logits = self.head(self.norm(x))
+        out = self.norm(x)
+        logits = self.head(out) if self.head is not None else out
         return (logits, hiddens) if output_hidden_states else logits
