@@ -11,6 +11,10 @@ Suites
        against transformers' `LlamaForCausalLM.generate()` on the same weights.
   watermark: C-reweight vs token-reweight and KGW (token, cluster) under image attacks: TPR at 1% FPR,
        empirical FPR, AUC and re-tokenization match rates (`mmgen.watermark.attacks.attack_suite`).
+  paradigms: every saved model (default: the shipped zoo) against the raster next-token model on the same
+       prompts and seeds: decoder forward passes per image, tokens per image, parameters, latency ratio at
+       each batch size, and optionally compositional accuracy. Anchor: VAR needs 10 passes where raster
+       next-token needs 256 (16x16 tokens); here 6 scales against 64 tokens.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from __future__ import annotations
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-SUITES = ("sjd", "watermark")
+SUITES = ("sjd", "watermark", "paradigms")
+ZOO = Path(__file__).resolve().parent / "zoo"
 
 
 def _timed(fn, repeats: int):
@@ -49,7 +55,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_
     from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
     from mmgen.eval.compositional import evaluate
     from mmgen.pipelines import load_pipeline
-    from mmgen.pipelines.next_token import generators_from_seed
+    from mmgen.pipelines.base import generators_from_seed
 
     pipe = load_pipeline(model_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -120,7 +126,7 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
     from mmgen.data.shapes import heldout_prompts
     from mmgen.models.hf_llama import to_llama
     from mmgen.paradigms import next_token
-    from mmgen.pipelines.next_token import generators_from_seed
+    from mmgen.pipelines.base import generators_from_seed
     from mmgen.sampling.logits import SamplingConfig
     from mmgen.text import encode_prompts
 
@@ -158,7 +164,72 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
     return report
 
 
-def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: int = 100, **kw) -> dict:
+def zoo_models() -> dict[str, Path]:
+    """The shipped pipelines: name -> directory."""
+    return {d.name: d for d in sorted(ZOO.iterdir()) if (d / "model_index.json").is_file()}
+
+
+def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8), repeats: int = 5,
+                    guidance_scale: float = 3.0, seed: int = 0, eval_per_category: int = 0,
+                    eval_split: str = "heldout", device: str = "cpu", progress: bool = True) -> dict:
+    """Each model's sampling cost as ratios against the raster next-token `baseline` (default: the shipped
+    default model), same prompts, seeds and batch sizes; each pipeline samples with its own defaults (flow
+    models: 25 Euler steps per token / scale). With `eval_per_category`, compositional accuracy too."""
+    from mmgen.cli import DEFAULT_MODEL
+    from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
+    from mmgen.eval.compositional import evaluate
+    from mmgen.pipelines import NextTokenPipeline, load_pipeline
+    from mmgen.pipelines.base import generators_from_seed
+
+    models = {k: Path(v) for k, v in (models or zoo_models()).items()}
+    baseline = Path(baseline or DEFAULT_MODEL)
+    pipes = {}
+    for name, d in {"baseline": baseline, **models}.items():
+        pipes[name] = load_pipeline(d).to(device)
+        pipes[name].set_progress_bar_config(disable=True)
+    if not isinstance(pipes["baseline"], NextTokenPipeline):
+        raise ValueError(f"baseline {str(baseline)!r} must be a NextTokenPipeline, got {type(pipes['baseline']).__name__}")
+    report = {"baseline": str(baseline), "guidance_scale": guidance_scale, "models": {}}
+    bar = tqdm(total=len(pipes) * (len(batch_sizes) + (1 if eval_per_category else 0)), desc="bench paradigms",
+               disable=not progress)
+    base_seconds = {}
+    for name, pipe in pipes.items():
+        row = {"model": str(baseline if name == "baseline" else models[name]), "pipeline": type(pipe).__name__,
+               "decoder_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+               "tokens_per_image": pipe.layout.num_image_tokens, "latency": {}}
+        for b in batch_sizes:
+            prompts = heldout_prompts(b, seed=seed)
+
+            def call(r=0, pipe=pipe, prompts=prompts, b=b):
+                return pipe(prompt=prompts, guidance_scale=guidance_scale, output_type="pt",
+                            generator=generators_from_seed(seed + 1000 * r, b))
+            outs, seconds = _timed(call, repeats)
+            base_seconds.setdefault(b, seconds)  # the baseline runs first
+            row["nfe_per_image"] = outs[0].nfe
+            row["latency"][f"batch_{b}"] = {"seconds_per_call": round(seconds, 4),
+                                            "latency_ratio": round(seconds / base_seconds[b], 3),
+                                            "speedup": round(base_seconds[b] / seconds, 3)}
+            bar.update()
+        row["nfe_ratio"] = round(row["nfe_per_image"] / report["models"].get("baseline", row)["nfe_per_image"], 4)
+        if eval_per_category:
+            make = {"heldout": heldout_prompts, "train": train_prompts}[eval_split]
+            prompts = [p for c in CATEGORIES for p in make(eval_per_category, seed=seed + 1, category=c)]
+            images = []
+            for i in range(0, len(prompts), 25):
+                chunk = prompts[i:i + 25]
+                images += pipe(prompt=chunk, guidance_scale=guidance_scale,
+                               generator=generators_from_seed(seed + i, len(chunk))).images
+            scores = evaluate(images, prompts)
+            row["accuracy"] = {"split": eval_split, "accuracy": scores["accuracy"], "n": scores["n"],
+                               "per_category": scores["per_category"]}
+            bar.update()
+        report["models"][name] = row
+    bar.close()
+    return report
+
+
+def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: int = 100, models=None,
+        **kw) -> dict:
     from mmgen.cli import DEFAULT_MODEL
 
     unknown = [s for s in suites if s not in SUITES]
@@ -169,11 +240,17 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
                           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
                           "accelerator": torch.cuda.get_device_name() if device.startswith("cuda") else None}}
     if "sjd" in suites:
-        report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, **kw)
+        sjd_kw = {k: v for k, v in kw.items() if k != "paradigm_eval_per_category"}
+        report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, **sjd_kw)
     if "watermark" in suites:
         from mmgen.pipelines import load_pipeline
         from mmgen.watermark.attacks import attack_suite
 
         report["watermark"] = attack_suite(load_pipeline(model_dir or DEFAULT_MODEL).to(device),
                                            n_images=watermark_images, progress=progress)
+    if "paradigms" in suites:
+        report["paradigms"] = bench_paradigms(models, baseline=model_dir, progress=progress,
+                                              **{k: kw[k] for k in ("batch_sizes", "repeats", "device") if k in kw},
+                                              eval_per_category=kw.get("paradigm_eval_per_category", 0),
+                                              eval_split=kw.get("eval_split", "heldout"))
     return report

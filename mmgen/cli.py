@@ -54,25 +54,51 @@ def _save_atomic(image, path: Path) -> None:
         raise
 
 
+# options that only some pipelines take: CLI flag -> pipeline argument (None on the command line = not given)
+PARADIGM_OPTIONS = {"--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
+                    "--watermark-key": "watermark_key", "--top-k": "top_k", "--top-p": "top_p",
+                    "--steps": "num_inference_steps", "--flow-sampler": "flow_sampler",
+                    "--cfg-schedule": "cfg_schedule"}
+
+
+def _paradigm_kwargs(pipe, args) -> dict:
+    """The paradigm-specific options the user gave, checked against what this model's pipeline accepts."""
+    import inspect
+
+    accepted = inspect.signature(pipe.__call__).parameters
+    kwargs = {}
+    for flag, name in PARADIGM_OPTIONS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if name not in accepted:
+            takes = sorted(f for f, n in PARADIGM_OPTIONS.items() if n in accepted)
+            raise CLIError(f"{flag} does not apply to {type(pipe).__name__} (model {args.model!r}); "
+                           f"its options: {', '.join(takes) or 'none'}")
+        kwargs[name] = value
+    return kwargs
+
+
 def cmd_generate(args) -> dict:
     from mmgen.pipelines import load_pipeline
-    from mmgen.pipelines.next_token import generators_from_seed
+    from mmgen.pipelines.base import generators_from_seed
 
     pipe = load_pipeline(args.model)
+    kwargs = _paradigm_kwargs(pipe, args)
     if args.json:
         pipe.set_progress_bar_config(disable=True)
     n = args.num_images
     paths = _output_paths(Path(args.out), n)
     t0 = time.perf_counter()
     result = pipe(prompt=args.prompt, num_images_per_prompt=n, guidance_scale=args.guidance_scale,
-                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                  generator=generators_from_seed(args.seed, n), sampler=args.sampler, sjd_window=args.sjd_window,
-                  sjd_init=args.sjd_init, watermark_key=args.watermark_key)
+                  temperature=args.temperature, generator=generators_from_seed(args.seed, n), **kwargs)
     seconds = time.perf_counter() - t0
     for image, path in zip(result.images, paths):
         _save_atomic(image, path)
-    return {"prompt": args.prompt, "model": str(args.model), "images": [str(p) for p in paths], "seed": args.seed,
-            "sampler": args.sampler, "watermarked": args.watermark_key is not None, "nfe_per_image": result.nfe, "step_compression": round(result.step_compression, 4),
+    return {"prompt": args.prompt, "model": str(args.model), "pipeline": type(pipe).__name__,
+            "images": [str(p) for p in paths], "seed": args.seed, "sampler": kwargs.get("sampler", "ar"),
+            "watermarked": args.watermark_key is not None, "nfe_per_image": result.nfe,
+            "step_compression": round(result.step_compression, 4),
             "mean_accepted_length": round(result.mean_accepted_length, 4), "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / n, 3)}
 
@@ -109,9 +135,18 @@ def cmd_bench(args) -> dict:
     if not Path(args.model).is_dir():
         raise CLIError(f"--model {args.model!r} does not exist or is not a directory")
     batch_sizes = tuple(args.batch_sizes)
+    models = None
+    if args.models:
+        models = {}
+        for item in args.models:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not Path(path).is_dir():
+                raise CLIError(f"--models takes NAME=DIR with an existing directory, got {item!r}")
+            models[name] = path
     return bench.run(suites, model_dir=args.model, progress=not args.json, batch_sizes=batch_sizes,
                      window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
-                     watermark_images=args.watermark_images, eval_split=args.eval_split, device=args.device)
+                     watermark_images=args.watermark_images, eval_split=args.eval_split, device=args.device,
+                     models=models, paradigm_eval_per_category=args.paradigm_eval_per_category)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,17 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=_positive_int("--num-images"), default=1, help="images to generate")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (>= 0)")
     g.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (>= 0; 1 = off)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; 0 = greedy)")
-    g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    g.add_argument("--sampler", choices=("ar", "sjd"), default="ar",
-                   help="ar: one token per forward pass; sjd: speculative Jacobi decoding (same distribution, "
-                        "fewer passes)")
-    g.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
-    g.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default="random",
-                   help="SJD draft initialization (above: the token one image row up)")
-    g.add_argument("--watermark-key", default=None,
-                   help="embed the distortion-free watermark under this secret key (detect with mmgen watermark detect)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; 0 = greedy); flow "
+                   "models: scale of the initial noise")
+    discrete = g.add_argument_group("discrete tokens (next-token, next-scale)")
+    discrete.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
+    discrete.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    nexttok = g.add_argument_group("next-token models only")
+    nexttok.add_argument("--sampler", choices=("ar", "sjd"), default=None,
+                         help="ar (default): one token per forward pass; sjd: speculative Jacobi decoding (same "
+                         "distribution, fewer passes)")
+    nexttok.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=None,
+                         help="SJD draft tokens per pass (default 16)")
+    nexttok.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
+                         help="SJD draft initialization (default random; above: the token one image row up)")
+    nexttok.add_argument("--watermark-key", default=None,
+                         help="embed the distortion-free watermark under this secret key (detect with mmgen watermark detect)")
+    flow = g.add_argument_group("continuous tokens (flow-head raster, FlowAR)")
+    flow.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                      help="flow ODE steps per token or scale (default 25)")
+    flow.add_argument("--flow-sampler", choices=("euler", "heun"), default=None, help="flow ODE solver (default euler)")
+    g.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
+                   help="next-scale and flow models: guidance constant, or ramped linearly from 1 over the "
+                        "scales/tokens (default: constant; FlowAR: linear)")
     g.add_argument("--json", action="store_true", help="print a JSON result instead of text")
     g.set_defaults(func=cmd_generate)
 
@@ -156,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
                        description="Benchmarks (see mmgen/bench.py): each figure is a ratio against a baseline run "
                                    "in the same process.")
-    b.add_argument("--suite", action="append", choices=("sjd", "watermark"),
+    b.add_argument("--suite", action="append", choices=("sjd", "watermark", "paradigms"),
                    help="suite to run (repeatable; default: all)")
     b.add_argument("--model", default=str(DEFAULT_MODEL), help="saved pipeline directory (default: shipped model)")
     b.add_argument("--batch-sizes", type=_positive_int("--batch-sizes"), nargs="+", default=[1, 8],
@@ -169,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per watermark method (and unwatermarked) in the attack suite")
     b.add_argument("--eval-split", choices=("train", "heldout"), default="train",
                    help="prompt split for the compositional accuracy column")
+    b.add_argument("--models", nargs="+", metavar="NAME=DIR", default=None,
+                   help="paradigms suite: models to compare with the --model baseline (default: the shipped zoo)")
+    b.add_argument("--paradigm-eval-per-category", type=int, default=0, metavar="N",
+                   help="paradigms suite: also compositional accuracy on N prompts per category (default 0: off)")
     b.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
 from mmgen.eval.compositional import evaluate
 from mmgen.pipelines import load_pipeline
-from mmgen.pipelines.next_token import generators_from_seed
+from mmgen.pipelines.base import generators_from_seed
 
 
 def run(pipe, prompts: list[str], batch_size: int, seed: int, **sampling) -> tuple[list, float]:

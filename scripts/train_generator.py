@@ -1,7 +1,14 @@
-"""Train a next-token text-to-image decoder on a trained visual tokenizer.
+"""Train a text-to-image decoder on a trained visual tokenizer, under one of the generation paradigms.
 
     python scripts/train_generator.py --config configs/generator_shapes.yaml [key.sub=value ...]
+    python scripts/train_generator.py --config configs/next_scale_shapes.yaml   # paradigm: next_scale (VAR)
+    python scripts/train_generator.py --config configs/flow_head_shapes.yaml    # paradigm: flow_head (MAR-style)
+    python scripts/train_generator.py --config configs/flowar_shapes.yaml       # paradigm: flowar
     accelerate launch scripts/train_generator.py --config configs/generator_shapes.yaml
+
+`paradigm` picks the tokenizer kind that `tokenizer` must point at and the decoder: next_token (VQGAN codes,
+raster), next_scale (MultiScaleVQGAN codes, one pass per scale), flow_head (AutoencoderKL latents, raster with a
+per-token flow-matching head), flowar (AutoencoderKL latent pyramid, per-scale flow module).
 
 Steps: train the word-level text tokenizer on the captions, encode every training image once with the frozen
 tokenizer (cached under the run directory), then the usual loop. Checkpoints every `train.ckpt_every` steps
@@ -20,6 +27,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
@@ -29,11 +37,22 @@ from mmgen.alignment.losses import resample_patches
 from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmgen.config import load_config
 from mmgen.models.transformer import Transformer
-from mmgen.paradigms import next_token
-from mmgen.pipelines import NextTokenPipeline
+from mmgen.paradigms import flow_head, flowar, next_scale, next_token
+from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextTokenPipeline, RasterFlowPipeline
 from mmgen.text import UnifiedVocab, encode_prompts, train_text_tokenizer
 from mmgen.train_utils import DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, write_json_atomic
+from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.vae import encode_latents, latent_channels, vae_grid
 from tokenizers_vis.vqgan import VQGAN
+
+# paradigm -> (tokenizer class, pipeline class)
+PARADIGMS = {
+    "next_token": (VQGAN, NextTokenPipeline),
+    "next_scale": (MultiScaleVQGAN, NextScalePipeline),
+    "flow_head": (AutoencoderKL, RasterFlowPipeline),
+    "flowar": (AutoencoderKL, FlowARPipeline),
+}
+ALIGNABLE = ("next_token", "next_scale")
 
 
 @dataclass
@@ -43,7 +62,20 @@ class ModelConfig:
     n_heads: int = 8
     n_kv_heads: int | None = None
     mlp_hidden: int | None = None
-    rope_2d: bool = True
+    rope_2d: bool = True  # next_token and flow_head (scale-wise paradigms place tokens by their own rule)
+
+
+@dataclass
+class FlowConfig:
+    """Continuous paradigms only."""
+
+    head_width: int = 256  # flow_head: width of the per-token MLP head (MAR)
+    head_depth: int = 3
+    flow_batch_mul: int = 4  # flow_head: (time, noise) draws per token and step, MAR's diffusion_batch_mul
+    flow_width: int = 128  # flowar: the Spatial-adaLN flow module
+    flow_depth: int = 2
+    flow_heads: int = 4
+    scales: tuple | None = None  # flowar: doubling scales ending at the latent grid side; default 1, 2, 4, ..., G
 
 
 @dataclass
@@ -65,9 +97,11 @@ class TrainConfig:
 
 @dataclass
 class GeneratorRunConfig:
-    tokenizer: str = "runs/vqgan/final"  # a saved VQGAN directory
+    paradigm: str = "next_token"  # next_token | next_scale | flow_head | flowar
+    tokenizer: str = "runs/vqgan/final"  # a saved tokenizer directory of the paradigm's kind
     max_text_len: int = 24
     model: ModelConfig = field(default_factory=ModelConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
@@ -104,8 +138,21 @@ def cached_alignment_targets(encoder, dataset, grid, want_patches, cache_file: P
     return out["global"], out.get("patches")
 
 
-def encode_dataset(vq: VQGAN, dataset, cache_file: Path, key: str, batch_size: int = 256) -> torch.Tensor:
-    """Image codes (N, h, w) for the whole dataset, computed once and cached as safetensors."""
+def encode_images(paradigm: str, tok, images: torch.Tensor) -> torch.Tensor:
+    """What the decoder learns from: codes (B, h, w), all scales' codes concatenated (B, L), or latents (B, C, h, w)."""
+    if paradigm == "next_token":
+        return tok.encode(images)
+    if paradigm == "next_scale":
+        return torch.cat([ids.flatten(1) for ids in tok.encode(images)], 1)
+    return encode_latents(tok, images)
+
+
+def split_scales(flat_BL: torch.Tensor, scales) -> list[torch.Tensor]:
+    return [t.reshape(-1, s, s) for t, s in zip(flat_BL.split([s * s for s in scales], 1), scales)]
+
+
+def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int = 256) -> torch.Tensor:
+    """`encode(images)` of the whole dataset, computed once and cached as safetensors."""
     if cache_file.is_file():
         cached = load_file(cache_file)
         if cached.get("key") is not None and bytes(cached["key"].tolist()).decode() == key:
@@ -114,12 +161,59 @@ def encode_dataset(vq: VQGAN, dataset, cache_file: Path, key: str, batch_size: i
     with torch.no_grad():
         for i in tqdm(range(0, len(dataset), batch_size), desc="encode images"):
             imgs = torch.stack([dataset[j]["image"] for j in range(i, min(i + batch_size, len(dataset)))])
-            codes.append(vq.encode(imgs.to(vq.device)).cpu())
+            codes.append(encode(imgs).cpu())
     codes = torch.cat(codes)
     tmp = cache_file.with_name(cache_file.name + ".tmp")
     save_file({"codes": codes, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
     tmp.replace(cache_file)
     return codes
+
+
+PARADIGM_MODULES = {"next_token": next_token, "next_scale": next_scale, "flow_head": flow_head, "flowar": flowar}
+
+
+def build_decoder(cfg: GeneratorRunConfig, tok, text_vocab_size: int):
+    """The paradigm's layout and a freshly initialised decoder for tokenizer `tok`."""
+    m, f = cfg.model, cfg.flow
+    backbone = dict(dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, mlp_hidden=m.mlp_hidden)
+    if cfg.paradigm == "next_token":
+        vocab = UnifiedVocab(text_vocab_size=text_vocab_size, image_vocab_size=tok.vocab_size)
+        layout = next_token.NextTokenLayout(vocab, cfg.max_text_len, tuple(tok.grid_size), rope_2d=m.rope_2d)
+        return layout, Transformer(vocab_size=vocab.size, max_seq_len=layout.seq_len, rope_2d=m.rope_2d, **backbone)
+    if cfg.paradigm == "next_scale":
+        vocab = UnifiedVocab(text_vocab_size=text_vocab_size, image_vocab_size=tok.vocab_size)
+        layout = next_scale.NextScaleLayout(vocab, cfg.max_text_len, tuple(tok.scales))
+        return layout, next_scale.NextScaleModel(vocab_size=vocab.size, feature_dim=tok.feature_dim,
+                                                 scales=list(tok.scales), max_seq_len=layout.seq_len, **backbone)
+    vocab = UnifiedVocab(text_vocab_size=text_vocab_size, image_vocab_size=0)
+    C, (G, _) = latent_channels(tok), vae_grid(tok)
+    if cfg.paradigm == "flow_head":
+        layout = flow_head.RasterFlowLayout(vocab, cfg.max_text_len, (G, G), C)
+        return layout, flow_head.RasterFlowModel(vocab_size=vocab.size, token_dim=C, max_seq_len=layout.seq_len,
+                                                 rope_2d=m.rope_2d, head_width=f.head_width,
+                                                 head_depth=f.head_depth, **backbone)
+    scales = tuple(f.scales) if f.scales else tuple(2 ** i for i in range(G.bit_length()) if 2 ** i <= G)
+    layout = flowar.FlowARLayout(vocab, cfg.max_text_len, scales, C)
+    return layout, flowar.FlowARModel(vocab_size=vocab.size, token_dim=C, scales=list(scales),
+                                      max_seq_len=layout.seq_len, flow_width=f.flow_width, flow_depth=f.flow_depth,
+                                      flow_heads=f.flow_heads, **backbone)
+
+
+def build_batch(cfg: GeneratorRunConfig, layout, tok, text_ids, codes):
+    drop = cfg.train.cond_drop_prob
+    if cfg.paradigm == "next_token":
+        return next_token.build_batch(layout, text_ids, codes, cond_drop_prob=drop)
+    if cfg.paradigm == "next_scale":
+        return next_scale.build_batch(layout, text_ids, split_scales(codes, layout.scales), tok, cond_drop_prob=drop)
+    return PARADIGM_MODULES[cfg.paradigm].build_batch(layout, text_ids, codes, cond_drop_prob=drop)
+
+
+def paradigm_loss(cfg: GeneratorRunConfig, model, batch, layout):
+    if cfg.paradigm == "next_token":
+        return next_token.loss_fn(model, batch)
+    if cfg.paradigm == "flow_head":
+        return flow_head.loss_fn(model, batch, layout, flow_batch_mul=cfg.flow.flow_batch_mul)
+    return PARADIGM_MODULES[cfg.paradigm].loss_fn(model, batch, layout)
 
 
 def main(argv=None):
@@ -134,7 +228,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
 
-    vq = VQGAN.from_pretrained(cfg.tokenizer).eval().requires_grad_(False).to(accelerator.device)
+    if cfg.paradigm not in PARADIGMS:
+        raise ValueError(f"paradigm must be one of {', '.join(PARADIGMS)}; got {cfg.paradigm!r}")
+    tok_cls, pipe_cls = PARADIGMS[cfg.paradigm]
+    if not Path(cfg.tokenizer).is_dir():
+        raise FileNotFoundError(f"tokenizer {cfg.tokenizer!r} is not a directory (a saved {tok_cls.__name__})")
+    vq = tok_cls.from_pretrained(cfg.tokenizer).eval().requires_grad_(False).to(accelerator.device)
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
         else list(dataset.captions)
@@ -151,23 +250,25 @@ def main(argv=None):
             tokenizer.save_pretrained(tok_dir)
     text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
 
-    key = hashlib.sha256(json.dumps([asdict(cfg.data), cfg.tokenizer]).encode()).hexdigest()
-    codes = encode_dataset(vq, dataset, out / "codes.safetensors", key)
-    vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=vq.vocab_size)
-    layout = next_token.NextTokenLayout(vocab, cfg.max_text_len, tuple(codes.shape[1:]), rope_2d=cfg.model.rope_2d)
-
-    model = Transformer(vocab_size=vocab.size, max_seq_len=layout.seq_len, **asdict(cfg.model))
+    key = hashlib.sha256(json.dumps([asdict(cfg.data), cfg.tokenizer, cfg.paradigm]).encode()).hexdigest()
+    codes = encode_dataset(lambda imgs: encode_images(cfg.paradigm, vq, imgs.to(accelerator.device)), dataset,
+                           out / "codes.safetensors", key)
+    layout, model = build_decoder(cfg, vq, len(tokenizer))
     align = cfg.alignment
     align.validate(cfg.model.n_layers)
+    if align.type != "none" and cfg.paradigm not in ALIGNABLE:
+        raise ValueError(f"alignment.type={align.type!r} needs a discrete paradigm ({', '.join(ALIGNABLE)}); "
+                         f"paradigm is {cfg.paradigm!r}")
+    grid = tuple(vq.grid_size)
     head = encoder = targets = None
     if align.type != "none":
         encoder = make_target_encoder(align.encoder, vq=vq).to(accelerator.device)
         want_patches = align.type == "repa"
         head = AlignmentHead(align, cfg.model.dim, encoder.patch_dim if want_patches else encoder.global_dim)
         if align.cache:
-            akey = hashlib.sha256(json.dumps([asdict(cfg.data), align.encoder, want_patches, list(layout.grid)])
+            akey = hashlib.sha256(json.dumps([asdict(cfg.data), align.encoder, want_patches, list(grid)])
                                   .encode()).hexdigest()
-            targets = cached_alignment_targets(encoder, dataset, layout.grid, want_patches,
+            targets = cached_alignment_targets(encoder, dataset, grid, want_patches,
                                                out / "alignment_targets.safetensors", akey, accelerator.device)
     params = list(model.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
                                                if head is not None else [])
@@ -197,21 +298,22 @@ def main(argv=None):
     for step in bar:
         idx = batch_indices(step, cfg.train.batch_size, len(dataset), cfg.train.seed,
                             accelerator.process_index, accelerator.num_processes)
-        batch = next_token.build_batch(layout, [text_ids[i] for i in idx], codes[idx].to(accelerator.device),
-                                       cond_drop_prob=cfg.train.cond_drop_prob)
+        batch = build_batch(cfg, layout, vq, [text_ids[i] for i in idx], codes[idx].to(accelerator.device))
         lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         if head is None:
-            loss = next_token.loss_fn(model, batch)
+            loss = paradigm_loss(cfg, model, batch, layout)
             align_loss = None
         else:
-            ar_loss, hidden = next_token.loss_and_image_hidden(model, batch, layout, align.layer)
+            ar_loss, hidden = PARADIGM_MODULES[cfg.paradigm].loss_and_image_hidden(model, batch, layout, align.layer)
+            if cfg.paradigm == "next_scale" and align.type == "repa":
+                hidden = hidden[:, -grid[0] * grid[1]:]  # per-patch targets live on the finest scale's grid
             if targets is not None:
                 tg = targets[0][idx].to(accelerator.device).float()
                 tp = targets[1][idx].to(accelerator.device).float() if targets[1] is not None else None
             else:
-                tg, tp = alignment_targets(encoder, dataset, idx, layout.grid, align.type == "repa",
+                tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa",
                                            accelerator.device)
             align_loss = head(hidden, tg, tp)
             loss = ar_loss + align.weight * align_loss
@@ -236,8 +338,9 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pipe = NextTokenPipeline(transformer=accelerator.unwrap_model(model).eval().cpu(), vq_model=vq.cpu(),
-                                 tokenizer=tokenizer, max_text_len=cfg.max_text_len)
+        tok_name = "vae" if tok_cls is AutoencoderKL else "vq_model"
+        pipe = pipe_cls(transformer=accelerator.unwrap_model(model).eval().cpu(), tokenizer=tokenizer,
+                        max_text_len=cfg.max_text_len, **{tok_name: vq.cpu()})
         pipe.save_pretrained(out / "pipeline")
         accelerator.print(f"saved pipeline to {out / 'pipeline'}")
 

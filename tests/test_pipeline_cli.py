@@ -52,7 +52,7 @@ def test_pipeline_output_and_reload_identical(pipe_dir):
 def test_same_seed_same_image_across_batch_sizes(pipe_dir):
     pipe = load_pipeline(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
-    from mmgen.pipelines.next_token import generators_from_seed
+    from mmgen.pipelines.base import generators_from_seed
     big = pipe(prompt="a red circle", num_images_per_prompt=3, generator=generators_from_seed(5, 3))
     one = pipe(prompt="a red circle", num_images_per_prompt=1, generator=generators_from_seed(5, 1))
     assert torch.equal(big.tokens[0], one.tokens[0])

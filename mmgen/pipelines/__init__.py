@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmgen.pipelines.next_token import ARPipelineOutput, NextTokenPipeline
+from mmgen.pipelines.base import ARPipelineOutput
+from mmgen.pipelines.flow import FlowARPipeline, RasterFlowPipeline
+from mmgen.pipelines.next_scale import NextScalePipeline
+from mmgen.pipelines.next_token import NextTokenPipeline
 
-PIPELINES = {"NextTokenPipeline": NextTokenPipeline}
+PIPELINES = {cls.__name__: cls for cls in (NextTokenPipeline, NextScalePipeline, RasterFlowPipeline, FlowARPipeline)}
 
 
 def load_pipeline(model_dir: str | Path):
@@ -24,4 +27,5 @@ def load_pipeline(model_dir: str | Path):
     return PIPELINES[name].from_pretrained(str(model_dir))
 
 
-__all__ = ["ARPipelineOutput", "NextTokenPipeline", "PIPELINES", "load_pipeline"]
+__all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "PIPELINES",
+           "RasterFlowPipeline", "load_pipeline"]

@@ -7,59 +7,25 @@ decode them to pixels, return PIL images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput
 from transformers import PreTrainedTokenizerFast
 
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token
+from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
 from mmgen.text import UnifiedVocab, encode_prompts
 from tokenizers_vis.vqgan import VQGAN
 
-MAX_IMAGES_PER_CALL = 4096
 SAMPLERS = ("ar", "sjd")
 WATERMARK_FILE = "watermark.json"
-
-
-@dataclass
-class ARPipelineOutput(BaseOutput):
-    images: list[PIL.Image.Image] | torch.Tensor
-    tokens: torch.Tensor  # (N, h, w) image codes
-    nfe: int  # batched forward passes of the decoder (the prompt pass included)
-    step_compression: float = 1.0  # image tokens / nfe (plain AR: 1)
-    mean_accepted_length: float = 1.0  # tokens committed per pass, averaged over images (plain AR: 1)
-
-
-def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:
-    """One generator per image. A single generator seeds n fresh ones, so images stay reproducible
-    and independent of batch composition; a list must have one per image (diffusers convention)."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != n:
-            raise ValueError(f"generator list has {len(generator)} entries; expected one per image ({n})")
-        return list(generator)
-    if generator is None:
-        seeds = torch.randint(0, 2**62, (n,)).tolist()
-    elif isinstance(generator, torch.Generator):
-        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
-    else:
-        raise ValueError(f"generator must be a torch.Generator, a list of them, or None; got {type(generator)}")
-    return [torch.Generator(device).manual_seed(s) for s in seeds]
-
-
-def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:
-    """Image i gets seed + i: the same seed gives the same images whatever the batch size."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
 class NextTokenPipeline(DiffusionPipeline):
@@ -148,15 +114,7 @@ class NextTokenPipeline(DiffusionPipeline):
         watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
         `detect_watermark`.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or not 1 <= num_images_per_prompt * len(prompts) <= MAX_IMAGES_PER_CALL:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
-                             f"images per call, got {num_images_per_prompt} for {len(prompts)} prompt(s)")
-        if output_type not in ("pil", "pt", "np"):
-            raise ValueError(f"output_type must be one of 'pil', 'pt', 'np'; got {output_type!r}")
+        prompts = check_call(prompt, num_images_per_prompt, output_type)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)

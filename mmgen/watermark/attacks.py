@@ -75,7 +75,7 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
     images, AUC of the z-score (watermarked vs not), and the re-tokenization match rate of token and symbol.
     Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch."""
     from mmgen.data.shapes import heldout_prompts
-    from mmgen.pipelines.next_token import generators_from_seed
+    from mmgen.pipelines.base import generators_from_seed
     from mmgen.watermark import METHODS, WatermarkConfig, detect_tokens
 
     base = pipe.watermark_config()

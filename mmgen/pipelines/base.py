@@ -1,0 +1,59 @@
+"""What every mmgen pipeline shares: the output object, per-image generators and the checks on a call's
+common arguments. Each paradigm's pipeline (one file each) owns its own visible sampling loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+MAX_IMAGES_PER_CALL = 4096
+OUTPUT_TYPES = ("pil", "pt", "np")
+
+
+@dataclass
+class ARPipelineOutput(BaseOutput):
+    images: list[PIL.Image.Image] | torch.Tensor
+    tokens: torch.Tensor  # image codes (N, h, w), per-scale codes concatenated (N, L), or latents (N, C, h, w)
+    nfe: int  # batched forward passes of the decoder (the prompt pass included)
+    step_compression: float = 1.0  # image tokens / nfe (plain AR: 1)
+    mean_accepted_length: float = 1.0  # tokens committed per pass, averaged over images (plain AR: 1)
+
+
+def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:
+    """One generator per image. A single generator seeds n fresh ones, so images stay reproducible
+    and independent of batch composition; a list must have one per image (diffusers convention)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"generator list has {len(generator)} entries; expected one per image ({n})")
+        return list(generator)
+    if generator is None:
+        seeds = torch.randint(0, 2**62, (n,)).tolist()
+    elif isinstance(generator, torch.Generator):
+        seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
+    else:
+        raise ValueError(f"generator must be a torch.Generator, a list of them, or None; got {type(generator)}")
+    return [torch.Generator(device).manual_seed(s) for s in seeds]
+
+
+def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:
+    """Image i gets seed + i: the same seed gives the same images whatever the batch size."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def check_call(prompt, num_images_per_prompt, output_type) -> list[str]:
+    """Validate the arguments every pipeline call takes; returns the prompts as a list."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+            or not 1 <= num_images_per_prompt * len(prompts) <= MAX_IMAGES_PER_CALL:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
+                         f"images per call, got {num_images_per_prompt} for {len(prompts)} prompt(s)")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+    return prompts

@@ -1,0 +1,119 @@
+"""Text-to-image on continuous tokens with a flow-matching head, as diffusers pipelines.
+
+- `RasterFlowPipeline`: MAR-style raster AR (Li et al., 2024): one decoder pass per latent token, each token
+  integrated by the per-token flow head.
+- `FlowARPipeline`: FlowAR (Ren et al., 2024): one decoder pass per scale, each scale integrated by the
+  Spatial-adaLN flow module.
+
+Both hold a diffusers `AutoencoderKL` as the continuous tokenizer (latents scaled by its `scaling_factor`).
+The visible loop: tokenize prompts, sample latents with the paradigm, decode with the VAE.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from transformers import PreTrainedTokenizerFast
+
+from mmgen.paradigms import flow_head, flowar
+from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators
+from mmgen.sampling.flow import CFG_SCHEDULES, FLOW_SAMPLERS
+from mmgen.sampling.logits import validate_sampling_args
+from mmgen.text import UnifiedVocab, encode_prompts
+from tokenizers_vis.vae import decode_latents, latent_channels, vae_grid
+
+
+class _LatentFlowPipeline(DiffusionPipeline):
+    """The loop both flow pipelines share; a subclass names its paradigm module and builds its layout."""
+
+    paradigm = None
+    default_cfg_schedule = "constant"
+
+    def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
+        self.register_to_config(max_text_len=max_text_len)
+        self.vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=0)
+        if transformer.config.vocab_size != self.vocab.size:
+            raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
+                             f"({len(tokenizer)}) + special = {self.vocab.size}")
+        if transformer.config.token_dim != latent_channels(vae):
+            raise ValueError(f"transformer.token_dim={transformer.config.token_dim} differs from the VAE's "
+                             f"{latent_channels(vae)} latent channels")
+        self.layout = self._layout(max_text_len)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    def _layout(self, max_text_len: int):
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        num_inference_steps: int = 25,
+        flow_sampler: str = "euler",
+        cfg_schedule: str | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate images for `prompt`.
+
+        num_inference_steps: flow ODE steps per token (raster) or per scale (FlowAR); flow_sampler: "euler" or
+        "heun"; temperature scales the initial noise; guidance acts on the velocity, constant or ramped
+        linearly over tokens / scales (`cfg_schedule`; FlowAR defaults to "linear"). `tokens` in the output are
+        the sampled latents (N, C, h, w)."""
+        prompts = check_call(prompt, num_images_per_prompt, output_type)
+        validate_sampling_args(guidance_scale, temperature)
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        if flow_sampler not in FLOW_SAMPLERS:
+            raise ValueError(f"flow_sampler must be one of {', '.join(FLOW_SAMPLERS)}; got {flow_sampler!r}")
+        cfg_schedule = cfg_schedule or self.default_cfg_schedule
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
+        text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
+        text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
+        gens = per_image_generators(generator, len(text_ids))
+        with self.progress_bar(total=self._steps_per_image()) as bar:
+            latents, nfe = self.paradigm.generate(self.transformer, self.layout, text_ids,
+                                                  guidance_scale=guidance_scale, steps=num_inference_steps,
+                                                  method=flow_sampler, temperature=temperature, generators=gens,
+                                                  cfg_schedule=cfg_schedule, callback=lambda i: bar.update())
+        images = decode_latents(self.vae, latents)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        compression = self.layout.num_image_tokens / nfe
+        if not return_dict:
+            return images, latents, nfe
+        return ARPipelineOutput(images=images, tokens=latents, nfe=nfe, step_compression=compression,
+                                mean_accepted_length=compression)
+
+
+class RasterFlowPipeline(_LatentFlowPipeline):
+    paradigm = flow_head
+
+    def _layout(self, max_text_len):
+        return flow_head.RasterFlowLayout(self.vocab, max_text_len, tuple(vae_grid(self.vae)),
+                                          self.transformer.config.token_dim)
+
+    def _steps_per_image(self):
+        return self.layout.num_image_tokens
+
+
+class FlowARPipeline(_LatentFlowPipeline):
+    paradigm = flowar
+    default_cfg_schedule = "linear"  # FlowAR ramps guidance over scales
+
+    def _layout(self, max_text_len):
+        scales = tuple(self.transformer.config.scales)
+        if scales[-1] != vae_grid(self.vae)[0]:
+            raise ValueError(f"the transformer's finest scale {scales[-1]} differs from the VAE grid {vae_grid(self.vae)}")
+        return flowar.FlowARLayout(self.vocab, max_text_len, scales, self.transformer.config.token_dim)
+
+    def _steps_per_image(self):
+        return len(self.layout.scales)

@@ -1,0 +1,74 @@
+"""Text-to-image by next-scale prediction (VAR, Tian et al., 2024), as a diffusers pipeline.
+
+Components: a text tokenizer, the `NextScaleModel` decoder and a `MultiScaleVQGAN`. The visible loop:
+tokenize prompts, sample the token maps coarse to fine with `paradigms.next_scale` (one decoder pass per
+scale), sum the scales' code maps and decode them to pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from transformers import PreTrainedTokenizerFast
+
+from mmgen.paradigms import next_scale
+from mmgen.paradigms.next_scale import NextScaleModel
+from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators
+from mmgen.sampling.logits import SamplingConfig
+from mmgen.text import UnifiedVocab, encode_prompts
+from tokenizers_vis.multiscale import MultiScaleVQGAN
+
+
+class NextScalePipeline(DiffusionPipeline):
+    def __init__(self, transformer: NextScaleModel, vq_model: MultiScaleVQGAN, tokenizer: PreTrainedTokenizerFast,
+                 max_text_len: int = 32):
+        super().__init__()
+        self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
+        self.register_to_config(max_text_len=max_text_len)
+        self.vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=vq_model.vocab_size)
+        if transformer.config.vocab_size != self.vocab.size:
+            raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
+                             f"({len(tokenizer)}) + special + image ({vq_model.vocab_size}) = {self.vocab.size}")
+        if tuple(transformer.config.scales) != tuple(vq_model.scales):
+            raise ValueError(f"transformer scales {tuple(transformer.config.scales)} differ from the tokenizer's "
+                             f"{tuple(vq_model.scales)}")
+        self.layout = next_scale.NextScaleLayout(self.vocab, max_text_len, tuple(vq_model.scales))
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float = 3.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_schedule: str = "constant",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate images for `prompt`, one decoder pass per scale.
+
+        cfg_schedule: "constant" (guidance_scale at every scale) or "linear" (VAR's ramp from 1 at the
+        first scale to guidance_scale at the last). `tokens` in the output are all scales' codes, flattened
+        raster and concatenated coarse to fine (N, sum of s_k^2)."""
+        prompts = check_call(prompt, num_images_per_prompt, output_type)
+        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
+        text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
+        gens = per_image_generators(generator, len(text_ids))
+        with self.progress_bar(total=len(self.layout.scales)) as bar:
+            ids_list, nfe = next_scale.generate(self.transformer, self.vq_model, self.layout, text_ids, cfg, gens,
+                                                cfg_schedule=cfg_schedule, callback=lambda k: bar.update())
+        images = self.vq_model.decode(ids_list)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        tokens = torch.cat([ids.flatten(1) for ids in ids_list], 1)
+        compression = self.layout.num_image_tokens / nfe
+        if not return_dict:
+            return images, tokens, nfe
+        return ARPipelineOutput(images=images, tokens=tokens, nfe=nfe, step_compression=compression,
+                                mean_accepted_length=compression)
