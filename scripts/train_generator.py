@@ -162,7 +162,7 @@ def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int 
         for i in tqdm(range(0, len(dataset), batch_size), desc="encode images"):
             imgs = torch.stack([dataset[j]["image"] for j in range(i, min(i + batch_size, len(dataset)))])
             codes.append(encode(imgs).cpu())
-    codes = torch.cat(codes)
+    codes = torch.cat(codes).contiguous()
     tmp = cache_file.with_name(cache_file.name + ".tmp")
     save_file({"codes": codes, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
     tmp.replace(cache_file)
@@ -259,7 +259,7 @@ def main(argv=None):
     if align.type != "none" and cfg.paradigm not in ALIGNABLE:
         raise ValueError(f"alignment.type={align.type!r} needs a discrete paradigm ({', '.join(ALIGNABLE)}); "
                          f"paradigm is {cfg.paradigm!r}")
-    grid = tuple(vq.grid_size)
+    grid = tuple(vq.grid_size) if cfg.paradigm in ALIGNABLE else vae_grid(vq)
     head = encoder = targets = None
     if align.type != "none":
         encoder = make_target_encoder(align.encoder, vq=vq).to(accelerator.device)

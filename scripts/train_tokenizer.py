@@ -174,7 +174,7 @@ def main(argv=None):
             else:
                 record["kl"] = round(kl.item(), 5)
             logger.log(record)
-            bar.set_postfix(loss=f"{float(g_loss):.4f}", **({"ppl": f"{float(ppl):.0f}"} if ppl is not None else {}))
+            bar.set_postfix(loss=f"{g_loss.item():.4f}", **({"ppl": f"{ppl.item():.0f}"} if ppl is not None else {}))
         if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:

@@ -1,0 +1,187 @@
+"""The next-scale, raster flow-head and FlowAR pipelines end to end: tiny seeded components -> save/load ->
+generate (exact pass counts, bit-identical reload) -> CLI (option routing by pipeline, errors) -> bench."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from mmgen import bench, cli
+from mmgen.data.shapes import all_caption_words
+from mmgen.models.transformer import Transformer
+from mmgen.paradigms.flow_head import RasterFlowModel
+from mmgen.paradigms.flowar import FlowARModel
+from mmgen.paradigms.next_scale import NextScaleModel
+from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, RasterFlowPipeline,
+                             load_pipeline)
+from mmgen.pipelines.base import generators_from_seed
+from mmgen.text import UnifiedVocab, train_text_tokenizer
+from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.vae import make_vae
+from tokenizers_vis.vqgan import VQGAN
+
+CAPTIONS = ["a red circle", "a blue square above a red circle", "two green stars"]
+TEXT_LEN = 16
+BACKBONE = dict(dim=32, n_layers=2, n_heads=4)
+
+
+def _next_scale(tok):
+    torch.manual_seed(0)
+    vq = MultiScaleVQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32,
+                         code_dim=4, image_size=16, scales=(1, 2, 4))
+    vocab = UnifiedVocab(len(tok), vq.vocab_size)
+    tr = NextScaleModel(vocab_size=vocab.size, feature_dim=vq.feature_dim, scales=list(vq.scales), max_seq_len=48,
+                        **BACKBONE)
+    return NextScalePipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=TEXT_LEN)
+
+
+def _vae():
+    torch.manual_seed(0)
+    vae = make_vae(image_size=16, latent_channels=4, block_out_channels=(8, 8, 8), norm_num_groups=4)
+    vae.register_to_config(scaling_factor=0.7)
+    return vae.eval()
+
+
+def _raster_flow(tok):
+    vae = _vae()
+    vocab = UnifiedVocab(len(tok), 0)
+    tr = RasterFlowModel(vocab_size=vocab.size, token_dim=4, max_seq_len=48, head_width=32, head_depth=2, **BACKBONE)
+    # a fresh flow head outputs exactly 0 (zero-init); perturb it so sampling depends on the prompt and seed
+    with torch.no_grad():
+        for p in tr.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return RasterFlowPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
+
+
+def _flowar(tok):
+    vae = _vae()
+    vocab = UnifiedVocab(len(tok), 0)
+    tr = FlowARModel(vocab_size=vocab.size, token_dim=4, scales=(1, 2, 4), max_seq_len=48, flow_width=16,
+                     flow_depth=1, flow_heads=2, **BACKBONE)
+    with torch.no_grad():
+        for p in tr.flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return FlowARPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
+
+
+def _next_token(tok):
+    torch.manual_seed(0)
+    vq = VQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
+               image_size=16)
+    vocab = UnifiedVocab(len(tok), vq.vocab_size)
+    tr = Transformer(vocab_size=vocab.size, max_seq_len=48, **BACKBONE)
+    return NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=TEXT_LEN)
+
+
+# name -> (builder, pipeline class, decoder passes per image, tokens shape per image)
+KINDS = {
+    "next_scale": (_next_scale, NextScalePipeline, 3, (1 + 4 + 16,)),
+    "flow_head": (_raster_flow, RasterFlowPipeline, 16, (4, 4, 4)),
+    "flowar": (_flowar, FlowARPipeline, 3, (4, 4, 4)),
+}
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    tok = train_text_tokenizer(CAPTIONS, all_caption_words())  # the bench draws shapes prompts
+    out = {}
+    for name, (build, *_rest) in {**KINDS, "next_token": (_next_token,)}.items():
+        d = tmp_path_factory.mktemp(name)
+        build(tok).save_pretrained(d)
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_pipeline_generates_and_reloads_identically(dirs, kind):
+    _, cls, nfe, token_shape = KINDS[kind]
+    pipe = load_pipeline(dirs[kind])
+    assert type(pipe) is cls
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=["a red circle", "two green stars"], num_images_per_prompt=2, guidance_scale=2.0,
+              generator=generators_from_seed(3, 4))
+    out = pipe(**kw)
+    assert len(out.images) == 4 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in out.images)
+    assert out.nfe == nfe and tuple(out.tokens.shape) == (4, *token_shape)
+    assert out.step_compression == pytest.approx(pipe.layout.num_image_tokens / nfe)
+    again = load_pipeline(dirs[kind])
+    again.set_progress_bar_config(disable=True)
+    out2 = again(**{**kw, "generator": generators_from_seed(3, 4)})
+    assert torch.equal(out.tokens, out2.tokens)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(out.images, out2.images))
+    # different prompts and different seeds give different images
+    assert not torch.equal(out.tokens[0], out.tokens[2]) and not torch.equal(out.tokens[0], out.tokens[1])
+    files = {p.name for p in dirs[kind].rglob("*") if p.is_file()}
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
+
+
+def test_flow_pipelines_steps_and_sampler(dirs):
+    pipe = load_pipeline(dirs["flowar"])
+    pipe.set_progress_bar_config(disable=True)
+    euler = pipe(prompt="a red circle", num_inference_steps=4, generator=generators_from_seed(0, 1), output_type="pt")
+    heun = pipe(prompt="a red circle", num_inference_steps=4, flow_sampler="heun", generator=generators_from_seed(0, 1),
+                output_type="pt")
+    assert euler.nfe == heun.nfe == 3  # decoder passes; the flow steps run in the small module
+    assert not torch.equal(euler.tokens, heun.tokens)
+    for bad, needle in ((dict(num_inference_steps=0), "num_inference_steps"), (dict(flow_sampler="rk4"), "flow_sampler"),
+                        (dict(cfg_schedule="cosine"), "cfg_schedule"), (dict(guidance_scale=float("nan")), "guidance")):
+        with pytest.raises(ValueError, match=needle):
+            pipe(prompt="a red circle", **bad)
+
+
+def test_next_scale_pipeline_arguments(dirs):
+    """(The ramp's values are tested on the logits in test_next_scale.py.)"""
+    pipe = load_pipeline(dirs["next_scale"])
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt="a red circle", guidance_scale=4.0, cfg_schedule="linear", top_p=0.9, output_type="pt")
+    assert out.nfe == 3 and out.images.shape == (1, 3, 16, 16)
+    for bad, needle in ((dict(cfg_schedule="cosine"), "cfg_schedule"), (dict(top_k=0), "top_k"),
+                        (dict(prompt=""), "prompt"), (dict(num_images_per_prompt=0), "num_images_per_prompt")):
+        with pytest.raises(ValueError, match=needle):
+            pipe(**{"prompt": "a red circle", **bad})
+
+
+@pytest.mark.parametrize("kind, extra", [("next_scale", ["--cfg-schedule", "linear", "--top-k", "8"]),
+                                         ("flow_head", ["--steps", "3", "--flow-sampler", "heun"]),
+                                         ("flowar", ["--steps", "3", "--cfg-schedule", "constant"])])
+def test_cli_generate_each_paradigm(dirs, kind, extra, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "a red circle", "--model", str(dirs[kind]), "--out", str(out), "--json", *extra]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pipeline"] == KINDS[kind][1].__name__ and result["nfe_per_image"] == KINDS[kind][2]
+    assert Image.open(out).size == (16, 16)
+
+
+@pytest.mark.parametrize("kind, args, needle", [
+    ("flowar", ["--sampler", "sjd"], "--sampler does not apply to FlowARPipeline"),
+    ("next_scale", ["--watermark-key", "k"], "--watermark-key does not apply to NextScalePipeline"),
+    ("flow_head", ["--top-k", "5"], "--top-k does not apply to RasterFlowPipeline"),
+    ("next_token", ["--steps", "5"], "--steps does not apply to NextTokenPipeline"),
+    ("flowar", ["--steps", "0"], "--steps"),
+])
+def test_cli_rejects_options_of_other_paradigms(dirs, kind, args, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "generate", "a red circle", "--model", str(dirs[kind]),
+                           "--out", str(tmp_path / "o.png"), *args], capture_output=True, text=True)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_paradigms_ratios(dirs):
+    models = {k: dirs[k] for k in KINDS}
+    r = bench.bench_paradigms(models, baseline=dirs["next_token"], batch_sizes=(1, 2), repeats=1, progress=False,
+                              eval_per_category=1)
+    rows = r["models"]
+    assert rows["baseline"]["nfe_per_image"] == 16 and rows["baseline"]["nfe_ratio"] == 1.0
+    assert rows["baseline"]["latency"]["batch_2"]["latency_ratio"] == 1.0
+    for name, (_, cls, nfe, _) in KINDS.items():
+        row = rows[name]
+        assert row["pipeline"] == cls.__name__ and row["nfe_per_image"] == nfe
+        assert row["nfe_ratio"] == pytest.approx(nfe / 16, abs=1e-4)
+        lat = row["latency"]["batch_1"]
+        assert lat["speedup"] * lat["latency_ratio"] == pytest.approx(1.0, abs=0.01)
+        assert row["accuracy"]["n"] == 4 and 0 <= row["accuracy"]["accuracy"] <= 1
+    with pytest.raises(ValueError, match="baseline"):
+        bench.bench_paradigms(models, baseline=dirs["flowar"], batch_sizes=(1,), repeats=1, progress=False)
