@@ -9,8 +9,9 @@ import torch
 from mmgen.models.heads import FlowHead, TimestepEmbedder
 from mmgen.paradigms.flow_head import (RasterFlowLayout, RasterFlowModel, build_batch, decode_step, generate,
                                        loss_fn, prefill)
-from mmgen.sampling.flow import (cfg_velocity, guidance_at, initial_noise, interpolate, logit_normal_t,
+from mmgen.sampling.flow import (cfg_velocity, initial_noise, interpolate, logit_normal_t,
                                  sample_flow)
+from mmgen.sampling.logits import guidance_at
 from mmgen.text import UnifiedVocab
 
 torch.set_num_threads(1)

@@ -132,7 +132,7 @@ def test_guidance_schedules(layout, vq, monkeypatch):
         cond, uncond = raw[k][:, -4 ** k:, off:off + 16].float().chunk(2)  # the prefill's last position only
         expected = cond if k == 0 else cfg_combine(cond, uncond, w)
         assert torch.equal(seen[k], expected.flatten(0, 1)), k  # w = 1 at scale 1: exactly the unguided logits
-    with pytest.raises(ValueError, match="cfg_schedule must be one of constant, linear, got 'cosine'"):
+    with pytest.raises(ValueError, match="cfg_schedule must be one of constant, linear; got 'cosine'"):
         generate(model, vq, layout, CAPTIONS[:1], SamplingConfig(guidance_scale=2.0), cfg_schedule="cosine")
 
 

@@ -29,10 +29,9 @@ from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.heads import FlowHead
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.paradigms.next_token import NextTokenLayout, attention_mask, text_block
-from mmgen.sampling.flow import (CFG_SCHEDULES, FLOW_SAMPLERS, cfg_velocity, guidance_at, initial_noise,
-                                 interpolate, logit_normal_t, sample_flow)
-from mmgen.sampling.logits import validate_sampling_args
+from mmgen.paradigms.next_token import NextTokenLayout, attention_mask, guided_text_block, text_block
+from mmgen.sampling.flow import FLOW_SAMPLERS, cfg_velocity, initial_noise, interpolate, logit_normal_t, sample_flow
+from mmgen.sampling.logits import CFG_SCHEDULES, guidance_at, validate_sampling_args
 from mmgen.text import UnifiedVocab
 
 
@@ -190,19 +189,15 @@ def generate(model: RasterFlowModel, layout: RasterFlowLayout, text_ids: Sequenc
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps}")
     if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
     B, n, D = len(text_ids), layout.num_image_tokens, layout.token_dim
     if generators is None:  # seeded from the global RNG, so torch.manual_seed still makes runs repeatable
         generators = [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (B,))]
     if len(generators) != B:
         raise ValueError(f"need one generator per prompt: {B} prompts, {len(generators)} generators")
     use_cfg = guidance_scale != 1.0
-    text, valid = text_block(layout, text_ids)
-    if use_cfg:
-        null, null_valid = text_block(layout, [[]] * B)
-        text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
     device = model.device
-    text, valid = text.to(device), valid.to(device)
+    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
     R, T0 = text.shape
     positions = layout.positions(R, device)
     cache = model.transformer.new_cache(R, T0 + n - 1)

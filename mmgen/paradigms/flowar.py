@@ -37,9 +37,9 @@ from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.heads import TimestepEmbedder, modulate
 from mmgen.models.transformer import Block, KVCache, Transformer, rope_angles
-from mmgen.paradigms.next_token import attention_mask, text_block
-from mmgen.sampling.flow import (CFG_SCHEDULES, FLOW_SAMPLERS, cfg_velocity, guidance_at, initial_noise,
-                                 interpolate, logit_normal_t, sample_flow)
+from mmgen.paradigms.next_token import attention_mask, guided_text_block, text_block
+from mmgen.sampling.flow import FLOW_SAMPLERS, cfg_velocity, initial_noise, interpolate, logit_normal_t, sample_flow
+from mmgen.sampling.logits import CFG_SCHEDULES, guidance_at
 from mmgen.text import UnifiedVocab
 
 
@@ -301,7 +301,7 @@ def loss_fn(model: FlowARModel, batch: FlowARBatch, layout: FlowARLayout,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Flow-matching loss summed over scales with FlowAR's weights s_k^2 / s_K^2, normalised by their sum."""
     hidden = model.forward_ar(batch.text, batch.inputs, batch.positions, batch.mask)
-    K, G = len(layout.scales), layout.grid_side
+    G = layout.grid_side
     total, weight_sum = 0.0, 0.0
     for k, s in enumerate(layout.scales):
         y = to_tokens(batch.targets[k]).float()  # (B, n, C)
@@ -346,7 +346,7 @@ def generate(model: FlowARModel, layout: FlowARLayout, text_ids: Sequence[Sequen
     if method not in FLOW_SAMPLERS:
         raise ValueError(f"method must be one of {FLOW_SAMPLERS}, got {method!r}")
     if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
     if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -355,12 +355,8 @@ def generate(model: FlowARModel, layout: FlowARLayout, text_ids: Sequence[Sequen
     if generators is not None and len(generators) != B:
         raise ValueError(f"generators must hold one generator per prompt ({B}), got {len(generators)}")
     use_cfg = guidance_scale != 1.0
-    text, valid = text_block(layout, text_ids)
-    if use_cfg:
-        null, null_valid = text_block(layout, [[]] * B)
-        text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
     device = model.device
-    text, valid = text.to(device), valid.to(device)
+    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
     R, K, G, C = text.shape[0], len(layout.scales), layout.grid_side, layout.token_dim
     positions, mask = layout.positions(R, device), layout.block_mask(valid)
     cache = model.new_cache(R, layout.seq_len)

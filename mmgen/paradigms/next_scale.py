@@ -38,12 +38,9 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.paradigms.next_token import text_block
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
+from mmgen.paradigms.next_token import guided_text_block, text_block
+from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.text import UnifiedVocab
-
-CFG_SCHEDULES = ("constant", "linear")
-
 
 def _check_scales(scales) -> tuple[int, ...]:
     sc = tuple(scales)
@@ -253,11 +250,7 @@ def loss_and_image_hidden(model: NextScaleModel, batch: NextScaleBatch, layout: 
 
 def guidance_schedule(guidance_scale: float, num_scales: int, schedule: str = "constant") -> list[float]:
     """Guidance weight per scale: constant w, or VAR/FlowAR's ramp w_k = 1 + (w - 1) k / (K - 1)."""
-    if schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {schedule!r}")
-    if schedule == "constant" or num_scales == 1:
-        return [float(guidance_scale)] * num_scales
-    return [1 + (guidance_scale - 1) * k / (num_scales - 1) for k in range(num_scales)]
+    return [guidance_at(guidance_scale, k, num_scales, schedule) for k in range(num_scales)]
 
 
 def prefill(model: NextScaleModel, text_RT, positions_RT2, mask_R1TT, cache: KVCache) -> torch.Tensor:
@@ -295,14 +288,11 @@ def generate(model: NextScaleModel, vq, layout: NextScaleLayout, text_ids: Seque
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
     use_cfg = cfg.guidance_scale != 1.0
-    text, valid = text_block(layout, text_ids)
-    if use_cfg:
-        null, null_valid = text_block(layout, [[]] * B)
-        text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
     device = model.device
+    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
     R, T0 = text.shape
     key_valid = torch.ones(R, layout.seq_len, dtype=torch.bool, device=device)
-    key_valid[:, :T0] = valid.to(device)
+    key_valid[:, :T0] = valid
     mask = full_mask(layout, key_valid)
     positions = layout.positions(R, device)
     cache = model.new_cache(R, layout.seq_len)
@@ -311,7 +301,7 @@ def generate(model: NextScaleModel, vq, layout: NextScaleLayout, text_ids: Seque
     ids_list = []
 
     slices = layout.scale_slices()
-    logits = prefill(model, text.to(device), positions[:, :T0], mask[:, :, :T0, :T0], cache)
+    logits = prefill(model, text, positions[:, :T0], mask[:, :, :T0, :T0], cache)
     for k, s in enumerate(layout.scales):
         logits = process_logits(guided_image_logits(layout, logits, weights[k], use_cfg).flatten(0, 1), cfg)
         # one generator per image drives all of its s^2 tokens, so an image does not depend on its batch mates

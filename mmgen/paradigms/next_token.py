@@ -79,6 +79,16 @@ def text_block(layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], drop:
     return tokens, tokens != v.pad
 
 
+def guided_text_block(layout, text_ids: Sequence[Sequence[int]], use_cfg: bool, device=None):
+    """The text block for sampling: the prompts' rows, then as many unconditional (<null>) rows when
+    classifier-free guidance is on. Tokens (R, T0) and key validity (R, T0) on `device`."""
+    text, valid = text_block(layout, text_ids)
+    if use_cfg:
+        null, null_valid = text_block(layout, [[]] * len(text_ids))
+        text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
+    return text.to(device), valid.to(device)
+
+
 def attention_mask(key_valid_BS: torch.Tensor, T: int | None = None) -> torch.Tensor:
     """Causal mask (B, 1, T, S) over valid keys for the last T queries; a query always sees itself so padded
     rows never softmax over nothing (which would put NaNs into the cache)."""
@@ -168,12 +178,8 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
     sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`)."""
     B = len(text_ids)
     use_cfg = cfg.guidance_scale != 1.0
-    text, valid = text_block(layout, text_ids)
-    if use_cfg:
-        null, null_valid = text_block(layout, [[]] * B)
-        text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
     device = model.device
-    text, valid = text.to(device), valid.to(device)
+    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
     R = text.shape[0]
     positions = layout.positions(R, device)
     n_img, T0 = layout.num_image_tokens, text.shape[1]
@@ -209,16 +215,13 @@ class NextTokenBackend:
         self.model, self.layout, self.guidance_scale = model, layout, guidance_scale
         self.num_samples, self.vocab_size = len(text_ids), layout.vocab.image_vocab_size
         self.device = model.device
-        text, valid = text_block(layout, text_ids)
         self.use_cfg = guidance_scale != 1.0
-        if self.use_cfg:
-            null, null_valid = text_block(layout, [[]] * len(text_ids))
-            text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
-        self.text, self.prefix = text.to(self.device), text.shape[1] - 1  # text slots before <boi>
+        text, valid = guided_text_block(layout, text_ids, self.use_cfg, self.device)
+        self.text, self.prefix = text, text.shape[1] - 1  # text slots before <boi>
         R, n_img = text.shape[0], layout.num_image_tokens
         self.capacity = self.prefix + n_img + window
         self.key_valid = torch.ones(R, self.capacity, dtype=torch.bool, device=self.device)
-        self.key_valid[:, : self.prefix] = valid[:, : self.prefix].to(self.device)
+        self.key_valid[:, : self.prefix] = valid[:, : self.prefix]
         pos = layout.positions(1, self.device)[0]  # (seq_len, 2): slot -> 2-D position
         self.slot_positions = torch.cat([pos, pos[-1:].expand(self.capacity - len(pos), 2)])
         self.cache = model.new_cache(R, self.capacity)

@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import flow_head, flowar
 from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators
-from mmgen.sampling.flow import CFG_SCHEDULES, FLOW_SAMPLERS
-from mmgen.sampling.logits import validate_sampling_args
+from mmgen.sampling.flow import FLOW_SAMPLERS
+from mmgen.sampling.logits import CFG_SCHEDULES, validate_sampling_args
 from mmgen.text import UnifiedVocab, encode_prompts
 from tokenizers_vis.vae import decode_latents, latent_channels, vae_grid
 

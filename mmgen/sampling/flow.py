@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 FLOW_SAMPLERS = ("euler", "heun")
-CFG_SCHEDULES = ("constant", "linear")
 
 
 def logit_normal_t(n: int, generator: torch.Generator | None = None, device=None, mean: float = 0.0,
@@ -58,18 +57,6 @@ def sample_flow(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
             x_next = x + dt * 0.5 * (v + v_next)
         x = x_next
     return x, nfe
-
-
-def guidance_at(scale: float, k: int, K: int, schedule: str = "constant") -> float:
-    """CFG scale for step k of K (0-based). "linear" ramps from 1 to `scale` over the steps (FlowAR's scales,
-    xAR's entities): w_k = 1 + (scale - 1) k / (K - 1)."""
-    if schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
-    if K < 1 or not 0 <= k < K:
-        raise ValueError(f"need K >= 1 and 0 <= k < K, got k={k}, K={K}")
-    if schedule == "constant" or K == 1:
-        return float(scale)
-    return 1.0 + (scale - 1.0) * k / (K - 1)
 
 
 def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:

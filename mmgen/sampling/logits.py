@@ -36,6 +36,21 @@ def validate_sampling_args(guidance_scale=1.0, temperature=1.0, top_k=None, top_
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def guidance_at(scale: float, k: int, K: int, schedule: str = "constant") -> float:
+    """CFG scale for step k of K (0-based). "linear" ramps from 1 to `scale` over the steps (VAR and FlowAR
+    over scales, xAR over entities): w_k = 1 + (scale - 1) k / (K - 1)."""
+    if schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {schedule!r}")
+    if K < 1 or not 0 <= k < K:
+        raise ValueError(f"need K >= 1 and 0 <= k < K, got k={k}, K={K}")
+    if schedule == "constant" or K == 1:
+        return float(scale)
+    return 1.0 + (scale - 1.0) * k / (K - 1)
+
+
 def cfg_combine(cond_BV: torch.Tensor, uncond_BV: torch.Tensor, scale: float) -> torch.Tensor:
     return uncond_BV + scale * (cond_BV - uncond_BV)
 
