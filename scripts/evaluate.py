@@ -44,6 +44,9 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="flow models: ODE steps per token / scale")
+    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
+                   help="next-scale and flow models: guidance schedule (default: the pipeline's)")
     p.add_argument("--fd", type=int, default=0, metavar="N",
                    help="also FD-ENL0 between N generated images and the N real training scenes they caption")
     p.add_argument("--device", default="cpu", help="torch device for generation (cpu, cuda)")
@@ -53,8 +56,10 @@ def main(argv=None):
 
     pipe = load_pipeline(args.model).to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p)
+    # only the options given, so each paradigm's pipeline keeps its own defaults (flow models take no top-k)
+    optional = dict(top_k=args.top_k, top_p=args.top_p, num_inference_steps=args.steps, cfg_schedule=args.cfg_schedule)
+    sampling = dict(guidance_scale=args.guidance_scale, temperature=args.temperature,
+                    **{k: v for k, v in optional.items() if v is not None})
     result = {"model": args.model, "sampling": sampling, "splits": {}}
     for split in args.splits.split(","):
         make = {"heldout": heldout_prompts, "train": train_prompts}[split]

@@ -185,3 +185,18 @@ def test_bench_paradigms_ratios(dirs):
         assert row["accuracy"]["n"] == 4 and 0 <= row["accuracy"]["accuracy"] <= 1
     with pytest.raises(ValueError, match="baseline"):
         bench.bench_paradigms(models, baseline=dirs["flowar"], batch_sizes=(1,), repeats=1, progress=False)
+
+
+def test_shipped_zoo_models_generate(tmp_path):
+    """Every model shipped in mmgen/zoo loads with load_pipeline and draws a real 64x64 image; each stays within
+    25 MB and the zoo within 100 MB."""
+    zoo = bench.zoo_models()
+    assert "shapes-nexttoken" in zoo
+    sizes = {name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for name, d in zoo.items()}
+    assert max(sizes.values()) <= 25 * 2**20 and sum(sizes.values()) <= 100 * 2**20, sizes
+    for name, d in zoo.items():
+        pipe = load_pipeline(d)
+        pipe.set_progress_bar_config(disable=True)
+        kw = {"num_inference_steps": 4} if isinstance(pipe, (RasterFlowPipeline, FlowARPipeline)) else {}
+        img = pipe(prompt="a red circle above a blue square", generator=generators_from_seed(0, 1), **kw).images[0]
+        assert img.size == (64, 64) and len(img.getcolors(maxcolors=4096) or range(4097)) > 10, name
