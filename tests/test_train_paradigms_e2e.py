@@ -79,3 +79,15 @@ def test_unknown_paradigm_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "paradigm=diffusion",
                            f"train.out_dir={tmp_path}"], capture_output=True, text=True)
     assert proc.returncode != 0 and "paradigm must be one of next_token, next_scale, flow_head, flowar" in proc.stderr
+
+
+def test_next_scale_with_arra_alignment(tokenizers, tmp_path):
+    """ARRA on the next-scale paradigm: the alignment loss on the hidden states of the image-predicting
+    positions falls beside the AR loss, and the projector stays out of the pipeline."""
+    run("train_generator.py", *GEN, "paradigm=next_scale", f"tokenizer={tokenizers / 'msvq' / 'final'}",
+        f"train.out_dir={tmp_path}", "train.steps=25", "train.ckpt_every=25", "alignment.type=arra",
+        "alignment.encoder=tokenizer", "alignment.layer=1")
+    records = log(tmp_path / "log.jsonl")
+    assert records[-1]["align_loss"] < 0.5 * records[0]["align_loss"]
+    assert abs(records[-1]["loss"] - records[-1]["ar_loss"] - records[-1]["align_loss"]) < 1e-3
+    assert not any("align" in p.name for p in (tmp_path / "pipeline").rglob("*"))
