@@ -200,3 +200,15 @@ def test_shipped_zoo_models_generate(tmp_path):
         kw = {"num_inference_steps": 4} if isinstance(pipe, (RasterFlowPipeline, FlowARPipeline)) else {}
         img = pipe(prompt="a red circle above a blue square", generator=generators_from_seed(0, 1), **kw).images[0]
         assert img.size == (64, 64) and len(img.getcolors(maxcolors=4096) or range(4097)) > 10, name
+
+
+def test_mismatched_parts_are_rejected():
+    tok = train_text_tokenizer(CAPTIONS)
+    vocab = UnifiedVocab(len(tok), 0)
+    tr = RasterFlowModel(vocab_size=vocab.size + 1, token_dim=4, max_seq_len=48, head_width=32, head_depth=2,
+                         **BACKBONE)
+    with pytest.raises(ValueError, match=r"transformer.vocab_size=\d+ does not match text"):
+        RasterFlowPipeline(transformer=tr, vae=_vae(), tokenizer=tok, max_text_len=TEXT_LEN)
+    tr = RasterFlowModel(vocab_size=vocab.size, token_dim=8, max_seq_len=48, head_width=32, head_depth=2, **BACKBONE)
+    with pytest.raises(ValueError, match="token_dim=8 differs from the VAE's 4 latent channels"):
+        RasterFlowPipeline(transformer=tr, vae=_vae(), tokenizer=tok, max_text_len=TEXT_LEN)

@@ -9,6 +9,8 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
+from mmgen.text import UnifiedVocab
+
 MAX_IMAGES_PER_CALL = 4096
 OUTPUT_TYPES = ("pil", "pt", "np")
 
@@ -43,6 +45,15 @@ def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def unified_vocab(transformer, tokenizer, image_vocab_size: int) -> UnifiedVocab:
+    """The vocabulary a pipeline's parts imply, checked against the decoder's embedding size."""
+    vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=image_vocab_size)
+    if transformer.config.vocab_size != vocab.size:
+        raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
+                         f"({len(tokenizer)}) + special + image ({image_vocab_size}) = {vocab.size}")
+    return vocab
 
 
 def check_call(prompt, num_images_per_prompt, output_type) -> list[str]:

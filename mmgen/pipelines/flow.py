@@ -17,10 +17,10 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import flow_head, flowar
-from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators
+from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
 from mmgen.sampling.flow import FLOW_SAMPLERS
 from mmgen.sampling.logits import CFG_SCHEDULES, validate_sampling_args
-from mmgen.text import UnifiedVocab, encode_prompts
+from mmgen.text import encode_prompts
 from tokenizers_vis.vae import decode_latents, latent_channels, vae_grid
 
 
@@ -34,10 +34,7 @@ class _LatentFlowPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         self.register_to_config(max_text_len=max_text_len)
-        self.vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=0)
-        if transformer.config.vocab_size != self.vocab.size:
-            raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
-                             f"({len(tokenizer)}) + special = {self.vocab.size}")
+        self.vocab = unified_vocab(transformer, tokenizer, 0)
         if transformer.config.token_dim != latent_channels(vae):
             raise ValueError(f"transformer.token_dim={transformer.config.token_dim} differs from the VAE's "
                              f"{latent_channels(vae)} latent channels")

@@ -14,9 +14,9 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import next_scale
 from mmgen.paradigms.next_scale import NextScaleModel
-from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators
+from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
 from mmgen.sampling.logits import SamplingConfig
-from mmgen.text import UnifiedVocab, encode_prompts
+from mmgen.text import encode_prompts
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 
 
@@ -26,10 +26,7 @@ class NextScalePipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         self.register_to_config(max_text_len=max_text_len)
-        self.vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=vq_model.vocab_size)
-        if transformer.config.vocab_size != self.vocab.size:
-            raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
-                             f"({len(tokenizer)}) + special + image ({vq_model.vocab_size}) = {self.vocab.size}")
+        self.vocab = unified_vocab(transformer, tokenizer, vq_model.vocab_size)
         if tuple(transformer.config.scales) != tuple(vq_model.scales):
             raise ValueError(f"transformer scales {tuple(transformer.config.scales)} differ from the tokenizer's "
                              f"{tuple(vq_model.scales)}")

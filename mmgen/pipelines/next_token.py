@@ -17,11 +17,11 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token
-from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators
+from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
-from mmgen.text import UnifiedVocab, encode_prompts
+from mmgen.text import encode_prompts
 from tokenizers_vis.vqgan import VQGAN
 
 SAMPLERS = ("ar", "sjd")
@@ -34,10 +34,7 @@ class NextTokenPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         self.register_to_config(max_text_len=max_text_len)
-        self.vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=vq_model.vocab_size)
-        if transformer.config.vocab_size != self.vocab.size:
-            raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
-                             f"({len(tokenizer)}) + special + image ({vq_model.vocab_size}) = {self.vocab.size}")
+        self.vocab = unified_vocab(transformer, tokenizer, vq_model.vocab_size)
         self.layout = next_token.NextTokenLayout(self.vocab, max_text_len, tuple(vq_model.grid_size),
                                                  rope_2d=transformer.config.rope_2d)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
