@@ -1,4 +1,4 @@
-"""The next-scale, raster flow-head and FlowAR pipelines end to end: tiny seeded components -> save/load ->
+"""The next-scale, raster flow-head, FlowAR and next-X (xAR) pipelines end to end: tiny seeded components -> save/load ->
 generate (exact pass counts, bit-identical reload) -> CLI (option routing by pipeline, errors) -> bench."""
 
 import json
@@ -15,7 +15,8 @@ from mmgen.models.transformer import Transformer
 from mmgen.paradigms.flow_head import RasterFlowModel
 from mmgen.paradigms.flowar import FlowARModel
 from mmgen.paradigms.next_scale import NextScaleModel
-from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, RasterFlowPipeline,
+from mmgen.paradigms.next_x import NextXModel
+from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline,
                              load_pipeline)
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.text import UnifiedVocab, train_text_tokenizer
@@ -67,6 +68,16 @@ def _flowar(tok):
     return FlowARPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
 
 
+def _next_x(tok):
+    vae = _vae()
+    vocab = UnifiedVocab(len(tok), 0)
+    tr = NextXModel(vocab_size=vocab.size, token_dim=4, grid_side=4, entity="subsample", max_seq_len=48, **BACKBONE)
+    with torch.no_grad():  # zero-initialised output: perturb it so sampling depends on the prompt and seed
+        for p in tr.final_proj.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return NextXPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
+
+
 def _next_token(tok):
     torch.manual_seed(0)
     vq = VQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
@@ -81,6 +92,7 @@ KINDS = {
     "next_scale": (_next_scale, NextScalePipeline, 3, (1 + 4 + 16,)),
     "flow_head": (_raster_flow, RasterFlowPipeline, 16, (4, 4, 4)),
     "flowar": (_flowar, FlowARPipeline, 3, (4, 4, 4)),
+    "next_x": (_next_x, NextXPipeline, 4, (4, 4, 4)),  # 4 stride-2 subsample entities of the 4x4 latent
 }
 
 
@@ -132,6 +144,19 @@ def test_flow_pipelines_steps_and_sampler(dirs):
             pipe(prompt="a red circle", **bad)
 
 
+def test_next_x_pipeline_counts_evaluations_and_keeps_its_entity(dirs):
+    pipe = load_pipeline(dirs["next_x"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.entity == "subsample" and pipe.layout.num_entities == 4
+    out = pipe(prompt=["a red circle", "two green stars"], num_inference_steps=3, output_type="pt",
+               generator=generators_from_seed(0, 2))
+    assert out.nfe == 4 and out.model_evals == 1 + 4 * 3 + 3  # prompt, 3 Euler steps per entity, 3 cache writes
+    # the default guidance ramps over entities (xAR): a constant schedule gives other latents
+    const = pipe(prompt=["a red circle", "two green stars"], num_inference_steps=3, output_type="pt",
+                 cfg_schedule="constant", generator=generators_from_seed(0, 2))
+    assert not torch.equal(out.tokens, const.tokens)
+
+
 def test_next_scale_pipeline_arguments(dirs):
     """(The ramp's values are tested on the logits in test_next_scale.py.)"""
     pipe = load_pipeline(dirs["next_scale"])
@@ -146,7 +171,8 @@ def test_next_scale_pipeline_arguments(dirs):
 
 @pytest.mark.parametrize("kind, extra", [("next_scale", ["--cfg-schedule", "linear", "--top-k", "8"]),
                                          ("flow_head", ["--steps", "3", "--flow-sampler", "heun"]),
-                                         ("flowar", ["--steps", "3", "--cfg-schedule", "constant"])])
+                                         ("flowar", ["--steps", "3", "--cfg-schedule", "constant"]),
+                                         ("next_x", ["--steps", "2", "--flow-sampler", "heun"])])
 def test_cli_generate_each_paradigm(dirs, kind, extra, tmp_path, capsys):
     out = tmp_path / "img.png"
     assert cli.main(["generate", "a red circle", "--model", str(dirs[kind]), "--out", str(out), "--json", *extra]) == 0
@@ -161,6 +187,7 @@ def test_cli_generate_each_paradigm(dirs, kind, extra, tmp_path, capsys):
     ("flow_head", ["--top-k", "5"], "--top-k does not apply to RasterFlowPipeline"),
     ("next_token", ["--steps", "5"], "--steps does not apply to NextTokenPipeline"),
     ("flowar", ["--steps", "0"], "--steps"),
+    ("next_x", ["--top-p", "0.9"], "--top-p does not apply to NextXPipeline"),
 ])
 def test_cli_rejects_options_of_other_paradigms(dirs, kind, args, needle, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "generate", "a red circle", "--model", str(dirs[kind]),
@@ -197,7 +224,8 @@ def test_shipped_zoo_models_generate(tmp_path):
     for name, d in zoo.items():
         pipe = load_pipeline(d)
         pipe.set_progress_bar_config(disable=True)
-        kw = {"num_inference_steps": 4} if isinstance(pipe, (RasterFlowPipeline, FlowARPipeline)) else {}
+        flow = isinstance(pipe, (RasterFlowPipeline, FlowARPipeline, NextXPipeline))
+        kw = {"num_inference_steps": 4} if flow else {}
         img = pipe(prompt="a red circle above a blue square", generator=generators_from_seed(0, 1), **kw).images[0]
         assert img.size == (64, 64) and len(img.getcolors(maxcolors=4096) or range(4097)) > 10, name
 

@@ -1,5 +1,5 @@
 """The training scripts for the scale-wise and continuous paradigms: a multi-scale VQGAN and an AutoencoderKL
-trained by train_tokenizer.py, then next_scale / flow_head / flowar decoders by train_generator.py; losses fall,
+trained by train_tokenizer.py, then next_scale / flow_head / flowar / next_x decoders by train_generator.py; losses fall,
 runs resume, and the saved pipelines generate from the CLI."""
 
 import json
@@ -49,7 +49,7 @@ def test_tokenizer_runs_save_their_kind(tokenizers):
 
 
 @pytest.mark.parametrize("paradigm, tok, nfe", [("next_scale", "msvq", 4), ("flow_head", "vae", 64),
-                                                ("flowar", "vae", 4)])
+                                                ("flowar", "vae", 4), ("next_x", "vae", 4)])
 def test_generator_trains_resumes_and_generates(tokenizers, tmp_path, paradigm, tok, nfe):
     gen = [*GEN, f"paradigm={paradigm}", f"tokenizer={tokenizers / tok / 'final'}", f"train.out_dir={tmp_path}",
            "train.ckpt_every=15"]

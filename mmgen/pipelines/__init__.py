@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 from mmgen.pipelines.base import ARPipelineOutput
-from mmgen.pipelines.flow import FlowARPipeline, RasterFlowPipeline
+from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.pipelines.next_scale import NextScalePipeline
 from mmgen.pipelines.next_token import NextTokenPipeline
 
-PIPELINES = {cls.__name__: cls for cls in (NextTokenPipeline, NextScalePipeline, RasterFlowPipeline, FlowARPipeline)}
+PIPELINES = {cls.__name__: cls for cls in (NextTokenPipeline, NextScalePipeline, RasterFlowPipeline, FlowARPipeline,
+                                                  NextXPipeline)}
 
 
 def load_pipeline(model_dir: str | Path):
@@ -27,5 +28,5 @@ def load_pipeline(model_dir: str | Path):
     return PIPELINES[name].from_pretrained(str(model_dir))
 
 
-__all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "PIPELINES",
-           "RasterFlowPipeline", "load_pipeline"]
+__all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "NextXPipeline",
+           "PIPELINES", "RasterFlowPipeline", "load_pipeline"]

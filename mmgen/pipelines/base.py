@@ -22,6 +22,7 @@ class ARPipelineOutput(BaseOutput):
     nfe: int  # batched forward passes of the decoder (the prompt pass included)
     step_compression: float = 1.0  # image tokens / nfe (plain AR: 1)
     mean_accepted_length: float = 1.0  # tokens committed per pass, averaged over images (plain AR: 1)
+    model_evals: int | None = None  # every decoder evaluation, where the decoder also integrates a flow (xAR)
 
 
 def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:

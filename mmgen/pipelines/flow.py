@@ -4,8 +4,10 @@
   integrated by the per-token flow head.
 - `FlowARPipeline`: FlowAR (Ren et al., 2024): one decoder pass per scale, each scale integrated by the
   Spatial-adaLN flow module.
+- `NextXPipeline`: xAR (Ren et al., 2025): one AR step per entity (token, cell, subsample, scale or image, from
+  the transformer's saved config), each entity integrated by the decoder itself.
 
-Both hold a diffusers `AutoencoderKL` as the continuous tokenizer (latents scaled by its `scaling_factor`).
+All hold a diffusers `AutoencoderKL` as the continuous tokenizer (latents scaled by its `scaling_factor`).
 The visible loop: tokenize prompts, sample latents with the paradigm, decode with the VAE.
 """
 
@@ -16,7 +18,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedTokenizerFast
 
-from mmgen.paradigms import flow_head, flowar
+from mmgen.paradigms import flow_head, flowar, next_x
 from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
 from mmgen.sampling.flow import FLOW_SAMPLERS
 from mmgen.sampling.logits import CFG_SCHEDULES, validate_sampling_args
@@ -25,7 +27,7 @@ from tokenizers_vis.vae import decode_latents, latent_channels, vae_grid
 
 
 class _LatentFlowPipeline(DiffusionPipeline):
-    """The loop both flow pipelines share; a subclass names its paradigm module and builds its layout."""
+    """The loop the flow pipelines share; a subclass names its paradigm module and builds its layout."""
 
     paradigm = None
     default_cfg_schedule = "constant"
@@ -60,10 +62,11 @@ class _LatentFlowPipeline(DiffusionPipeline):
     ):
         """Generate images for `prompt`.
 
-        num_inference_steps: flow ODE steps per token (raster) or per scale (FlowAR); flow_sampler: "euler" or
-        "heun"; temperature scales the initial noise; guidance acts on the velocity, constant or ramped
-        linearly over tokens / scales (`cfg_schedule`; FlowAR defaults to "linear"). `tokens` in the output are
-        the sampled latents (N, C, h, w)."""
+        num_inference_steps: flow ODE steps per token (raster), per scale (FlowAR) or per entity (xAR);
+        flow_sampler: "euler" or "heun"; temperature scales the initial noise; guidance acts on the velocity,
+        constant or ramped linearly over tokens / scales / entities (`cfg_schedule`; FlowAR and xAR default to
+        "linear"). `tokens` in the output are the sampled latents (N, C, h, w); `nfe` counts AR steps and
+        `model_evals` every decoder evaluation where the decoder integrates the flow itself (xAR)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         validate_sampling_args(guidance_scale, temperature)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -77,7 +80,7 @@ class _LatentFlowPipeline(DiffusionPipeline):
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
         with self.progress_bar(total=self._steps_per_image()) as bar:
-            latents, nfe = self.paradigm.generate(self.transformer, self.layout, text_ids,
+            latents, nfe, *evals = self.paradigm.generate(self.transformer, self.layout, text_ids,
                                                   guidance_scale=guidance_scale, steps=num_inference_steps,
                                                   method=flow_sampler, temperature=temperature, generators=gens,
                                                   cfg_schedule=cfg_schedule, callback=lambda i: bar.update())
@@ -88,7 +91,7 @@ class _LatentFlowPipeline(DiffusionPipeline):
         if not return_dict:
             return images, latents, nfe
         return ARPipelineOutput(images=images, tokens=latents, nfe=nfe, step_compression=compression,
-                                mean_accepted_length=compression)
+                                mean_accepted_length=compression, model_evals=evals[0] if evals else None)
 
 
 class RasterFlowPipeline(_LatentFlowPipeline):
@@ -114,3 +117,18 @@ class FlowARPipeline(_LatentFlowPipeline):
 
     def _steps_per_image(self):
         return len(self.layout.scales)
+
+
+class NextXPipeline(_LatentFlowPipeline):
+    paradigm = next_x
+    default_cfg_schedule = "linear"  # xAR ramps guidance over entities
+
+    def _layout(self, max_text_len):
+        cfg = self.transformer.config
+        if cfg.grid_side != vae_grid(self.vae)[0]:
+            raise ValueError(f"the transformer's latent side {cfg.grid_side} differs from the VAE grid {vae_grid(self.vae)}")
+        return next_x.NextXLayout(self.vocab, max_text_len, next_x.Entities(cfg.entity, cfg.grid_side, cfg.entity_size),
+                                  cfg.token_dim)
+
+    def _steps_per_image(self):
+        return self.layout.num_entities
