@@ -146,7 +146,8 @@ def cmd_bench(args) -> dict:
     return bench.run(suites, model_dir=args.model, progress=not args.json, batch_sizes=batch_sizes,
                      window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
                      watermark_images=args.watermark_images, eval_split=args.eval_split, device=args.device,
-                     models=models, paradigm_eval_per_category=args.paradigm_eval_per_category)
+                     models=models, paradigm_eval_per_category=args.paradigm_eval_per_category,
+                     shuffle_windows=tuple(args.shuffle_windows), shuffle_grid=args.shuffle_grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
                        description="Benchmarks (see mmgen/bench.py): each figure is a ratio against a baseline run "
                                    "in the same process.")
-    b.add_argument("--suite", action="append", choices=("sjd", "watermark", "paradigms"),
+    b.add_argument("--suite", action="append", choices=("sjd", "watermark", "paradigms", "shuffle"),
                    help="suite to run (repeatable; default: all)")
     b.add_argument("--model", default=str(DEFAULT_MODEL), help="saved pipeline directory (default: shipped model)")
     b.add_argument("--batch-sizes", type=_positive_int("--batch-sizes"), nargs="+", default=[1, 8],
@@ -216,9 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eval-split", choices=("train", "heldout"), default="train",
                    help="prompt split for the compositional accuracy column")
     b.add_argument("--models", nargs="+", metavar="NAME=DIR", default=None,
-                   help="paradigms suite: models to compare with the --model baseline (default: the shipped zoo)")
+                   help="paradigms suite: models to compare with the --model baseline (default: the shipped zoo); "
+                        "shuffle suite: trained models (e.g. s=1, 2, 4) to compare the same way (default: none)")
     b.add_argument("--paradigm-eval-per-category", type=int, default=0, metavar="N",
-                   help="paradigms suite: also compositional accuracy on N prompts per category (default 0: off)")
+                   help="paradigms and shuffle suites: also compositional accuracy on N prompts per category "
+                        "(default 0: off)")
+    b.add_argument("--shuffle-windows", type=_positive_int("--shuffle-windows"), nargs="+", default=[1, 2, 4],
+                   help="shuffle suite: Token-Shuffle windows s to compare (1, the baseline, is always run)")
+    b.add_argument("--shuffle-grid", type=_positive_int("--shuffle-grid"), default=16,
+                   help="shuffle suite: side of the token grid, the same for every s (must divide by each s)")
     b.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench)

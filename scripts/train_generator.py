@@ -4,11 +4,13 @@
     python scripts/train_generator.py --config configs/next_scale_shapes.yaml   # paradigm: next_scale (VAR)
     python scripts/train_generator.py --config configs/flow_head_shapes.yaml    # paradigm: flow_head (MAR-style)
     python scripts/train_generator.py --config configs/flowar_shapes.yaml       # paradigm: flowar
+    python scripts/train_generator.py --config configs/next_x_shapes.yaml flow.entity=cell   # paradigm: next_x (xAR)
     accelerate launch scripts/train_generator.py --config configs/generator_shapes.yaml
 
 `paradigm` picks the tokenizer kind that `tokenizer` must point at and the decoder: next_token (VQGAN codes,
 raster), next_scale (MultiScaleVQGAN codes, one pass per scale), flow_head (AutoencoderKL latents, raster with a
-per-token flow-matching head), flowar (AutoencoderKL latent pyramid, per-scale flow module).
+per-token flow-matching head), flowar (AutoencoderKL latent pyramid, per-scale flow module), next_x (AutoencoderKL
+latents grouped into `flow.entity` entities, the decoder regresses each entity by flow matching, xAR).
 
 Steps: train the word-level text tokenizer on the captions, encode every training image once with the frozen
 tokenizer (cached under the run directory), then the usual loop. Checkpoints every `train.ckpt_every` steps
@@ -36,9 +38,10 @@ from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.losses import resample_patches
 from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmgen.config import load_config
+from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
-from mmgen.paradigms import flow_head, flowar, next_scale, next_token
-from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextTokenPipeline, RasterFlowPipeline
+from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
+from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.text import UnifiedVocab, encode_prompts, train_text_tokenizer
 from mmgen.train_utils import DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, write_json_atomic
 from tokenizers_vis.multiscale import MultiScaleVQGAN
@@ -51,6 +54,7 @@ PARADIGMS = {
     "next_scale": (MultiScaleVQGAN, NextScalePipeline),
     "flow_head": (AutoencoderKL, RasterFlowPipeline),
     "flowar": (AutoencoderKL, FlowARPipeline),
+    "next_x": (AutoencoderKL, NextXPipeline),
 }
 ALIGNABLE = ("next_token", "next_scale")
 
@@ -63,6 +67,7 @@ class ModelConfig:
     n_kv_heads: int | None = None
     mlp_hidden: int | None = None
     rope_2d: bool = True  # next_token and flow_head (scale-wise paradigms place tokens by their own rule)
+    shuffle_window: int = 1  # next_token: Token-Shuffle window s (s x s codes per position); 1 = plain raster
 
 
 @dataclass
@@ -76,6 +81,8 @@ class FlowConfig:
     flow_depth: int = 2
     flow_heads: int = 4
     scales: tuple | None = None  # flowar: doubling scales ending at the latent grid side; default 1, 2, 4, ..., G
+    entity: str = "cell"  # next_x: token | cell | subsample | scale | image
+    entity_size: int = 0  # next_x: cell side or subsample stride; 0 = default (half the latent side, stride 2)
 
 
 @dataclass
@@ -97,7 +104,7 @@ class TrainConfig:
 
 @dataclass
 class GeneratorRunConfig:
-    paradigm: str = "next_token"  # next_token | next_scale | flow_head | flowar
+    paradigm: str = "next_token"  # next_token | next_scale | flow_head | flowar | next_x
     tokenizer: str = "runs/vqgan/final"  # a saved tokenizer directory of the paradigm's kind
     max_text_len: int = 24
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,7 +176,8 @@ def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int 
     return codes
 
 
-PARADIGM_MODULES = {"next_token": next_token, "next_scale": next_scale, "flow_head": flow_head, "flowar": flowar}
+PARADIGM_MODULES = {"next_token": next_token, "next_scale": next_scale, "flow_head": flow_head, "flowar": flowar,
+                    "next_x": next_x}
 
 
 def build_decoder(cfg: GeneratorRunConfig, tok, text_vocab_size: int):
@@ -178,6 +186,11 @@ def build_decoder(cfg: GeneratorRunConfig, tok, text_vocab_size: int):
     backbone = dict(dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, mlp_hidden=m.mlp_hidden)
     if cfg.paradigm == "next_token":
         vocab = UnifiedVocab(text_vocab_size=text_vocab_size, image_vocab_size=tok.vocab_size)
+        if m.shuffle_window != 1:
+            layout = token_shuffle.TokenShuffleLayout.for_tokens(vocab, cfg.max_text_len, tuple(tok.grid_size),
+                                                                 m.shuffle_window, rope_2d=m.rope_2d)
+            return layout, TokenShuffleTransformer(vocab.size, tok.vocab_size, shuffle_window=m.shuffle_window,
+                                                   max_seq_len=layout.seq_len, rope_2d=m.rope_2d, **backbone)
         layout = next_token.NextTokenLayout(vocab, cfg.max_text_len, tuple(tok.grid_size), rope_2d=m.rope_2d)
         return layout, Transformer(vocab_size=vocab.size, max_seq_len=layout.seq_len, rope_2d=m.rope_2d, **backbone)
     if cfg.paradigm == "next_scale":
@@ -192,6 +205,12 @@ def build_decoder(cfg: GeneratorRunConfig, tok, text_vocab_size: int):
         return layout, flow_head.RasterFlowModel(vocab_size=vocab.size, token_dim=C, max_seq_len=layout.seq_len,
                                                  rope_2d=m.rope_2d, head_width=f.head_width,
                                                  head_depth=f.head_depth, **backbone)
+    if cfg.paradigm == "next_x":
+        if G != vae_grid(tok)[1]:
+            raise ValueError(f"next_x needs a square latent grid, got {vae_grid(tok)}")
+        layout = next_x.NextXLayout(vocab, cfg.max_text_len, next_x.Entities(f.entity, G, f.entity_size), C)
+        return layout, next_x.NextXModel(vocab_size=vocab.size, token_dim=C, grid_side=G, entity=f.entity,
+                                         entity_size=layout.entities.size, max_seq_len=layout.seq_len, **backbone)
     scales = tuple(f.scales) if f.scales else tuple(2 ** i for i in range(G.bit_length()) if 2 ** i <= G)
     layout = flowar.FlowARLayout(vocab, cfg.max_text_len, scales, C)
     return layout, flowar.FlowARModel(vocab_size=vocab.size, token_dim=C, scales=list(scales),
@@ -201,6 +220,8 @@ def build_decoder(cfg: GeneratorRunConfig, tok, text_vocab_size: int):
 
 def build_batch(cfg: GeneratorRunConfig, layout, tok, text_ids, codes):
     drop = cfg.train.cond_drop_prob
+    if isinstance(layout, token_shuffle.TokenShuffleLayout):
+        return token_shuffle.build_batch(layout, text_ids, codes, cond_drop_prob=drop)
     if cfg.paradigm == "next_token":
         return next_token.build_batch(layout, text_ids, codes, cond_drop_prob=drop)
     if cfg.paradigm == "next_scale":
@@ -209,6 +230,8 @@ def build_batch(cfg: GeneratorRunConfig, layout, tok, text_ids, codes):
 
 
 def paradigm_loss(cfg: GeneratorRunConfig, model, batch, layout):
+    if isinstance(layout, token_shuffle.TokenShuffleLayout):
+        return token_shuffle.loss_fn(model, batch, layout)
     if cfg.paradigm == "next_token":
         return next_token.loss_fn(model, batch)
     if cfg.paradigm == "flow_head":
@@ -250,12 +273,19 @@ def main(argv=None):
             tokenizer.save_pretrained(tok_dir)
     text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
 
-    key = hashlib.sha256(json.dumps([asdict(cfg.data), cfg.tokenizer, cfg.paradigm]).encode()).hexdigest()
+    encoding = cfg.paradigm if cfg.paradigm in ("next_token", "next_scale") else "latents"  # continuous ones share
+    key = hashlib.sha256(json.dumps([asdict(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
     codes = encode_dataset(lambda imgs: encode_images(cfg.paradigm, vq, imgs.to(accelerator.device)), dataset,
                            out / "codes.safetensors", key)
     layout, model = build_decoder(cfg, vq, len(tokenizer))
     align = cfg.alignment
     align.validate(cfg.model.n_layers)
+    if cfg.model.shuffle_window != 1 and cfg.paradigm != "next_token":
+        raise ValueError(f"model.shuffle_window={cfg.model.shuffle_window} needs paradigm next_token; "
+                         f"paradigm is {cfg.paradigm!r}")
+    if align.type != "none" and cfg.model.shuffle_window != 1:
+        raise ValueError(f"alignment.type={align.type!r} is not available with model.shuffle_window="
+                         f"{cfg.model.shuffle_window} (one hidden state covers s x s tokens)")
     if align.type != "none" and cfg.paradigm not in ALIGNABLE:
         raise ValueError(f"alignment.type={align.type!r} needs a discrete paradigm ({', '.join(ALIGNABLE)}); "
                          f"paradigm is {cfg.paradigm!r}")

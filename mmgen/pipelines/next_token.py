@@ -1,8 +1,10 @@
 """Text-to-image by raster next-token prediction (LlamaGen / Lumina-mGPT style), as a diffusers pipeline.
 
-Components: a text tokenizer (`transformers`), the decoder `Transformer`, and a `VQGAN` visual tokenizer.
-The pipeline owns the visible loop: tokenize prompts, sample image codes with `paradigms.next_token`,
-decode them to pixels, return PIL images.
+Components: a text tokenizer (`transformers`), the decoder, and a `VQGAN` visual tokenizer. The decoder is
+either the plain `Transformer` (one token per pass, `paradigms.next_token`) or a `TokenShuffleTransformer`
+(Token-Shuffle, Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass, `paradigms.token_shuffle`).
+The pipeline owns the visible loop: tokenize prompts, sample image codes, decode them to pixels, return PIL
+images.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedTokenizerFast
 
+from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
-from mmgen.paradigms import next_token
+from mmgen.paradigms import next_token, token_shuffle
 from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
-from mmgen.sampling.logits import SamplingConfig
+from mmgen.sampling.logits import CFG_SCHEDULES, SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
 from mmgen.text import encode_prompts
@@ -29,15 +32,27 @@ WATERMARK_FILE = "watermark.json"
 
 
 class NextTokenPipeline(DiffusionPipeline):
-    def __init__(self, transformer: Transformer, vq_model: VQGAN, tokenizer: PreTrainedTokenizerFast,
-                 max_text_len: int = 32):
+    def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN,
+                 tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         self.register_to_config(max_text_len=max_text_len)
         self.vocab = unified_vocab(transformer, tokenizer, vq_model.vocab_size)
-        self.layout = next_token.NextTokenLayout(self.vocab, max_text_len, tuple(vq_model.grid_size),
-                                                 rope_2d=transformer.config.rope_2d)
+        grid, rope_2d = tuple(vq_model.grid_size), transformer.config.rope_2d
+        if self.shuffle:
+            if transformer.config.image_vocab_size != vq_model.vocab_size:
+                raise ValueError(f"transformer.image_vocab_size={transformer.config.image_vocab_size} differs from "
+                                 f"the tokenizer's {vq_model.vocab_size} codes")
+            self.layout = token_shuffle.TokenShuffleLayout.for_tokens(
+                self.vocab, max_text_len, grid, transformer.config.shuffle_window, rope_2d=rope_2d)
+        else:
+            self.layout = next_token.NextTokenLayout(self.vocab, max_text_len, grid, rope_2d=rope_2d)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @property
+    def shuffle(self) -> bool:
+        """True for a Token-Shuffle decoder (s x s codes per pass)."""
+        return isinstance(self.transformer, TokenShuffleTransformer)
 
     # ---- watermark ----------------------------------------------------------------------------------------
 
@@ -101,6 +116,7 @@ class NextTokenPipeline(DiffusionPipeline):
         sjd_window: int = 16,
         sjd_init: str = "random",
         watermark_key: str | None = None,
+        cfg_schedule: str = "constant",
     ):
         """Generate images for `prompt`.
 
@@ -110,10 +126,26 @@ class NextTokenPipeline(DiffusionPipeline):
         image the result does not depend on the batch size. `watermark_key`: embed the distortion-free
         watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
         `detect_watermark`.
+
+        Token-Shuffle decoders sample s x s codes per pass with sampler "ar" only (SJD verifies one token per
+        position; the watermark reweights one token's distribution per step) and take `cfg_schedule`:
+        "constant" or "linear" (guidance ramped from 1 at the first window to guidance_scale at the last).
+        Plain next-token decoders take "constant" only.
         """
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
+        if self.shuffle and sampler != "ar":
+            raise ValueError(f"sampler={sampler!r} is not available for Token-Shuffle models (speculative Jacobi "
+                             f"decoding verifies one token per position); use sampler='ar'")
+        if self.shuffle and watermark_key is not None:
+            raise ValueError("watermark_key is not available for Token-Shuffle models: the watermark reweights one "
+                             "token's distribution per step, a Token-Shuffle step samples s^2 tokens")
+        if not self.shuffle and cfg_schedule != "constant":
+            raise ValueError(f"cfg_schedule={cfg_schedule!r} needs a Token-Shuffle model; plain next-token "
+                             f"sampling takes cfg_schedule='constant'")
         cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
         sjd = SJDConfig(sjd_window, sjd_init) if sampler == "sjd" else None
         processor = None
@@ -125,7 +157,11 @@ class NextTokenPipeline(DiffusionPipeline):
 
         n_img = self.layout.num_image_tokens
         with self.progress_bar(total=n_img) as bar:
-            if sjd is None:
+            if self.shuffle:
+                codes, nfe = token_shuffle.generate(self.transformer, self.layout, text_ids, cfg, gens,
+                                                    cfg_schedule=cfg_schedule, callback=lambda j: bar.update())
+                compression = accepted = self.layout.tokens_per_step
+            elif sjd is None:
                 codes, nfe = next_token.generate(self.transformer, self.layout, text_ids, cfg, gens,
                                                  callback=lambda i: bar.update(), processor=processor)
                 compression = accepted = 1.0
