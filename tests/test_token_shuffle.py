@@ -269,12 +269,26 @@ def test_pipeline_generates_and_reloads_identically(pipes):
     ("shuffle", dict(sampler="sjd"), "sampler='sjd' is not available for Token-Shuffle models"),
     ("shuffle", dict(watermark_key="k"), "watermark_key is not available for Token-Shuffle models"),
     ("shuffle", dict(cfg_schedule="cosine"), "cfg_schedule must be one of constant, linear"),
-    ("plain", dict(cfg_schedule="linear"), "needs a Token-Shuffle model"),
+    ("plain", dict(sampler="sjd", cfg_schedule="linear"), "not available with sampler='sjd'"),
 ])
 def test_pipeline_rejects(pipes, kind, kwargs, needle):
     pipe = load_pipeline(pipes[kind])
     with pytest.raises(ValueError, match=needle):
         pipe(prompt="a red circle", **kwargs)
+
+
+def test_plain_next_token_cfg_ramp(pipes):
+    """s = 1 takes the same schedule: the ramp's first token is guided with w = 1 (the conditional logits alone),
+    later tokens with growing w, so the greedy image differs from constant guidance."""
+    pipe = load_pipeline(pipes["plain"])
+    pipe.set_progress_bar_config(disable=True)
+    greedy = dict(prompt=CAPTIONS, temperature=0, output_type="pt")
+    ramp = pipe(**greedy, guidance_scale=4.0, cfg_schedule="linear")
+    const = pipe(**greedy, guidance_scale=4.0)
+    unguided = pipe(**greedy, guidance_scale=1.0)
+    assert ramp.nfe == const.nfe == 64
+    assert torch.equal(ramp.tokens[:, 0, 0], unguided.tokens[:, 0, 0])
+    assert not torch.equal(ramp.tokens, const.tokens) and not torch.equal(ramp.tokens, unguided.tokens)
 
 
 def test_pipeline_rejects_image_vocab_mismatch(pipes):

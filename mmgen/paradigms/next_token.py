@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
+from mmgen.sampling.logits import CFG_SCHEDULES, SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
 from mmgen.text import UnifiedVocab
 
@@ -158,11 +158,13 @@ def decode_step(model: Transformer, token_B, position_B2, key_valid_BS, cache: K
     return logits[:, -1]
 
 
-def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """Restrict to image ids and apply CFG; the batch is [cond rows; uncond rows] when guidance is on."""
+def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scale: float,
+                 use_cfg: bool | None = None) -> torch.Tensor:
+    """Restrict to image ids and apply CFG; the batch is [cond rows; uncond rows] when guidance is on (`use_cfg`,
+    by default guidance_scale != 1; a ramp may pass scale 1 at its first step with the rows still doubled)."""
     off = layout.vocab.image_offset
     logits = logits_BV[:, off: off + layout.vocab.image_vocab_size].float()
-    if guidance_scale == 1.0:
+    if not (guidance_scale != 1.0 if use_cfg is None else use_cfg):
         return logits
     cond, uncond = logits.chunk(2)
     return cfg_combine(cond, uncond, guidance_scale)
@@ -171,11 +173,14 @@ def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scal
 @torch.no_grad()
 def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
              generators: Sequence[torch.Generator] | None = None, callback: Callable[[int], None] | None = None,
-             processor: Callable | None = None):
+             processor: Callable | None = None, cfg_schedule: str = "constant"):
     """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and the number of forward passes.
+    `cfg_schedule`: guidance constant, or ramped linearly from 1 at the first token to `cfg.guidance_scale`.
 
     `processor(logits (B, V), prefix (B, L), lengths (B,))` runs after the standard processors on the final
     sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`)."""
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
     B = len(text_ids)
     use_cfg = cfg.guidance_scale != 1.0
     device = model.device
@@ -191,7 +196,8 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
     for i in range(n_img):
-        logits = process_logits(image_logits(layout, logits, cfg.guidance_scale), cfg)
+        guidance = guidance_at(cfg.guidance_scale, i, n_img, cfg_schedule) if use_cfg else 1.0
+        logits = process_logits(image_logits(layout, logits, guidance, use_cfg), cfg)
         if processor is not None:
             logits = processor(logits, codes, torch.full((B,), i, dtype=torch.long))
         codes[:, i] = sample(logits, generators, greedy)

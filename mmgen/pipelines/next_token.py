@@ -127,10 +127,10 @@ class NextTokenPipeline(DiffusionPipeline):
         watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
         `detect_watermark`.
 
-        Token-Shuffle decoders sample s x s codes per pass with sampler "ar" only (SJD verifies one token per
-        position; the watermark reweights one token's distribution per step) and take `cfg_schedule`:
-        "constant" or "linear" (guidance ramped from 1 at the first window to guidance_scale at the last).
-        Plain next-token decoders take "constant" only.
+        cfg_schedule: "constant" or "linear" (guidance ramped from 1 at the first token / window to
+        guidance_scale at the last; sampler "ar" only). Token-Shuffle decoders sample s x s codes per pass with
+        sampler "ar" only (SJD verifies one token per position; the watermark reweights one token's
+        distribution per step).
         """
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         if sampler not in SAMPLERS:
@@ -143,9 +143,9 @@ class NextTokenPipeline(DiffusionPipeline):
         if self.shuffle and watermark_key is not None:
             raise ValueError("watermark_key is not available for Token-Shuffle models: the watermark reweights one "
                              "token's distribution per step, a Token-Shuffle step samples s^2 tokens")
-        if not self.shuffle and cfg_schedule != "constant":
-            raise ValueError(f"cfg_schedule={cfg_schedule!r} needs a Token-Shuffle model; plain next-token "
-                             f"sampling takes cfg_schedule='constant'")
+        if sampler == "sjd" and cfg_schedule != "constant":
+            raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
+                             f"spans many positions); use cfg_schedule='constant'")
         cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
         sjd = SJDConfig(sjd_window, sjd_init) if sampler == "sjd" else None
         processor = None
@@ -163,7 +163,8 @@ class NextTokenPipeline(DiffusionPipeline):
                 compression = accepted = self.layout.tokens_per_step
             elif sjd is None:
                 codes, nfe = next_token.generate(self.transformer, self.layout, text_ids, cfg, gens,
-                                                 callback=lambda i: bar.update(), processor=processor)
+                                                 callback=lambda i: bar.update(), processor=processor,
+                                                 cfg_schedule=cfg_schedule)
                 compression = accepted = 1.0
             else:
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, cfg, sjd, gens,
