@@ -212,6 +212,8 @@ def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8
             outs, seconds = _timed(call, repeats)
             base_seconds.setdefault(b, seconds)  # the baseline runs first
             row["nfe_per_image"] = outs[0].nfe
+            if getattr(outs[0], "model_evals", None) is not None:  # xAR: the decoder also integrates the flow
+                row["model_evals_per_image"] = outs[0].model_evals
             row["latency"][f"batch_{b}"] = {"seconds_per_call": round(seconds, 4),
                                             "latency_ratio": round(seconds / base_seconds[b], 3),
                                             "speedup": round(base_seconds[b] / seconds, 3)}

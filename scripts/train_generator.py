@@ -45,16 +45,17 @@ from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextTokenPipeline
 from mmgen.text import UnifiedVocab, encode_prompts, train_text_tokenizer
 from mmgen.train_utils import DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, write_json_atomic
 from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import encode_latents, latent_channels, vae_grid
 from tokenizers_vis.vqgan import VQGAN
 
-# paradigm -> (tokenizer class, pipeline class)
+# paradigm -> (tokenizer classes it takes, pipeline class); next_token reads VQGAN grids or SEED's 1-D causal codes
 PARADIGMS = {
-    "next_token": (VQGAN, NextTokenPipeline),
-    "next_scale": (MultiScaleVQGAN, NextScalePipeline),
-    "flow_head": (AutoencoderKL, RasterFlowPipeline),
-    "flowar": (AutoencoderKL, FlowARPipeline),
-    "next_x": (AutoencoderKL, NextXPipeline),
+    "next_token": ((VQGAN, SEEDTokenizer), NextTokenPipeline),
+    "next_scale": ((MultiScaleVQGAN,), NextScalePipeline),
+    "flow_head": ((AutoencoderKL,), RasterFlowPipeline),
+    "flowar": ((AutoencoderKL,), FlowARPipeline),
+    "next_x": ((AutoencoderKL,), NextXPipeline),
 }
 ALIGNABLE = ("next_token", "next_scale")
 
@@ -239,6 +240,20 @@ def paradigm_loss(cfg: GeneratorRunConfig, model, batch, layout):
     return PARADIGM_MODULES[cfg.paradigm].loss_fn(model, batch, layout)
 
 
+def load_tokenizer_class(paradigm: str, directory: str):
+    """The class of the saved tokenizer in `directory` (its config's `_class_name`), checked against the paradigm."""
+    accepted = PARADIGMS[paradigm][0]
+    names = " or ".join(c.__name__ for c in accepted)
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"tokenizer {directory!r} is not a saved tokenizer directory (a saved {names})")
+    name = json.loads(config.read_text()).get("_class_name")
+    for cls in accepted:
+        if cls.__name__ == name:
+            return cls
+    raise ValueError(f"paradigm {paradigm!r} needs tokenizer class {names}; {directory!r} holds {name}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
@@ -253,9 +268,7 @@ def main(argv=None):
 
     if cfg.paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {', '.join(PARADIGMS)}; got {cfg.paradigm!r}")
-    tok_cls, pipe_cls = PARADIGMS[cfg.paradigm]
-    if not Path(cfg.tokenizer).is_dir():
-        raise FileNotFoundError(f"tokenizer {cfg.tokenizer!r} is not a directory (a saved {tok_cls.__name__})")
+    tok_cls, pipe_cls = load_tokenizer_class(cfg.paradigm, cfg.tokenizer), PARADIGMS[cfg.paradigm][1]
     vq = tok_cls.from_pretrained(cfg.tokenizer).eval().requires_grad_(False).to(accelerator.device)
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \

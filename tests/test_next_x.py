@@ -3,7 +3,6 @@ sampling with one AR step per entity, save/load."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mmgen.paradigms.next_x import (ENTITY_KINDS, Entities, NextXLayout, NextXModel, build_batch, generate,
                                     loss_fn)

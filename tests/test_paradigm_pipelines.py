@@ -210,6 +210,8 @@ def test_bench_paradigms_ratios(dirs):
         lat = row["latency"]["batch_1"]
         assert lat["speedup"] * lat["latency_ratio"] == pytest.approx(1.0, abs=0.01)
         assert row["accuracy"]["n"] == 4 and 0 <= row["accuracy"]["accuracy"] <= 1
+    # xAR's decoder integrates each entity's flow itself: prompt + 4 entities x 25 Euler steps + 3 cache writes
+    assert rows["next_x"]["model_evals_per_image"] == 1 + 4 * 25 + 3 and "model_evals_per_image" not in rows["flowar"]
     with pytest.raises(ValueError, match="baseline"):
         bench.bench_paradigms(models, baseline=dirs["flowar"], batch_sizes=(1,), repeats=1, progress=False)
 

@@ -75,6 +75,14 @@ def test_alignment_rejected_for_continuous_paradigm(tokenizers, tmp_path):
     assert proc.returncode != 0 and "needs a discrete paradigm" in proc.stderr
 
 
+def test_tokenizer_of_another_paradigm_is_rejected(tokenizers, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), *GEN, "paradigm=flowar",
+                           f"tokenizer={tokenizers / 'msvq' / 'final'}", f"train.out_dir={tmp_path}"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "paradigm 'flowar' needs tokenizer class AutoencoderKL" in proc.stderr and "MultiScaleVQGAN" in proc.stderr
+
+
 def test_unknown_paradigm_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "paradigm=diffusion",
                            f"train.out_dir={tmp_path}"], capture_output=True, text=True)

@@ -89,7 +89,8 @@ class Entities:
         else:
             self.size = 1
         if self.kind == "scale" and G & (G - 1):
-            raise ValueError(f"entity 'scale' needs a latent side that is a power of two (scales 1, 2, 4, ...), got {G}")
+            raise ValueError(f"entity 'scale' needs a latent side that is a power of two (scales 1, 2, 4, ...), "
+                             f"got {G}")
 
     @property
     def scales(self) -> tuple[int, ...]:

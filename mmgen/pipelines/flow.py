@@ -126,9 +126,10 @@ class NextXPipeline(_LatentFlowPipeline):
     def _layout(self, max_text_len):
         cfg = self.transformer.config
         if cfg.grid_side != vae_grid(self.vae)[0]:
-            raise ValueError(f"the transformer's latent side {cfg.grid_side} differs from the VAE grid {vae_grid(self.vae)}")
-        return next_x.NextXLayout(self.vocab, max_text_len, next_x.Entities(cfg.entity, cfg.grid_side, cfg.entity_size),
-                                  cfg.token_dim)
+            raise ValueError(f"the transformer's latent side {cfg.grid_side} differs from the VAE grid "
+                             f"{vae_grid(self.vae)}")
+        entities = next_x.Entities(cfg.entity, cfg.grid_side, cfg.entity_size)
+        return next_x.NextXLayout(self.vocab, max_text_len, entities, cfg.token_dim)
 
     def _steps_per_image(self):
         return self.layout.num_entities

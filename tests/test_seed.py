@@ -1,0 +1,271 @@
+"""SEED-style 1D causal tokenizer (tokenizers_vis/seed.py): ids and shapes, causality at both ends, the two
+training stages on tiny overfit runs, save/load, the training script (both stages, resume) and next-token
+generation with SEED tokens."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from mmgen.data.shapes import ShapesDataset
+from mmgen.models.transformer import Transformer
+from mmgen.pipelines import NextTokenPipeline, load_pipeline
+from mmgen.text import UnifiedVocab, encode_prompts, train_text_tokenizer
+from tokenizers_vis.seed import (SEEDTextEncoder, SEEDTokenizer, contrastive_loss, pad_text,
+                                 random_prefix_lengths)
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 8  # tokens per image in the tiny models
+TINY = dict(image_size=32, num_queries=N, dim=32, heads=2, qformer_layers=2, proj_dim=16, num_codes=16, code_dim=4,
+            embed_decoder_layers=1, decoder_layers=1, decoder_base_channels=8, decoder_channel_mult=(1, 2, 2))
+
+
+def tiny(**kw) -> SEEDTokenizer:
+    torch.manual_seed(0)
+    return SEEDTokenizer(**{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def data():
+    ds = ShapesDataset(size=8, seed=0, image_size=32)
+    items = [ds[i] for i in range(8)]
+    return torch.stack([it["image"] for it in items]), [it["caption"] for it in items]
+
+
+def test_ids_shapes_and_errors(data):
+    images, _ = data
+    m = tiny().eval()
+    assert m.grid_size == (1, N) and m.vocab_size == 16 and m.num_tokens == N
+    ids = m.encode(images)
+    assert ids.shape == (8, 1, N) and ids.dtype == torch.long and 0 <= int(ids.min()) and int(ids.max()) < 16
+    out = m.decode(ids)
+    assert out.shape == (8, 3, 32, 32) and out.abs().max() <= 1
+    assert torch.equal(m.decode(ids[:, 0]), out)  # (B, N) and (B, 1, N) are the same ids
+    assert m.quantizer.codebook.shape == (16, 4)
+    with pytest.raises(ValueError, match="decode_prefix"):
+        m.decode(ids[..., :3])
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 3\]"):
+        m.decode_prefix(ids[..., :3], 4)
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        m.encode(images * 255)
+    with pytest.raises(ValueError, match="images must be a float tensor"):
+        m.encode(images[:, :, :16])
+    with pytest.raises(ValueError, match="backbone_taps"):
+        SEEDTokenizer(backbone_taps=(10, 4))
+    with pytest.raises(ValueError, match="heads"):
+        SEEDTokenizer(dim=30, heads=4)
+
+
+def test_later_queries_never_change_earlier_codes(data):
+    """The Q-Former's query mask is causal: moving the learned queries j >= 4 moves later codes, never the
+    codes (or embeddings) before them, and embedding i has zero gradient from queries after i."""
+    images, _ = data
+    m = tiny().eval()
+    emb, ids = m.query_embeddings(images).detach(), m.encode(images)
+    with torch.no_grad():
+        m.qformer.queries[4:] += 3 * torch.randn(N - 4, 32, generator=torch.Generator().manual_seed(1))
+    emb2, ids2 = m.query_embeddings(images).detach(), m.encode(images)
+    assert torch.equal(ids2[..., :4], ids[..., :4]) and torch.equal(emb2[:, :4], emb[:, :4])
+    assert not torch.equal(ids2[..., 4:], ids[..., 4:])  # the perturbation did reach the later tokens
+
+    q, w = m.qformer.queries, torch.randn(32, generator=torch.Generator().manual_seed(2))
+    for i in range(N):
+        # a random projection: a plain sum of a LayerNorm output is constant, its gradient always zero
+        (g,) = torch.autograd.grad((m.query_embeddings(images[:2])[:, i] @ w).sum(), q)
+        seen = g.abs().sum(1) > 0  # (N,) which queries row i depends on
+        assert seen.tolist() == [j <= i for j in range(N)]
+
+
+def test_prefix_decoding_reads_only_the_prefix(data):
+    images, _ = data
+    m = tiny().eval()
+    ids = m.encode(images)
+    other = ids.clone()
+    other[..., 3:] = (other[..., 3:] + 5) % 16
+    with torch.no_grad():
+        # the embedding decoder is causal: a changed tail leaves earlier embeddings alone
+        torch.testing.assert_close(m.embeddings_from_ids(other)[:, :3], m.embeddings_from_ids(ids)[:, :3])
+        torch.testing.assert_close(m.embeddings_from_ids(ids[..., :3]), m.embeddings_from_ids(ids)[:, :3])
+        assert torch.equal(m.decode_prefix(other, 3), m.decode_prefix(ids, 3))
+        assert not torch.equal(m.decode_prefix(ids, 1), m.decode_prefix(ids, N))
+        # training hides later embeddings with a per-image key mask: the same as decoding the truncated prefix
+        emb = m.embeddings_from_ids(ids)
+        k = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
+        masked = m.pixel_decoder(emb, k)
+        for b in range(8):
+            torch.testing.assert_close(masked[b].clamp(-1, 1), m.decode_prefix(ids[b:b + 1], int(k[b]))[0],
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_random_prefix_lengths():
+    k = random_prefix_lengths(4000, 32, 0.5, torch.Generator().manual_seed(0))
+    assert int(k.min()) == 1 and int(k.max()) == 32
+    full = (k == 32).float().mean().item()
+    assert abs(full - (0.5 + 0.5 / 32)) < 0.03  # P(k = N) = p + (1 - p) / N
+    assert torch.equal(k, random_prefix_lengths(4000, 32, 0.5, torch.Generator().manual_seed(0)))
+
+
+def test_stage1_contrastive_loss_falls(data):
+    images, captions = data
+    m = tiny()
+    tok = train_text_tokenizer(captions)
+    ids = pad_text(encode_prompts(tok, captions, 16), 16)
+    same = (ids[:, None] == ids[None]).all(-1)
+    torch.manual_seed(0)
+    text = SEEDTextEncoder(len(tok), max_len=16, dim=32, n_layers=1, n_heads=2, proj_dim=16)
+    opt = torch.optim.Adam(list(m.qformer.parameters()) + list(m.image_proj.parameters()) + list(text.parameters()),
+                           lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = contrastive_loss(m.image_embedding(images), text(ids), text.logit_scale, same)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+    with torch.no_grad():
+        sim = m.image_embedding(images) @ text(ids).t()
+    assert same[torch.arange(8), sim.argmax(1)].all()  # every image retrieves its own caption
+
+
+def test_stage2_reconstruction_loss_falls(data):
+    images, _ = data
+    m = tiny()
+    m.requires_grad_(False)
+    parts = [m.encode_head, m.quantizer, m.embed_decoder, m.pixel_decoder]
+    for p in parts:
+        p.requires_grad_(True)
+    qformer = {k: v.clone() for k, v in m.qformer.state_dict().items()}
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
+    rec, emb = [], []
+    for step in range(40):
+        out = m(images, random_prefix_lengths(8, N, 0.5, torch.Generator().manual_seed(step)))
+        r = F.l1_loss(out.recon, images) + F.mse_loss(out.recon, images)
+        loss = r + out.embed_loss + out.quant_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec.append(r.item())
+        emb.append(out.embed_loss.item())
+    assert sum(rec[-5:]) / 5 < 0.5 * rec[0], rec
+    assert sum(emb[-5:]) / 5 < 0.5 * emb[0], emb
+    assert all(torch.equal(v, m.qformer.state_dict()[k]) for k, v in qformer.items())  # frozen stays put
+
+
+def test_save_load_bit_identical_without_backbone(data, tmp_path):
+    images, _ = data
+    m = tiny()
+    m.train()
+    m(images)  # the first training forward restarts codes: the state differs from a fresh init
+    m.eval()
+    m.save_pretrained(tmp_path / "seed")
+    keys = load_file(tmp_path / "seed" / "diffusion_pytorch_model.safetensors").keys()
+    assert not any("backbone" in k or k.startswith("_") for k in keys)
+    assert (tmp_path / "seed" / "diffusion_pytorch_model.safetensors").stat().st_size < 2_000_000  # no 4.6M-param net
+    again = SEEDTokenizer.from_pretrained(tmp_path / "seed").eval()
+    assert again.config.backbone_taps == (4, 10) and again.config.decoder_channel_mult == (1, 2, 2)
+    sd, sd2 = m.state_dict(), again.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    ids = m.encode(images)
+    assert torch.equal(again.encode(images), ids)
+    with torch.no_grad():
+        assert torch.equal(again.decode(ids), m.decode(ids))
+
+    text = SEEDTextEncoder(20, max_len=8, dim=32, n_layers=1, n_heads=2, proj_dim=16)
+    text.save_pretrained(tmp_path / "text")
+    t = torch.tensor([[3, 4, 5, 0], [6, 0, 0, 0]])
+    assert torch.equal(SEEDTextEncoder.from_pretrained(tmp_path / "text")(t), text(t))
+
+
+TOK = ["model_type=seed", "model.image_size=32", "model.num_queries=8", "model.dim=32", "model.heads=2",
+       "model.qformer_layers=1", "model.proj_dim=16", "model.num_codes=16", "model.code_dim=4",
+       "model.embed_decoder_layers=1", "model.decoder_layers=1", "model.decoder_base_channels=8",
+       "model.decoder_channel_mult=[1,2,2]", "seed.text_encoder.dim=32", "seed.text_encoder.n_layers=1",
+       "seed.text_encoder.n_heads=2", "seed.retrieval_batch=8", "data.size=32", "data.image_size=32",
+       "train.batch_size=8", "train.eval_images=16", "train.log_every=1", "train.ckpt_every=2", "train.warmup=1"]
+STAGE2 = ["model_type=seed", "seed.stage=2", "loss.perceptual_weight=0", "loss.disc_start=100000",
+          "loss.disc_channels=8", "data.size=32", "data.image_size=32", "train.batch_size=8", "train.eval_images=16",
+          "train.log_every=1", "train.ckpt_every=2", "train.warmup=1"]
+
+
+def run(*args):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tokenizer.py"), *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_train_script_both_stages_and_resume(tmp_path):
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    run(*TOK, f"train.out_dir={s1}", "train.steps=3")
+    log = [json.loads(line) for line in (s1 / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2] and (s1 / "latest").read_text() == "step-0000003"
+    m1 = json.loads((s1 / "final" / "metrics.json").read_text())
+    assert set(m1) >= {"retrieval_i2t_top1", "retrieval_t2i_top1"} and m1["retrieval_batch"] == 8
+    assert (s1 / "final" / "text_encoder" / "config.json").is_file()
+    assert (s1 / "final" / "text_tokenizer" / "tokenizer.json").is_file()
+
+    first = run(*STAGE2, f"init_from={s1 / 'final'}", f"train.out_dir={s2}", "train.steps=2")
+    assert "initialised from" in first
+    resumed = run(*STAGE2, f"init_from={s1 / 'final'}", f"train.out_dir={s2}", "train.steps=3")
+    assert "resumed from" in resumed and "at step 2" in resumed
+    log = [json.loads(line) for line in (s2 / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2] and "embed" in log[0]
+    m2 = json.loads((s2 / "final" / "metrics.json").read_text())
+    assert set(m2) >= {"psnr", "ssim", "codebook_usage", "psnr_prefix_1", "psnr_prefix_4", "psnr_prefix_8"}
+    # stage 2 took stage 1's config and kept its Q-Former frozen; the codebook and decoders trained
+    assert SEEDTokenizer.from_pretrained(s2 / "final").config.num_queries == 8
+    w1 = load_file(s1 / "final" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(s2 / "final" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("qformer."))
+    assert not torch.equal(w1["pixel_decoder.queries"], w2["pixel_decoder.queries"])
+
+    # the generator script reads the saved class and trains a next-token decoder on the 1-D SEED codes
+    gen = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "paradigm=next_token",
+                           f"tokenizer={s2 / 'final'}", "model.dim=32", "model.n_layers=1", "model.n_heads=4",
+                           "data.size=32", "data.image_size=32", "train.batch_size=8", "train.steps=3",
+                           "train.log_every=1", "train.warmup=1", f"train.out_dir={gen}"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pipe = load_pipeline(gen / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.vq_model, SEEDTokenizer)
+    out = pipe(prompt="a red circle", output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.nfe == 8 and out.tokens.shape == (1, 1, 8) and out.images.shape == (1, 3, 32, 32)
+
+
+def test_stage2_needs_a_stage1_tokenizer(tmp_path):
+    spec = importlib.util.spec_from_file_location("seed_test_train_tokenizer", ROOT / "scripts" / "train_tokenizer.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(script)
+    with pytest.raises(ValueError, match="seed stage 2 needs init_from"):
+        script.main([*STAGE2, f"train.out_dir={tmp_path}", "train.steps=1"])
+    with pytest.raises(ValueError, match="seed.stage must be 1"):
+        script.main(["model_type=seed", "seed.stage=3", f"train.out_dir={tmp_path}"])
+
+
+def test_next_token_pipeline_generates_with_seed_tokens(tmp_path):
+    captions = ["a red circle", "two green stars"]
+    vq = tiny().eval()
+    tok = train_text_tokenizer(captions)
+    vocab = UnifiedVocab(text_vocab_size=len(tok), image_vocab_size=vq.vocab_size)
+    torch.manual_seed(0)
+    tr = Transformer(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
+    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq, tokenizer=tok, max_text_len=8)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=captions, guidance_scale=2.0, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (2, 3, 32, 32) and out.nfe == N and out.tokens.shape == (2, 1, N)
+    with torch.no_grad():
+        assert torch.equal(out.images, vq.decode(out.tokens))  # the SEED decoder drew them
+    pipe.save_pretrained(tmp_path)
+    again = load_pipeline(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    out2 = again(prompt=captions, guidance_scale=2.0, output_type="pt", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out2.tokens, out.tokens) and torch.equal(out2.images, out.images)
