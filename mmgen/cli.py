@@ -100,7 +100,8 @@ def cmd_generate(args) -> dict:
             "watermarked": args.watermark_key is not None, "nfe_per_image": result.nfe,
             "step_compression": round(result.step_compression, 4),
             "mean_accepted_length": round(result.mean_accepted_length, 4), "seconds": round(seconds, 3),
-            "seconds_per_image": round(seconds / n, 3)}
+            "seconds_per_image": round(seconds / n, 3)} | (
+                {"model_evals_per_image": result.model_evals} if result.model_evals is not None else {})
 
 
 def cmd_watermark_detect(args) -> dict:

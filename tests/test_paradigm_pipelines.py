@@ -178,6 +178,10 @@ def test_cli_generate_each_paradigm(dirs, kind, extra, tmp_path, capsys):
     assert cli.main(["generate", "a red circle", "--model", str(dirs[kind]), "--out", str(out), "--json", *extra]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["pipeline"] == KINDS[kind][1].__name__ and result["nfe_per_image"] == KINDS[kind][2]
+    if kind == "next_x":  # prompt + 4 entities x (2 Heun steps = 3 evaluations) + 3 cache writes
+        assert result["model_evals_per_image"] == 1 + 4 * 3 + 3
+    else:
+        assert "model_evals_per_image" not in result
     assert Image.open(out).size == (16, 16)
 
 
