@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mmgen.data.shapes import ShapesDataset
+from mmgen.eval.image_metrics import psnr
 from mmgen.models.transformer import Transformer
 from mmgen.pipelines import NextTokenPipeline, load_pipeline
 from mmgen.text import UnifiedVocab, encode_prompts, train_text_tokenizer
@@ -269,3 +270,27 @@ def test_next_token_pipeline_generates_with_seed_tokens(tmp_path):
     again.set_progress_bar_config(disable=True)
     out2 = again(prompt=captions, guidance_scale=2.0, output_type="pt", generator=torch.Generator().manual_seed(0))
     assert torch.equal(out2.tokens, out.tokens) and torch.equal(out2.images, out.images)
+
+
+def test_prefix_figure_script(tmp_path, capsys):
+    """scripts/seed_prefixes.py decodes held-out images from each prefix: one PSNR per prefix, the full
+    prefix equal to plain decoding, a grid of rows x (1 + prefixes) images, and a named error for a bad k."""
+    spec = importlib.util.spec_from_file_location("seed_prefixes_script", ROOT / "scripts" / "seed_prefixes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tiny().save_pretrained(tmp_path / "tok")
+    out = tmp_path / "prefixes.png"
+    script.main(["--tokenizer", str(tmp_path / "tok"), "--prefixes", "2", "8", "--rows", "2", "--images", "4",
+                 "--out", str(out), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["psnr_by_prefix"]) == ["2", "8"] and result["tokens"] == N
+    from PIL import Image
+    assert Image.open(out).size == (32 * 3, 32 * 2) and not list(tmp_path.glob("*.tmp*"))
+    tok = SEEDTokenizer.from_pretrained(tmp_path / "tok").eval()
+    imgs = torch.stack([ShapesDataset("heldout", size=4, seed=0, image_size=32)[i]["image"] for i in range(4)])
+    with torch.no_grad():
+        full = psnr(tok.decode(tok.encode(imgs)), imgs).item()
+    assert result["psnr_by_prefix"]["8"] == pytest.approx(full, abs=1e-3)
+    with pytest.raises(SystemExit):
+        script.main(["--tokenizer", str(tmp_path / "tok"), "--prefixes", "9"])
+    assert "--prefixes must lie in [1, 8]" in capsys.readouterr().err
