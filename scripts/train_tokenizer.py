@@ -20,9 +20,10 @@ small text encoder (`SEEDTextEncoder` on the word-level caption tokenizer) learn
 contrastive loss on the last causal query; nothing else trains. `final/` holds the tokenizer, `final/
 text_encoder` and `final/text_tokenizer`; metrics.json has held-out image -> caption and caption -> image top-1
 retrieval among `seed.retrieval_batch` pairs. Stage 2 (`init_from` = a stage-1 `final/`, whose model config it
-takes, `model:` keys override): the backbone and Q-Former stay frozen; the encode head, quantizer, embedding
-decoder and pixel decoder learn from the losses above plus `seed.embed_weight` x the embedding reconstruction
-loss, each image decoded from a random prefix of its tokens (all of them with `seed.full_prefix_prob`);
+takes, `model:` keys override): the backbone and Q-Former stay frozen; the detail path, encode head, quantizer,
+embedding decoder and pixel decoder learn from the losses above plus `seed.embed_weight` x the embedding
+reconstruction loss, each image decoded from a random prefix of its tokens (all of them with
+`seed.full_prefix_prob`);
 metrics.json adds held-out PSNR when decoding from prefixes (`psnr_prefix_<k>`).
 """
 
@@ -152,12 +153,12 @@ def build_model(cfg: TokenizerRunConfig):
 
 def seed_trainable(cfg: TokenizerRunConfig, model: SEEDTokenizer) -> list[torch.nn.Parameter]:
     """SEED's staging: stage 1 trains the Q-Former and its contrastive projection; stage 2 what follows the
-    Q-Former (encode head, codebook, embedding decoder, pixel decoder). Everything else is frozen."""
+    Q-Former (detail path, encode head, codebook, embedding decoder, pixel decoder). Everything else is frozen."""
     model.requires_grad_(False)
     if cfg.seed.stage == 1:
         parts = [model.qformer, model.image_proj]
     else:
-        parts = [model.encode_head, model.quantizer, model.embed_decoder, model.pixel_decoder]
+        parts = [model.detail_encoder, model.encode_head, model.quantizer, model.embed_decoder, model.pixel_decoder]
         parts += [] if cfg.seed.freeze_qformer else [model.qformer]
     for part in parts:
         part.requires_grad_(True)

