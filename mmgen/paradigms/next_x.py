@@ -53,8 +53,9 @@ from mmgen.models.heads import TimestepEmbedder, modulate
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.flowar import latent_pyramid, scale_positions
 from mmgen.paradigms.next_token import attention_mask, guided_text_block, text_block
-from mmgen.sampling.flow import FLOW_SAMPLERS, cfg_velocity, initial_noise, interpolate, logit_normal_t, sample_flow
-from mmgen.sampling.logits import CFG_SCHEDULES, guidance_at, validate_sampling_args
+from mmgen.sampling.flow import (cfg_velocity, check_flow_sampling, initial_noise, interpolate, logit_normal_t,
+                                 sample_flow)
+from mmgen.sampling.logits import guidance_at
 from mmgen.text import UnifiedVocab
 
 ENTITY_KINDS = ("token", "cell", "subsample", "scale", "image")
@@ -326,18 +327,8 @@ def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence
 
     Returns (latents, AR steps = K entities, backbone evaluations = prefill + K * flow evaluations + K - 1 cache
     writes). Entity k's noise comes from generators[b], so an image does not depend on its batch mates."""
-    validate_sampling_args(guidance_scale, temperature)
-    if method not in FLOW_SAMPLERS:
-        raise ValueError(f"method must be one of {FLOW_SAMPLERS}, got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
     B, N, C, K = len(text_ids), layout.num_image_tokens, layout.token_dim, layout.num_entities
-    if generators is None:  # seeded from the global RNG, so torch.manual_seed still makes runs repeatable
-        generators = [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (B,))]
-    if len(generators) != B:
-        raise ValueError(f"need one generator per prompt: {B} prompts, {len(generators)} generators")
+    generators = check_flow_sampling(guidance_scale, temperature, steps, method, cfg_schedule, generators, B)
     use_cfg = guidance_scale != 1.0
     device = model.device
     text, valid = guided_text_block(layout, text_ids, use_cfg, device)

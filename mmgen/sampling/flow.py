@@ -63,6 +63,26 @@ def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> 
     return v_uncond + scale * (v_cond - v_uncond)
 
 
+def check_flow_sampling(guidance_scale: float, temperature: float, steps: int, method: str, cfg_schedule: str,
+                        generators: Sequence[torch.Generator] | None, n: int) -> list[torch.Generator]:
+    """Check the arguments every flow paradigm's `generate` takes; return one generator per sample (fresh ones
+    seeded from the global RNG when None, so torch.manual_seed still makes runs repeatable)."""
+    from mmgen.sampling.logits import CFG_SCHEDULES, validate_sampling_args
+
+    validate_sampling_args(guidance_scale, temperature)
+    if method not in FLOW_SAMPLERS:
+        raise ValueError(f"method must be one of {FLOW_SAMPLERS}, got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
+    if generators is None:
+        return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (n,))]
+    if len(generators) != n:
+        raise ValueError(f"need one generator per prompt: {n} prompts, {len(generators)} generators")
+    return list(generators)
+
+
 def initial_noise(shape_per_sample: Sequence[int], generators: Sequence[torch.Generator], temperature: float = 1.0,
                   device=None) -> torch.Tensor:
     """(N, *shape) Gaussian noise, row n from generators[n] (drawn on that generator's device, so a CPU seed gives
