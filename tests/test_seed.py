@@ -248,6 +248,12 @@ def test_train_script_both_stages_and_resume(tmp_path):
     assert isinstance(pipe.vq_model, SEEDTokenizer)
     out = pipe(prompt="a red circle", output_type="pt", generator=torch.Generator().manual_seed(0))
     assert out.nfe == 8 and out.tokens.shape == (1, 1, 8) and out.images.shape == (1, 3, 32, 32)
+    # a fresh process (nothing imported beforehand) loads it from the CLI
+    proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "generate", "a red circle", "--model",
+                           str(gen / "pipeline"), "--out", str(tmp_path / "seed.png"), "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["nfe_per_image"] == 8 and (tmp_path / "seed.png").is_file()
 
 
 def test_stage2_needs_a_stage1_tokenizer(tmp_path):

@@ -1,10 +1,10 @@
 """Text-to-image by raster next-token prediction (LlamaGen / Lumina-mGPT style), as a diffusers pipeline.
 
-Components: a text tokenizer (`transformers`), the decoder, and a `VQGAN` visual tokenizer. The decoder is
-either the plain `Transformer` (one token per pass, `paradigms.next_token`) or a `TokenShuffleTransformer`
-(Token-Shuffle, Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass, `paradigms.token_shuffle`).
-The pipeline owns the visible loop: tokenize prompts, sample image codes, decode them to pixels, return PIL
-images.
+Components: a text tokenizer (`transformers`), the decoder, and a `VQGAN` (or the 1-D `SEEDTokenizer`) visual
+tokenizer. The decoder is either the plain `Transformer` (one token per pass, `paradigms.next_token`) or a
+`TokenShuffleTransformer` (Token-Shuffle, Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass,
+`paradigms.token_shuffle`). The pipeline owns the visible loop: tokenize prompts, sample image codes, decode
+them to pixels, return PIL images.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from mmgen.sampling.logits import CFG_SCHEDULES, SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
 from mmgen.text import encode_prompts
+from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
 from tokenizers_vis.vqgan import VQGAN
 
 SAMPLERS = ("ar", "sjd")
@@ -32,7 +33,7 @@ WATERMARK_FILE = "watermark.json"
 
 
 class NextTokenPipeline(DiffusionPipeline):
-    def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN,
+    def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer,
                  tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
