@@ -26,6 +26,7 @@ def to_pil(x_3HW: torch.Tensor) -> Image.Image:
     return Image.fromarray(((x_3HW.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
+@torch.no_grad()  # a decorator, not set_grad_enabled(False): main() is also called in-process (tests)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="a saved SEEDTokenizer directory (stage 2)")
@@ -35,7 +36,6 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=256, help="held-out images for the PSNR per prefix")
     p.add_argument("--json", action="store_true", help="print PSNR per prefix length as JSON")
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
 
     tok = SEEDTokenizer.from_pretrained(args.tokenizer).eval()
     N = tok.num_tokens
