@@ -66,6 +66,27 @@ class JsonlLogger:
                 f.write(json.dumps(record) + "\n")
 
 
+def run_text_tokenizer(data: DataConfig, captions: list[str], out: Path, is_main_process: bool = True):
+    """The run's word-level caption tokenizer under `out/text_tokenizer`: trained once on the captions (plus every
+    word the shapes generator can emit, since held-out prompts may use words the training captions lack), then
+    reloaded, so a resumed run keeps its ids."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mmgen.text import train_text_tokenizer
+
+    tok_dir = Path(out) / "text_tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(tok_dir)
+    extra = []
+    if data.name == "shapes":
+        from mmgen.data.shapes import all_caption_words
+        extra = all_caption_words()
+    tokenizer = train_text_tokenizer(captions, extra)
+    if is_main_process:
+        tokenizer.save_pretrained(tok_dir)
+    return tokenizer
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -32,7 +32,6 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast
 
 from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.losses import resample_patches
@@ -42,8 +41,9 @@ from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
 from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline
-from mmgen.text import UnifiedVocab, encode_prompts, train_text_tokenizer
-from mmgen.train_utils import DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, write_json_atomic
+from mmgen.text import UnifiedVocab, encode_prompts
+from mmgen.train_utils import (DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, run_text_tokenizer,
+                               write_json_atomic)
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import encode_latents, latent_channels, vae_grid
@@ -273,17 +273,7 @@ def main(argv=None):
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
         else list(dataset.captions)
-    tok_dir = out / "text_tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    else:
-        extra = []
-        if cfg.data.name == "shapes":
-            from mmgen.data.shapes import all_caption_words
-            extra = all_caption_words()  # held-out prompts use words the training captions may lack
-        tokenizer = train_text_tokenizer(captions, extra)
-        if accelerator.is_main_process:
-            tokenizer.save_pretrained(tok_dir)
+    tokenizer = run_text_tokenizer(cfg.data, captions, out, accelerator.is_main_process)
     text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
 
     encoding = cfg.paradigm if cfg.paradigm in ("next_token", "next_scale") else "latents"  # continuous ones share

@@ -39,13 +39,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast
 
 from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmgen.config import load_config
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
-from mmgen.text import encode_prompts, train_text_tokenizer
-from mmgen.train_utils import DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, write_json_atomic
+from mmgen.text import encode_prompts
+from mmgen.train_utils import (DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, run_text_tokenizer,
+                               write_json_atomic)
 from tokenizers_vis.losses import VQGANLoss
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTextEncoder, SEEDTokenizer, contrastive_loss, pad_text, random_prefix_lengths
@@ -165,21 +165,6 @@ def seed_trainable(cfg: TokenizerRunConfig, model: SEEDTokenizer) -> list[torch.
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def caption_tokenizer(cfg: TokenizerRunConfig, captions: list[str], out: Path, accelerator):
-    """The word-level caption tokenizer of the run (trained once, then reloaded so a resumed run keeps its ids)."""
-    tok_dir = out / "text_tokenizer"
-    if (tok_dir / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(tok_dir)
-    extra = []
-    if cfg.data.name == "shapes":
-        from mmgen.data.shapes import all_caption_words
-        extra = all_caption_words()  # held-out captions use words the training captions may lack
-    tokenizer = train_text_tokenizer(captions, extra)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(tok_dir)
-    return tokenizer
-
-
 def same_caption(ids_BL: torch.Tensor) -> torch.Tensor:
     return (ids_BL[:, None, :] == ids_BL[None, :, :]).all(-1)  # (B, B) bool
 
@@ -242,7 +227,7 @@ def train_seed_stage1(cfg: TokenizerRunConfig, accelerator, model: SEEDTokenizer
     train_set = make_dataset(cfg.data, "train")
     captions = list(train_set.captions) if hasattr(train_set, "captions") \
         else [train_set[i]["caption"] for i in range(len(train_set))]
-    tokenizer = caption_tokenizer(cfg, captions, out, accelerator)
+    tokenizer = run_text_tokenizer(cfg.data, captions, out, accelerator.is_main_process)
     L = cfg.seed.max_text_len
     text_ids = pad_text(encode_prompts(tokenizer, captions, L), L)  # (n, L)
     text_encoder = build(SEEDTextEncoder, {"max_len": L, "proj_dim": model.config.proj_dim, **cfg.seed.text_encoder,
