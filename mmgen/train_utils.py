@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,25 +33,56 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: flo
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+DATASET_NAMES = ("shapes", "folder", "fashion_mnist", "emoji", "shapes+emoji")
+
+
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # shapes | folder
-    size: int = 20000
+    name: str = "shapes"  # one of DATASET_NAMES
+    size: int = 20000  # shapes: scenes per split; fashion_mnist: a seeded subset of at most this many per split
     seed: int = 0
     image_size: int = 64
     root: str | None = None  # folder dataset: directory with captions.jsonl
+    caption_mode: str = "caption"  # fashion_mnist: "caption" ("a photo of a sneaker") or "class" ("sneaker")
+    include_flags: bool = False  # emoji, shapes+emoji: keep the flag emoji too
+
+
+def image_fields(cfg: DataConfig) -> dict:
+    """The data settings that decide the images (not the captions): the key of the encoded-image caches, so
+    that changing only the caption form, or adding a field, does not re-encode a data set."""
+    fields = {k: v for k, v in vars(cfg).items() if k != "caption_mode"}
+    if "emoji" not in cfg.name.split("+"):
+        fields.pop("include_flags")
+    return fields
 
 
 def make_dataset(cfg: DataConfig, split: str = "train"):
-    from mmgen.data import ImageCaptionFolder, ShapesDataset
+    """The run's data set; `split` "heldout" is the evaluation side: shapes' held-out (color, shape) pairs, the
+    Fashion-MNIST test set, the Twemoji test names (the folder data set has one split)."""
+    from mmgen.data import ConcatCaptions, FashionMNIST, ImageCaptionFolder, ShapesDataset, Twemoji
 
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    real_split = "train" if split == "train" else "test"
     if cfg.name == "shapes":
         return ShapesDataset(split=split, size=cfg.size, seed=cfg.seed, image_size=cfg.image_size)
     if cfg.name == "folder":
         if not cfg.root:
             raise ValueError("data.root must name a directory with captions.jsonl when data.name is 'folder'")
         return ImageCaptionFolder(cfg.root, image_size=cfg.image_size)
-    raise ValueError(f"data.name must be 'shapes' or 'folder', got {cfg.name!r}")
+    if cfg.name == "fashion_mnist":
+        from mmgen.data.fashion_mnist import load_split
+        available = len(load_split(real_split)[1])
+        return FashionMNIST(real_split, image_size=cfg.image_size, caption_mode=cfg.caption_mode,
+                            size=min(cfg.size, available), seed=cfg.seed)
+    if cfg.name == "emoji":
+        return Twemoji(image_size=cfg.image_size, include_flags=cfg.include_flags, split=real_split)
+    if cfg.name == "shapes+emoji":
+        # One model on both worlds: `size` scenes, then every emoji of the split.
+        return ConcatCaptions([
+            ShapesDataset(split=split, size=cfg.size, seed=cfg.seed, image_size=cfg.image_size),
+            Twemoji(image_size=cfg.image_size, include_flags=cfg.include_flags, split=real_split)])
+    raise ValueError(f"data.name must be one of {DATASET_NAMES}, got {cfg.name!r}")
 
 
 class JsonlLogger:
@@ -65,6 +97,17 @@ class JsonlLogger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Drop the records of steps >= `step`: a run killed after its last checkpoint logged steps that the
+        resumed run repeats, and the log should read as one uninterrupted run."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] < step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
 
 def run_text_tokenizer(data: DataConfig, captions: list[str], out: Path, is_main_process: bool = True):
     """The run's word-level caption tokenizer under `out/text_tokenizer`: trained once on the captions (plus every
@@ -78,7 +121,7 @@ def run_text_tokenizer(data: DataConfig, captions: list[str], out: Path, is_main
     if (tok_dir / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(tok_dir)
     extra = []
-    if data.name == "shapes":
+    if "shapes" in data.name.split("+"):
         from mmgen.data.shapes import all_caption_words
         extra = all_caption_words()
     tokenizer = train_text_tokenizer(captions, extra)
@@ -92,3 +135,62 @@ def write_json_atomic(path: str | Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+def make_accelerator():
+    """An `Accelerator` that falls back to the CPU (gloo) when there is no CUDA, so that
+    `accelerate launch --config_file configs/accelerate/ddp_2proc.yaml` runs data-parallel on a CPU-only box."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+class StopRequest:
+    """SIGTERM (and SIGINT) ask the training loop to stop: the loop finishes its step, writes a checkpoint and
+    exits with 128 + the signal number, so a preempted job resumes where it stopped instead of at the last
+    periodic checkpoint. In a distributed run the ranks agree on the stop (a max all-reduce per step), since a
+    signal may reach only some of them."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def requested(self) -> int:
+        """The signal number to exit with (0: keep going), the same on every rank."""
+        if self.accelerator.num_processes == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, reduction="max").item())
+
+
+def gather_rng_states(accelerator) -> torch.Tensor:
+    """Every rank's CPU RNG state stacked (world, S): saved with a checkpoint so each rank resumes its stream."""
+    state = torch.get_rng_state()[None].to(accelerator.device)
+    return accelerator.gather(state).cpu() if accelerator.num_processes > 1 else state.cpu()
+
+
+def mean_over_ranks(accelerator, values: dict) -> dict:
+    """Scalar logs averaged over the processes (each rank computes them on its share of the global batch)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(values, accelerator.reduce(t, reduction="mean").tolist()))
+
+
+def rank_spread(accelerator, modules: dict) -> float:
+    """How far the processes' copies of `modules` have drifted apart: the largest difference, over ranks, of a
+    per-tensor fingerprint (sum and sum of squares, float64) of every parameter. Data parallelism keeps it
+    exactly 0 (gradients are all-reduced, codebook restarts broadcast); it is written into each checkpoint's
+    state so a drift is caught where it starts. Buffers are left out: DDP re-broadcasts them from rank 0 at
+    every forward, and until then BatchNorm statistics hold each process's own batch. 0 for one process."""
+    if accelerator.num_processes == 1:
+        return 0.0
+    fp = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
+                      for m in modules.values() for t in m.parameters()]).flatten()
+    every = accelerator.gather(fp.to(accelerator.device)[None])  # (world, 2 * tensors)
+    return float((every - every[:1]).abs().max())
