@@ -50,7 +50,9 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) 
 
 
 def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: dict, extra: dict | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, rng_states: torch.Tensor | None = None) -> Path:
+    """`rng_states` (world, S): every process's CPU RNG state, gathered by the caller in a distributed run so
+    that each rank resumes its own random stream; by default this process's state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step:07d}"
@@ -65,7 +67,8 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: d
         tensors, opt_meta = _optimizer_to_flat(opt)
         save_file(tensors, tmp / f"{name}.optim.safetensors")
         meta["optimizers"][name] = opt_meta
-    save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+    states = torch.get_rng_state()[None] if rng_states is None else rng_states.cpu().contiguous()
+    save_file({"torch_cpu": states}, tmp / "rng.safetensors")
     for f in sorted(tmp.iterdir()):
         meta["files"][f.name] = _file_sha256(f)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
@@ -89,8 +92,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict) -> dict:
-    """Restore modules/optimizers/RNG in place; returns {"step", "extra"}. Corrupt files give a clear error."""
+def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int = 0) -> dict:
+    """Restore modules/optimizers/RNG in place; returns {"step", "extra"}. Corrupt files give a clear error.
+
+    Process `rank` takes its own saved RNG state; the random stream continues exactly when the world size is
+    the one that wrote the checkpoint (with another world size, rank r takes state r mod the old size)."""
     ckpt = Path(ckpt)
     state_file = ckpt / "state.json"
     try:
@@ -105,5 +111,7 @@ def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict) -> dict:
         module.load_state_dict(load_file(ckpt / f"{name}.safetensors"))
     for name, opt in optimizers.items():
         _optimizer_from_flat(opt, load_file(ckpt / f"{name}.optim.safetensors"), meta["optimizers"][name])
-    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch_cpu"])
+    states = load_file(ckpt / "rng.safetensors")["torch_cpu"]
+    states = states[None] if states.dim() == 1 else states  # checkpoints written before per-rank states
+    torch.set_rng_state(states[rank % len(states)])
     return {"step": meta["step"], "extra": meta["extra"]}

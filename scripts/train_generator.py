@@ -5,7 +5,11 @@
     python scripts/train_generator.py --config configs/flow_head_shapes.yaml    # paradigm: flow_head (MAR-style)
     python scripts/train_generator.py --config configs/flowar_shapes.yaml       # paradigm: flowar
     python scripts/train_generator.py --config configs/next_x_shapes.yaml flow.entity=cell   # paradigm: next_x (xAR)
-    accelerate launch scripts/train_generator.py --config configs/generator_shapes.yaml
+    accelerate launch --config_file configs/accelerate/ddp_2proc.yaml scripts/train_generator.py --config ...
+
+Data-parallel runs split each global batch (`train.batch_size`) over the processes, so N processes take the
+same optimisation steps as one (the tests check 2 CPU processes against 1). SIGTERM/SIGINT write a checkpoint
+at the end of the current step and exit; a re-run resumes with the same loss sequence.
 
 `paradigm` picks the tokenizer kind that `tokenizer` must point at and the decoder: next_token (VQGAN codes,
 raster), next_scale (MultiScaleVQGAN codes, one pass per scale), flow_head (AutoencoderKL latents, raster with a
@@ -28,7 +32,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -40,9 +43,11 @@ from mmgen.config import load_config
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
-from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline
+from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline,
+                             save_pipeline)
 from mmgen.text import UnifiedVocab, encode_prompts
-from mmgen.train_utils import (DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, run_text_tokenizer,
+from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, batch_indices, cosine_lr, gather_rng_states,
+                               image_fields, make_accelerator, make_dataset, rank_spread, run_text_tokenizer,
                                write_json_atomic)
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTokenizer
@@ -240,6 +245,30 @@ def paradigm_loss(cfg: GeneratorRunConfig, model, batch, layout):
     return PARADIGM_MODULES[cfg.paradigm].loss_fn(model, batch, layout)
 
 
+class TrainStep(torch.nn.Module):
+    """The whole training forward (paradigm loss, plus the alignment head's loss) as one module. Accelerate wraps
+    this in DDP: the paradigms call several of the decoder's methods (the flow head, FlowAR's velocity net), and
+    only parameters used inside the wrapped forward get their gradients all-reduced."""
+
+    def __init__(self, cfg: GeneratorRunConfig, layout, model, head=None):
+        super().__init__()
+        self.cfg, self.layout = cfg, layout
+        self.model, self.head = model, head
+
+    def forward(self, batch, target_global=None, target_patches=None):
+        """(loss, decoder loss, alignment loss or None)."""
+        if self.head is None:
+            loss = paradigm_loss(self.cfg, self.model, batch, self.layout)
+            return loss, loss, None
+        align = self.cfg.alignment
+        ar_loss, hidden = PARADIGM_MODULES[self.cfg.paradigm].loss_and_image_hidden(self.model, batch, self.layout,
+                                                                                     align.layer)
+        if self.cfg.paradigm == "next_scale" and align.type == "repa":
+            hidden = hidden[:, -target_patches.shape[1]:]  # per-patch targets live on the finest scale's grid
+        align_loss = self.head(hidden, target_global, target_patches)
+        return ar_loss + align.weight * align_loss, ar_loss, align_loss
+
+
 def load_tokenizer_class(paradigm: str, directory: str):
     """The class of the saved tokenizer in `directory` (its config's `_class_name`), checked against the paradigm."""
     accepted = PARADIGMS[paradigm][0]
@@ -259,9 +288,12 @@ def main(argv=None):
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    cfg = load_config(GeneratorRunConfig, args.config, args.overrides)
+    try:
+        cfg = load_config(GeneratorRunConfig, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:  # unknown key, bad value, missing file: usage error, exit 2
+        parser.error(str(e))
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
@@ -277,7 +309,7 @@ def main(argv=None):
     text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
 
     encoding = cfg.paradigm if cfg.paradigm in ("next_token", "next_scale") else "latents"  # continuous ones share
-    key = hashlib.sha256(json.dumps([asdict(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
     codes = encode_dataset(lambda imgs: encode_images(cfg.paradigm, vq, imgs.to(accelerator.device)), dataset,
                            out / "codes.safetensors", key)
     layout, model = build_decoder(cfg, vq, len(tokenizer))
@@ -299,7 +331,7 @@ def main(argv=None):
         want_patches = align.type == "repa"
         head = AlignmentHead(align, cfg.model.dim, encoder.patch_dim if want_patches else encoder.global_dim)
         if align.cache:
-            akey = hashlib.sha256(json.dumps([asdict(cfg.data), align.encoder, want_patches, list(grid)])
+            akey = hashlib.sha256(json.dumps([image_fields(cfg.data), align.encoder, want_patches, list(grid)])
                                   .encode()).hexdigest()
             targets = cached_alignment_targets(encoder, dataset, grid, want_patches,
                                                out / "alignment_targets.safetensors", akey, accelerator.device)
@@ -313,13 +345,15 @@ def main(argv=None):
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         modules = {"model": model} | ({"align": head} if head is not None else {})
-        start = load_checkpoint(ckpt, modules, {"opt": opt})["step"]
+        start = load_checkpoint(ckpt, modules, {"opt": opt}, rank=accelerator.process_index)["step"]
         accelerator.print(f"resumed from {ckpt} at step {start}")
-    if head is not None:
-        model, head, opt = accelerator.prepare(model, head, opt)
     else:
-        model, opt = accelerator.prepare(model, opt)
+        # the model was initialised identically on every rank; from here each rank draws its own noise
+        torch.manual_seed(cfg.train.seed + accelerator.process_index)
+    train_step, opt = accelerator.prepare(TrainStep(cfg, layout, model, head), opt)
     logger = JsonlLogger(out, accelerator.is_main_process)
+    logger.rewind(start)
+    stop = StopRequest(accelerator)
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", asdict(cfg))
     print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
@@ -335,46 +369,45 @@ def main(argv=None):
         lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        if head is None:
-            loss = paradigm_loss(cfg, model, batch, layout)
-            align_loss = None
-        else:
-            ar_loss, hidden = PARADIGM_MODULES[cfg.paradigm].loss_and_image_hidden(model, batch, layout, align.layer)
-            if cfg.paradigm == "next_scale" and align.type == "repa":
-                hidden = hidden[:, -grid[0] * grid[1]:]  # per-patch targets live on the finest scale's grid
-            if targets is not None:
-                tg = targets[0][idx].to(accelerator.device).float()
-                tp = targets[1][idx].to(accelerator.device).float() if targets[1] is not None else None
-            else:
-                tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa",
-                                           accelerator.device)
-            align_loss = head(hidden, tg, tp)
-            loss = ar_loss + align.weight * align_loss
+        tg = tp = None
+        if head is not None and targets is not None:
+            tg = targets[0][idx].to(accelerator.device).float()
+            tp = targets[1][idx].to(accelerator.device).float() if targets[1] is not None else None
+        elif head is not None:
+            tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa", accelerator.device)
+        loss, ar_loss, align_loss = train_step(batch, tg, tp)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
         opt.step()
         if step % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            loss = accelerator.reduce(loss.detach(), reduction="mean")  # the global batch's loss, not this rank's
             record = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
                       "elapsed_s": round(time.time() - t0, 1)}
             if align_loss is not None:
+                ar_loss, align_loss = (accelerator.reduce(v.detach(), reduction="mean") for v in (ar_loss, align_loss))
                 record |= {"ar_loss": round(ar_loss.item(), 5), "align_loss": round(align_loss.item(), 5)}
             logger.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
+        signum = stop.requested()
+        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps or signum:
+            rng = gather_rng_states(accelerator)
+            modules = {"model": model} | ({"align": head} if head is not None else {})  # align: training only
+            spread = rank_spread(accelerator, modules)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                modules = {"model": accelerator.unwrap_model(model)}
-                if head is not None:
-                    modules["align"] = accelerator.unwrap_model(head)  # training-only; not in the pipeline
-                save_checkpoint(out, step + 1, modules, {"opt": opt})
+                save_checkpoint(out, step + 1, modules, {"opt": opt}, extra={"rank_spread": spread}, rng_states=rng)
+        if signum:
+            accelerator.print(f"stopped by signal {signum} after step {step + 1}; checkpoint written, re-run to resume")
+            accelerator.wait_for_everyone()
+            raise SystemExit(128 + signum)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tok_name = "vae" if tok_cls is AutoencoderKL else "vq_model"
-        pipe = pipe_cls(transformer=accelerator.unwrap_model(model).eval().cpu(), tokenizer=tokenizer,
+        pipe = pipe_cls(transformer=model.eval().cpu(), tokenizer=tokenizer,
                         max_text_len=cfg.max_text_len, **{tok_name: vq.cpu()})
-        pipe.save_pretrained(out / "pipeline")
+        save_pipeline(pipe, out / "pipeline")  # atomic, with checksums.json
         accelerator.print(f"saved pipeline to {out / 'pipeline'}")
 
 

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -44,7 +43,8 @@ from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from mmgen.config import load_config
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
 from mmgen.text import encode_prompts
-from mmgen.train_utils import (DataConfig, JsonlLogger, batch_indices, cosine_lr, make_dataset, run_text_tokenizer,
+from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, batch_indices, cosine_lr, gather_rng_states,
+                               make_accelerator, make_dataset, rank_spread, mean_over_ranks, run_text_tokenizer,
                                write_json_atomic)
 from tokenizers_vis.losses import VQGANLoss
 from tokenizers_vis.multiscale import MultiScaleVQGAN
@@ -288,14 +288,29 @@ def train_seed_stage1(cfg: TokenizerRunConfig, accelerator, model: SEEDTokenizer
         accelerator.print(f"saved tokenizer to {final}; held-out {metrics}")
 
 
+class VAEForward(torch.nn.Module):
+    """The VAE's training forward (encode, sample the posterior, decode) as one module call, so that DDP sees the
+    encoder and decoder used inside its wrapped forward and all-reduces their gradients."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images):
+        return vae_training_forward(self.vae, images)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None, help="YAML config (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100")
     args = parser.parse_args(argv)
-    cfg = load_config(TokenizerRunConfig, args.config, args.overrides)
+    try:
+        cfg = load_config(TokenizerRunConfig, args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:  # unknown key, bad value, missing file: usage error, exit 2
+        parser.error(str(e))
 
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
@@ -322,17 +337,23 @@ def main(argv=None):
         accelerator.print(f"initialised from {cfg.init_from}")
     if ckpt is not None:
         start = load_checkpoint(ckpt, {"model": model, "discriminator": loss_fn.discriminator},
-                                {"opt_g": opt_g, "opt_d": opt_d})["step"]
+                                {"opt_g": opt_g, "opt_d": opt_d}, rank=accelerator.process_index)["step"]
         accelerator.print(f"resumed from {ckpt} at step {start}")
-    model, opt_g, opt_d = accelerator.prepare(model, opt_g, opt_d)
+    else:
+        torch.manual_seed(cfg.train.seed + accelerator.process_index)  # same init everywhere, own noise per rank
+    raw, discriminator = model, loss_fn.discriminator
     loss_fn.to(accelerator.device)
+    model, opt_g, opt_d = accelerator.prepare(VAEForward(model) if is_vae else model, opt_g, opt_d)
+    if accelerator.num_processes > 1:
+        loss_fn.discriminator = accelerator.prepare(discriminator)  # the loss calls it; DDP syncs its gradients
     train_set = make_dataset(cfg.data, "train")
     logger = JsonlLogger(out, accelerator.is_main_process)
     if accelerator.is_main_process:
         write_json_atomic(out / "config.json", asdict(cfg))
         accelerator.print(f"{cfg.model_type} parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
 
-    raw = accelerator.unwrap_model(model)
+    logger.rewind(start)
+    stop = StopRequest(accelerator)
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train tokenizer",
                disable=not accelerator.is_main_process)
     t0 = time.time()
@@ -343,7 +364,7 @@ def main(argv=None):
         for group in opt_g.param_groups:
             group["lr"] = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps)
         if is_vae:
-            recon, kl = vae_training_forward(raw, images)
+            recon, kl = model(images)
             reg_loss, ppl, last_layer = cfg.kl_weight * kl, None, vae_last_layer(raw)
         elif is_seed:
             # prefix lengths are a function of (seed, step, rank), so a resumed run draws the same ones
@@ -366,6 +387,7 @@ def main(argv=None):
             accelerator.backward(d_loss)
             opt_d.step()
         if step % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            logs, d_logs = (mean_over_ranks(accelerator, d) for d in (logs, d_logs))
             record = {"step": step, **{k: round(float(v), 5) for k, v in {**logs, **d_logs}.items()},
                       "elapsed_s": round(time.time() - t0, 1)}
             if ppl is not None:
@@ -374,11 +396,19 @@ def main(argv=None):
                 record["kl"] = round(kl.item(), 5)
             logger.log(record)
             bar.set_postfix(loss=f"{g_loss.item():.4f}", **({"ppl": f"{ppl.item():.0f}"} if ppl is not None else {}))
-        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
+        signum = stop.requested()
+        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps or signum:
+            rng = gather_rng_states(accelerator)
+            modules = {"model": raw, "discriminator": discriminator}
+            spread = rank_spread(accelerator, modules)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, {"model": raw, "discriminator": loss_fn.discriminator},
-                                {"opt_g": opt_g, "opt_d": opt_d})
+                save_checkpoint(out, step + 1, modules, {"opt_g": opt_g, "opt_d": opt_d},
+                                extra={"rank_spread": spread}, rng_states=rng)
+        if signum:
+            accelerator.print(f"stopped by signal {signum} after step {step + 1}; checkpoint written, re-run to resume")
+            accelerator.wait_for_everyone()
+            raise SystemExit(128 + signum)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -140,8 +140,12 @@ class PatchDiscriminator(nn.Module):
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)  # (B, 1, h', w') logits
+    def forward(self, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """(B, 1, h', w') logits; with several batches, a tuple of logits from separate calls (BatchNorm sees
+        each batch alone). One forward for real and fake keeps DDP to one forward per backward."""
+        if more:
+            return tuple(self.net(b) for b in (x, *more))
+        return self.net(x)
 
 
 def _f(t: torch.Tensor) -> float:
@@ -218,6 +222,6 @@ class VQGANLoss(nn.Module):
         """Hinge loss for the discriminator; before `disc_start` a constant 0 with no graph (do not step)."""
         if not self.adversarial_on(step):
             return torch.zeros((), device=images.device), {}
-        real, fake = self.discriminator(images), self.discriminator(recon.detach())
+        real, fake = self.discriminator(images, recon.detach())
         d = hinge_d_loss(real, fake)
         return d, {"d_loss": _f(d), "logits_real": _f(real.mean()), "logits_fake": _f(fake.mean())}

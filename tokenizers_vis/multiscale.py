@@ -210,7 +210,8 @@ class MultiScaleVQGAN(ModelMixin, ConfigMixin):
         perplexity = torch.exp(-(probs_K * probs_K.clamp_min(1e-12).log()).sum())
         if self.training:
             # dead codes restart from residual latents of any scale: every scale draws from the one codebook
-            self.quantizer._track_and_restart(counts_K, torch.cat(latents))
+            z_BnD = torch.cat([z.view(images.shape[0], -1, z.shape[-1]) for z in latents], 1)  # per image
+            self.quantizer._track_and_restart(counts_K.clone(), z_BnD)
         return MultiScaleOutput(self.decoder(z_q), ids_N, loss, perplexity, (counts_K > 0).float().mean())
 
     @torch.no_grad()

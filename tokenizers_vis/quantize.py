@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -133,13 +134,19 @@ class FactorizedQuantizer(nn.Module):
         probs_K = counts_K / counts_K.sum()
         perplexity = torch.exp(-(probs_K * probs_K.clamp_min(1e-12).log()).sum())
         if self.training:
-            self._track_and_restart(counts_K, z_ND.detach())
+            self._track_and_restart(counts_K.clone(), z_ND.detach().view(B, h * w, self.code_dim))
         return QuantizerOutput(z_q, ids_N.view(B, h, w), loss, perplexity, (counts_K > 0).float().mean())
 
     forward = quantize_map
 
     @torch.no_grad()
-    def _track_and_restart(self, counts_K: torch.Tensor, z_ND: torch.Tensor) -> None:
+    def _track_and_restart(self, counts_K: torch.Tensor, z_BnD: torch.Tensor) -> None:
+        """Under data parallelism each process sees its share of the batch: the hit counts are summed over the
+        processes and restart candidates drawn from the whole gathered batch by rank 0 (then broadcast), so
+        the codebook stays identical on every rank and equals a single process on the global batch."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
+            dist.all_reduce(counts_K)
         self.usage_ema.mul_(self.ema_decay).add_(counts_K, alpha=1 - self.ema_decay)
         step, self.train_steps = self.train_steps, self.train_steps + 1
         if self.restart_threshold == 0 or step % self.restart_interval:
@@ -149,8 +156,15 @@ class FactorizedQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
+        if world > 1:  # rank r holds images r, r + world, ... of the global batch (train_utils.batch_indices)
+            parts = [torch.empty_like(z_BnD) for _ in range(world)]
+            dist.all_gather(parts, z_BnD.contiguous())
+            z_BnD = torch.stack(parts, 1).flatten(0, 1)
+        z_ND = z_BnD.reshape(-1, self.code_dim)
         pick = torch.randint(0, z_ND.shape[0], (n_dead,), device=z_ND.device)
         # small jitter so two codes re-seeded from the same latent do not stay identical
         new = self._normalize(z_ND[pick] + 0.01 * torch.randn(n_dead, self.code_dim, device=z_ND.device))
+        if world > 1:
+            dist.broadcast(new, src=0)
         self.embedding.weight.data[dead] = new.to(self.embedding.weight.dtype)
         self.usage_ema[dead] = mean  # a grace period of ~log(threshold)/log(decay) steps before the next restart
