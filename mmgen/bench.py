@@ -21,6 +21,10 @@ Suites
        against s = 1; with `--models`, trained pipelines (plain or Token-Shuffle) also go through the
        paradigms suite against `--model` for compositional accuracy. Anchor: Token-Shuffle cuts the token
        count by s^2 and reached 2048x2048 with a 2.7B model (arXiv 2504.17789).
+  memory: peak resident memory (RSS, MB) of generating with a saved next-token pipeline (default: the shipped
+       model) at each batch size and of a few training steps of its decoder, each job in a fresh process so
+       peaks never mix, beside the baseline of a process that only imports torch. CPU only. The issue's
+       requirement: generating with the default model stays under 2 GB (`MEMORY_LIMIT_MB`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-SUITES = ("sjd", "watermark", "paradigms", "shuffle")
+SUITES = ("sjd", "watermark", "paradigms", "shuffle", "memory")
 ZOO = Path(__file__).resolve().parent / "zoo"
 
 
@@ -323,6 +327,89 @@ def bench_shuffle(windows=(1, 2, 4), grid: int = 16, dim: int = 128, n_layers: i
     return report
 
 
+MEMORY_LIMIT_MB = 2048
+# Runs in a fresh interpreter per job. On Linux the peak is VmHWM from /proc/self/status: the high-water mark of
+# this process image alone. ru_maxrss would not do: Linux carries it across exec, so a child forked from a large
+# parent (a test runner with torch loaded) reports the parent's size. Elsewhere ru_maxrss (bytes on macOS).
+# The baseline job imports torch and nothing else.
+_MEMORY_CHILD = """
+import json, resource, sys
+job = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(job["threads"])
+if job["kind"] != "baseline":
+    from mmgen.bench import _memory_workload
+    _memory_workload(job)
+try:
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+print(json.dumps({"peak_rss_mb": peak / 2**20}))
+"""
+
+
+def _memory_workload(job: dict) -> None:
+    """The work of one memory job, in the child process: generate `batch` images, or `steps` AdamW steps of the
+    pipeline's decoder on random codes (batch `batch`, captions from the shapes prompts)."""
+    from mmgen.data.shapes import heldout_prompts
+    from mmgen.paradigms import next_token
+    from mmgen.pipelines import NextTokenPipeline, load_pipeline
+    from mmgen.pipelines.base import generators_from_seed
+    from mmgen.text import encode_prompts
+
+    pipe = load_pipeline(job["model"])
+    pipe.set_progress_bar_config(disable=True)
+    b = job["batch"]
+    prompts = heldout_prompts(b, seed=0)
+    if job["kind"] == "generate":
+        pipe(prompt=prompts, generator=generators_from_seed(0, b))
+        return
+    if not isinstance(pipe, NextTokenPipeline) or pipe.shuffle:
+        raise ValueError(f"the memory suite trains a plain next-token decoder; {job['model']!r} holds a "
+                         f"{type(pipe).__name__}")
+    model, layout = pipe.transformer.train().requires_grad_(True), pipe.layout
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    text_ids = encode_prompts(pipe.tokenizer, prompts, layout.max_text_len)
+    for _ in range(job["steps"]):
+        codes = torch.randint(0, layout.vocab.image_vocab_size, (b, *layout.grid), generator=g)
+        loss = next_token.loss_fn(model, next_token.build_batch(layout, text_ids, codes, cond_drop_prob=0.1,
+                                                                generator=g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def bench_memory(model_dir, batch_sizes=(1, 8), train_steps: int = 5, train_batch: int = 32, threads: int = 1,
+                 progress: bool = True) -> dict:
+    """Peak RSS (MB) of each job in its own process: torch import alone (baseline), generating at each batch
+    size, and `train_steps` training steps at `train_batch`; `over_baseline_mb` is what the job itself adds."""
+    import json
+    import subprocess
+    import sys
+
+    jobs = {"baseline": dict(kind="baseline")}
+    jobs |= {f"generate_batch_{b}": dict(kind="generate", batch=b) for b in batch_sizes}
+    if train_steps:
+        jobs["train"] = dict(kind="train", batch=train_batch, steps=train_steps)
+    report = {"model": str(model_dir), "threads": threads, "limit_mb": MEMORY_LIMIT_MB, "jobs": {}}
+    for name, job in tqdm(jobs.items(), desc="bench memory", disable=not progress):
+        job = {**job, "model": str(model_dir), "threads": threads}
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, json.dumps(job)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory job {name} failed:\n{proc.stderr[-2000:]}")
+        peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+        row = {k: job[k] for k in ("batch", "steps") if k in job}
+        row["peak_rss_mb"] = round(peak, 1)
+        if name != "baseline":
+            row["over_baseline_mb"] = round(peak - report["jobs"]["baseline"]["peak_rss_mb"], 1)
+        report["jobs"][name] = row
+    report["generate_under_limit"] = all(r["peak_rss_mb"] < MEMORY_LIMIT_MB for n, r in report["jobs"].items()
+                                         if n.startswith("generate"))
+    return report
+
+
 def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: int = 100, models=None,
         shuffle_windows=(1, 2, 4), shuffle_grid: int = 16, **kw) -> dict:
     from mmgen.cli import DEFAULT_MODEL
@@ -348,6 +435,9 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
                                               **{k: kw[k] for k in ("batch_sizes", "repeats", "device") if k in kw},
                                               eval_per_category=kw.get("paradigm_eval_per_category", 0),
                                               eval_split=kw.get("eval_split", "heldout"))
+    if "memory" in suites:
+        report["memory"] = bench_memory(model_dir or DEFAULT_MODEL, batch_sizes=kw.get("batch_sizes", (1, 8)),
+                                        progress=progress)
     if "shuffle" in suites:
         report["shuffle"] = bench_shuffle(shuffle_windows, grid=shuffle_grid, models=models, baseline=model_dir,
                                           progress=progress,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,36 +23,93 @@ class CLIError(Exception):
     """A user error: printed on one line, exit code 2."""
 
 
-def _positive_int(name):
+# images one `mmgen generate` call writes; more is almost surely a typo (and hours of CPU), so it is refused
+MAX_CLI_IMAGES = 64
+# `mmgen watermark detect` inputs: at least one pixel per token of an 8x8 grid; the pixel cap refuses
+# decompression bombs from the header, before decoding
+MIN_IMAGE_SIDE, MAX_IMAGE_PIXELS = 8, 4096 * 4096
+# 8-bit modes that convert to RGB without loss of meaning; 16-bit / float / CMYK would be clipped or recoloured
+IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
+
+
+def _positive_int(name, maximum: int | None = None):
     def parse(s):
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < 1 or (maximum is not None and v > maximum):
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1{f' and <= {maximum}' if maximum else ''}, "
+                                             f"got {v}")
         return v
     return parse
+
+
+def _seed(s):
+    from mmgen.pipelines.base import MAX_SEED
+
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {s!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63 - 1], got {v}")
+    return v
+
+
+def _nonnegative_float(name):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v) or v < 0:  # float() accepts "nan" and "inf"
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s!r}")
+        return v
+    return parse
+
+
+def _model_dir(value: str) -> Path:
+    """--model: a saved pipeline directory or a shipped model's name."""
+    from mmgen.pipelines import resolve_model
+
+    try:
+        return resolve_model(value)
+    except FileNotFoundError as e:
+        raise CLIError(f"--model: {e}") from None
 
 
 def _output_paths(out: Path, n: int) -> list[Path]:
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise CLIError(f"--out must end in .png, .jpg, .jpeg or .webp, got {str(out)!r}")
+    parent = out.absolute().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise CLIError(f"--out {str(out)!r} cannot be written: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {str(out)!r} cannot be written: directory {str(existing)!r} is not writable")
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(n)]
 
 
-def _save_atomic(image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+def _save_atomic(images, paths: list[Path]) -> None:
+    """Write every image to a temporary name, then rename them all: an error leaves no image behind."""
+    tmps = []
     try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for image, path in zip(images, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+            image.save(tmp)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
+    except OSError as e:
+        raise CLIError(f"--out {str(paths[0])!r} cannot be written: {e.strerror or e}") from None
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 # options that only some pipelines take: CLI flag -> pipeline argument (None on the command line = not given)
@@ -83,18 +141,19 @@ def cmd_generate(args) -> dict:
     from mmgen.pipelines import load_pipeline
     from mmgen.pipelines.base import generators_from_seed
 
-    pipe = load_pipeline(args.model)
+    if not args.prompt.strip():
+        raise CLIError("PROMPT must be a non-empty string, e.g. \"a red circle\"")
+    n = args.num_images
+    paths = _output_paths(Path(args.out), n)
+    pipe = load_pipeline(_model_dir(args.model))
     kwargs = _paradigm_kwargs(pipe, args)
     if args.json:
         pipe.set_progress_bar_config(disable=True)
-    n = args.num_images
-    paths = _output_paths(Path(args.out), n)
     t0 = time.perf_counter()
     result = pipe(prompt=args.prompt, num_images_per_prompt=n, guidance_scale=args.guidance_scale,
                   temperature=args.temperature, generator=generators_from_seed(args.seed, n), **kwargs)
     seconds = time.perf_counter() - t0
-    for image, path in zip(result.images, paths):
-        _save_atomic(image, path)
+    _save_atomic(result.images, paths)
     return {"prompt": args.prompt, "model": str(args.model), "pipeline": type(pipe).__name__,
             "images": [str(p) for p in paths], "seed": args.seed, "sampler": kwargs.get("sampler", "ar"),
             "watermarked": args.watermark_key is not None, "nfe_per_image": result.nfe,
@@ -113,17 +172,25 @@ def cmd_watermark_detect(args) -> dict:
         raise CLIError("--key must be a non-empty string (the secret the images were generated with)")
     if not 0 < args.fpr < 1:
         raise CLIError(f"--fpr must be in (0, 1), got {args.fpr}")
+    model = _model_dir(args.model)
     images = []
     for path in args.images:
         try:
             with Image.open(path) as im:
+                w, h = im.size
+                if im.mode not in IMAGE_MODES:
+                    raise CLIError(f"IMAGE {path!r} has mode {im.mode}; accepted: {', '.join(IMAGE_MODES)} "
+                                   f"(convert it to 8-bit RGB first)")
+                if min(w, h) < MIN_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+                    raise CLIError(f"IMAGE {path!r} is {w}x{h}; accepted: sides >= {MIN_IMAGE_SIDE} and at most "
+                                   f"{MAX_IMAGE_PIXELS} pixels")
                 im.load()
                 images.append(im.copy())
         except FileNotFoundError:
             raise CLIError(f"IMAGE {path!r} does not exist") from None
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
             raise CLIError(f"IMAGE {path!r} is not a readable image ({e.__class__.__name__})") from None
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(model)
     results = pipe.detect_watermark(images, args.key, fpr=args.fpr)
     return {"model": str(args.model), "fpr": args.fpr, "method": pipe.watermark_config().method,
             "images": [{"image": p, **r} for p, r in zip(args.images, results)]}
@@ -133,8 +200,7 @@ def cmd_bench(args) -> dict:
     from mmgen import bench
 
     suites = args.suite or list(bench.SUITES)
-    if not Path(args.model).is_dir():
-        raise CLIError(f"--model {args.model!r} does not exist or is not a directory")
+    model = _model_dir(args.model)
     batch_sizes = tuple(args.batch_sizes)
     models = None
     if args.models:
@@ -144,11 +210,68 @@ def cmd_bench(args) -> dict:
             if not sep or not name or not Path(path).is_dir():
                 raise CLIError(f"--models takes NAME=DIR with an existing directory, got {item!r}")
             models[name] = path
-    return bench.run(suites, model_dir=args.model, progress=not args.json, batch_sizes=batch_sizes,
+    return bench.run(suites, model_dir=model, progress=not args.json, batch_sizes=batch_sizes,
                      window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
                      watermark_images=args.watermark_images, eval_split=args.eval_split, device=args.device,
                      models=models, paradigm_eval_per_category=args.paradigm_eval_per_category,
                      shuffle_windows=tuple(args.shuffle_windows), shuffle_grid=args.shuffle_grid)
+
+
+def cmd_serve(args) -> dict:
+    from mmgen.serve import serve
+
+    if args.model and len(set(args.model)) != len(args.model):
+        raise CLIError(f"--model names a model twice: {' '.join(args.model)}")
+    # a model is listed under what the user typed (a zoo name or a path), so two runs' `pipeline` dirs differ
+    models = {value: _model_dir(value) for value in args.model} if args.model else None  # None: the zoo
+    try:
+        demo = serve(models, host=args.host, port=args.port, share=args.share)
+    except OSError as e:  # port taken, host not ours
+        raise CLIError(f"--host {args.host} --port {args.port}: cannot serve there ({e})") from None
+    return {"url": demo.local_url, "models": {name: cls.__name__ for name, cls in demo.models.classes.items()}}
+
+
+def _count_or_off(name):
+    """0 (off) or a number of images >= 2 (a Frechet distance needs a covariance on each side)."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0 or v == 1:
+            raise argparse.ArgumentTypeError(f"{name} must be 0 (off) or >= 2, got {v}")
+        return v
+    return parse
+
+
+def cmd_eval(args) -> dict:
+    from mmgen.eval.harness import evaluate_model
+    from mmgen.pipelines import load_pipeline
+
+    out = Path(args.out) if args.out else None
+    if out is not None:  # checked before the run, so a long evaluation is never lost to a bad path
+        if out.suffix.lower() != ".json":
+            raise CLIError(f"--out must end in .json, got {str(out)!r}")
+        existing = next(p for p in (out.absolute().parent, *out.absolute().parent.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise CLIError(f"--out {str(out)!r} cannot be written: {str(existing)!r} is not a writable directory")
+    model = _model_dir(args.model)
+    pipe = load_pipeline(model)
+    kwargs = _paradigm_kwargs(pipe, args)
+    result = evaluate_model(model, data=args.data, per_category=args.per_category, splits=args.splits, fd=args.fd,
+                            tokenizer_images=args.tokenizer_images, batch_size=args.batch_size, seed=args.seed,
+                            device=args.device, progress=not args.json, pipeline=pipe, guidance_scale=args.cfg,
+                            temperature=args.temperature, **kwargs)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".json", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(tmp, out)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,12 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images from a text prompt",
                        description="Generate images from a text prompt with a saved pipeline.")
     g.add_argument("prompt", help='text prompt, e.g. "a red circle above a blue square"')
-    g.add_argument("--model", default=str(DEFAULT_MODEL), help="saved pipeline directory (default: shipped model)")
+    g.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
+                        "shapes-nexttoken)")
     g.add_argument("--out", default="out.png", help="output image path; with N>1 images, _0.._N-1 is appended")
-    g.add_argument("--num-images", type=_positive_int("--num-images"), default=1, help="images to generate")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (>= 0)")
-    g.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (>= 0; 1 = off)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0; 0 = greedy); flow "
+    g.add_argument("--num-images", type=_positive_int("--num-images", MAX_CLI_IMAGES), default=1,
+                   help=f"images to generate (1 to {MAX_CLI_IMAGES})")
+    g.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image i uses seed+i (>= 0), so "
+                   "an image's tokens do not depend on --num-images")
+    g.add_argument("--guidance-scale", type=_nonnegative_float("--guidance-scale"), default=3.0,
+                   help="classifier-free guidance scale (>= 0; 1 = off)")
+    g.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0, help="sampling temperature (> 0; 0 = greedy); flow "
                    "models: scale of the initial noise")
     discrete = g.add_argument_group("discrete tokens (next-token, next-scale)")
     discrete.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
@@ -195,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "exact under the hypothesis of no watermark; no decoder pass is needed.")
     d.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     d.add_argument("--key", required=True, help="the secret key used at generation")
-    d.add_argument("--model", default=str(DEFAULT_MODEL), help="saved pipeline directory (its tokenizer and "
-                   "watermark.json)")
+    d.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="saved pipeline directory or shipped model name (its tokenizer and watermark.json)")
     d.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the verdict, in (0, 1)")
     d.add_argument("--json", action="store_true", help="print a JSON result")
     d.set_defaults(func=cmd_watermark_detect)
@@ -204,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
                        description="Benchmarks (see mmgen/bench.py): each figure is a ratio against a baseline run "
                                    "in the same process.")
-    b.add_argument("--suite", action="append", choices=("sjd", "watermark", "paradigms", "shuffle"),
+    b.add_argument("--suite", action="append", choices=("sjd", "watermark", "paradigms", "shuffle", "memory"),
                    help="suite to run (repeatable; default: all)")
-    b.add_argument("--model", default=str(DEFAULT_MODEL), help="saved pipeline directory (default: shipped model)")
+    b.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
+                        "shapes-nexttoken)")
     b.add_argument("--batch-sizes", type=_positive_int("--batch-sizes"), nargs="+", default=[1, 8],
                    help="batch sizes for the latency table")
     b.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
@@ -230,6 +360,57 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", help="evaluate a saved model: generation quality, tokenizer, speed",
+                       description="Evaluate a saved model (see mmgen/eval/harness.py). shapes: compositional "
+                                   "accuracy per category on the held-out and train splits; fashion_mnist: class "
+                                   "accuracy by the shipped classifier; emoji: FD-ENL0 only. FD-ENL0 is a Frechet "
+                                   "distance on EfficientNet-Lite0 features, not Inception FID. The tokenizer is "
+                                   "scored by PSNR, SSIM, rFD-ENL0 and codebook usage on held-out images.")
+    e.add_argument("--model", required=True, help="saved pipeline directory or shipped model name")
+    e.add_argument("--data", choices=("shapes", "fashion_mnist", "emoji"), default=None,
+                   help="what to evaluate on (default: the data the model directory records, else shapes)")
+    e.add_argument("--per-category", type=_positive_int("--per-category"), default=50,
+                   help="shapes: prompts per category and split; fashion_mnist: images per class")
+    e.add_argument("--splits", nargs="+", choices=("heldout", "train"), default=["heldout", "train"],
+                   help="shapes: prompt splits to score")
+    e.add_argument("--fd", type=_count_or_off("--fd"), default=0, metavar="N",
+                   help="FD-ENL0 between N real images and N generated from their captions (default 0: off; "
+                        "emoji needs it)")
+    e.add_argument("--tokenizer-images", type=_count_or_off("--tokenizer-images"), default=256, metavar="N",
+                   help="held-out images for the tokenizer's PSNR / SSIM / rFD-ENL0 (0: skip)")
+    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=25, help="images per pipeline call")
+    e.add_argument("--seed", type=_seed, default=0, help="image i of each prompt list uses seed+i")
+    e.add_argument("--cfg", type=_nonnegative_float("--cfg"), default=3.0,
+                   help="classifier-free guidance scale (1 = off)")
+    e.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0,
+                   help="sampling temperature; flow models: scale of the initial noise")
+    e.add_argument("--top-k", type=int, default=None, help="discrete tokens: keep the k most likely (>= 1)")
+    e.add_argument("--top-p", type=float, default=None, help="discrete tokens: nucleus mass in (0, 1]")
+    e.add_argument("--sampler", choices=("ar", "sjd"), default=None, help="next-token models: ar or sjd")
+    e.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=None, help="SJD draft tokens per pass")
+    e.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
+                   help="SJD draft initialization")
+    e.add_argument("--steps", type=_positive_int("--steps"), default=None, help="flow models: ODE steps per token "
+                   "or scale")
+    e.add_argument("--flow-sampler", choices=("euler", "heun"), default=None, help="flow models: ODE solver")
+    e.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
+                   help="next-scale and flow models: guidance schedule (default: the pipeline's)")
+    e.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
+    e.add_argument("--out", default=None, help="also write the JSON report to this .json file")
+    e.add_argument("--json", action="store_true", help="print the JSON report")
+    e.set_defaults(func=cmd_eval, watermark_key=None)  # _paradigm_kwargs reads every paradigm option
+
+    s = sub.add_parser("serve", help="web demo (Gradio) in the browser",
+                       description="Serve a web demo: prompt, model/paradigm, sampler (AR/SJD), seed, guidance, "
+                                   "watermark. Pipelines load on first use. Stop with Ctrl-C.")
+    s.add_argument("--model", action="append", metavar="NAME_OR_DIR", default=None,
+                   help="shipped model name or saved pipeline directory (repeatable; default: every shipped model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=_positive_int("--port", 65535), default=7860, help="port to listen on")
+    s.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    s.add_argument("--json", action="store_true", help="on exit, print what was served as JSON")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -35,3 +35,17 @@ def test_bench_cli_rejects_bad_suite_and_model(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--suite" in proc.stdout
+
+
+def test_memory_suite_default_model_under_2gb():
+    """The issue's requirement: generating with the default model stays under 2 GB of resident memory. Each job
+    runs in its own process, so its peak is its own and includes the torch import (the baseline)."""
+    r = bench.bench_memory(DEFAULT_MODEL, batch_sizes=(1,), train_steps=1, train_batch=2, progress=False)
+    jobs = r["jobs"]
+    assert set(jobs) == {"baseline", "generate_batch_1", "train"} and r["limit_mb"] == 2048
+    base, gen, train = (jobs[k]["peak_rss_mb"] for k in ("baseline", "generate_batch_1", "train"))
+    assert 0 < base < gen < bench.MEMORY_LIMIT_MB and r["generate_under_limit"] is True
+    # loading 24 MB of weights and sampling adds to the baseline; training adds gradients and AdamW moments
+    assert jobs["generate_batch_1"]["over_baseline_mb"] == pytest.approx(gen - base, abs=0.2) and gen - base > 20
+    assert train > base and jobs["train"] == {"batch": 2, "steps": 1, "peak_rss_mb": train,
+                                              "over_baseline_mb": pytest.approx(train - base, abs=0.2)}

@@ -9,19 +9,40 @@ from mmgen.pipelines.base import ARPipelineOutput
 from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.pipelines.next_scale import NextScalePipeline
 from mmgen.pipelines.next_token import NextTokenPipeline
+from mmgen.safe_save import save_pipeline, verify
 
 PIPELINES = {cls.__name__: cls for cls in (NextTokenPipeline, NextScalePipeline, RasterFlowPipeline, FlowARPipeline,
                                                   NextXPipeline)}
 
 
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+
+
+def zoo_names() -> list[str]:
+    """The shipped models in `mmgen/zoo`, by name."""
+    return sorted(d.name for d in ZOO.iterdir() if (d / "model_index.json").is_file())
+
+
+def resolve_model(name_or_dir: str | Path) -> Path:
+    """A saved pipeline directory, or the name of a shipped model (`shapes-flowar`) -> its directory."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    if str(name_or_dir) in zoo_names():
+        return ZOO / str(name_or_dir)
+    raise FileNotFoundError(f"model {str(name_or_dir)!r} does not exist: it is neither a directory nor a shipped "
+                            f"model ({', '.join(zoo_names())})")
+
+
 def load_pipeline(model_dir: str | Path):
-    """Load any mmgen pipeline from a local directory written by `save_pretrained`."""
-    model_dir = Path(model_dir)
+    """Load any mmgen pipeline from a local directory written by `save_pretrained` (or `save_pipeline`), or a
+    shipped model by name. The directory is verified first (`mmgen.safe_save.verify`): a truncated, corrupt or
+    missing file raises a ValueError naming it before torch reads anything."""
+    model_dir = resolve_model(model_dir)
     index = model_dir / "model_index.json"
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {str(model_dir)!r} does not exist")
     if not index.is_file():
         raise FileNotFoundError(f"{str(model_dir)!r} is not a saved pipeline: it has no model_index.json")
+    verify(model_dir)
     name = json.loads(index.read_text()).get("_class_name")
     if name not in PIPELINES:
         raise ValueError(f"{str(index)!r} names pipeline {name!r}; accepted: {', '.join(PIPELINES)}")
@@ -29,4 +50,5 @@ def load_pipeline(model_dir: str | Path):
 
 
 __all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "NextXPipeline",
-           "PIPELINES", "RasterFlowPipeline", "load_pipeline"]
+           "PIPELINES", "RasterFlowPipeline", "ZOO", "load_pipeline", "resolve_model", "save_pipeline", "verify",
+           "zoo_names"]

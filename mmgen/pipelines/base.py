@@ -11,7 +11,10 @@ from diffusers.utils import BaseOutput
 
 from mmgen.text import UnifiedVocab
 
-MAX_IMAGES_PER_CALL = 4096
+# images per pipeline call (prompts x num_images_per_prompt): far beyond what fits in memory at once on CPU;
+# more is a mistake (e.g. a seed typed into the count) that would otherwise run for hours, so it is refused
+MAX_IMAGES_PER_CALL = 256
+MAX_SEED = 2**63 - 1  # seed + image index must stay below 2**64, torch.Generator's range
 OUTPUT_TYPES = ("pil", "pt", "np")
 
 
@@ -43,8 +46,8 @@ def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generato
 
 def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:
     """Image i gets seed + i: the same seed gives the same images whatever the batch size."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
@@ -59,9 +62,10 @@ def unified_vocab(transformer, tokenizer, image_vocab_size: int) -> UnifiedVocab
 
 def check_call(prompt, num_images_per_prompt, output_type) -> list[str]:
     """Validate the arguments every pipeline call takes; returns the prompts as a list."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise ValueError("prompt must be a non-empty string or a non-empty list of strings")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError(f"prompt must be a non-empty string or a non-empty list of non-empty strings, got "
+                         f"{prompt!r}")
     if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
             or not 1 <= num_images_per_prompt * len(prompts) <= MAX_IMAGES_PER_CALL:
         raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
