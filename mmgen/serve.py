@@ -1,0 +1,214 @@
+"""`mmgen serve`: a Gradio web demo over saved pipelines.
+
+One page: prompt, model (its paradigm is its pipeline class), sampler (AR, or speculative Jacobi decoding where
+the pipeline offers it), seed, guidance scale, number of images and the distortion-free watermark, then a
+gallery of the images and one status line (seconds, decoder passes). It calls pipelines exactly as
+`mmgen generate` does: `load_pipeline` once per model (lazily, then cached) and `generators_from_seed`, so the
+same settings give the same images on the page and on the command line.
+
+Options a paradigm does not take are switched off in the page when its model is picked, and refused with a
+message naming the model, never passed on (the CLI's rule, `_paradigm_kwargs`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from mmgen.pipelines import PIPELINES, load_pipeline
+from mmgen.pipelines.base import generators_from_seed
+
+SAMPLER_CHOICES = [("AR", "ar"), ("SJD", "sjd")]  # (label, value): values are the pipeline's `sampler`
+MAX_IMAGES = 8
+# The shipped models draw 64x64 images; scale them up as blocks rather than blurs.
+CSS = "#output img { image-rendering: pixelated; }"
+
+
+def pipeline_class(model_dir: Path) -> type:
+    """The pipeline class a saved directory names, read from `model_index.json` without loading weights."""
+    index = Path(model_dir) / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"model directory {str(model_dir)!r} is not a saved pipeline: it has no model_index.json")
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINES:
+        raise ValueError(f"{str(index)!r} names pipeline {name!r}; accepted: {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+class DemoModels:
+    """The models a demo offers (name -> saved directory) and the generate callback behind its button.
+
+    Pipelines load on a model's first generation and stay cached; what each model accepts is read from its
+    pipeline class, so picking a model costs nothing until it is used.
+    """
+
+    def __init__(self, models: dict[str, Path]):
+        if not models:
+            raise ValueError("models must name at least one saved pipeline directory")
+        self.dirs = {name: Path(d) for name, d in models.items()}
+        self.classes = {name: pipeline_class(d) for name, d in self.dirs.items()}
+        self._pipes = {}
+        self._lock = threading.Lock()  # Gradio runs callbacks on worker threads
+
+    def accepts(self, name: str) -> set[str]:
+        return set(inspect.signature(self.classes[name].__call__).parameters)
+
+    def describe(self, name: str) -> str:
+        """One line for the page: the model's paradigm and the optional stages it takes."""
+        accepted = self.accepts(name)
+        stages = [label for arg, label in (("sampler", "SJD sampler"), ("watermark_key", "watermark"))
+                  if arg in accepted]
+        extra = (f"Takes: {', '.join(stages)}." if stages
+                 else "SJD and the watermark are next-token stages; this model samples with AR only.")
+        return f"**{name}**: `{self.classes[name].__name__}`. {extra}"
+
+    def pipeline(self, name: str):
+        with self._lock:
+            if name not in self._pipes:
+                pipe = load_pipeline(self.dirs[name])
+                pipe.set_progress_bar_config(disable=True)
+                self._pipes[name] = pipe
+            return self._pipes[name]
+
+    def generate(self, prompt: str, model: str, sampler: str = "ar", seed: int | float = 0,
+                 guidance_scale: float = 3.0, num_images: int | float = 1, watermark: bool = False,
+                 watermark_key: str = "") -> tuple[list[tuple], str]:
+        """The Generate button: ([(image, caption), ...], status line). Bad input raises `gr.Error`, which the
+        page shows as a message."""
+        if model not in self.dirs:
+            raise _error(f"model must be one of {', '.join(self.dirs)}; got {model!r}")
+        if not prompt or not prompt.strip():
+            raise _error("Enter a prompt, e.g. \"a red circle above a blue square\".")
+        values = [v for _, v in SAMPLER_CHOICES]
+        if sampler not in values:
+            raise _error(f"sampler must be one of {', '.join(values)}; got {sampler!r}")
+        if not _whole(seed) or seed < 0:
+            raise _error(f"Seed must be an integer >= 0, got {seed!r}.")
+        if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
+            raise _error(f"Number of images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}.")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+            raise _error(f"Guidance scale must be a number, got {guidance_scale!r}.")
+        seed, n = int(seed), int(num_images)
+        accepted, kind = self.accepts(model), self.classes[model].__name__
+        kwargs = {}
+        if sampler == "sjd":
+            if "sampler" not in accepted:
+                raise _error(f"SJD (speculative Jacobi decoding) needs a next-token model; {model} is a {kind}. "
+                             f"Pick AR.")
+            kwargs["sampler"] = "sjd"
+        if watermark:
+            if "watermark_key" not in accepted:
+                raise _error(f"The watermark needs a next-token model; {model} is a {kind}. Switch it off.")
+            if not watermark_key:
+                raise _error("Enter a watermark key (the secret that detection needs) or switch the watermark off.")
+            kwargs["watermark_key"] = watermark_key
+
+        # the pipeline's own checks (unknown words, bad guidance, seed range, a corrupt model file) name the problem
+        try:
+            pipe = self.pipeline(model)
+            t0 = time.perf_counter()
+            out = pipe(prompt=prompt, num_images_per_prompt=n, guidance_scale=float(guidance_scale),
+                       generator=generators_from_seed(seed, n), **kwargs)
+        except ValueError as e:
+            raise _error(str(e)) from None
+        seconds = time.perf_counter() - t0
+        w, h = out.images[0].size
+        status = (f"{n} image{'s' if n > 1 else ''} ({w}x{h}) in {seconds:.2f} s with {kind}, "
+                  f"{out.nfe} decoder passes per image")
+        if out.model_evals is not None:
+            status += f" ({out.model_evals} decoder evaluations with the flow steps)"
+        if kwargs.get("sampler") == "sjd":
+            status += f"; SJD: {out.step_compression:.2f} tokens per pass"
+        if watermark:
+            status += "; watermarked"
+        return [(image, f"seed {seed + i}") for i, image in enumerate(out.images)], status + "."
+
+    def controls(self, model: str):
+        """Updates for the sampler and watermark controls when `model` is picked: off where it has no use."""
+        accepted = self.accepts(model)
+        sjd, wm = "sampler" in accepted, "watermark_key" in accepted
+        return (gr.update(interactive=sjd, **({} if sjd else {"value": "ar"})),
+                gr.update(interactive=wm, **({} if wm else {"value": False})),
+                gr.update(interactive=wm),
+                self.describe(model))
+
+
+def _whole(x) -> bool:
+    """An integral number: page inputs arrive as int or float (or None when a box is cleared)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
+
+
+def _error(message: str) -> gr.Error:
+    # a user mistake, not a server fault: no traceback in the server log
+    return gr.Error(message, print_exception=False)
+
+
+def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
+    """The demo page over `models` (name -> saved pipeline directory; default: the shipped zoo).
+
+    Components carry stable `elem_id`s (prompt, model, sampler, seed, guidance, num-images, watermark,
+    watermark-key, generate, output, status, model-info) for browser tests. The `DemoModels` behind the page
+    is `demo.models`.
+    """
+    if models is None:
+        from mmgen.bench import zoo_models
+        from mmgen.cli import DEFAULT_MODEL
+
+        # the CLI's default model first: the page opens on it
+        models = dict(sorted(zoo_models().items(), key=lambda item: item[1] != DEFAULT_MODEL))
+    backend = DemoModels(models)
+    first = next(iter(backend.dirs))
+    sjd, wm = ("sampler" in backend.accepts(first)), ("watermark_key" in backend.accepts(first))
+    with gr.Blocks(title="mmgen", analytics_enabled=False) as demo:
+        gr.Markdown("# mmgen: autoregressive text-to-image")
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", placeholder="a red circle above a blue square", elem_id="prompt")
+                model = gr.Dropdown(choices=[(f"{name} ({backend.classes[name].__name__})", name)
+                                             for name in backend.dirs],
+                                    value=first, label="Model (paradigm)", elem_id="model")
+                info = gr.Markdown(backend.describe(first), elem_id="model-info")
+                sampler = gr.Radio(SAMPLER_CHOICES, value="ar", label="Sampler", interactive=sjd,
+                                   info="SJD: speculative Jacobi decoding, the same distribution in fewer passes",
+                                   elem_id="sampler")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (image i uses seed + i)",
+                                     elem_id="seed")
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images",
+                                           elem_id="num-images")
+                guidance = gr.Slider(0.0, 10.0, value=3.0, step=0.5, label="Guidance scale (1 = off)",
+                                     elem_id="guidance")
+                with gr.Row():
+                    watermark = gr.Checkbox(value=False, label="Watermark", interactive=wm, elem_id="watermark")
+                    key = gr.Textbox(label="Watermark key", type="password", interactive=wm,
+                                     elem_id="watermark-key")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column():
+                gallery = gr.Gallery(label="Images", format="png", columns=4, object_fit="contain",
+                                     elem_id="output")
+                status = gr.Markdown(elem_id="status")
+        model.change(backend.controls, inputs=model, outputs=[sampler, watermark, key, info])
+        gr.on([button.click, prompt.submit], backend.generate,
+              inputs=[prompt, model, sampler, seed, guidance, num_images, watermark, key],
+              outputs=[gallery, status])
+    demo.models = backend
+    return demo
+
+
+def serve(models: dict[str, Path] | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          block: bool = True) -> gr.Blocks:
+    """Build the demo and serve it at http://host:port (`share`: also through a Gradio share link).
+    With `block=False` the server runs on a background thread; stop it with `demo.close()`."""
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    demo = build_demo(models)
+    demo.queue(default_concurrency_limit=1)  # one generation at a time: they share the CPU and the cached pipes
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+                css=CSS, footer_links=[])
+    return demo

@@ -1,0 +1,213 @@
+"""The web demo (`mmgen serve`): the generate callback in Python, the CLI's checks, and the page end to end in
+headless Chromium (Debian `chromium` + `chromium-driver`, installed by .ci/run)."""
+
+import io
+import shutil
+import socket
+import urllib.request
+
+import gradio as gr
+import pytest
+import torch
+from PIL import Image
+
+from mmgen import cli, serve
+from mmgen.bench import zoo_models
+from mmgen.models.transformer import Transformer
+from mmgen.pipelines import NextTokenPipeline, load_pipeline
+from mmgen.pipelines.base import generators_from_seed
+from mmgen.text import UnifiedVocab, train_text_tokenizer
+from tokenizers_vis.vqgan import VQGAN
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
+               image_size=16)
+    tok = train_text_tokenizer(["a red circle", "a blue square above a red circle", "two green stars"])
+    tr = Transformer(vocab_size=UnifiedVocab(len(tok), vq.vocab_size).size, dim=32, n_layers=2, n_heads=4,
+                     max_seq_len=32)
+    d = tmp_path_factory.mktemp("tiny")
+    NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=8).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    # the tiny next-token model, and a shipped flow model that the tests never load (it has no SJD/watermark)
+    return serve.DemoModels({"tiny": tiny_dir, "shapes-flowar": zoo_models()["shapes-flowar"]})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    pipe = load_pipeline(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixels(images):
+    return [im.tobytes() for im in images]
+
+
+def test_generate_matches_the_pipeline(models, reference):
+    """The callback is `pipe(...)` with generators_from_seed: the same pixels as a direct call, for AR and SJD."""
+    gallery, status = models.generate("a red circle", "tiny", "ar", 3, 2.0, 2)
+    images = [im for im, _ in gallery]
+    assert [caption for _, caption in gallery] == ["seed 3", "seed 4"]
+    want = reference(prompt="a red circle", num_images_per_prompt=2, guidance_scale=2.0,
+                     generator=generators_from_seed(3, 2))
+    assert pixels(images) == pixels(want.images) and images[0].size == (16, 16)
+    assert status.startswith("2 images (16x16) in ") and "NextTokenPipeline, 64 decoder passes per image." in status
+
+    gallery, status = models.generate("a red circle", "tiny", "sjd", 3, 2.0, 2)
+    sjd = reference(prompt="a red circle", num_images_per_prompt=2, guidance_scale=2.0,
+                    generator=generators_from_seed(3, 2), sampler="sjd")
+    assert pixels(im for im, _ in gallery) == pixels(sjd.images)
+    assert f"{sjd.nfe} decoder passes per image; SJD: {sjd.step_compression:.2f} tokens per pass." in status
+    assert sjd.nfe < 64
+
+
+def test_watermark_toggle_reaches_the_pipeline(models, reference):
+    """The key goes to the sampler: the page's image is the direct watermarked call's, not the plain one.
+    (Detection from pixels is not asserted: a tiny random VQGAN re-tokenizes ~3% of codes back; see README.)"""
+    gallery, status = models.generate("two green stars", "tiny", "ar", 0, 3.0, 1, True, "secret")
+    marked = reference(prompt="two green stars", generator=generators_from_seed(0, 1), watermark_key="secret")
+    plain = reference(prompt="two green stars", generator=generators_from_seed(0, 1))
+    assert pixels(im for im, _ in gallery) == pixels(marked.images) != pixels(plain.images)
+    assert status.endswith("; watermarked.")
+    # the switch off means off, whatever the key box holds
+    gallery, status = models.generate("two green stars", "tiny", "ar", 0, 3.0, 1, False, "secret")
+    assert pixels(im for im, _ in gallery) == pixels(plain.images) and "watermarked" not in status
+
+
+@pytest.mark.parametrize("args, message", [
+    (("", "tiny"), "Enter a prompt"),
+    (("   ", "tiny"), "Enter a prompt"),
+    (("a red circle", "nope"), "model must be one of tiny, shapes-flowar; got 'nope'"),
+    (("a red circle", "tiny", "beam"), "sampler must be one of ar, sjd; got 'beam'"),
+    (("a red circle", "tiny", "ar", -1), "Seed must be an integer >= 0, got -1"),
+    (("a red circle", "tiny", "ar", 1.5), "Seed must be an integer >= 0, got 1.5"),
+    (("a red circle", "tiny", "ar", None), "Seed must be an integer >= 0, got None"),  # a cleared box
+    (("a red circle", "tiny", "ar", float("inf")), "Seed must be an integer >= 0, got inf"),
+    (("a red circle", "tiny", "ar", 0, None), "Guidance scale must be a number, got None"),
+    (("a red circle", "tiny", "ar", 0, 3.0, 9), "Number of images must be an integer from 1 to 8, got 9"),
+    (("a red circle", "tiny", "ar", 0, 3.0, 1, True, ""), "Enter a watermark key"),
+    (("a red circle", "tiny", "ar", 0, -1.0), "guidance_scale"),  # the pipeline's own check, passed on
+    (("a purple hexagon", "tiny"), "does not know"),
+    (("a red circle", "shapes-flowar", "sjd"), "SJD (speculative Jacobi decoding) needs a next-token model; "
+                                               "shapes-flowar is a FlowARPipeline. Pick AR."),
+    (("a red circle", "shapes-flowar", "ar", 0, 3.0, 1, True, "k"), "The watermark needs a next-token model"),
+])
+def test_bad_input_is_a_gradio_error(models, args, message):
+    with pytest.raises(gr.Error) as info:
+        models.generate(*args)
+    assert message in info.value.message
+
+
+def test_options_follow_the_model(models):
+    """Refusals above are checked against the class: the flow model was never loaded."""
+    sampler, watermark, key, info = models.controls("shapes-flowar")
+    assert sampler == {"__type__": "update", "interactive": False, "value": "ar"}
+    assert watermark == {"__type__": "update", "interactive": False, "value": False}
+    assert key == {"__type__": "update", "interactive": False}
+    assert info.startswith("**shapes-flowar**: `FlowARPipeline`. SJD and the watermark are next-token stages")
+    sampler, watermark, key, info = models.controls("tiny")
+    assert sampler["interactive"] and watermark["interactive"] and key["interactive"] and "value" not in sampler
+    assert info == "**tiny**: `NextTokenPipeline`. Takes: SJD sampler, watermark."
+    assert "shapes-flowar" not in models._pipes
+
+
+def test_models_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="at least one"):
+        serve.build_demo({})
+    with pytest.raises(ValueError, match="has no model_index.json"):
+        serve.build_demo({"empty": tmp_path})
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    with pytest.raises(ValueError, match="names pipeline 'StableDiffusionPipeline'; accepted: NextTokenPipeline"):
+        serve.build_demo({"sd": tmp_path})
+
+
+def test_cli_serve(tiny_dir, monkeypatch, capsys):
+    """`mmgen serve` resolves --model names and directories, then hands them to `serve` (replaced here, so no
+    server starts); bad input exits 2 with the argument named."""
+    served = {}
+
+    class Demo:
+        local_url = "http://127.0.0.1:7999/"
+        models = serve.DemoModels({"shapes-flowar": zoo_models()["shapes-flowar"], str(tiny_dir): tiny_dir})
+
+    def fake_serve(models, host, port, share):
+        served.update(models=models, host=host, port=port, share=share)
+        return Demo
+
+    monkeypatch.setattr(serve, "serve", fake_serve)
+    assert cli.main(["serve", "--model", "shapes-flowar", "--model", str(tiny_dir), "--port", "7999", "--json"]) == 0
+    assert served == {"models": {"shapes-flowar": zoo_models()["shapes-flowar"], str(tiny_dir): tiny_dir},
+                      "host": "127.0.0.1", "port": 7999, "share": False}
+    assert '"shapes-flowar": "FlowARPipeline"' in capsys.readouterr().out
+    assert cli.main(["serve"]) == 0 and served["models"] is None and served["port"] == 7860  # None: the zoo
+    capsys.readouterr()
+    for argv, needle in ((["--model", "no-such-model"], "--model: model 'no-such-model' does not exist"),
+                         (["--model", "shapes-flowar", "--model", "shapes-flowar"], "names a model twice"),
+                         (["--port", "70000"], "--port must be >= 1 and <= 65535, got 70000")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["serve", *argv])
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver; CI does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--window-size=1100,800"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_page_in_headless_chromium(tiny_dir, reference, browser):
+    """Type a prompt, press Generate, get the image; an empty prompt shows the error instead."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    demo = serve.serve({"tiny": tiny_dir}, port=free_port(), block=False)
+    try:
+        browser.get(demo.local_url)
+        wait = WebDriverWait(browser, 30)
+        prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
+        prompt.send_keys("a blue square above a red circle")
+        browser.find_element(By.ID, "generate").click()
+        img = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#output img")))
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is local
+        with no_proxy.open(img.get_attribute("src"), timeout=10) as response:
+            image = Image.open(io.BytesIO(response.read()))
+            image.load()
+        assert image.format == "PNG" and image.size == (16, 16)
+        want = reference(prompt="a blue square above a red circle", generator=generators_from_seed(0, 1))
+        assert image.convert("RGB").tobytes() == want.images[0].tobytes()  # PNG is lossless: the very pixels
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "64 decoder passes per image"))
+
+        prompt.send_keys(Keys.CONTROL, "a")
+        prompt.send_keys(Keys.BACKSPACE)  # as a user does: clear() skips the input event the page listens to
+        browser.find_element(By.ID, "generate").click()
+        wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "Enter a prompt"))
+    finally:
+        demo.close()
