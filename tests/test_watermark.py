@@ -13,9 +13,9 @@ from mmgen import cli
 from mmgen.paradigms.next_token import NextTokenLayout, generate, generate_sjd
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
-from mmgen.watermark import (WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_codebook, detect_tokens,
-                             kmeans)
-from mmgen.watermark.core import binomial_sf, contexts
+from mmgen.watermark import (WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_by_confusion,
+                             cluster_codebook, confusion_matrix, detect_tokens, kmeans)
+from mmgen.watermark.core import binomial_sf, contexts, uniform_sum_sf
 from test_sjd import N_SAMPLES, empirical, peaked_model, tv, tv_bound
 
 CLUSTERS8 = [0, 0, 1, 1, 2, 2, 3, 3]
@@ -31,8 +31,8 @@ def test_alpha_reweight_is_the_identity_on_average_over_permutations(alpha):
     assert (alpha_reweight(p, torch.tensor(perms[7]).expand(4, 5), alpha) - p).abs().max() > 0.05
 
 
-def _average_over_keys(method, logits, n_keys=4000):
-    cfg = WatermarkConfig(method=method, num_clusters=4, context=1, clusters=CLUSTERS8)
+def _average_over_keys(method, logits, n_keys=4000, keying="clusters"):
+    cfg = WatermarkConfig(method=method, num_clusters=4, context=1, keying=keying, clusters=CLUSTERS8)
     prefix, lengths = torch.tensor([[5]]), torch.tensor([1])
     total = torch.zeros(8)
     for k in range(n_keys):
@@ -48,6 +48,7 @@ def test_watermarked_distribution_averaged_over_keys_is_the_original():
     tol = 5 * 0.5 / 4000 ** 0.5
     for method in ("c-reweight", "token-reweight"):
         assert (_average_over_keys(method, logits) - p).abs().max() < tol, method
+    assert (_average_over_keys("c-reweight", logits, keying="position") - p).abs().max() < tol
     assert (_average_over_keys("kgw-cluster", logits) - p).abs().max() > tol
 
 
@@ -80,6 +81,48 @@ def test_false_positive_rate_at_or_below_nominal():
     assert (torch.tensor(naive) < 0.01).float().mean() > 0.01
 
 
+@pytest.mark.parametrize("keying,context,statistic", [("clusters", 2, "rank"), ("position", 0, "green"),
+                                                      ("position", 1, "rank")])
+def test_false_positive_rate_of_the_other_keyings_and_statistics(keying, context, statistic):
+    clusters = torch.arange(64).remainder(8).tolist()
+    cfg = WatermarkConfig(num_clusters=8, context=context, keying=keying, statistic=statistic, clusters=clusters)
+    detections = detect_tokens(_markov_sequences(600, seed=1), cfg, "the-key")
+    # position keys never repeat, so every position is scored; cluster contexts skip the repeated ones
+    assert all(d.scored == 64 for d in detections) == (keying == "position")
+    p_values = torch.tensor([d.p_value for d in detections])
+    for nominal in (0.01, 0.05, 0.2):
+        assert (p_values < nominal).float().mean() <= nominal, nominal
+    assert (p_values < 0.5).float().mean() > 0.3  # p-values spread over [0, 1], not stuck at 1
+
+
+def test_rank_sum_tail_is_exact():
+    """uniform_sum_sf against enumeration of all outcomes (n = 3 ranks of K = 5)."""
+    sums = [sum(r) for r in itertools.product(range(5), repeat=3)]
+    for s in range(-1, 14):
+        assert uniform_sum_sf(s, 3, 5) == pytest.approx(sum(x >= s for x in sums) / len(sums), abs=1e-15)
+    assert uniform_sum_sf(0, 0, 16) == 1.0
+
+
+def test_confusion_clustering_puts_always_confused_codes_together():
+    """Codes 0 and 7 sit in two far-apart groups (k-means splits them) but are always read back as
+    each other: confusion clustering joins them unless the mass cap forbids the move."""
+    codebook = torch.cat([torch.linspace(0, 1, 4), torch.linspace(10, 11, 4)])[:, None] * torch.tensor([[1.0, 0.5]])
+    codes = torch.arange(8).repeat(10)
+    recoded = codes.clone()
+    recoded[codes == 0], recoded[codes == 7] = 7, 0
+    confusion = confusion_matrix(codes, recoded, 8)
+    assert confusion[0, 7] == confusion[7, 0] == 10 and confusion[0, 0] == 0 and confusion[3, 3] == 10
+    plain = kmeans(codebook, 2).tolist()
+    assert plain[0] != plain[7] and len(set(plain[:4])) == len(set(plain[4:])) == 1
+    joined = cluster_by_confusion(confusion, codebook, 2)
+    assert joined[0] == joined[7] and joined[1:4] == plain[1:4] and joined[4:7] == plain[4:7]
+    assert cluster_by_confusion(confusion, codebook, 2, mass_cap=1.0) == plain  # 5/8 of the mass > 1/2
+    with pytest.raises(ValueError, match="confusion must be"):
+        cluster_by_confusion(confusion[:4], codebook, 2)
+    with pytest.raises(ValueError, match="mass_cap"):
+        cluster_by_confusion(confusion, codebook, 2, mass_cap=0.5)
+
+
 def high_entropy_model():
     torch.manual_seed(0)
     from mmgen.models.transformer import Transformer
@@ -89,11 +132,16 @@ def high_entropy_model():
     return model.eval(), layout
 
 
-@pytest.mark.parametrize("method", ["c-reweight", "token-reweight", "kgw-token", "kgw-cluster"])
-def test_watermark_is_detected_in_generated_tokens(method):
+@pytest.mark.parametrize("method,keying,statistic", [("c-reweight", "clusters", "green"),
+                                                     ("token-reweight", "clusters", "green"),
+                                                     ("kgw-token", "clusters", "green"),
+                                                     ("kgw-cluster", "clusters", "green"),
+                                                     ("c-reweight", "position", "rank")])
+def test_watermark_is_detected_in_generated_tokens(method, keying, statistic):
     model, layout = high_entropy_model()
     clusters = kmeans(model.tok_emb.weight[-64:].detach(), 8).tolist()
-    cfg = WatermarkConfig(method=method, num_clusters=8, context=2, clusters=clusters)
+    cfg = WatermarkConfig(method=method, num_clusters=8, context=2 if keying == "clusters" else 0, keying=keying,
+                          statistic=statistic, clusters=clusters)
     gens = [torch.Generator().manual_seed(i) for i in range(40)]
     codes, _ = generate(model, layout, [[3, 4]] * 40, SamplingConfig(), gens, processor=WatermarkProcessor(cfg, "k1"))
     hits = [d.p_value < 0.01 for d in detect_tokens(codes.flatten(1), cfg, "k1")]
@@ -138,8 +186,18 @@ def test_config_round_trip_and_validation(tmp_path):
     cfg.save(tmp_path / "watermark.json")
     assert WatermarkConfig.load(tmp_path / "watermark.json") == cfg
     assert sorted(set(cfg.clusters)) == [0, 1, 2, 3]
+    codebook = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    confusion = confusion_matrix(torch.arange(32).repeat(4), torch.arange(32).repeat(4).roll(1), 32)
+    channel = WatermarkConfig(num_clusters=4, clustering="confusion", keying="position", statistic="rank",
+                              clusters=cluster_by_confusion(confusion, codebook, 4))
+    channel.save(tmp_path / "channel.json")
+    assert WatermarkConfig.load(tmp_path / "channel.json") == channel
+    assert channel.clusters != cluster_codebook(codebook, 4)  # the channel moved codes
     with pytest.raises(ValueError, match="method must be one of c-reweight"):
         WatermarkConfig(method="stamp")
+    for name, bad in (("keying", "time"), ("statistic", "mean"), ("clustering", "spectral")):
+        with pytest.raises(ValueError, match=f"watermark {name} must be one of"):
+            WatermarkConfig(**{name: bad})
     (tmp_path / "bad.json").write_text(json.dumps({"method": "c-reweight", "strength": 3}))
     with pytest.raises(ValueError, match="unknown watermark config keys"):
         WatermarkConfig.load(tmp_path / "bad.json")
@@ -158,10 +216,11 @@ def test_pipeline_and_cli_watermark(tmp_path, capsys):
     torch.manual_seed(0)
     vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
                image_size=16)
-    tok = train_text_tokenizer(["a red circle"])
+    from mmgen.data.shapes import all_caption_words
+    tok = train_text_tokenizer(["a red circle", " ".join(all_caption_words())])  # channel.py samples shapes prompts
     tr = Transformer(vocab_size=UnifiedVocab(len(tok), vq.vocab_size).size, dim=32, n_layers=2, n_heads=4,
                      max_seq_len=96)
-    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=8)
+    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=16)
     pipe.watermark = WatermarkConfig(num_clusters=4, context=1,
                                      clusters=cluster_codebook(vq.quantizer.codebook, 4))
     pipe.save_pretrained(tmp_path / "m")
@@ -188,3 +247,17 @@ def test_pipeline_and_cli_watermark(tmp_path, capsys):
         assert exit_info.value.code == 2 and needle in capsys.readouterr().err
     Image.new("L", (40, 30)).save(tmp_path / "gray.png")  # other mode and size: converted and resized
     assert len(again.detect_watermark([Image.open(tmp_path / "gray.png")], "k")) == 1
+
+    # the retokenization channel of this pipeline, and the confusion table the module's command writes
+    from mmgen.watermark.channel import main as channel_main, retokenization_confusion
+    counts = retokenization_confusion(again, n_real=3, n_generated=2, batch_size=2, progress=False)
+    assert counts.shape == (32, 32) and counts.sum() == 5 * again.layout.num_image_tokens
+    assert torch.equal(counts, retokenization_confusion(again, n_real=3, n_generated=2, progress=False))
+    with pytest.raises(ValueError, match="n_real and n_generated"):
+        retokenization_confusion(again, n_real=0, n_generated=0)
+    channel_main([str(tmp_path / "m"), "--clusters", "4", "--real", "3", "--generated", "2"])
+    saved = load_pipeline(tmp_path / "m").watermark
+    assert saved.clustering == "confusion" and saved.num_clusters == 4 and len(saved.clusters) == 32
+    with pytest.raises(SystemExit):
+        channel_main([str(tmp_path / "m"), "--clusters", "33"])
+    assert "--clusters must be in [1, 32]" in capsys.readouterr().err

@@ -94,9 +94,10 @@ class NextTokenPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def detect_watermark(self, images, key: str, fpr: float = 0.01) -> list[dict]:
-        """Re-encode images with the tokenizer and test for the watermark under `key`: per image the green
-        count, scored positions, z-score, p-value (exact under no watermark) and the verdict at `fpr`.
-        Images of another size are resized (bicubic) to the tokenizer's resolution first."""
+        """Re-encode images with the tokenizer and test for the watermark under `key`: per image the statistic
+        (rank sum or green count, as the config says), scored positions, z-score, p-value (exact under no
+        watermark) and the verdict at `fpr`. Images of another size are resized (bicubic) to the tokenizer's
+        resolution first."""
         if not 0 < fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
         return [d.as_dict(fpr) for d in detect_tokens(self.retokenize(images), self.watermark_config(), key)]

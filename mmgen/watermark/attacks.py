@@ -80,7 +80,10 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
 
     base = pipe.watermark_config()
     if configs is None:
-        configs = {m: WatermarkConfig(**{**base.__dict__, "method": m}) for m in METHODS}
+        # KGW is tested with its own statistic, the green-list count
+        configs = {m: WatermarkConfig(**{**base.__dict__, "method": m,
+                                         "statistic": "green" if m.startswith("kgw") else base.statistic})
+                   for m in METHODS}
     prompts = heldout_prompts(n_images, seed=seed)
     pipe.set_progress_bar_config(disable=True)
 
@@ -111,7 +114,7 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
     bar.update()
 
     report = {"n_images": n_images, "fpr": fpr, "key_context": base.context, "num_clusters": base.num_clusters,
-              "methods": {}}
+              "clustering": base.clustering, "keying": base.keying, "statistic": base.statistic, "methods": {}}
     for method, cfg in configs.items():
         images, tokens = make(cfg)
         rows = {}

@@ -3,14 +3,17 @@
 The problem (Wu et al., "A Watermark for Auto-Regressive Image Generation Models", arXiv 2506.11371): an
 image is generated as tokens, decoded to pixels, and re-encoded at detection time; the re-encoded tokens
 differ from the generated ones, which breaks token-level text watermarks. C-reweight clusters the codebook
-(k-means on the code vectors, the space the quantizer assigns in) and watermarks the *cluster* distribution,
-so a re-encoded token that lands in the same cluster still carries the signal.
+and watermarks the *cluster* distribution, so a re-encoded token that lands in the same cluster still carries
+the signal. Two ways to build the table (`clustering`): k-means on the code vectors (the space the quantizer
+assigns in), or `cluster_by_confusion` on the measured decode -> encode confusion of codes (`channel.py`).
 
 At step t, with prefix x_<t and secret key:
 
 1. context = clusters of the previous h tokens (-1 before the start); if that context already occurred at an
    earlier position of the sequence, the step is left unwatermarked (a reused key would correlate the
-   steps and bias the sequence; the detector skips the same positions, which keeps its p-value exact);
+   steps and bias the sequence; the detector skips the same positions, which keeps its p-value exact).
+   `keying="position"` puts the position index in front of the context (h = 0 allowed): keys never repeat,
+   every step is watermarked, but the same key reuses each position's permutation across images;
 2. a keyed permutation pi of the K clusters, from a PRF of (key, context);
 3. cluster marginals P_C(k) = sum of P(v) over v in cluster k, reweighted in pi order with DiPmark's
    alpha-reweight (alpha = 0.5 is the gamma-reweight of Hu et al.): with F the cumulative mass in pi order,
@@ -18,10 +21,11 @@ At step t, with prefix x_<t and secret key:
    watermark is distortion-free for a uniformly random key;
 4. P'(v) = P'_C(c(v)) P(v) / P_C(c(v)): mass is spread back inside each cluster in proportion.
 
-Detection needs the tokenizer and the key only (no decoder pass): re-encode, map to clusters, and count the
-scored positions whose cluster sits in the last (1 - gamma) share of pi ("green"). Under H0 (no watermark),
-distinct contexts give independent permutations, so the green count is Binomial(n, g) with g the green share;
-the p-value is its exact upper tail.
+Detection needs the tokenizer and the key only (no decoder pass): re-encode, map to clusters, and look up the
+rank of each scored position's cluster in its pi. `statistic="rank"` sums the ranks; `"green"` counts the
+clusters in the last (1 - gamma) share of pi. Under H0 (no watermark), distinct contexts give independent
+permutations, so the ranks are iid uniform: the rank sum has an exact null (a sum of discrete uniforms) and the
+green count is Binomial(n, g) with g the green share; the p-value is the exact upper tail of either.
 
 Baselines in the same code: `token-reweight` (the same reweight with every token its own cluster) and KGW
 (Kirchenbauer et al. 2023; +delta on a keyed green list of gamma |V| items; distorting) at token and cluster
@@ -45,6 +49,9 @@ import numpy as np
 import torch
 
 METHODS = ("c-reweight", "token-reweight", "kgw-token", "kgw-cluster")
+CLUSTERINGS = ("kmeans", "confusion")
+KEYINGS = ("clusters", "position")
+STATISTICS = ("green", "rank")
 _MASK64 = (1 << 64) - 1
 
 
@@ -56,11 +63,17 @@ class WatermarkConfig:
     alpha: float = 0.5  # DiPmark alpha-reweight (0.5 = gamma-reweight)
     gamma: float = 0.5  # detection: green = last (1 - gamma) share of the permutation; KGW green-list share
     delta: float = 2.0  # KGW logit bias
+    keying: str = "clusters"  # permutation keyed by the previous h symbols, or by (position, previous h)
+    statistic: str = "rank"  # detection: sum of permutation ranks, or count of green symbols
+    clustering: str = "kmeans"  # how `clusters` was built: k-means on the codebook, or the retokenization channel
     clusters: list[int] = field(default_factory=list)  # token -> cluster table (saved with the model)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"watermark method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        for name, value, accepted in (("method", self.method, METHODS), ("keying", self.keying, KEYINGS),
+                                      ("statistic", self.statistic, STATISTICS),
+                                      ("clustering", self.clustering, CLUSTERINGS)):
+            if value not in accepted:
+                raise ValueError(f"watermark {name} must be one of {', '.join(accepted)}; got {value!r}")
         if not isinstance(self.context, int) or self.context < 0:
             raise ValueError(f"watermark context must be an integer >= 0, got {self.context!r}")
         if not 0 <= self.alpha <= 0.5:
@@ -129,6 +142,56 @@ def cluster_codebook(codebook_VD: torch.Tensor, num_clusters: int, seed: int = 0
     return kmeans(codebook_VD, num_clusters, seed=seed).tolist()
 
 
+def confusion_matrix(codes: torch.Tensor, recoded: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Counts (V, V) of code i generated -> code j read back after decode -> encode, from aligned token
+    tensors of any (equal) shape."""
+    if codes.shape != recoded.shape:
+        raise ValueError(f"codes {tuple(codes.shape)} and recoded {tuple(recoded.shape)} must have one shape")
+    flat = codes.reshape(-1).long().cpu() * vocab_size + recoded.reshape(-1).long().cpu()
+    return torch.bincount(flat, minlength=vocab_size * vocab_size).view(vocab_size, vocab_size).float()
+
+
+def cluster_by_confusion(confusion_VV: torch.Tensor, codebook_VD: torch.Tensor, num_clusters: int,
+                         mass_cap: float = 2.0, seed: int = 0, sweeps: int = 20) -> list[int]:
+    """Cluster the codebook so that codes the retokenization channel confuses share a cluster.
+
+    Starts from k-means on the code vectors (codes never observed in `confusion` stay there: the quantizer
+    assigns by distance, so neighbours are the likeliest confusions), then moves codes one at a time, heaviest
+    first, to the cluster holding most of their symmetrised confusion mass, as long as that cluster's share
+    of the generated mass stays below mass_cap / K. The cap keeps clusters balanced: a cluster that holds most
+    of the probability leaves the reweighting nothing to move. Each move raises the within-cluster confusion,
+    so the sweeps end."""
+    V = len(codebook_VD)
+    if confusion_VV.shape != (V, V):
+        raise ValueError(f"confusion must be ({V}, {V}) for a codebook of {V} codes, got {tuple(confusion_VV.shape)}")
+    if mass_cap < 1:
+        raise ValueError(f"mass_cap must be >= 1 (times the balanced share 1/K), got {mass_cap}")
+    labels = kmeans(codebook_VD, num_clusters, seed=seed)
+    C = confusion_VV.double().cpu()
+    S = C + C.T
+    mass = C.sum(1) / C.sum().clamp_min(1)
+    cap = mass_cap / num_clusters
+    for _ in range(sweeps):
+        moved = False
+        cluster_mass = torch.zeros(num_clusters, dtype=torch.double).scatter_add(0, labels, mass)
+        for i in mass.argsort(descending=True, stable=True).tolist():
+            gain = torch.zeros(num_clusters, dtype=torch.double).scatter_add(0, labels, S[i])
+            own = int(labels[i])
+            gain[own] -= S[i, i]  # confusion with itself counts wherever i goes
+            full = cluster_mass + mass[i] > cap
+            full[own] = False
+            gain[full] = -1.0
+            best = int(gain.argmax())
+            if best != own and gain[best] > gain[own]:
+                labels[i] = best
+                cluster_mass[own] -= mass[i]
+                cluster_mass[best] += mass[i]
+                moved = True
+        if not moved:
+            break
+    return labels.tolist()
+
+
 # ---- keyed pseudo-random permutations -------------------------------------------------------------------
 
 
@@ -164,10 +227,15 @@ class KeyedPermutations:
         return r
 
 
-def contexts(symbols: list[int], h: int) -> list[tuple[int, ...]]:
-    """Context of every position: the previous h symbols, -1 before the start."""
+def contexts(symbols: list[int], h: int, keying: str = "clusters") -> list[tuple]:
+    """Context of every position: the previous h symbols (-1 before the start), led by the position index
+    under keying "position". Position keys never repeat inside a sequence, so every step is watermarked and
+    scored, and with h = 0 a position's key does not depend on its neighbours being re-encoded correctly."""
     padded = [-1] * h + list(symbols)
-    return [tuple(padded[i:i + h]) for i in range(len(symbols) + 1)]
+    ctxs = [tuple(padded[i:i + h]) for i in range(len(symbols) + 1)]
+    if keying == "position":
+        ctxs = [("position", i, *c) for i, c in enumerate(ctxs)]
+    return ctxs
 
 
 def first_occurrence(ctxs: list[tuple[int, ...]]) -> list[bool]:
@@ -213,7 +281,7 @@ class WatermarkProcessor:
         prefix_sym = cfg.symbols(prefix_NL.cpu())
         for i in range(N):
             syms = prefix_sym[i, : int(lengths_N[i])].tolist()
-            ctxs = contexts(syms, cfg.context)
+            ctxs = contexts(syms, cfg.context, cfg.keying)
             if ctxs[-1] in ctxs[:-1]:
                 continue  # this context keyed an earlier step: leave the step unwatermarked
             ranks[i], active[i] = self.perms.ranks(ctxs[-1]), True
@@ -254,39 +322,67 @@ def binomial_sf(k: int, n: int, p: float) -> float:
     return min(1.0, math.exp(m) * sum(math.exp(t - m) for t in terms))
 
 
+def uniform_sum_sf(s: int, n: int, k: int) -> float:
+    """P(X_1 + ... + X_n >= s) for X_i iid uniform on {0, ..., k-1}, exact.
+
+    Counts the ways with the inclusion-exclusion formula for bounded compositions, in Python integers (no
+    rounding), then divides by k^n. By symmetry the upper tail at s is the lower tail at n(k-1) - s."""
+    top = n * (k - 1)
+    if s <= 0:
+        return 1.0
+    if s > top:
+        return 0.0
+    m = top - s  # P(sum >= s) = P(sum <= m)
+    ways = sum((-1) ** j * math.comb(n, j) * math.comb(m - j * k + n, n) for j in range(min(n, m // k) + 1))
+    return min(1.0, ways / k ** n)
+
+
 @dataclass
 class Detection:
-    green: int  # scored positions whose symbol is green
+    kind: str  # "green" (count of green symbols) or "rank" (sum of permutation ranks)
+    statistic: int  # its value over the scored positions
     scored: int  # positions with a first-occurrence context
-    green_share: float  # g: probability of green under H0
+    null_mean: float  # per scored position, under H0
+    null_std: float
     p_value: float
 
     @property
     def score(self) -> float:
-        """z-score of the green count under H0."""
-        g, n = self.green_share, max(self.scored, 1)
-        return (self.green - g * n) / math.sqrt(n * g * (1 - g))
+        """z-score of the statistic under H0."""
+        n = max(self.scored, 1)
+        return (self.statistic - self.null_mean * n) / (self.null_std * math.sqrt(n))
 
     def as_dict(self, fpr: float | None = None) -> dict:
-        d = {"green": self.green, "scored": self.scored, "score": round(self.score, 4), "p_value": self.p_value}
+        d = {"green" if self.kind == "green" else "rank_sum": self.statistic, "scored": self.scored,
+             "score": round(self.score, 4), "p_value": self.p_value}
         if fpr is not None:
             d["watermarked"] = self.p_value < fpr
         return d
 
 
 def detect_tokens(tokens: torch.Tensor, config: WatermarkConfig, key: str) -> list[Detection]:
-    """Detections for token sequences (B, N) (raster order), from the key and the cluster table only."""
-    perms = KeyedPermutations(key, config.num_symbols)
-    threshold = math.ceil(config.gamma * config.num_symbols)
-    g = (config.num_symbols - threshold) / config.num_symbols
+    """Detections for token sequences (B, N) (raster order), from the key and the cluster table only.
+
+    Under H0 the symbols do not depend on the key and every scored position has its own permutation, so the
+    rank of the observed symbol is uniform on {0, ..., K-1}, independently across positions: the green count
+    (rank >= ceil(gamma K)) is Binomial(n, g) and the rank sum is a sum of n discrete uniforms. Both p-values
+    are exact tails. The rank sum also credits a symbol that the reweight pushed high but not past the green
+    threshold (alpha-reweight moves mass towards the end of pi, not only into the green half)."""
+    K = config.num_symbols
+    perms = KeyedPermutations(key, K)
+    threshold = math.ceil(config.gamma * K)
+    g = (K - threshold) / K
     out = []
     for row in config.symbols(tokens.reshape(len(tokens), -1).cpu()).tolist():
-        ctxs = contexts(row, config.context)
+        ctxs = contexts(row, config.context, config.keying)
         first = first_occurrence(ctxs[:-1])
-        green = scored = 0
-        for sym, ctx, f in zip(row, ctxs, first):
-            if f:
-                scored += 1
-                green += int(perms.ranks(ctx)[sym] >= threshold)
-        out.append(Detection(green, scored, g, binomial_sf(green, scored, g)))
+        ranks = [int(perms.ranks(ctx)[sym]) for sym, ctx, f in zip(row, ctxs, first) if f]
+        n = len(ranks)
+        if config.statistic == "rank":
+            total = sum(ranks)
+            null_std = math.sqrt((K * K - 1) / 12)  # of one uniform rank on {0, ..., K-1}
+            out.append(Detection("rank", total, n, (K - 1) / 2, null_std, uniform_sum_sf(total, n, K)))
+        else:
+            green = sum(r >= threshold for r in ranks)
+            out.append(Detection("green", green, n, g, math.sqrt(g * (1 - g)), binomial_sf(green, n, g)))
     return out
