@@ -28,8 +28,6 @@ MAX_CLI_IMAGES = 64
 # `mmgen watermark detect` inputs: at least one pixel per token of an 8x8 grid; the pixel cap refuses
 # decompression bombs from the header, before decoding
 MIN_IMAGE_SIDE, MAX_IMAGE_PIXELS = 8, 4096 * 4096
-# 8-bit modes that convert to RGB without loss of meaning; 16-bit / float / CMYK would be clipped or recoloured
-IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
 
 
 def _positive_int(name, maximum: int | None = None):
@@ -167,6 +165,7 @@ def cmd_watermark_detect(args) -> dict:
     from PIL import Image, UnidentifiedImageError
 
     from mmgen.pipelines import load_pipeline
+    from mmgen.pipelines.base import IMAGE_MODES  # 8-bit modes that convert to RGB without loss of meaning
 
     if not args.key:
         raise CLIError("--key must be a non-empty string (the secret the images were generated with)")
@@ -229,6 +228,24 @@ def cmd_serve(args) -> dict:
     except OSError as e:  # port taken, host not ours
         raise CLIError(f"--host {args.host} --port {args.port}: cannot serve there ({e})") from None
     return {"url": demo.local_url, "models": {name: cls.__name__ for name, cls in demo.models.classes.items()}}
+
+
+def cmd_models(args) -> dict:
+    from mmgen.pipelines import zoo_card, zoo_names
+
+    rows = [zoo_card(name) | {"default": name == DEFAULT_MODEL.name} for name in zoo_names()]
+    if args.json:
+        return {"models": rows, "total_mb": round(sum(r["size_mb"] for r in rows), 1)}
+    for r in rows:
+        res = r.get("results", {})
+        acc = (f"acc {res['heldout_accuracy']:.0%}/{res['train_accuracy']:.0%}"
+               if "heldout_accuracy" in res and "train_accuracy" in res else "acc -")
+        fd = f"FD-ENL0 {res['fd_enl0']:.0f}" if "fd_enl0" in res else "FD-ENL0 -"
+        print(f"{r['name'] + (' (default)' if r['default'] else ''):28s} {r['pipeline']:18s} "
+              f"{r.get('paradigm', '?'):13s} {sum(r['parameters'].values()) / 1e6:5.1f} M {r['size_mb']:5.1f} MB  "
+              f"{acc}  {fd}  {r.get('description', '')}")
+    print("acc: held-out / train compositional accuracy (mmgen eval); train commands: mmgen models --json")
+    return {}
 
 
 def _count_or_off(name):
@@ -400,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="also write the JSON report to this .json file")
     e.add_argument("--json", action="store_true", help="print the JSON report")
     e.set_defaults(func=cmd_eval, watermark_key=None)  # _paradigm_kwargs reads every paradigm option
+
+    m = sub.add_parser("models", help="list the shipped models",
+                       description="List the shipped models (mmgen/zoo): pipeline, paradigm, parameters, size, "
+                                   "headline results from their eval.json and, with --json, the commands that "
+                                   "train each one.")
+    m.add_argument("--json", action="store_true", help="print the list as JSON")
+    m.set_defaults(func=cmd_models)
 
     s = sub.add_parser("serve", help="web demo (Gradio) in the browser",
                        description="Serve a web demo: prompt, model/paradigm, sampler (AR/SJD), seed, guidance, "

@@ -4,6 +4,7 @@ broken JSON is refused by name before torch reads it (mmgen.safe_save), and a fa
 behind."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -372,3 +373,17 @@ def test_every_shipped_model_is_checksummed():
     for name in zoo_names():
         report = verify(ROOT / "mmgen" / "zoo" / name)
         assert report["checksums"] and report["files"] >= 5, name
+
+
+def test_pipeline_detect_refuses_lossy_image_modes():
+    """The Python API checks modes like the CLI: a CMYK or 16-bit image would be recoloured or clipped."""
+    from PIL import Image
+
+    from mmgen.pipelines import load_pipeline
+
+    pipe = load_pipeline("shapes-nexttoken")
+    ok = Image.new("RGB", (64, 64), "red")
+    for mode in ("CMYK", "I;16", "F"):
+        with pytest.raises(ValueError, match=rf"images\[1\] has mode {re.escape(mode)}; accepted: 1, L, LA"):
+            pipe.detect_watermark([ok, Image.new(mode, (64, 64))], key="k")
+    assert len(pipe.detect_watermark([ok, ok.convert("P")], key="k")) == 2  # 8-bit modes are converted

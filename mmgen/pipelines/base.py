@@ -73,3 +73,13 @@ def check_call(prompt, num_images_per_prompt, output_type) -> list[str]:
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
     return prompts
+
+
+# 8-bit modes that convert to RGB without loss of meaning; 16-bit / float / CMYK would be clipped or recoloured
+IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA")
+
+
+def check_image_mode(image, what: str = "image") -> None:
+    if image.mode not in IMAGE_MODES:
+        raise ValueError(f"{what} has mode {image.mode}; accepted: {', '.join(IMAGE_MODES)} (convert it to 8-bit "
+                         f"RGB first)")

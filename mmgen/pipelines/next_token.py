@@ -20,7 +20,8 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
-from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
+from mmgen.pipelines.base import (ARPipelineOutput, check_call, check_image_mode, per_image_generators,
+                                  unified_vocab)
 from mmgen.sampling.logits import CFG_SCHEDULES, SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
@@ -82,10 +83,12 @@ class NextTokenPipeline(DiffusionPipeline):
     @torch.no_grad()
     def retokenize(self, images) -> torch.Tensor:
         """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back. Images of
-        another size or mode are converted to RGB and resized (bicubic) to the tokenizer's resolution."""
+        another size are resized (bicubic) to the tokenizer's resolution; 8-bit modes other than RGB are converted,
+        16-bit, float and CMYK images are refused (a plain conversion would clip or recolour them)."""
         size = self.vq_model.config.image_size
         batch = []
-        for image in images:
+        for i, image in enumerate(images):
+            check_image_mode(image, f"images[{i}]")
             image = image.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), PIL.Image.BICUBIC)
