@@ -26,9 +26,10 @@ import tempfile
 from pathlib import Path
 
 CHECKSUM_FILE = "checksums.json"
-# measurements recorded beside a model after it was saved (scripts/evaluate.py, train_tokenizer.py); the loader
+# measurements and descriptions recorded beside a model after it was saved (scripts/evaluate.py, train_tokenizer.py); the loader
 # never reads them, so updating them must not invalidate the model
-RESULT_FILES = frozenset({"eval.json", "metrics.json"})
+RESULT_FILES = frozenset({"eval.json", "metrics.json", "card.json"})
+CARD_FILE = "card.json"  # a zoo model's description (paradigm, data, training commands) for `mmgen models`
 
 
 def _sha256(path: Path) -> str:

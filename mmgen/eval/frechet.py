@@ -28,7 +28,7 @@ class ENL0Features(nn.Module):
 def _to_uint8(images) -> torch.Tensor:
     if torch.is_tensor(images):
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1) for im in images])
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1) for im in images])
 
 
 def fd_enl0(real, fake, batch_size: int = 256, device="cpu") -> float:

@@ -23,6 +23,35 @@ def zoo_names() -> list[str]:
     return sorted(d.name for d in ZOO.iterdir() if (d / "model_index.json").is_file())
 
 
+def zoo_card(name: str) -> dict:
+    """What `mmgen models` shows of a shipped model: its card (paradigm, data, training commands), pipeline
+    class, size, parameter counts (read from the safetensors headers, nothing loaded) and headline results
+    from its eval.json (held-out / train compositional accuracy, FD-ENL0, decoder passes per image)."""
+    import json
+    import math
+
+    from safetensors import safe_open
+
+    d = resolve_model(name)
+    card = json.loads((d / "card.json").read_text()) if (d / "card.json").is_file() else {}
+    params = {}
+    for f in sorted(d.glob("*/*.safetensors")):
+        with safe_open(f, "pt") as st:
+            params[f.parent.name] = sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    row = {"name": d.name, "pipeline": json.loads((d / "model_index.json").read_text())["_class_name"],
+           **card, "parameters": params,
+           "size_mb": round(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20, 1)}
+    if (d / "eval.json").is_file():
+        ev = json.loads((d / "eval.json").read_text())
+        splits = ev.get("splits", {})
+        row["results"] = {f"{k}_accuracy": v["accuracy"] for k, v in splits.items()}
+        if isinstance(ev.get("fd_enl0"), dict):
+            row["results"]["fd_enl0"] = ev["fd_enl0"]["value"]
+        if "speed" in ev:
+            row["results"]["nfe_per_image"] = ev["speed"]["nfe_per_image"]
+    return row
+
+
 def resolve_model(name_or_dir: str | Path) -> Path:
     """A saved pipeline directory, or the name of a shipped model (`shapes-flowar`) -> its directory."""
     path = Path(name_or_dir)
@@ -51,4 +80,4 @@ def load_pipeline(model_dir: str | Path):
 
 __all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "NextXPipeline",
            "PIPELINES", "RasterFlowPipeline", "ZOO", "load_pipeline", "resolve_model", "save_pipeline", "verify",
-           "zoo_names"]
+           "zoo_card", "zoo_names"]
