@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints and saved pipelines both record it)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -70,7 +71,7 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: d
     states = torch.get_rng_state()[None] if rng_states is None else rng_states.cpu().contiguous()
     save_file({"torch_cpu": states}, tmp / "rng.safetensors")
     for f in sorted(tmp.iterdir()):
-        meta["files"][f.name] = _file_sha256(f)
+        meta["files"][f.name] = file_sha256(f)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -105,7 +106,7 @@ def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int
         raise ValueError(f"checkpoint {str(ckpt)!r} is unreadable or incomplete ({e})") from None
     for fname, digest in meta["files"].items():
         f = ckpt / fname
-        if not f.is_file() or _file_sha256(f) != digest:
+        if not f.is_file() or file_sha256(f) != digest:
             raise ValueError(f"checkpoint file {str(f)!r} is missing or corrupt (checksum mismatch)")
     for name, module in modules.items():
         module.load_state_dict(load_file(ckpt / f"{name}.safetensors"))

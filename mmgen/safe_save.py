@@ -16,7 +16,6 @@ exists, every listed file is present with the recorded size and digest. Older di
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -25,19 +24,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mmgen.checkpoint import file_sha256
+
 CHECKSUM_FILE = "checksums.json"
 # measurements and descriptions recorded beside a model after it was saved (scripts/evaluate.py, train_tokenizer.py); the loader
 # never reads them, so updating them must not invalidate the model
 RESULT_FILES = frozenset({"eval.json", "metrics.json", "card.json"})
 CARD_FILE = "card.json"  # a zoo model's description (paradigm, data, training commands) for `mmgen models`
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _model_files(model_dir: Path) -> list[Path]:
@@ -52,7 +45,7 @@ def write_checksums(model_dir: str | Path) -> dict:
     if not (model_dir / "model_index.json").is_file():
         raise ValueError(f"{str(model_dir)!r} is not a saved pipeline: it has no model_index.json")
     table = {"algorithm": "sha256",
-             "files": {p.relative_to(model_dir).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+             "files": {p.relative_to(model_dir).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                        for p in _model_files(model_dir)}}
     fd, tmp = tempfile.mkstemp(prefix=f".{CHECKSUM_FILE}.", dir=model_dir)
     with os.fdopen(fd, "w") as f:
@@ -147,7 +140,7 @@ def verify(model_dir: str | Path) -> dict:
                 what = "truncated" if size < entry["bytes"] else "corrupt"
                 raise ValueError(f"model file {str(path)!r} is {what}: {size} bytes, {CHECKSUM_FILE} records "
                                  f"{entry['bytes']}")
-            if _sha256(path) != entry["sha256"]:
+            if file_sha256(path) != entry["sha256"]:
                 raise ValueError(f"model file {str(path)!r} is corrupt: its sha256 differs from {CHECKSUM_FILE} "
                                  f"(if you edited the model on purpose, rerun `python -m mmgen.safe_save write "
                                  f"{model_dir}`)")
