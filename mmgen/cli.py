@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "an image's tokens do not depend on --num-images")
     g.add_argument("--guidance-scale", type=_nonnegative_float("--guidance-scale"), default=3.0,
                    help="classifier-free guidance scale (>= 0; 1 = off)")
-    g.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0, help="sampling temperature (> 0; 0 = greedy); flow "
-                   "models: scale of the initial noise")
+    g.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0,
+                   help="sampling temperature (> 0; 0 = greedy); flow models: scale of the initial noise")
     discrete = g.add_argument_group("discrete tokens (next-token, next-scale)")
     discrete.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
     discrete.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     nexttok.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
                          help="SJD draft initialization (default random; above: the token one image row up)")
     nexttok.add_argument("--watermark-key", default=None,
-                         help="embed the distortion-free watermark under this secret key (detect with mmgen watermark detect)")
+                         help="embed the distortion-free watermark under this secret key (detect with "
+                              "mmgen watermark detect)")
     flow = g.add_argument_group("continuous tokens (flow-head raster, FlowAR)")
     flow.add_argument("--steps", type=_positive_int("--steps"), default=None,
                       help="flow ODE steps per token or scale (default 25)")
@@ -381,11 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a saved model: generation quality, tokenizer, speed",
                        description="Evaluate a saved model (see mmgen/eval/harness.py). shapes: compositional "
                                    "accuracy per category on the held-out and train splits; fashion_mnist: class "
-                                   "accuracy by the shipped classifier; emoji: FD-ENL0 only. FD-ENL0 is a Frechet "
-                                   "distance on EfficientNet-Lite0 features, not Inception FID. The tokenizer is "
+                                   "accuracy by the shipped classifier; emoji, flags, icons: FD-ENL0 only. "
+                                   "FD-ENL0 is a Frechet distance on EfficientNet-Lite0 features, not Inception "
+                                   "FID. The tokenizer is "
                                    "scored by PSNR, SSIM, rFD-ENL0 and codebook usage on held-out images.")
     e.add_argument("--model", required=True, help="saved pipeline directory or shipped model name")
-    e.add_argument("--data", choices=("shapes", "fashion_mnist", "emoji"), default=None,
+    e.add_argument("--data", choices=("shapes", "fashion_mnist", "emoji", "flags", "icons"), default=None,
                    help="what to evaluate on (default: the data the model directory records, else shapes)")
     e.add_argument("--per-category", type=_positive_int("--per-category"), default=50,
                    help="shapes: prompts per category and split; fashion_mnist: images per class")

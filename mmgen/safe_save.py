@@ -27,8 +27,8 @@ from pathlib import Path
 from mmgen.checkpoint import file_sha256
 
 CHECKSUM_FILE = "checksums.json"
-# measurements and descriptions recorded beside a model after it was saved (scripts/evaluate.py, train_tokenizer.py); the loader
-# never reads them, so updating them must not invalidate the model
+# measurements and descriptions recorded beside a model after it was saved (mmgen eval, train_tokenizer.py,
+# package_zoo.py); the loader never reads them, so updating them must not invalidate the model
 RESULT_FILES = frozenset({"eval.json", "metrics.json", "card.json"})
 CARD_FILE = "card.json"  # a zoo model's description (paradigm, data, training commands) for `mmgen models`
 

@@ -33,7 +33,7 @@ def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: flo
     return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-DATASET_NAMES = ("shapes", "folder", "fashion_mnist", "emoji", "shapes+emoji")
+DATASET_NAMES = ("shapes", "folder", "fashion_mnist", "emoji", "shapes+emoji", "flags", "icons")
 
 
 @dataclass
@@ -58,8 +58,8 @@ def image_fields(cfg: DataConfig) -> dict:
 
 def make_dataset(cfg: DataConfig, split: str = "train"):
     """The run's data set; `split` "heldout" is the evaluation side: shapes' held-out (color, shape) pairs, the
-    Fashion-MNIST test set, the Twemoji test names (the folder data set has one split)."""
-    from mmgen.data import ConcatCaptions, FashionMNIST, ImageCaptionFolder, ShapesDataset, Twemoji
+    Fashion-MNIST test set, the Twemoji, flag and icon test names (the folder data set has one split)."""
+    from mmgen.data import ConcatCaptions, FashionMNIST, Flags, Icons, ImageCaptionFolder, ShapesDataset, Twemoji
 
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -82,6 +82,10 @@ def make_dataset(cfg: DataConfig, split: str = "train"):
         return ConcatCaptions([
             ShapesDataset(split=split, size=cfg.size, seed=cfg.seed, image_size=cfg.image_size),
             Twemoji(image_size=cfg.image_size, include_flags=cfg.include_flags, split=real_split)])
+    if cfg.name == "flags":
+        return Flags(image_size=cfg.image_size, split=real_split)
+    if cfg.name == "icons":
+        return Icons(image_size=cfg.image_size, split=real_split)  # Font Awesome 5 solid
     raise ValueError(f"data.name must be one of {DATASET_NAMES}, got {cfg.name!r}")
 
 

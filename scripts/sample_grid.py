@@ -30,7 +30,8 @@ def grid(models: list[str], prompts: list[str], seed: int, steps: int, scale: in
     for name in tqdm(models, desc="models"):
         pipe = load_pipeline(resolve_model(name))
         pipe.set_progress_bar_config(disable=True)
-        kw = {"num_inference_steps": steps} if "num_inference_steps" in inspect.signature(pipe.__call__).parameters else {}
+        takes_steps = "num_inference_steps" in inspect.signature(pipe.__call__).parameters  # flow models
+        kw = {"num_inference_steps": steps} if takes_steps else {}
         out = pipe(prompt=prompts, generator=generators_from_seed(seed, len(prompts)), **kw)
         rows.append((Path(name).name if Path(name).is_dir() else name, out.images))
     side = rows[0][1][0].size[0] * scale

@@ -313,3 +313,12 @@ def test_evaluate_model_on_installed_data(pipe_dir, pipe, data):
     assert result["speed"]["images"] == 3 + (10 if data == "fashion_mnist" else 0)
     # the FD images are a seeded draw from the whole test split
     assert harness._subset(len(real), 3, 5) == harness._subset(len(real), 3, 5) != [0, 1, 2]
+
+
+def test_flags_and_icons_are_fd_only_datasets():
+    from mmgen.data import Flags, Icons
+
+    assert isinstance(harness.real_dataset("flags", "heldout", 32), Flags)
+    assert isinstance(harness.real_dataset("icons", "train", 32), Icons)
+    with pytest.raises(ValueError, match="data='icons' is scored by FD-ENL0 only"):
+        harness.evaluate_pipeline(object(), data="icons", fd=0)

@@ -207,7 +207,6 @@ def test_config_round_trip_and_validation(tmp_path):
 
 def test_pipeline_and_cli_watermark(tmp_path, capsys):
     """Pipeline save/load keeps the cluster table; the CLI detects, reports p-values, rejects bad input."""
-    from test_pipeline_cli import CAPTIONS  # noqa: F401  (same tiny components)
     from mmgen.models.transformer import Transformer
     from mmgen.pipelines import NextTokenPipeline, load_pipeline
     from mmgen.text import UnifiedVocab, train_text_tokenizer

@@ -1,12 +1,15 @@
-"""Datasets: procedural captioned shapes (with a compositional held-out split), Fashion-MNIST, Twemoji, and an
-image folder + captions. Every item is {"image": float (3, S, S) in [-1, 1], "caption": str, ...}."""
+"""Datasets: procedural captioned shapes (with a compositional held-out split), Fashion-MNIST, Twemoji, country
+flags, named icons, and an image folder + captions. Every item is {"image": float (3, S, S) in [-1, 1],
+"caption": str, ...}."""
 
 import torch
 
 from mmgen.data.emoji import Twemoji
 from mmgen.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from mmgen.data.fashion_mnist import FashionMNIST
+from mmgen.data.flags import Flags
 from mmgen.data.folder import ImageCaptionFolder
+from mmgen.data.icons import Icons
 from mmgen.data.shapes import (CATEGORIES, COLORS, HELDOUT_PAIRS, SHAPES, SIZES, ObjectSpec, Scene,
                                ShapesDataset, all_caption_words, heldout_prompts, render, sample_scene,
                                train_prompts)
@@ -22,6 +25,6 @@ class ConcatCaptions(torch.utils.data.ConcatDataset):
 
 __all__ = [
     "CATEGORIES", "COLORS", "FASHION_CLASSES", "HELDOUT_PAIRS", "SHAPES", "SIZES", "ConcatCaptions", "FashionMNIST",
-    "ImageCaptionFolder", "ObjectSpec", "Scene", "ShapesDataset", "Twemoji", "all_caption_words", "heldout_prompts",
-    "render", "sample_scene", "train_prompts",
+    "Flags", "Icons", "ImageCaptionFolder", "ObjectSpec", "Scene", "ShapesDataset", "Twemoji", "all_caption_words",
+    "heldout_prompts", "render", "sample_scene", "train_prompts",
 ]

@@ -7,7 +7,7 @@ Generation is scored by what the model's data set allows:
 - fashion_mnist: class accuracy, the share of "a photo of a <class>" images that a classifier trained here on
   real Fashion-MNIST (`mmgen.eval.classifier`) assigns to the prompted class (a conditional-generation check
   in the spirit of the classification accuracy score, Ravuri & Vinyals, 2019);
-- emoji: FD-ENL0 only (no closed-world judge exists for free-form emoji names).
+- emoji, flags, icons: FD-ENL0 only (no closed-world judge exists for free-form names).
 
 FD-ENL0 (`mmgen.eval.frechet`, a Frechet distance on EfficientNet-Lite0 features, not Inception FID) compares
 generated images with real training images whose captions prompted them (a seeded draw: the distribution
@@ -36,12 +36,14 @@ from mmgen.eval.compositional import evaluate as compositional_accuracy
 from mmgen.eval.frechet import fd_enl0
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
 
-DATASETS = ("shapes", "fashion_mnist", "emoji")
+DATASETS = ("shapes", "fashion_mnist", "emoji", "flags", "icons")
+FD_ONLY = ("emoji", "flags", "icons")  # open-world names: no judge, only the Frechet distance
 SPLITS = ("heldout", "train")
 TOKENIZER_COMPONENTS = ("vq_model", "vae")  # what the pipelines call their visual tokenizer
 # training data names (`mmgen.train_utils.DataConfig.name`) -> the evaluation that fits them; a shapes+emoji
 # model is judged where a closed-world judge exists (pass data="emoji" for its emoji FD)
-_TRAINED_ON = {"shapes": "shapes", "fashion_mnist": "fashion_mnist", "emoji": "emoji", "shapes+emoji": "shapes"}
+_TRAINED_ON = {"shapes": "shapes", "fashion_mnist": "fashion_mnist", "emoji": "emoji", "shapes+emoji": "shapes",
+               "flags": "flags", "icons": "icons"}
 _CALL_ARGS = {"self", "prompt", "num_images_per_prompt", "generator", "output_type", "return_dict"}
 FD_REAL_SEED_OFFSET = 12345  # shapes FD scenes: a seed apart from the prompt draws (seed + 1)
 
@@ -146,6 +148,12 @@ def real_dataset(data: str, split: str, image_size: int, size: int = 10000, seed
     if data == "emoji":
         from mmgen.data.emoji import Twemoji
         return Twemoji(split=split, image_size=image_size)
+    if data == "flags":
+        from mmgen.data.flags import Flags
+        return Flags(split=split, image_size=image_size)
+    if data == "icons":
+        from mmgen.data.icons import Icons
+        return Icons(split=split, image_size=image_size)
     raise ValueError(f"data must be one of {', '.join(DATASETS)}; got {data!r}")
 
 
@@ -198,8 +206,8 @@ def evaluate_pipeline(pipe, data: str = "shapes", per_category: int = 50, splits
     splits = list(splits)
     if data == "shapes" and (not splits or any(s not in SPLITS for s in splits)):
         raise ValueError(f"splits must be a non-empty list drawn from {', '.join(SPLITS)}; got {splits!r}")
-    if data == "emoji" and fd == 0:
-        raise ValueError("data='emoji' is scored by FD-ENL0 only: set fd (--fd) to the number of images, >= 2")
+    if data in FD_ONLY and fd == 0:
+        raise ValueError(f"data={data!r} is scored by FD-ENL0 only: set fd (--fd) to the number of images, >= 2")
     _check_sampling(pipe, sampling)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -359,7 +367,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, per_category:
     result = {"model": str(model_dir), "pipeline": type(pipe).__name__, "data": data, "data_from": source,
               "parameters": {"decoder": _parameters(pipe.transformer), "tokenizer": _parameters(tok),
                              "tokenizer_class": type(tok).__name__}}
-    settings = {} if data == "emoji" else {"per_category": per_category}
+    settings = {} if data in FD_ONLY else {"per_category": per_category}
     if data == "shapes":
         settings["splits"] = list(splits)
     result["settings"] = {**settings, "fd": fd, "tokenizer_images": tokenizer_images, "batch_size": batch_size,

@@ -94,7 +94,8 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
         try:
             for i in range(0, n_images, batch_size):
                 chunk = prompts[i:i + batch_size]
-                out = pipe(prompt=chunk, guidance_scale=guidance_scale, generator=generators_from_seed(seed + i, len(chunk)),
+                out = pipe(prompt=chunk, guidance_scale=guidance_scale,
+                           generator=generators_from_seed(seed + i, len(chunk)),
                            watermark_key=key if wm_config is not None else None)
                 images.extend(out.images)
                 tokens.append(out.tokens.flatten(1).cpu())
