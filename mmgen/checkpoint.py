@@ -2,7 +2,11 @@
 
 A checkpoint is a directory `step-XXXXXXX/` holding, per named module, `<name>.safetensors`; per optimizer,
 `<name>.optim.safetensors` (state tensors, flattened) plus its non-tensor structure in `state.json`; and the
-RNG state. It is written into a temporary directory and renamed into place, so a killed run never leaves a
+RNG state of every process. The training scripts gather whole state dicts keyed by parameter name through
+`torch.distributed.checkpoint.state_dict` (`gather_training_state`), the one call that also unshards FSDP and
+strips DDP's wrapper, so a checkpoint does not depend on how many processes wrote it or how they were sharded;
+`restore_optimizer` puts such a state back into a prepared (wrapped or sharded) optimizer.
+It is written into a temporary directory and renamed into place, so a killed run never leaves a
 half-written checkpoint behind; `latest` names the newest complete one.
 """
 
@@ -27,16 +31,57 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _optimizer_to_flat(opt: torch.optim.Optimizer):
-    sd = opt.state_dict()
+def gather_training_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Whole (unsharded) model and optimizer state dicts keyed by parameter name. In a distributed run this is
+    a collective: every rank calls it, rank 0 receives the tensors on the CPU (the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return get_state_dict(module, getattr(optimizer, "optimizer", optimizer),
+                          options=StateDictOptions(full_state_dict=True, cpu_offload=distributed))
+
+
+def restore_optimizer(ckpt: str | Path, name: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load optimizer `name` of checkpoint `ckpt` into a prepared optimizer (after `accelerator.prepare`, so
+    FSDP can shard the state as it shards the parameters). Every rank reads the whole state from the file."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    ckpt = Path(ckpt)
+    meta = json.loads((ckpt / "state.json").read_text())["optimizers"][name]
+    tensors = load_file(ckpt / f"{name}.optim.safetensors")
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
+    if meta.get("format") != "by_name":  # written by an older version: state keyed by parameter index
+        _optimizer_from_flat(inner, tensors, meta)
+        return
+    state: dict = {}
+    for key, v in tensors.items():
+        fqn, k = key.rsplit(NAME_SEP, 1)
+        state.setdefault(fqn, {})[k] = v
+    for key, v in meta["scalars"].items():
+        fqn, k = key.rsplit(NAME_SEP, 1)
+        state.setdefault(fqn, {})[k] = v
+    set_optimizer_state_dict(module, inner, {"state": state, "param_groups": meta["param_groups"]},
+                             options=StateDictOptions(full_state_dict=True))
+
+
+NAME_SEP = "::"  # parameter name :: state key (names contain dots)
+
+
+def _optimizer_to_flat(opt: torch.optim.Optimizer | dict):
+    """An optimizer's state as flat tensors + JSON: a torch optimizer (state keyed by parameter index) or a
+    state dict from `gather_training_state` (keyed by parameter name, format "by_name")."""
+    by_name = isinstance(opt, dict)
+    sd = opt if by_name else opt.state_dict()
+    sep = NAME_SEP if by_name else "."
     tensors, scalars = {}, {}
     for pid, state in sd["state"].items():
         for k, v in state.items():
             if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                tensors[f"{pid}{sep}{k}"] = v.detach().cpu().contiguous()
             else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{pid}{sep}{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars} | ({"format": "by_name"} if by_name
+                                                                                 else {})
 
 
 def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
@@ -52,8 +97,10 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict, meta: dict) 
 
 def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: dict, extra: dict | None = None,
                     keep: int = 2, rng_states: torch.Tensor | None = None) -> Path:
-    """`rng_states` (world, S): every process's CPU RNG state, gathered by the caller in a distributed run so
-    that each rank resumes its own random stream; by default this process's state."""
+    """`modules`: name -> module or state dict; `optimizers`: name -> torch optimizer or a by-name optimizer
+    state dict (`gather_training_state`). `rng_states` (world, S): every process's CPU RNG state, gathered by
+    the caller in a distributed run so that each rank resumes its own random stream; by default this
+    process's state."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step:07d}"
@@ -62,7 +109,8 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: d
     tmp.mkdir()
     meta = {"step": step, "extra": extra or {}, "optimizers": {}, "files": {}}
     for name, module in modules.items():
-        sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        sd = {k: v.detach().cpu().contiguous()
+              for k, v in (module if isinstance(module, dict) else module.state_dict()).items()}
         save_file(sd, tmp / f"{name}.safetensors")
     for name, opt in optimizers.items():
         tensors, opt_meta = _optimizer_to_flat(opt)
@@ -95,6 +143,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int = 0) -> dict:
     """Restore modules/optimizers/RNG in place; returns {"step", "extra"}. Corrupt files give a clear error.
+    Optimizers saved by name are restored with `restore_optimizer` after the model is prepared instead.
 
     Process `rank` takes its own saved RNG state; the random stream continues exactly when the world size is
     the one that wrote the checkpoint (with another world size, rank r takes state r mod the old size)."""

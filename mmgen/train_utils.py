@@ -194,7 +194,9 @@ def rank_spread(accelerator, modules: dict) -> float:
     every forward, and until then BatchNorm statistics hold each process's own batch. 0 for one process."""
     if accelerator.num_processes == 1:
         return 0.0
+    # FSDP holds shards (DTensors): compare whole tensors, gathered (a collective every rank joins)
+    full = [t.full_tensor() if hasattr(t, "full_tensor") else t for m in modules.values() for t in m.parameters()]
     fp = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
-                      for m in modules.values() for t in m.parameters()]).flatten()
+                      for t in full]).flatten()
     every = accelerator.gather(fp.to(accelerator.device)[None])  # (world, 2 * tensors)
     return float((every - every[:1]).abs().max())

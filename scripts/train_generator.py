@@ -32,13 +32,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.losses import resample_patches
-from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmgen.checkpoint import (gather_training_state, latest_checkpoint, load_checkpoint, restore_optimizer,
+                              save_checkpoint)
 from mmgen.config import load_config
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
@@ -345,12 +347,14 @@ def main(argv=None):
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         modules = {"model": model} | ({"align": head} if head is not None else {})
-        start = load_checkpoint(ckpt, modules, {"opt": opt}, rank=accelerator.process_index)["step"]
-        accelerator.print(f"resumed from {ckpt} at step {start}")
+        start = load_checkpoint(ckpt, modules, {}, rank=accelerator.process_index)["step"]
     else:
         # the model was initialised identically on every rank; from here each rank draws its own noise
         torch.manual_seed(cfg.train.seed + accelerator.process_index)
     train_step, opt = accelerator.prepare(TrainStep(cfg, layout, model, head), opt)
+    if ckpt is not None:  # after prepare, so that FSDP shards the optimizer state as it shards the parameters
+        restore_optimizer(ckpt, "opt", train_step, opt)
+        accelerator.print(f"resumed from {ckpt} at step {start}")
     logger = JsonlLogger(out, accelerator.is_main_process)
     logger.rewind(start)
     stop = StopRequest(accelerator)
@@ -392,11 +396,14 @@ def main(argv=None):
         signum = stop.requested()
         if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps or signum:
             rng = gather_rng_states(accelerator)
-            modules = {"model": model} | ({"align": head} if head is not None else {})  # align: training only
-            spread = rank_spread(accelerator, modules)
+            spread = rank_spread(accelerator, {"model": model} | ({"align": head} if head is not None else {}))
+            model_sd, opt_sd = gather_training_state(train_step, opt)  # whole tensors on rank 0 (FSDP too)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, modules, {"opt": opt}, extra={"rank_spread": spread}, rng_states=rng)
+                parts = {part: {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
+                         for part, prefix in (("model", "model."), ("align", "head."))}  # align: training only
+                save_checkpoint(out, step + 1, {k: v for k, v in parts.items() if v}, {"opt": opt_sd},
+                                extra={"rank_spread": spread}, rng_states=rng)
         if signum:
             accelerator.print(f"stopped by signal {signum} after step {step + 1}; checkpoint written, re-run to resume")
             accelerator.wait_for_everyone()
@@ -405,6 +412,9 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         tok_name = "vae" if tok_cls is AutoencoderKL else "vq_model"
+        if accelerator.distributed_type == DistributedType.FSDP:  # parameters are shards: rebuild the decoder
+            model = type(model).from_config(model.config)         # from the last checkpoint's whole weights
+            model.load_state_dict(load_file(latest_checkpoint(out) / "model.safetensors"))
         pipe = pipe_cls(transformer=model.eval().cpu(), tokenizer=tokenizer,
                         max_text_len=cfg.max_text_len, **{tok_name: vq.cpu()})
         save_pipeline(pipe, out / "pipeline")  # atomic, with checksums.json

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -311,6 +312,9 @@ def main(argv=None):
         parser.error(str(e))
 
     accelerator = make_accelerator()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        parser.error("train_tokenizer.py trains data-parallel only (the tokenizers are small enough to replicate): "
+                     "launch it with configs/accelerate/ddp_2proc.yaml, not an FSDP config")
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mmgen.checkpoint import (gather_training_state, latest_checkpoint, load_checkpoint, restore_optimizer,
+                              save_checkpoint)
 from mmgen.config import load_config
 from mmgen.train_utils import batch_indices
 
@@ -74,6 +75,27 @@ def test_resume_continues_the_same_loss_sequence(tmp_path):
     assert info["step"] == 3
     assert first + _train(m2, opt2, 3) == straight
     assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("**/*.pt"))
+
+
+@pytest.mark.parametrize("by_name", [True, False], ids=["by-name", "by-index"])
+def test_optimizer_restored_after_prepare_continues_the_same_losses(tmp_path, by_name):
+    """The scripts' path: whole state dicts keyed by parameter name (gather_training_state), the optimizer put
+    back after the model is prepared (restore_optimizer); checkpoints keyed by parameter index (written
+    before) restore through the same call."""
+    m, opt = _model_opt(0)
+    straight = _train(m, opt, 6)
+    m, opt = _model_opt(0)
+    first = _train(m, opt, 3)
+    if by_name:
+        model_sd, opt_sd = gather_training_state(m, opt)
+        assert set(opt_sd["state"]) == {"weight", "bias"}
+        ckpt = save_checkpoint(tmp_path, 3, {"model": model_sd}, {"opt": opt_sd})
+    else:
+        ckpt = save_checkpoint(tmp_path, 3, {"model": m}, {"opt": opt})
+    m2, opt2 = _model_opt(123)
+    load_checkpoint(ckpt, {"model": m2}, {})
+    restore_optimizer(ckpt, "opt", m2, opt2)
+    assert first + _train(m2, opt2, 3) == straight
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
