@@ -19,7 +19,7 @@ Which entries are kept:
   variants. `named_only=False` keeps all of them; a variant's caption adds its tone(s):
   "a thumbs up sign emoji, medium-dark skin tone".
 
-Split: an entry is in "test" when the SHA-256 of its caption name falls in the lowest `TEST_PERCENT` of the
+Split: an entry is in "test" when the SHA-256 of its caption name falls in the lowest 5% of the
 range, else in "train" ("all" keeps both). Hashing the name, not the position, keeps the split fixed when
 options add or drop other entries, and keeps an emoji's skin-tone variants (and two emoji that share a name)
 on one side, so no test caption is ever seen in training.
@@ -27,21 +27,20 @@ on one side, so no test caption is ever seen in training.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from mmgen.data.folder import resize_center_crop
+from mmgen.data.entries import EntryDataset, in_test_split as hashed_test_split
 from mmgen.data.shapes import to_tensor
 
 SPLITS: tuple[str, ...] = ("train", "test", "all")
-TEST_PERCENT = 5
+
 INSTALL_HINT = "install it with `bash scripts/install_data.sh` (npm package emoji-datasource-twitter)"
 SKIN_TONES: dict[str, str] = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium",
                               "1F3FE": "medium-dark", "1F3FF": "dark"}
@@ -95,8 +94,7 @@ def is_named(record: dict) -> bool:
 
 
 def in_test_split(name: str) -> bool:
-    digest = hashlib.sha256(f"mmgen-twemoji/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT
+    return hashed_test_split("twemoji", name)
 
 
 def load_entries(root: str | Path | None = None, include_flags: bool = False, named_only: bool = True,
@@ -126,7 +124,7 @@ def load_entries(root: str | Path | None = None, include_flags: bool = False, na
     return entries
 
 
-class Twemoji(torch.utils.data.Dataset):
+class Twemoji(EntryDataset):
     """Captioned Twemoji images; item i is {"image": (3, S, S) float in [-1, 1], "caption": str}."""
 
     def __init__(self, image_size: int = 64, include_flags: bool = False, named_only: bool = True,
@@ -142,13 +140,6 @@ class Twemoji(torch.utils.data.Dataset):
             raise FileNotFoundError(f"{len(missing)} Twemoji image(s) missing under {str(self.image_dir)!r} "
                                     f"(first: {missing[0]!r}); {INSTALL_HINT}")
         self.image_size, self.include_flags, self.named_only, self.split = image_size, include_flags, named_only, split
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def captions(self) -> list[str]:
-        return [e.caption for e in self.entries]
 
     def __getitem__(self, i: int) -> dict:
         entry = self.entries[i]

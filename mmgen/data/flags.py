@@ -23,25 +23,24 @@ Caption: "the flag of <country>", with the iso-codes `common_name` where it has 
 ("Virgin Islands, British" -> "British Virgin Islands"; a comma list such as "Bonaire, Sint Eustatius and
 Saba" stays), and "the" before names that take it ("the United Kingdom", "the Bahamas").
 
-Split: a country is in "test" when the SHA-256 of its name falls in the lowest `TEST_PERCENT` of the range
+Split: a country is in "test" when the SHA-256 of its name falls in the lowest 5% (`mmgen.data.entries`) of the range
 (as for Twemoji), else in "train"; "all" keeps both.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 
+from mmgen.data.entries import EntryDataset, in_test_split as hashed_test_split
 from mmgen.data.shapes import to_tensor
 
 SPLITS: tuple[str, ...] = ("train", "test", "all")
-TEST_PERCENT = 5
+
 DEFAULT_ROOT = Path("/usr/share/iso-flags-png-320x240")
 ISO_3166_JSON = Path("/usr/share/iso-codes/json/iso_3166-1.json")
 INSTALL_HINT = "install it with `bash scripts/install_data.sh` (Debian packages iso-flags-png-320x240, iso-codes)"
@@ -66,8 +65,7 @@ def country_name(record: dict) -> str:
 
 
 def in_test_split(name: str) -> bool:
-    digest = hashlib.sha256(f"mmgen-flags/{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT
+    return hashed_test_split("flags", name)
 
 
 def load_countries(path: str | Path = ISO_3166_JSON) -> dict[str, str]:
@@ -98,7 +96,7 @@ class FlagEntry:
         return f"the flag of {self.country}"
 
 
-class Flags(torch.utils.data.Dataset):
+class Flags(EntryDataset):
     """Captioned country flags; item i is {"image": (3, S, S) float in [-1, 1], "caption": str}."""
 
     def __init__(self, image_size: int = 64, split: str = "train", root: str | Path | None = None):
@@ -115,13 +113,6 @@ class Flags(torch.utils.data.Dataset):
         self.entries = [FlagEntry(f.stem, countries[f.stem]) for f in files if f.stem in countries
                         and (split == "all" or in_test_split(countries[f.stem]) == (split == "test"))]
         self.image_size, self.split = image_size, split
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def captions(self) -> list[str]:
-        return [e.caption for e in self.entries]
 
     def __getitem__(self, i: int) -> dict:
         entry = self.entries[i]

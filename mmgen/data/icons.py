@@ -21,14 +21,13 @@ Caption: "an icon of a <name words>": "fa5s.arrow-up" -> "an icon of an arrow up
 say what they are ("an icon of the letter A", "an icon of the number 8"). The article follows the sound of
 the first word: "a user", "a universal access", "an hdd", "an x ray" (see `article`).
 
-Split: an icon is in "test" when the SHA-256 of its name words falls in the lowest `TEST_PERCENT` of the
+Split: an icon is in "test" when the SHA-256 of its name words falls in the lowest 5% of the
 range (as for Twemoji), else in "train"; "all" keeps both. The font prefix is not hashed, so an icon name
 that both sets hold is on the same side in each.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -36,13 +35,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mmgen.data.entries import EntryDataset, in_test_split as hashed_test_split
 from mmgen.data.shapes import to_tensor
 
 SPLITS: tuple[str, ...] = ("train", "test", "all")
-TEST_PERCENT = 5
+
 MARGIN = 0.1  # of the image side, on each side of the glyph
 INSTALL_HINT = "install it with `bash scripts/install_data.sh` (font files of the PyPI wheel qtawesome)"
 # prefix -> (font file, name map) under <root>/fonts/, as named in the pinned qtawesome wheel
@@ -85,8 +84,7 @@ def icon_words(name: str) -> str:
 
 
 def in_test_split(words: str) -> bool:
-    digest = hashlib.sha256(f"mmgen-icons/{words}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT
+    return hashed_test_split("icons", words)
 
 
 @dataclass(frozen=True)
@@ -170,7 +168,7 @@ def load_entries(font: str = "fa5s", root: str | Path | None = None, split: str 
     return entries
 
 
-class Icons(torch.utils.data.Dataset):
+class Icons(EntryDataset):
     """Captioned icon glyphs of one font; item i is {"image": (3, S, S) float in [-1, 1], "caption": str}."""
 
     def __init__(self, image_size: int = 64, font: str = "fa5s", split: str = "train",
@@ -182,13 +180,6 @@ class Icons(torch.utils.data.Dataset):
         self.entries = load_entries(font, self.root, split)
         self.font_path = font_files(font, self.root)[0]
         self.image_size, self.font, self.split = image_size, font, split
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    @property
-    def captions(self) -> list[str]:
-        return [e.caption for e in self.entries]
 
     def __getitem__(self, i: int) -> dict:
         entry = self.entries[i]
