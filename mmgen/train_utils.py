@@ -164,6 +164,13 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signum = signum
 
+    def exit(self, signum: int, steps_done: int) -> None:
+        """Called after the checkpoint at `steps_done`: every rank leaves with 128 + the signal number."""
+        self.accelerator.print(f"stopped by signal {signum} after step {steps_done}; checkpoint written, "
+                               f"re-run to resume")
+        self.accelerator.wait_for_everyone()
+        raise SystemExit(128 + signum)
+
     def requested(self) -> int:
         """The signal number to exit with (0: keep going), the same on every rank."""
         if self.accelerator.num_processes == 1:

@@ -405,9 +405,7 @@ def main(argv=None):
                 save_checkpoint(out, step + 1, {k: v for k, v in parts.items() if v}, {"opt": opt_sd},
                                 extra={"rank_spread": spread}, rng_states=rng)
         if signum:
-            accelerator.print(f"stopped by signal {signum} after step {step + 1}; checkpoint written, re-run to resume")
-            accelerator.wait_for_everyone()
-            raise SystemExit(128 + signum)
+            stop.exit(signum, step + 1)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -410,9 +410,7 @@ def main(argv=None):
                 save_checkpoint(out, step + 1, modules, {"opt_g": opt_g, "opt_d": opt_d},
                                 extra={"rank_spread": spread}, rng_states=rng)
         if signum:
-            accelerator.print(f"stopped by signal {signum} after step {step + 1}; checkpoint written, re-run to resume")
-            accelerator.wait_for_everyone()
-            raise SystemExit(128 + signum)
+            stop.exit(signum, step + 1)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

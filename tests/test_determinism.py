@@ -26,8 +26,8 @@ from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipelin
                              load_pipeline)
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.text import UnifiedVocab, train_text_tokenizer
+from test_paradigm_pipelines import _vae  # the same tiny seeded AutoencoderKL
 from tokenizers_vis.multiscale import MultiScaleVQGAN
-from tokenizers_vis.vae import make_vae
 from tokenizers_vis.vqgan import VQGAN
 
 TEXT_LEN = 16
@@ -39,13 +39,6 @@ def _vq(cls=VQGAN, **kw):
     torch.manual_seed(0)
     return cls(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
                image_size=16, **kw).eval()
-
-
-def _vae():
-    torch.manual_seed(0)
-    vae = make_vae(image_size=16, latent_channels=4, block_out_channels=(8, 8, 8), norm_num_groups=4)
-    vae.register_to_config(scaling_factor=0.7)
-    return vae.eval()
 
 
 def _perturbed(module):
