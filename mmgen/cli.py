@@ -243,8 +243,9 @@ def cmd_models(args) -> dict:
         fd = f"FD-ENL0 {res['fd_enl0']:.0f}" if "fd_enl0" in res else "FD-ENL0 -"
         print(f"{r['name'] + (' (default)' if r['default'] else ''):28s} {r['pipeline']:18s} "
               f"{r.get('paradigm', '?'):13s} {sum(r['parameters'].values()) / 1e6:5.1f} M {r['size_mb']:5.1f} MB  "
-              f"{acc}  {fd}  {r.get('description', '')}")
-    print("acc: held-out / train compositional accuracy (mmgen eval); train commands: mmgen models --json")
+              f"cfg {r['guidance_scale']:g}  {acc}  {fd}  {r.get('description', '')}")
+    print("cfg: the model's default guidance scale; acc: held-out / train compositional accuracy (mmgen eval) at "
+          "that scale; train commands: mmgen models --json")
     return {}
 
 
@@ -306,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images to generate (1 to {MAX_CLI_IMAGES})")
     g.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image i uses seed+i (>= 0), so "
                    "an image's tokens do not depend on --num-images")
-    g.add_argument("--guidance-scale", type=_nonnegative_float("--guidance-scale"), default=3.0,
-                   help="classifier-free guidance scale (>= 0; 1 = off)")
+    g.add_argument("--guidance-scale", type=_nonnegative_float("--guidance-scale"), default=None,
+                   help="classifier-free guidance scale (>= 0; 1 = off; default: the model's own, see `mmgen models`)")
     g.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0,
                    help="sampling temperature (> 0; 0 = greedy); flow models: scale of the initial noise")
     discrete = g.add_argument_group("discrete tokens (next-token, next-scale)")
@@ -400,8 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images for the tokenizer's PSNR / SSIM / rFD-ENL0 (0: skip)")
     e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=25, help="images per pipeline call")
     e.add_argument("--seed", type=_seed, default=0, help="image i of each prompt list uses seed+i")
-    e.add_argument("--cfg", type=_nonnegative_float("--cfg"), default=3.0,
-                   help="classifier-free guidance scale (1 = off)")
+    e.add_argument("--cfg", type=_nonnegative_float("--cfg"), default=None,
+                   help="classifier-free guidance scale (1 = off; default: the model's own)")
     e.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0,
                    help="sampling temperature; flow models: scale of the initial noise")
     e.add_argument("--top-k", type=int, default=None, help="discrete tokens: keep the k most likely (>= 1)")

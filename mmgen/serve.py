@@ -59,6 +59,11 @@ class DemoModels:
     def accepts(self, name: str) -> set[str]:
         return set(inspect.signature(self.classes[name].__call__).parameters)
 
+    def default_guidance(self, name: str) -> float:
+        """The model's own guidance scale (its model_index.json; 3 where it sets none), read without loading."""
+        import json
+        return float(json.loads((self.dirs[name] / "model_index.json").read_text()).get("default_guidance_scale", 3.0))
+
     def describe(self, name: str) -> str:
         """One line for the page: the model's paradigm and the optional stages it takes."""
         accepted = self.accepts(name)
@@ -130,13 +135,15 @@ class DemoModels:
         return [(image, f"seed {seed + i}") for i, image in enumerate(out.images)], status + "."
 
     def controls(self, model: str):
-        """Updates for the sampler and watermark controls when `model` is picked: off where it has no use."""
+        """Updates for the sampler and watermark controls when `model` is picked (off where they have no use), its
+        description, and the guidance slider set to the model's own scale."""
         accepted = self.accepts(model)
         sjd, wm = "sampler" in accepted, "watermark_key" in accepted
         return (gr.update(interactive=sjd, **({} if sjd else {"value": "ar"})),
                 gr.update(interactive=wm, **({} if wm else {"value": False})),
                 gr.update(interactive=wm),
-                self.describe(model))
+                self.describe(model),
+                gr.update(value=self.default_guidance(model)))
 
 
 def _whole(x) -> bool:
@@ -182,7 +189,8 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
                                      elem_id="seed")
                     num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images",
                                            elem_id="num-images")
-                guidance = gr.Slider(0.0, 10.0, value=3.0, step=0.5, label="Guidance scale (1 = off)",
+                guidance = gr.Slider(0.0, 10.0, value=backend.default_guidance(first), step=0.25,
+                                     label="Guidance scale (1 = off)",
                                      elem_id="guidance")
                 with gr.Row():
                     watermark = gr.Checkbox(value=False, label="Watermark", interactive=wm, elem_id="watermark")
@@ -193,7 +201,7 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
                 gallery = gr.Gallery(label="Images", format="png", columns=4, object_fit="contain",
                                      elem_id="output")
                 status = gr.Markdown(elem_id="status")
-        model.change(backend.controls, inputs=model, outputs=[sampler, watermark, key, info])
+        model.change(backend.controls, inputs=model, outputs=[sampler, watermark, key, info, guidance])
         gr.on([button.click, prompt.submit], backend.generate,
               inputs=[prompt, model, sampler, seed, guidance, num_images, watermark, key],
               outputs=[gallery, status])

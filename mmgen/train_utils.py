@@ -6,6 +6,7 @@ seen had it never stopped, with no sampler state to save.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,8 +23,45 @@ def batch_indices(step: int, global_batch: int, dataset_size: int, seed: int, ra
         raise ValueError(f"batch_size {global_batch} exceeds the dataset size {dataset_size}")
     per_epoch = dataset_size // global_batch
     epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return perm[k * global_batch:(k + 1) * global_batch][rank::world].tolist()
+    return _epoch_permutation(dataset_size, seed, epoch)[k * global_batch:(k + 1) * global_batch][rank::world].tolist()
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(dataset_size: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+def _stack_images(items: list[dict]) -> torch.Tensor:
+    return torch.stack([it["image"] for it in items])
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    def __init__(self, steps: range, global_batch: int, dataset_size: int, seed: int, rank: int, world: int):
+        self.steps, self.args = steps, (global_batch, dataset_size, seed, rank, world)
+
+    def __iter__(self):
+        return (batch_indices(step, *self.args) for step in self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def step_images(dataset, steps: range, global_batch: int, seed: int, rank: int = 0, world: int = 1,
+                workers: int = 0):
+    """Image batches (B, 3, H, W) for `steps` in order, each exactly `batch_indices(step, ...)` of `dataset`;
+    with `workers` > 0 they are loaded (rendered, for procedural data) that many processes ahead of use."""
+    sampler = _StepSampler(steps, global_batch, len(dataset), seed, rank, world)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         collate_fn=_stack_images,
+                                         prefetch_factor=4 if workers else None, persistent_workers=False)
+    return iter(loader)
+
+
+def all_images(dataset, batch_size: int = 256, workers: int = 0):
+    """The whole data set in order, as image batches (B, 3, H, W) (for one encoding pass)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=_stack_images)
+    return iter(loader)
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
@@ -45,6 +83,7 @@ class DataConfig:
     root: str | None = None  # folder dataset: directory with captions.jsonl
     caption_mode: str = "caption"  # fashion_mnist: "caption" ("a photo of a sneaker") or "class" ("sneaker")
     include_flags: bool = False  # emoji, shapes+emoji: keep the flag emoji too
+    emoji_repeat: int = 1  # shapes+emoji: the Twemoji set appears this many times, to set its share of the mix
 
 
 def image_fields(cfg: DataConfig) -> dict:
@@ -53,6 +92,8 @@ def image_fields(cfg: DataConfig) -> dict:
     fields = {k: v for k, v in vars(cfg).items() if k != "caption_mode"}
     if "emoji" not in cfg.name.split("+"):
         fields.pop("include_flags")
+    if cfg.name != "shapes+emoji" or cfg.emoji_repeat == 1:
+        fields.pop("emoji_repeat")  # keeps the keys of caches made before the field existed
     return fields
 
 
@@ -78,10 +119,13 @@ def make_dataset(cfg: DataConfig, split: str = "train"):
     if cfg.name == "emoji":
         return Twemoji(image_size=cfg.image_size, include_flags=cfg.include_flags, split=real_split)
     if cfg.name == "shapes+emoji":
-        # One model on both worlds: `size` scenes, then every emoji of the split.
-        return ConcatCaptions([
-            ShapesDataset(split=split, size=cfg.size, seed=cfg.seed, image_size=cfg.image_size),
-            Twemoji(image_size=cfg.image_size, include_flags=cfg.include_flags, split=real_split)])
+        # One model on both worlds: `size` scenes, then every emoji of the split (`emoji_repeat` times in training).
+        if not isinstance(cfg.emoji_repeat, int) or cfg.emoji_repeat < 1:
+            raise ValueError(f"data.emoji_repeat must be an integer >= 1, got {cfg.emoji_repeat!r}")
+        emoji = Twemoji(image_size=cfg.image_size, include_flags=cfg.include_flags, split=real_split)
+        repeat = cfg.emoji_repeat if split == "train" else 1
+        return ConcatCaptions([ShapesDataset(split=split, size=cfg.size, seed=cfg.seed, image_size=cfg.image_size)]
+                              + [emoji] * repeat)
     if cfg.name == "flags":
         return Flags(image_size=cfg.image_size, split=real_split)
     if cfg.name == "icons":

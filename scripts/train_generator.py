@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,9 +49,9 @@ from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, t
 from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline,
                              save_pipeline)
 from mmgen.text import UnifiedVocab, encode_prompts
-from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, batch_indices, cosine_lr, gather_rng_states,
-                               image_fields, make_accelerator, make_dataset, rank_spread, run_text_tokenizer,
-                               write_json_atomic)
+from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, all_images, batch_indices, cosine_lr,
+                               gather_rng_states, image_fields, make_accelerator, make_dataset, rank_spread,
+                               run_text_tokenizer, write_json_atomic)
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import encode_latents, latent_channels, vae_grid
@@ -108,6 +109,7 @@ class TrainConfig:
     ckpt_every: int = 500
     log_every: int = 50
     seed: int = 0
+    data_workers: int = 0  # processes that load (render) images for the one encoding pass
 
 
 @dataclass
@@ -115,6 +117,9 @@ class GeneratorRunConfig:
     paradigm: str = "next_token"  # next_token | next_scale | flow_head | flowar | next_x
     tokenizer: str = "runs/vqgan/final"  # a saved tokenizer directory of the paradigm's kind
     max_text_len: int = 24
+    # a saved pipeline to continue from (fine-tune / train longer under a new schedule): its decoder weights and
+    # caption tokenizer start the run, the optimizer starts fresh; the decoder config must match
+    init_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,16 +171,18 @@ def split_scales(flat_BL: torch.Tensor, scales) -> list[torch.Tensor]:
     return [t.reshape(-1, s, s) for t, s in zip(flat_BL.split([s * s for s in scales], 1), scales)]
 
 
-def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int = 256) -> torch.Tensor:
-    """`encode(images)` of the whole dataset, computed once and cached as safetensors."""
+def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int = 256,
+                   workers: int = 0) -> torch.Tensor:
+    """`encode(images)` of the whole dataset, computed once and cached as safetensors; `workers` processes
+    load the images ahead of the encoder."""
     if cache_file.is_file():
         cached = load_file(cache_file)
         if cached.get("key") is not None and bytes(cached["key"].tolist()).decode() == key:
             return cached["codes"]
     codes = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(dataset), batch_size), desc="encode images"):
-            imgs = torch.stack([dataset[j]["image"] for j in range(i, min(i + batch_size, len(dataset)))])
+        for imgs in tqdm(all_images(dataset, batch_size, workers), total=-(-len(dataset) // batch_size),
+                         desc="encode images"):
             codes.append(encode(imgs).cpu())
     codes = torch.cat(codes).contiguous()
     tmp = cache_file.with_name(cache_file.name + ".tmp")
@@ -303,17 +310,24 @@ def main(argv=None):
     if cfg.paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {', '.join(PARADIGMS)}; got {cfg.paradigm!r}")
     tok_cls, pipe_cls = load_tokenizer_class(cfg.paradigm, cfg.tokenizer), PARADIGMS[cfg.paradigm][1]
-    vq = tok_cls.from_pretrained(cfg.tokenizer).eval().requires_grad_(False).to(accelerator.device)
+    vq = tok_cls.from_pretrained(cfg.tokenizer).float().eval().requires_grad_(False).to(accelerator.device)  # zoo: fp16
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
         else list(dataset.captions)
+    if cfg.init_from is not None:
+        init_dir = Path(cfg.init_from)
+        if not (init_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
+            raise FileNotFoundError(f"init_from {cfg.init_from!r} is not a saved pipeline directory (no transformer/)")
+        if accelerator.is_main_process and not (out / "text_tokenizer" / "tokenizer.json").is_file():
+            shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
+        accelerator.wait_for_everyone()
     tokenizer = run_text_tokenizer(cfg.data, captions, out, accelerator.is_main_process)
     text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
 
     encoding = cfg.paradigm if cfg.paradigm in ("next_token", "next_scale") else "latents"  # continuous ones share
     key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
     codes = encode_dataset(lambda imgs: encode_images(cfg.paradigm, vq, imgs.to(accelerator.device)), dataset,
-                           out / "codes.safetensors", key)
+                           out / "codes.safetensors", key, workers=cfg.train.data_workers)
     layout, model = build_decoder(cfg, vq, len(tokenizer))
     align = cfg.alignment
     align.validate(cfg.model.n_layers)
@@ -349,6 +363,10 @@ def main(argv=None):
         modules = {"model": model} | ({"align": head} if head is not None else {})
         start = load_checkpoint(ckpt, modules, {}, rank=accelerator.process_index)["step"]
     else:
+        if cfg.init_from is not None:
+            weights = load_file(Path(cfg.init_from) / "transformer" / "diffusion_pytorch_model.safetensors")
+            model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
+            accelerator.print(f"decoder initialised from {cfg.init_from}")
         # the model was initialised identically on every rank; from here each rank draws its own noise
         torch.manual_seed(cfg.train.seed + accelerator.process_index)
     train_step, opt = accelerator.prepare(TrainStep(cfg, layout, model, head), opt)
@@ -363,13 +381,17 @@ def main(argv=None):
     print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
           f"sequence length {layout.seq_len}; {len(dataset)} images") if accelerator.is_main_process else None
 
+    # plain next-token: every text block padded once, on the device (a step then only gathers rows)
+    text_table = next_token.TextTable(layout, text_ids, accelerator.device) \
+        if cfg.paradigm == "next_token" and not isinstance(layout, token_shuffle.TokenShuffleLayout) else None
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train generator",
                disable=not accelerator.is_main_process)
     t0 = time.time()
     for step in bar:
         idx = batch_indices(step, cfg.train.batch_size, len(dataset), cfg.train.seed,
                             accelerator.process_index, accelerator.num_processes)
-        batch = build_batch(cfg, layout, vq, [text_ids[i] for i in idx], codes[idx].to(accelerator.device))
+        texts = text_table.rows(idx) if text_table is not None else [text_ids[i] for i in idx]
+        batch = build_batch(cfg, layout, vq, texts, codes[idx].to(accelerator.device))
         lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr

@@ -46,7 +46,7 @@ from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
 from mmgen.text import encode_prompts
 from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, batch_indices, cosine_lr, gather_rng_states,
                                make_accelerator, make_dataset, rank_spread, mean_over_ranks, run_text_tokenizer,
-                               write_json_atomic)
+                               step_images, write_json_atomic)
 from tokenizers_vis.losses import VQGANLoss
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTextEncoder, SEEDTokenizer, contrastive_loss, pad_text, random_prefix_lengths
@@ -70,6 +70,7 @@ class TrainConfig:
     log_every: int = 50
     eval_images: int = 512
     seed: int = 0
+    data_workers: int = 0  # processes that load (render) training batches ahead of the step; 0: in the loop
 
 
 @dataclass
@@ -360,11 +361,11 @@ def main(argv=None):
     stop = StopRequest(accelerator)
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train tokenizer",
                disable=not accelerator.is_main_process)
+    batches = step_images(train_set, range(start, cfg.train.steps), cfg.train.batch_size, cfg.train.seed,
+                          accelerator.process_index, accelerator.num_processes, cfg.train.data_workers)
     t0 = time.time()
     for step in bar:
-        idx = batch_indices(step, cfg.train.batch_size, len(train_set), cfg.train.seed,
-                            accelerator.process_index, accelerator.num_processes)
-        images = torch.stack([train_set[i]["image"] for i in idx]).to(accelerator.device)
+        images = next(batches).to(accelerator.device)
         for group in opt_g.param_groups:
             group["lr"] = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps)
         if is_vae:
@@ -373,7 +374,7 @@ def main(argv=None):
         elif is_seed:
             # prefix lengths are a function of (seed, step, rank), so a resumed run draws the same ones
             gen = torch.Generator().manual_seed((cfg.train.seed * 100003 + step) * 64 + accelerator.process_index)
-            out_v = model(images, random_prefix_lengths(len(idx), raw.num_tokens, cfg.seed.full_prefix_prob, gen))
+            out_v = model(images, random_prefix_lengths(len(images), raw.num_tokens, cfg.seed.full_prefix_prob, gen))
             recon, ppl, last_layer = out_v.recon, out_v.perplexity, raw.last_layer
             reg_loss = out_v.quant_loss + cfg.seed.embed_weight * out_v.embed_loss
         else:

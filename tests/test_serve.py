@@ -109,12 +109,13 @@ def test_bad_input_is_a_gradio_error(models, args, message):
 
 def test_options_follow_the_model(models):
     """Refusals above are checked against the class: the flow model was never loaded."""
-    sampler, watermark, key, info = models.controls("shapes-flowar")
+    sampler, watermark, key, info, guidance = models.controls("shapes-flowar")
     assert sampler == {"__type__": "update", "interactive": False, "value": "ar"}
     assert watermark == {"__type__": "update", "interactive": False, "value": False}
     assert key == {"__type__": "update", "interactive": False}
     assert info.startswith("**shapes-flowar**: `FlowARPipeline`. SJD and the watermark are next-token stages")
-    sampler, watermark, key, info = models.controls("tiny")
+    assert guidance == {"__type__": "update", "value": 3.0}  # saved without its own scale: the pipelines' 3
+    sampler, watermark, key, info, guidance = models.controls("tiny")
     assert sampler["interactive"] and watermark["interactive"] and key["interactive"] and "value" not in sampler
     assert info == "**tiny**: `NextTokenPipeline`. Takes: SJD sampler, watermark."
     assert "shapes-flowar" not in models._pipes

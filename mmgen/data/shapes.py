@@ -298,14 +298,19 @@ class ShapesDataset(torch.utils.data.Dataset):
         return {"image": to_tensor(render(scene, self.image_size)), "caption": scene.caption}
 
 
-def _prompts(split: str, n: int, seed: int, category: str | None) -> list[str]:
+def prompt_scenes(split: str, n: int, seed: int = 0, category: str | None = None) -> list[Scene]:
+    """The n scenes whose captions are `heldout_prompts` / `train_prompts` (ground truth for those prompts)."""
     _check_split(split)
     _check_category(category)
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     # A stream of its own, so evaluation prompts do not replay the training items of the same seed.
     rng = random.Random(f"mmgen-shapes-prompts/{seed}/{split}/{category}")
-    return [sample_scene(rng, split, category).caption for _ in range(n)]
+    return [sample_scene(rng, split, category) for _ in range(n)]
+
+
+def _prompts(split: str, n: int, seed: int, category: str | None) -> list[str]:
+    return [scene.caption for scene in prompt_scenes(split, n, seed, category)]
 
 
 def heldout_prompts(n: int, seed: int = 0, category: str | None = None) -> list[str]:

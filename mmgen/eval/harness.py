@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmgen.data.shapes import CATEGORIES, ShapesDataset, heldout_prompts, to_tensor, train_prompts
+from mmgen.data.shapes import (CATEGORIES, ShapesDataset, heldout_prompts, prompt_scenes, render, to_tensor,
+                               train_prompts)
 from mmgen.eval.compositional import evaluate as compositional_accuracy
 from mmgen.eval.frechet import fd_enl0
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
@@ -334,12 +335,38 @@ def _effective_sampling(pipe, sampling: dict) -> dict:
     """The sampling arguments of the pipeline's call as this run used them: given values over its defaults."""
     params = inspect.signature(pipe.__call__).parameters
     used = {k: p.default for k, p in params.items() if k not in _CALL_ARGS and p.default is not inspect.Parameter.empty}
-    used.update(sampling)
+    used.update({k: v for k, v in sampling.items() if v is not None or k not in used})
+    if used.get("guidance_scale") is None and "default_guidance_scale" in pipe.config:
+        used["guidance_scale"] = pipe.config.default_guidance_scale  # what the pipelines resolve None to
     if used.get("cfg_schedule") is None and hasattr(pipe, "default_cfg_schedule"):
         used["cfg_schedule"] = pipe.default_cfg_schedule  # what the flow pipelines resolve None to
     if used.get("watermark_key") is not None:
         used["watermark_key"] = "<set>"  # never write a secret key into a report
     return used
+
+
+@torch.no_grad()
+def reconstruction_accuracy(tokenizer, per_category: int = 50, splits: Sequence[str] = SPLITS, seed: int = 0,
+                            batch_size: int = 64, device="cpu") -> dict:
+    """The tokenizer's ceiling on compositional accuracy: the ground-truth scenes of the evaluation prompts
+    (the same `per_category` prompts per category that `evaluate_pipeline` uses with this `seed`), encoded,
+    decoded and judged by the same checker. {split: {"accuracy", "per_category"}}."""
+    _positive_int("per_category", per_category)
+    if isinstance(tokenizer, torch.nn.Module):
+        tokenizer = tokenizer.to(device).eval()
+    size = getattr(tokenizer.config, "image_size", None) or getattr(tokenizer.config, "sample_size", 64)
+    out = {}
+    for split in splits:
+        scenes = [sc for c in CATEGORIES for sc in prompt_scenes(split, per_category, seed + 1, c)]
+        images = []
+        for i in range(0, len(scenes), batch_size):
+            real = torch.stack([to_tensor(render(sc, size)) for sc in scenes[i:i + batch_size]]).to(device)
+            recon = reconstruct(tokenizer, real)[0].clamp(-1, 1)
+            images += [Image.fromarray(((x.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype("uint8"))
+                       for x in recon]
+        scores = compositional_accuracy(images, [sc.caption for sc in scenes])
+        out[split] = {"accuracy": scores["accuracy"], "per_category": scores["per_category"]}
+    return out
 
 
 def evaluate_model(model_dir: str | Path, data: str | None = None, per_category: int = 50,
@@ -380,4 +407,7 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, per_category:
     if tokenizer_images:
         real = real_dataset(data, "heldout", _image_size(pipe), size=tokenizer_images, seed=seed)
         result["tokenizer"] = evaluate_tokenizer(tok, real, n=tokenizer_images, device=device, progress=progress)
+        if data == "shapes":
+            result["tokenizer"]["reconstruction_accuracy"] = reconstruction_accuracy(
+                tok, per_category, splits, seed, device=device)
     return result

@@ -108,23 +108,45 @@ class NextTokenBatch:
     mask: torch.Tensor  # (B, 1, L, L)
 
 
+class TextTable:
+    """Every caption's text block (`text_block`), built once: a training step then gathers rows on the device
+    instead of padding Python lists. `rows(idx)` goes to `build_batch` in place of the id lists."""
+
+    def __init__(self, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], device=None):
+        self.tokens, self.valid = (t.to(device) for t in text_block(layout, text_ids))
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, device=self.tokens.device)
+        return self.tokens[idx], self.valid[idx]
+
+
 def build_batch(layout: NextTokenLayout, text_ids, image_codes_BHW: torch.Tensor, cond_drop_prob: float = 0.0,
                 generator: torch.Generator | None = None) -> NextTokenBatch:
-    """Teacher-forced training batch from caption ids and tokenizer codes."""
+    """Teacher-forced training batch from caption ids (lists, or `TextTable.rows`) and tokenizer codes; built on
+    the codes' device."""
     B = image_codes_BHW.shape[0]
     if tuple(image_codes_BHW.shape[1:]) != tuple(layout.grid):
         raise ValueError(f"image codes have grid {tuple(image_codes_BHW.shape[1:])}, the model expects {layout.grid}")
+    dev = image_codes_BHW.device
     drop = torch.rand(B, generator=generator) < cond_drop_prob if cond_drop_prob > 0 else None
-    text, text_valid = text_block(layout, text_ids, drop)
-    image = layout.vocab.image_to_unified(image_codes_BHW.reshape(B, -1).cpu())
-    eoi = torch.full((B, 1), layout.vocab.eoi, dtype=torch.long)
+    if isinstance(text_ids, tuple) and len(text_ids) == 2 and torch.is_tensor(text_ids[0]):
+        text, text_valid = (t.to(dev) for t in text_ids)
+        if drop is not None:
+            null, null_valid = (t.to(dev) for t in text_block(layout, [[]]))
+            keep = ~drop.to(dev)[:, None]
+            text, text_valid = torch.where(keep, text, null), torch.where(keep, text_valid, null_valid)
+    else:
+        text, text_valid = (t.to(dev) for t in text_block(layout, text_ids, drop))
+    image = layout.vocab.image_to_unified(image_codes_BHW.reshape(B, -1))
+    eoi = torch.full((B, 1), layout.vocab.eoi, dtype=torch.long, device=dev)
     seq = torch.cat([text, image, eoi], 1)
-    valid = torch.cat([text_valid, torch.ones(B, image.shape[1] + 1, dtype=torch.bool)], 1)
+    valid = torch.cat([text_valid, torch.ones(B, image.shape[1] + 1, dtype=torch.bool, device=dev)], 1)
     targets = seq[:, 1:].clone()
     targets[:, : layout.boi_index] = IGNORE_INDEX  # loss on image tokens (and <eoi>) only
-    dev = image_codes_BHW.device
-    return NextTokenBatch(seq[:, :-1].to(dev), targets.to(dev), layout.positions(B, dev)[:, :-1],
-                          attention_mask(valid[:, :-1]).to(dev))
+    return NextTokenBatch(seq[:, :-1], targets, layout.positions(B, dev)[:, :-1], attention_mask(valid[:, :-1]))
 
 
 def loss_fn(model: Transformer, batch: NextTokenBatch) -> torch.Tensor:

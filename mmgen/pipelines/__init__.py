@@ -38,8 +38,9 @@ def zoo_card(name: str) -> dict:
     for f in sorted(d.glob("*/*.safetensors")):
         with safe_open(f, "pt") as st:
             params[f.parent.name] = sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    row = {"name": d.name, "pipeline": json.loads((d / "model_index.json").read_text())["_class_name"],
-           **card, "parameters": params,
+    index = json.loads((d / "model_index.json").read_text())
+    row = {"name": d.name, "pipeline": index["_class_name"], **card,
+           "guidance_scale": index.get("default_guidance_scale", 3.0), "parameters": params,
            "size_mb": round(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20, 1)}
     if (d / "eval.json").is_file():
         ev = json.loads((d / "eval.json").read_text())

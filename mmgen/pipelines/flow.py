@@ -32,10 +32,12 @@ class _LatentFlowPipeline(DiffusionPipeline):
     paradigm = None
     default_cfg_schedule = "constant"
 
-    def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32):
+    def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
+                 default_guidance_scale: float = 3.0):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
-        self.register_to_config(max_text_len=max_text_len)
+        # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
+        self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
         self.vocab = unified_vocab(transformer, tokenizer, 0)
         if transformer.config.token_dim != latent_channels(vae):
             raise ValueError(f"transformer.token_dim={transformer.config.token_dim} differs from the VAE's "
@@ -51,7 +53,7 @@ class _LatentFlowPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         temperature: float = 1.0,
         num_inference_steps: int = 25,
         flow_sampler: str = "euler",
@@ -68,6 +70,7 @@ class _LatentFlowPipeline(DiffusionPipeline):
         "linear"). `tokens` in the output are the sampled latents (N, C, h, w); `nfe` counts AR steps and
         `model_evals` every decoder evaluation where the decoder integrates the flow itself (xAR)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         validate_sampling_args(guidance_scale, temperature)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")

@@ -22,10 +22,11 @@ from tokenizers_vis.multiscale import MultiScaleVQGAN
 
 class NextScalePipeline(DiffusionPipeline):
     def __init__(self, transformer: NextScaleModel, vq_model: MultiScaleVQGAN, tokenizer: PreTrainedTokenizerFast,
-                 max_text_len: int = 32):
+                 max_text_len: int = 32, default_guidance_scale: float = 3.0):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
-        self.register_to_config(max_text_len=max_text_len)
+        # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
+        self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
         self.vocab = unified_vocab(transformer, tokenizer, vq_model.vocab_size)
         if tuple(transformer.config.scales) != tuple(vq_model.scales):
             raise ValueError(f"transformer scales {tuple(transformer.config.scales)} differ from the tokenizer's "
@@ -38,7 +39,7 @@ class NextScalePipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -53,6 +54,7 @@ class NextScalePipeline(DiffusionPipeline):
         first scale to guidance_scale at the last). `tokens` in the output are all scales' codes, flattened
         raster and concatenated coarse to fine (N, sum of s_k^2)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]

@@ -35,10 +35,12 @@ WATERMARK_FILE = "watermark.json"
 
 class NextTokenPipeline(DiffusionPipeline):
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer,
-                 tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32):
+                 tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
+                 default_guidance_scale: float = 3.0):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
-        self.register_to_config(max_text_len=max_text_len)
+        # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
+        self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
         self.vocab = unified_vocab(transformer, tokenizer, vq_model.vocab_size)
         grid, rope_2d = tuple(vq_model.grid_size), transformer.config.rope_2d
         if self.shuffle:
@@ -110,7 +112,7 @@ class NextTokenPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         num_images_per_prompt: int = 1,
-        guidance_scale: float = 3.0,
+        guidance_scale: float | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
@@ -138,6 +140,7 @@ class NextTokenPipeline(DiffusionPipeline):
         distribution per step).
         """
         prompts = check_call(prompt, num_images_per_prompt, output_type)
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         if cfg_schedule not in CFG_SCHEDULES:
