@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "zoo" / "shapes-nexttoken"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "zoo" / "shapes-emoji"
 
 
 class CLIError(Exception):
@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help='text prompt, e.g. "a red circle above a blue square"')
     g.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
-                        "shapes-nexttoken)")
+                        "shapes-emoji)")
     g.add_argument("--out", default="out.png", help="output image path; with N>1 images, _0.._N-1 is appended")
     g.add_argument("--num-images", type=_positive_int("--num-images", MAX_CLI_IMAGES), default=1,
                    help=f"images to generate (1 to {MAX_CLI_IMAGES})")
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="suite to run (repeatable; default: all)")
     b.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
-                        "shapes-nexttoken)")
+                        "shapes-emoji)")
     b.add_argument("--batch-sizes", type=_positive_int("--batch-sizes"), nargs="+", default=[1, 8],
                    help="batch sizes for the latency table")
     b.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")

@@ -231,7 +231,9 @@ def test_cli_eval_json_and_out_file(pipe_dir, tmp_path, capsys):
     assert printed["sampling"]["guidance_scale"] == 1.5 and printed["sampling"]["top_k"] == 8
     assert printed["settings"]["seed"] == 3 and printed["speed"]["nfe_per_image"] == 64.0
     assert set(printed["tokenizer"]) == {"images", "psnr", "ssim", "rfd_enl0", "codebook_usage",
-                                         "codebook_perplexity"}
+                                         "codebook_perplexity", "reconstruction_accuracy"}
+    recon = printed["tokenizer"]["reconstruction_accuracy"]  # ground truth of the same 4 prompts, round-tripped
+    assert list(recon) == ["train"] and set(recon["train"]["per_category"]) == set(CATEGORIES)
     # a report written by --out is the data record the next run reads
     (pipe_dir / "eval.json").write_text(json.dumps({**printed, "data": "fashion_mnist"}))
     try:

@@ -212,3 +212,36 @@ def test_page_in_headless_chromium(tiny_dir, reference, browser):
         wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "Enter a prompt"))
     finally:
         demo.close()
+
+
+def test_model_default_guidance(tiny_dir, tmp_path, monkeypatch):
+    """A model saved with its own guidance scale samples at it when a call, the CLI or the page gives none, and
+    the scale survives save/reload through model_index.json; models saved without one keep the pipelines' 3."""
+    pipe = load_pipeline(tiny_dir)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.default_guidance_scale == 3.0
+    pipe.register_to_config(default_guidance_scale=1.5)
+    pipe.save_pretrained(tmp_path / "m")
+    again = load_pipeline(tmp_path / "m")
+    again.set_progress_bar_config(disable=True)
+    assert again.config.default_guidance_scale == 1.5
+
+    from mmgen.paradigms import next_token
+    used = []
+    real = next_token.generate
+
+    def spy(model, layout, text_ids, cfg, *args, **kw):
+        used.append(cfg.guidance_scale)
+        return real(model, layout, text_ids, cfg, *args, **kw)
+
+    def tokens(p, **kw):
+        return p(prompt="a red circle", generator=generators_from_seed(5, 1), output_type="pt", **kw).tokens
+
+    monkeypatch.setattr(next_token, "generate", spy)
+    assert torch.equal(tokens(again), tokens(again, guidance_scale=1.5))
+    tokens(again, guidance_scale=4.0)
+    tokens(load_pipeline(tiny_dir))
+    assert used == [1.5, 1.5, 4.0, 3.0]
+    demo = serve.DemoModels({"tiny": tiny_dir, "own": tmp_path / "m"})
+    assert demo.controls("own")[4] == {"__type__": "update", "value": 1.5}
+    assert demo.default_guidance("tiny") == 3.0

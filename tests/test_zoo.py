@@ -40,7 +40,8 @@ def test_models_command_lists_the_zoo(capsys):
     assert main(["models", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     rows = {r["name"]: r for r in out["models"]}
-    assert set(rows) == set(zoo_names()) and [n for n, r in rows.items() if r["default"]] == ["shapes-nexttoken"]
+    assert set(rows) == set(zoo_names()) and [n for n, r in rows.items() if r["default"]] == ["shapes-emoji"]
+    assert rows["shapes-emoji"]["guidance_scale"] == 1.5 and rows["shapes-nexttoken"]["guidance_scale"] == 3.0
     assert out["total_mb"] <= 100 and max(r["size_mb"] for r in rows.values()) <= 25
     pipe = load_pipeline("shapes-nextscale")  # header-read parameter counts equal the loaded models'
     assert rows["shapes-nextscale"]["parameters"] == {
@@ -48,7 +49,7 @@ def test_models_command_lists_the_zoo(capsys):
         "vq_model": sum(t.numel() for t in pipe.vq_model.state_dict().values())}
     assert main(["models"]) == 0
     table = capsys.readouterr().out
-    assert "shapes-nexttoken (default)" in table and "NextScalePipeline" in table
+    assert "shapes-emoji (default)" in table and "NextScalePipeline" in table and "cfg 1.5" in table
 
 
 def test_package_stores_float16_that_loads_as_float32(tmp_path):
