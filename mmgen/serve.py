@@ -21,7 +21,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from mmgen.pipelines import PIPELINES, load_pipeline
+from mmgen.pipelines import PIPELINES, default_guidance_scale, load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 
 SAMPLER_CHOICES = [("AR", "ar"), ("SJD", "sjd")]  # (label, value): values are the pipeline's `sampler`
@@ -60,9 +60,8 @@ class DemoModels:
         return set(inspect.signature(self.classes[name].__call__).parameters)
 
     def default_guidance(self, name: str) -> float:
-        """The model's own guidance scale (its model_index.json; 3 where it sets none), read without loading."""
-        import json
-        return float(json.loads((self.dirs[name] / "model_index.json").read_text()).get("default_guidance_scale", 3.0))
+        """The model's own guidance scale, read without loading it."""
+        return default_guidance_scale(self.dirs[name])
 
     def describe(self, name: str) -> str:
         """One line for the page: the model's paradigm and the optional stages it takes."""

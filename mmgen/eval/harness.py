@@ -354,7 +354,10 @@ def reconstruction_accuracy(tokenizer, per_category: int = 50, splits: Sequence[
     _positive_int("per_category", per_category)
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer = tokenizer.to(device).eval()
+    from diffusers.image_processor import VaeImageProcessor
+
     size = getattr(tokenizer.config, "image_size", None) or getattr(tokenizer.config, "sample_size", 64)
+    to_pil = VaeImageProcessor(do_resize=False, do_normalize=True)
     out = {}
     for split in splits:
         scenes = [sc for c in CATEGORIES for sc in prompt_scenes(split, per_category, seed + 1, c)]
@@ -362,8 +365,7 @@ def reconstruction_accuracy(tokenizer, per_category: int = 50, splits: Sequence[
         for i in range(0, len(scenes), batch_size):
             real = torch.stack([to_tensor(render(sc, size)) for sc in scenes[i:i + batch_size]]).to(device)
             recon = reconstruct(tokenizer, real)[0].clamp(-1, 1)
-            images += [Image.fromarray(((x.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().astype("uint8"))
-                       for x in recon]
+            images += to_pil.postprocess(recon.cpu(), output_type="pil")  # the pipelines' own conversion
         scores = compositional_accuracy(images, [sc.caption for sc in scenes])
         out[split] = {"accuracy": scores["accuracy"], "per_category": scores["per_category"]}
     return out

@@ -23,6 +23,13 @@ def zoo_names() -> list[str]:
     return sorted(d.name for d in ZOO.iterdir() if (d / "model_index.json").is_file())
 
 
+def default_guidance_scale(directory) -> float:
+    """A saved pipeline's own guidance scale (`default_guidance_scale` in its model_index.json; the pipelines'
+    3.0 where it sets none), read without loading the model."""
+    index = json.loads((Path(directory) / "model_index.json").read_text())
+    return float(index.get("default_guidance_scale", 3.0))
+
+
 def zoo_card(name: str) -> dict:
     """What `mmgen models` shows of a shipped model: its card (paradigm, data, training commands), pipeline
     class, size, parameter counts (read from the safetensors headers, nothing loaded) and headline results
@@ -38,9 +45,8 @@ def zoo_card(name: str) -> dict:
     for f in sorted(d.glob("*/*.safetensors")):
         with safe_open(f, "pt") as st:
             params[f.parent.name] = sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    index = json.loads((d / "model_index.json").read_text())
-    row = {"name": d.name, "pipeline": index["_class_name"], **card,
-           "guidance_scale": index.get("default_guidance_scale", 3.0), "parameters": params,
+    row = {"name": d.name, "pipeline": json.loads((d / "model_index.json").read_text())["_class_name"], **card,
+           "guidance_scale": default_guidance_scale(d), "parameters": params,
            "size_mb": round(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20, 1)}
     if (d / "eval.json").is_file():
         ev = json.loads((d / "eval.json").read_text())
@@ -80,5 +86,5 @@ def load_pipeline(model_dir: str | Path):
 
 
 __all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "NextXPipeline",
-           "PIPELINES", "RasterFlowPipeline", "ZOO", "load_pipeline", "resolve_model", "save_pipeline", "verify",
-           "zoo_card", "zoo_names"]
+           "PIPELINES", "RasterFlowPipeline", "ZOO", "default_guidance_scale", "load_pipeline", "resolve_model",
+           "save_pipeline", "verify", "zoo_card", "zoo_names"]
