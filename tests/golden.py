@@ -1,0 +1,152 @@
+"""Golden outputs that a refactor must keep: PNG bytes of every shipped model for fixed prompts and seeds (AR,
+and SJD and watermarked where they apply), and the loss sequence of a short seeded training run of every
+paradigm and tokenizer kind. `tests/test_golden.py` recomputes them and compares with `tests/golden.json`.
+
+    python tests/golden.py            # print what differs from tests/golden.json
+    python tests/golden.py --record   # rewrite tests/golden.json (only after a deliberate change of behaviour)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).with_name("golden.json")
+PROMPT = "a red circle above a blue square"
+SEED = 7
+
+# model -> extra calls beside plain AR (plain next-token decoders take SJD and the watermark)
+ZOO_CALLS = {
+    "shapes-emoji": ("ar", "sjd", "watermark"),
+    "shapes-nexttoken": ("ar", "sjd", "watermark"),
+    "shapes-seed": ("ar", "sjd"),
+    "shapes-shuffle": ("ar",),
+    "shapes-nextscale": ("ar",),
+    "shapes-flowar": ("ar",),
+    "shapes-nextx": ("ar",),
+}
+CALL_ARGS = {"ar": {}, "sjd": {"sampler": "sjd", "sjd_window": 8}, "watermark": {"watermark_key": "golden"}}
+
+
+def png_sha256(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return hashlib.sha256(buf.getvalue()).hexdigest()
+
+
+def zoo_outputs(names=None) -> dict:
+    from mmgen.pipelines import load_pipeline
+    from mmgen.pipelines.base import generators_from_seed
+
+    out = {}
+    for name in names or ZOO_CALLS:
+        pipe = load_pipeline(name)
+        for call in ZOO_CALLS[name]:
+            res = pipe(PROMPT, num_images_per_prompt=2, generator=generators_from_seed(SEED, 2), **CALL_ARGS[call])
+            out[f"{name}/{call}"] = {"png_sha256": [png_sha256(im) for im in res.images],
+                                     "tokens_sha256": hashlib.sha256(res.tokens.float().numpy().tobytes()).hexdigest()}
+    return out
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"golden_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _losses(run_dir: Path) -> list[dict]:
+    """The logged losses of a run (every key but step, lr and wall-clock)."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "step_time_s")} for r in records]
+
+
+TOK_DATA = ["data.size=32", "train.batch_size=8", "train.eval_images=8", "train.log_every=1", "train.steps=4",
+            "train.ckpt_every=4", "loss.perceptual_weight=0.05", "loss.perceptual_resize=null", "loss.disc_channels=8",
+            "loss.disc_start=2"]
+TOKENIZER_RUNS = {
+    "vqgan": ["model_type=vqgan", "model.base_channels=8", "model.channel_mult=[1,2,2,2]", "model.embed_dim=16",
+              "model.num_codes=32", "model.code_dim=4"],
+    "multiscale": ["model_type=multiscale", "model.base_channels=8", "model.channel_mult=[1,2,2,2]",
+                   "model.embed_dim=16", "model.num_codes=32", "model.code_dim=4", "model.scales=[1,2,4,8]"],
+    "vae": ["model_type=vae", "model.block_out_channels=[8,8,8,8]", "model.norm_num_groups=4"],
+}
+SEED_STAGE1 = ["model_type=seed", "model.image_size=32", "model.num_queries=8", "model.dim=32", "model.heads=2",
+               "model.qformer_layers=1", "model.proj_dim=16", "model.num_codes=16", "model.code_dim=4",
+               "model.embed_decoder_layers=1", "model.decoder_layers=1", "model.decoder_base_channels=8",
+               "model.decoder_channel_mult=[1,2,2]", "seed.text_encoder.dim=32", "seed.text_encoder.n_layers=1",
+               "seed.text_encoder.n_heads=2", "seed.retrieval_batch=8", "data.size=32", "data.image_size=32",
+               "train.batch_size=8", "train.eval_images=8", "train.log_every=1", "train.ckpt_every=3",
+               "train.steps=3", "train.warmup=1"]
+SEED_STAGE2 = ["model_type=seed", "seed.stage=2", "loss.perceptual_weight=0", "loss.disc_start=100000",
+               "loss.disc_channels=8", "data.size=32", "data.image_size=32", "train.batch_size=8",
+               "train.eval_images=8", "train.log_every=1", "train.ckpt_every=3", "train.steps=3", "train.warmup=1"]
+
+GEN = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "data.size=32", "train.batch_size=8",
+       "train.log_every=1", "train.lr=3e-3", "train.warmup=2", "train.steps=5", "train.ckpt_every=5",
+       "flow.head_width=32", "flow.head_depth=2", "flow.flow_width=16", "flow.flow_depth=1", "flow.flow_heads=2"]
+ZOO = ROOT / "mmgen" / "zoo"
+GENERATOR_RUNS = {  # paradigm runs on the shipped tokenizers (no tokenizer training needed)
+    "next_token": ["paradigm=next_token", f"tokenizer={ZOO / 'shapes-nexttoken' / 'vq_model'}"],
+    "token_shuffle": ["paradigm=next_token", "model.shuffle_window=2",
+                      f"tokenizer={ZOO / 'shapes-nexttoken' / 'vq_model'}"],
+    "next_token_seed": ["paradigm=next_token", f"tokenizer={ZOO / 'shapes-seed' / 'vq_model'}"],
+    "next_token_arra": ["paradigm=next_token", f"tokenizer={ZOO / 'shapes-nexttoken' / 'vq_model'}",
+                        "alignment.type=arra", "alignment.encoder=tokenizer", "alignment.layer=1"],
+    "next_scale": ["paradigm=next_scale", f"tokenizer={ZOO / 'shapes-nextscale' / 'vq_model'}"],
+    "flow_head": ["paradigm=flow_head", f"tokenizer={ZOO / 'shapes-flowar' / 'vae'}"],
+    "flowar": ["paradigm=flowar", f"tokenizer={ZOO / 'shapes-flowar' / 'vae'}"],
+    "next_x": ["paradigm=next_x", f"tokenizer={ZOO / 'shapes-flowar' / 'vae'}"],
+}
+
+
+def training_losses(names=None) -> dict:
+    out = {}
+    tok_script, gen_script = _script("train_tokenizer"), _script("train_generator")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, args in TOKENIZER_RUNS.items():
+            if names is None or f"tokenizer/{name}" in names:
+                tok_script.main([*TOK_DATA, *args, f"train.out_dir={tmp / name}"])
+                out[f"tokenizer/{name}"] = _losses(tmp / name)
+        if names is None or "tokenizer/seed" in names:
+            tok_script.main([*SEED_STAGE1, f"train.out_dir={tmp / 's1'}"])
+            tok_script.main([*SEED_STAGE2, f"init_from={tmp / 's1' / 'final'}", f"train.out_dir={tmp / 's2'}"])
+            out["tokenizer/seed"] = {"stage1": _losses(tmp / "s1"), "stage2": _losses(tmp / "s2")}
+        for name, args in GENERATOR_RUNS.items():
+            if names is None or f"generator/{name}" in names:
+                gen_script.main([*GEN, *args, f"train.out_dir={tmp / name}"])
+                out[f"generator/{name}"] = _losses(tmp / name)
+    return out
+
+
+def compute() -> dict:
+    torch.set_num_threads(2)  # float reductions (conv training) depend on the thread count
+    return {"zoo": zoo_outputs(), "training": training_losses()}
+
+
+def diff(expected: dict, actual: dict) -> list[str]:
+    bad = []
+    for part in ("zoo", "training"):
+        for k in sorted(set(expected[part]) | set(actual[part])):
+            if expected[part].get(k) != actual[part].get(k):
+                bad.append(f"{part}/{k}")
+    return bad
+
+
+if __name__ == "__main__":
+    result = compute()
+    if "--record" in sys.argv:
+        GOLDEN.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {GOLDEN}")
+    else:
+        print(diff(json.loads(GOLDEN.read_text()), result) or "identical")
