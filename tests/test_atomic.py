@@ -1,0 +1,26 @@
+"""The one atomic-write helper: the target appears only complete, and a failed write leaves the old file and
+no temporary behind."""
+
+import json
+
+import pytest
+
+from mmgen.atomic import atomic_path, write_json_atomic
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "sub" / "state.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("{half")
+            raise RuntimeError("disk full")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["state.json"]
+
+
+def test_temporary_keeps_the_suffix(tmp_path):
+    with atomic_path(tmp_path / "img.png") as tmp:
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path and not (tmp_path / "img.png").exists()
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "img.png").read_bytes() == b"x"
