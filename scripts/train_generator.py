@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import DistributedType
-from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -43,55 +42,14 @@ from mmgen.alignment.losses import resample_patches
 from mmgen.checkpoint import (gather_training_state, latest_checkpoint, load_checkpoint, restore_optimizer,
                               save_checkpoint)
 from mmgen.config import load_config
-from mmgen.models.shuffle import TokenShuffleTransformer
-from mmgen.models.transformer import Transformer
-from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
-from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline,
-                             save_pipeline)
+from mmgen.paradigms import next_token
+from mmgen.paradigms.protocol import FlowConfig, ModelConfig
+from mmgen.pipelines import PARADIGMS, get_paradigm, save_pipeline
 from mmgen.text import UnifiedVocab, encode_prompts
 from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, all_images, batch_indices, cosine_lr,
                                gather_rng_states, image_fields, make_accelerator, make_dataset, rank_spread,
                                run_text_tokenizer, write_json_atomic)
-from tokenizers_vis.multiscale import MultiScaleVQGAN
-from tokenizers_vis.seed import SEEDTokenizer
-from tokenizers_vis.vae import encode_latents, latent_channels, vae_grid
-from tokenizers_vis.vqgan import VQGAN
-
-# paradigm -> (tokenizer classes it takes, pipeline class); next_token reads VQGAN grids or SEED's 1-D causal codes
-PARADIGMS = {
-    "next_token": ((VQGAN, SEEDTokenizer), NextTokenPipeline),
-    "next_scale": ((MultiScaleVQGAN,), NextScalePipeline),
-    "flow_head": ((AutoencoderKL,), RasterFlowPipeline),
-    "flowar": ((AutoencoderKL,), FlowARPipeline),
-    "next_x": ((AutoencoderKL,), NextXPipeline),
-}
-ALIGNABLE = ("next_token", "next_scale")
-
-
-@dataclass
-class ModelConfig:
-    dim: int = 256
-    n_layers: int = 6
-    n_heads: int = 8
-    n_kv_heads: int | None = None
-    mlp_hidden: int | None = None
-    rope_2d: bool = True  # next_token and flow_head (scale-wise paradigms place tokens by their own rule)
-    shuffle_window: int = 1  # next_token: Token-Shuffle window s (s x s codes per position); 1 = plain raster
-
-
-@dataclass
-class FlowConfig:
-    """Continuous paradigms only."""
-
-    head_width: int = 256  # flow_head: width of the per-token MLP head (MAR)
-    head_depth: int = 3
-    flow_batch_mul: int = 4  # flow_head: (time, noise) draws per token and step, MAR's diffusion_batch_mul
-    flow_width: int = 128  # flowar: the Spatial-adaLN flow module
-    flow_depth: int = 2
-    flow_heads: int = 4
-    scales: tuple | None = None  # flowar: doubling scales ending at the latent grid side; default 1, 2, 4, ..., G
-    entity: str = "cell"  # next_x: token | cell | subsample | scale | image
-    entity_size: int = 0  # next_x: cell side or subsample stride; 0 = default (half the latent side, stride 2)
+from tokenizers_vis.protocol import CLASS_KINDS, as_visual_tokenizer, load_tokenizer_component, tokenizer_class_name
 
 
 @dataclass
@@ -114,7 +72,7 @@ class TrainConfig:
 
 @dataclass
 class GeneratorRunConfig:
-    paradigm: str = "next_token"  # next_token | next_scale | flow_head | flowar | next_x
+    paradigm: str = "next_token"  # next_token | token_shuffle | next_scale | flow_head | flowar | next_x
     tokenizer: str = "runs/vqgan/final"  # a saved tokenizer directory of the paradigm's kind
     max_text_len: int = 24
     # a saved pipeline to continue from (fine-tune / train longer under a new schedule): its decoder weights and
@@ -158,19 +116,6 @@ def cached_alignment_targets(encoder, dataset, grid, want_patches, cache_file: P
     return out["global"], out.get("patches")
 
 
-def encode_images(paradigm: str, tok, images: torch.Tensor) -> torch.Tensor:
-    """What the decoder learns from: codes (B, h, w), all scales' codes concatenated (B, L), or latents (B, C, h, w)."""
-    if paradigm == "next_token":
-        return tok.encode(images)
-    if paradigm == "next_scale":
-        return torch.cat([ids.flatten(1) for ids in tok.encode(images)], 1)
-    return encode_latents(tok, images)
-
-
-def split_scales(flat_BL: torch.Tensor, scales) -> list[torch.Tensor]:
-    return [t.reshape(-1, s, s) for t, s in zip(flat_BL.split([s * s for s in scales], 1), scales)]
-
-
 def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int = 256,
                    workers: int = 0) -> torch.Tensor:
     """`encode(images)` of the whole dataset, computed once and cached as safetensors; `workers` processes
@@ -191,67 +136,15 @@ def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int 
     return codes
 
 
-PARADIGM_MODULES = {"next_token": next_token, "next_scale": next_scale, "flow_head": flow_head, "flowar": flowar,
-                    "next_x": next_x}
-
-
-def build_decoder(cfg: GeneratorRunConfig, tok, text_vocab_size: int):
-    """The paradigm's layout and a freshly initialised decoder for tokenizer `tok`."""
-    m, f = cfg.model, cfg.flow
-    backbone = dict(dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads, mlp_hidden=m.mlp_hidden)
-    if cfg.paradigm == "next_token":
-        vocab = UnifiedVocab(text_vocab_size=text_vocab_size, image_vocab_size=tok.vocab_size)
-        if m.shuffle_window != 1:
-            layout = token_shuffle.TokenShuffleLayout.for_tokens(vocab, cfg.max_text_len, tuple(tok.grid_size),
-                                                                 m.shuffle_window, rope_2d=m.rope_2d)
-            return layout, TokenShuffleTransformer(vocab.size, tok.vocab_size, shuffle_window=m.shuffle_window,
-                                                   max_seq_len=layout.seq_len, rope_2d=m.rope_2d, **backbone)
-        layout = next_token.NextTokenLayout(vocab, cfg.max_text_len, tuple(tok.grid_size), rope_2d=m.rope_2d)
-        return layout, Transformer(vocab_size=vocab.size, max_seq_len=layout.seq_len, rope_2d=m.rope_2d, **backbone)
-    if cfg.paradigm == "next_scale":
-        vocab = UnifiedVocab(text_vocab_size=text_vocab_size, image_vocab_size=tok.vocab_size)
-        layout = next_scale.NextScaleLayout(vocab, cfg.max_text_len, tuple(tok.scales))
-        return layout, next_scale.NextScaleModel(vocab_size=vocab.size, feature_dim=tok.feature_dim,
-                                                 scales=list(tok.scales), max_seq_len=layout.seq_len, **backbone)
-    vocab = UnifiedVocab(text_vocab_size=text_vocab_size, image_vocab_size=0)
-    C, (G, _) = latent_channels(tok), vae_grid(tok)
-    if cfg.paradigm == "flow_head":
-        layout = flow_head.RasterFlowLayout(vocab, cfg.max_text_len, (G, G), C)
-        return layout, flow_head.RasterFlowModel(vocab_size=vocab.size, token_dim=C, max_seq_len=layout.seq_len,
-                                                 rope_2d=m.rope_2d, head_width=f.head_width,
-                                                 head_depth=f.head_depth, **backbone)
-    if cfg.paradigm == "next_x":
-        if G != vae_grid(tok)[1]:
-            raise ValueError(f"next_x needs a square latent grid, got {vae_grid(tok)}")
-        layout = next_x.NextXLayout(vocab, cfg.max_text_len, next_x.Entities(f.entity, G, f.entity_size), C)
-        return layout, next_x.NextXModel(vocab_size=vocab.size, token_dim=C, grid_side=G, entity=f.entity,
-                                         entity_size=layout.entities.size, max_seq_len=layout.seq_len, **backbone)
-    scales = tuple(f.scales) if f.scales else tuple(2 ** i for i in range(G.bit_length()) if 2 ** i <= G)
-    layout = flowar.FlowARLayout(vocab, cfg.max_text_len, scales, C)
-    return layout, flowar.FlowARModel(vocab_size=vocab.size, token_dim=C, scales=list(scales),
-                                      max_seq_len=layout.seq_len, flow_width=f.flow_width, flow_depth=f.flow_depth,
-                                      flow_heads=f.flow_heads, **backbone)
-
-
-def build_batch(cfg: GeneratorRunConfig, layout, tok, text_ids, codes):
-    drop = cfg.train.cond_drop_prob
-    if isinstance(layout, token_shuffle.TokenShuffleLayout):
-        return token_shuffle.build_batch(layout, text_ids, codes, cond_drop_prob=drop)
-    if cfg.paradigm == "next_token":
-        return next_token.build_batch(layout, text_ids, codes, cond_drop_prob=drop)
-    if cfg.paradigm == "next_scale":
-        return next_scale.build_batch(layout, text_ids, split_scales(codes, layout.scales), tok, cond_drop_prob=drop)
-    return PARADIGM_MODULES[cfg.paradigm].build_batch(layout, text_ids, codes, cond_drop_prob=drop)
-
-
-def paradigm_loss(cfg: GeneratorRunConfig, model, batch, layout):
-    if isinstance(layout, token_shuffle.TokenShuffleLayout):
-        return token_shuffle.loss_fn(model, batch, layout)
-    if cfg.paradigm == "next_token":
-        return next_token.loss_fn(model, batch)
-    if cfg.paradigm == "flow_head":
-        return flow_head.loss_fn(model, batch, layout, flow_batch_mul=cfg.flow.flow_batch_mul)
-    return PARADIGM_MODULES[cfg.paradigm].loss_fn(model, batch, layout)
+def resolve_paradigm(cfg: GeneratorRunConfig) -> str:
+    """The registry name of the run's paradigm; `next_token` with `model.shuffle_window` > 1 is Token-Shuffle."""
+    get_paradigm(cfg.paradigm)
+    if cfg.model.shuffle_window != 1 and cfg.paradigm not in ("next_token", "token_shuffle"):
+        raise ValueError(f"model.shuffle_window={cfg.model.shuffle_window} needs paradigm token_shuffle; "
+                         f"paradigm is {cfg.paradigm!r}")
+    if cfg.paradigm == "token_shuffle" and cfg.model.shuffle_window == 1:
+        raise ValueError("paradigm token_shuffle needs model.shuffle_window >= 2 (the window side s)")
+    return "token_shuffle" if cfg.model.shuffle_window != 1 else cfg.paradigm
 
 
 class TrainStep(torch.nn.Module):
@@ -259,37 +152,32 @@ class TrainStep(torch.nn.Module):
     this in DDP: the paradigms call several of the decoder's methods (the flow head, FlowAR's velocity net), and
     only parameters used inside the wrapped forward get their gradients all-reduced."""
 
-    def __init__(self, cfg: GeneratorRunConfig, layout, model, head=None):
+    def __init__(self, cfg: GeneratorRunConfig, paradigm, layout, model, head=None):
         super().__init__()
-        self.cfg, self.layout = cfg, layout
+        self.cfg, self.paradigm, self.layout = cfg, paradigm, layout
         self.model, self.head = model, head
 
     def forward(self, batch, target_global=None, target_patches=None):
         """(loss, decoder loss, alignment loss or None)."""
         if self.head is None:
-            loss = paradigm_loss(self.cfg, self.model, batch, self.layout)
+            loss = self.paradigm.loss_fn(self.model, batch, self.layout)
             return loss, loss, None
         align = self.cfg.alignment
-        ar_loss, hidden = PARADIGM_MODULES[self.cfg.paradigm].loss_and_image_hidden(self.model, batch, self.layout,
-                                                                                     align.layer)
-        if self.cfg.paradigm == "next_scale" and align.type == "repa":
+        ar_loss, hidden = self.paradigm.loss_and_image_hidden(self.model, batch, self.layout, align.layer)
+        if target_patches is not None and hidden.shape[1] != target_patches.shape[1]:
             hidden = hidden[:, -target_patches.shape[1]:]  # per-patch targets live on the finest scale's grid
         align_loss = self.head(hidden, target_global, target_patches)
         return ar_loss + align.weight * align_loss, ar_loss, align_loss
 
 
-def load_tokenizer_class(paradigm: str, directory: str):
-    """The class of the saved tokenizer in `directory` (its config's `_class_name`), checked against the paradigm."""
-    accepted = PARADIGMS[paradigm][0]
-    names = " or ".join(c.__name__ for c in accepted)
-    config = Path(directory) / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"tokenizer {directory!r} is not a saved tokenizer directory (a saved {names})")
-    name = json.loads(config.read_text()).get("_class_name")
-    for cls in accepted:
-        if cls.__name__ == name:
-            return cls
-    raise ValueError(f"paradigm {paradigm!r} needs tokenizer class {names}; {directory!r} holds {name}")
+def load_tokenizer(paradigm: str, directory: str):
+    """The saved visual tokenizer in `directory`, checked to give the tokens the paradigm reads."""
+    wanted = PARADIGMS[paradigm].module.TOKENS
+    name = tokenizer_class_name(directory)
+    if CLASS_KINDS[name] != wanted:
+        names = " or ".join(c for c, kind in CLASS_KINDS.items() if kind == wanted)
+        raise ValueError(f"paradigm {paradigm!r} needs tokenizer class {names}; {directory!r} holds {name}")
+    return load_tokenizer_component(directory)
 
 
 def main(argv=None):
@@ -307,10 +195,10 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
 
-    if cfg.paradigm not in PARADIGMS:
-        raise ValueError(f"paradigm must be one of {', '.join(PARADIGMS)}; got {cfg.paradigm!r}")
-    tok_cls, pipe_cls = load_tokenizer_class(cfg.paradigm, cfg.tokenizer), PARADIGMS[cfg.paradigm][1]
-    vq = tok_cls.from_pretrained(cfg.tokenizer).float().eval().requires_grad_(False).to(accelerator.device)  # zoo: fp16
+    name = resolve_paradigm(cfg)
+    paradigm = PARADIGMS[name].module
+    vq = load_tokenizer(name, cfg.tokenizer).to(accelerator.device)  # the pipeline's component (float32)
+    tok = as_visual_tokenizer(vq)  # the protocol view: encode_tokens, token_shape, vocab_size
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
         else list(dataset.captions)
@@ -324,23 +212,24 @@ def main(argv=None):
     tokenizer = run_text_tokenizer(cfg.data, captions, out, accelerator.is_main_process)
     text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
 
-    encoding = cfg.paradigm if cfg.paradigm in ("next_token", "next_scale") else "latents"  # continuous ones share
+    encoding = tok.kind  # paradigms reading the same kind of tokens share the cache
     key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
-    codes = encode_dataset(lambda imgs: encode_images(cfg.paradigm, vq, imgs.to(accelerator.device)), dataset,
+    codes = encode_dataset(lambda imgs: tok.encode_tokens(imgs.to(accelerator.device)), dataset,
                            out / "codes.safetensors", key, workers=cfg.train.data_workers)
-    layout, model = build_decoder(cfg, vq, len(tokenizer))
+    vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=tok.vocab_size)
+    layout = paradigm.make_layout(tok, vocab, cfg.max_text_len, cfg.model, cfg.flow)
+    model = paradigm.make_model(layout, cfg.model, cfg.flow)
     align = cfg.alignment
     align.validate(cfg.model.n_layers)
-    if cfg.model.shuffle_window != 1 and cfg.paradigm != "next_token":
-        raise ValueError(f"model.shuffle_window={cfg.model.shuffle_window} needs paradigm next_token; "
-                         f"paradigm is {cfg.paradigm!r}")
     if align.type != "none" and cfg.model.shuffle_window != 1:
         raise ValueError(f"alignment.type={align.type!r} is not available with model.shuffle_window="
                          f"{cfg.model.shuffle_window} (one hidden state covers s x s tokens)")
-    if align.type != "none" and cfg.paradigm not in ALIGNABLE:
-        raise ValueError(f"alignment.type={align.type!r} needs a discrete paradigm ({', '.join(ALIGNABLE)}); "
+    alignable = [n for n, entry in PARADIGMS.items() if entry.alignable]
+    if align.type != "none" and name not in alignable:
+        raise ValueError(f"alignment.type={align.type!r} needs a discrete paradigm ({', '.join(alignable)}); "
                          f"paradigm is {cfg.paradigm!r}")
-    grid = tuple(vq.grid_size) if cfg.paradigm in ALIGNABLE else vae_grid(vq)
+    # the image grid the alignment targets live on: the token grid, or the finest scale for next-scale
+    grid = (tok.scales[-1],) * 2 if tok.kind == "scale_codes" else tuple(tok.token_shape[-2:])
     head = encoder = targets = None
     if align.type != "none":
         encoder = make_target_encoder(align.encoder, vq=vq).to(accelerator.device)
@@ -369,7 +258,7 @@ def main(argv=None):
             accelerator.print(f"decoder initialised from {cfg.init_from}")
         # the model was initialised identically on every rank; from here each rank draws its own noise
         torch.manual_seed(cfg.train.seed + accelerator.process_index)
-    train_step, opt = accelerator.prepare(TrainStep(cfg, layout, model, head), opt)
+    train_step, opt = accelerator.prepare(TrainStep(cfg, paradigm, layout, model, head), opt)
     if ckpt is not None:  # after prepare, so that FSDP shards the optimizer state as it shards the parameters
         restore_optimizer(ckpt, "opt", train_step, opt)
         accelerator.print(f"resumed from {ckpt} at step {start}")
@@ -383,7 +272,7 @@ def main(argv=None):
 
     # plain next-token: every text block padded once, on the device (a step then only gathers rows)
     text_table = next_token.TextTable(layout, text_ids, accelerator.device) \
-        if cfg.paradigm == "next_token" and not isinstance(layout, token_shuffle.TokenShuffleLayout) else None
+        if name == "next_token" else None
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train generator",
                disable=not accelerator.is_main_process)
     t0 = time.time()
@@ -391,7 +280,8 @@ def main(argv=None):
         idx = batch_indices(step, cfg.train.batch_size, len(dataset), cfg.train.seed,
                             accelerator.process_index, accelerator.num_processes)
         texts = text_table.rows(idx) if text_table is not None else [text_ids[i] for i in idx]
-        batch = build_batch(cfg, layout, vq, texts, codes[idx].to(accelerator.device))
+        batch = paradigm.build_batch(layout, texts, codes[idx].to(accelerator.device), cfg.train.cond_drop_prob,
+                                     tokenizer=tok)
         lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -431,12 +321,12 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        tok_name = "vae" if tok_cls is AutoencoderKL else "vq_model"
         if accelerator.distributed_type == DistributedType.FSDP:  # parameters are shards: rebuild the decoder
             model = type(model).from_config(model.config)         # from the last checkpoint's whole weights
             model.load_state_dict(load_file(latest_checkpoint(out) / "model.safetensors"))
-        pipe = pipe_cls(transformer=model.eval().cpu(), tokenizer=tokenizer,
-                        max_text_len=cfg.max_text_len, **{tok_name: vq.cpu()})
+        entry = PARADIGMS[name]
+        pipe = entry.pipeline(transformer=model.eval().cpu(), tokenizer=tokenizer,
+                              max_text_len=cfg.max_text_len, **{entry.component: vq.cpu()})
         save_pipeline(pipe, out / "pipeline")  # atomic, with checksums.json
         accelerator.print(f"saved pipeline to {out / 'pipeline'}")
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmgen.paradigms.flowar import (FlowARLayout, FlowARModel, build_batch, check_scales, generate, latent_pyramid,
+from mmgen.paradigms.sequence import latent_pyramid
+from mmgen.paradigms.flowar import (FlowARLayout, FlowARModel, build_batch, check_scales, generate,
                                     loss_fn, next_scale_input, scale_condition)
 from mmgen.text import UnifiedVocab
 

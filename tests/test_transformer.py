@@ -4,7 +4,8 @@ import torch
 import pytest
 
 from mmgen.models.transformer import Transformer, rope_angles
-from mmgen.paradigms.next_token import NextTokenLayout, attention_mask, build_batch, decode_step, prefill
+from mmgen.paradigms.next_token import NextTokenLayout, build_batch, decode_step, prefill
+from mmgen.paradigms.sequence import attention_mask
 from mmgen.text import UnifiedVocab
 
 

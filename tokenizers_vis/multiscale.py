@@ -127,6 +127,30 @@ class MultiScaleVQGAN(ModelMixin, ConfigMixin):
     def vocab_size(self) -> int:
         return self.config.num_codes
 
+    # ---- visual tokenizer protocol (tokenizers_vis.protocol): every scale's ids, flattened, coarse to fine ----
+    kind = "scale_codes"
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def token_shape(self) -> tuple[int]:
+        return (self.num_tokens,)
+
+    def split_scales(self, ids_BL: torch.Tensor) -> list[torch.Tensor]:
+        """(B, L) concatenated ids -> [(B, s_k, s_k)] per scale."""
+        sizes = [s * s for s in self.scales]
+        if ids_BL.dim() != 2 or ids_BL.shape[1] != sum(sizes):
+            raise ValueError(f"scale codes must have shape (B, {sum(sizes)}), got {tuple(ids_BL.shape)}")
+        return [t.reshape(-1, s, s) for t, s in zip(ids_BL.split(sizes, 1), self.scales)]
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([ids.flatten(1) for ids in self.encode(images)], 1)
+
+    def decode_tokens(self, ids_BL: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.split_scales(ids_BL))
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """(h, w) of the finest scale, the encoder's grid."""

@@ -153,6 +153,23 @@ class VQGAN(ModelMixin, ConfigMixin):
     def vocab_size(self) -> int:
         return self.config.num_codes
 
+    # ---- visual tokenizer protocol (tokenizers_vis.protocol) ----
+    kind = "codes"
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.grid_size
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images)
+
+    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decode(ids)
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """(h, w) token grid for a config.image_size square image."""

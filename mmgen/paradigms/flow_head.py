@@ -29,10 +29,12 @@ from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.heads import FlowHead
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.paradigms.next_token import NextTokenLayout, attention_mask, guided_text_block, text_block
-from mmgen.sampling.flow import (cfg_velocity, check_flow_sampling, initial_noise, interpolate, logit_normal_t,
+from mmgen.paradigms.next_token import NextTokenLayout
+from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
+from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
+from mmgen.sampling.flow import (cfg_velocity, flow_generators, initial_noise, interpolate, logit_normal_t,
                                  sample_flow)
-from mmgen.sampling.logits import guidance_at
+from mmgen.sampling.logits import SamplingConfig, guidance_at
 from mmgen.text import UnifiedVocab
 
 
@@ -43,6 +45,7 @@ class RasterFlowLayout:
     grid: tuple[int, int]  # (h, w) latent grid
     token_dim: int  # D, the latent channels
     rope_2d: bool = True
+    flow_batch_mul: int = 4  # training: (t, noise) draws per token and step (MAR's diffusion_batch_mul)
 
     def __post_init__(self):
         if len(self.grid) != 2 or min(self.grid) < 1:
@@ -98,6 +101,28 @@ class RasterFlowModel(ModelMixin, ConfigMixin):
         return self.transformer(inputs_embeds=x_BTC, positions=positions, mask=mask, cache=cache, start=start)
 
 
+TOKENS = "latents"  # AutoencoderKL latents (C, h, w), one token per latent position
+
+
+def make_layout(tokenizer, vocab: UnifiedVocab, max_text_len: int, model: ModelConfig,
+                flow: FlowConfig) -> RasterFlowLayout:
+    C, h, w = tokenizer.token_shape
+    return RasterFlowLayout(vocab, max_text_len, (h, w), C, rope_2d=model.rope_2d, flow_batch_mul=flow.flow_batch_mul)
+
+
+def layout_from_model(decoder: RasterFlowModel, tokenizer, vocab: UnifiedVocab, max_text_len: int) -> RasterFlowLayout:
+    C, h, w = tokenizer.token_shape
+    if decoder.config.token_dim != C:
+        raise ValueError(f"transformer.token_dim={decoder.config.token_dim} differs from the VAE's {C} latent channels")
+    return RasterFlowLayout(vocab, max_text_len, (h, w), C, rope_2d=decoder.config.rope_2d)
+
+
+def make_model(layout: RasterFlowLayout, model: ModelConfig, flow: FlowConfig) -> RasterFlowModel:
+    return RasterFlowModel(vocab_size=layout.vocab.size, token_dim=layout.token_dim, max_seq_len=layout.seq_len,
+                           rope_2d=layout.rope_2d, head_width=flow.head_width, head_depth=flow.head_depth,
+                           **model.backbone())
+
+
 def latents_to_tokens(layout: RasterFlowLayout, latents_BDhw: torch.Tensor) -> torch.Tensor:
     """(B, D, h, w) -> (B, n, D) in raster order."""
     if latents_BDhw.dim() != 4 or latents_BDhw.shape[1] != layout.token_dim \
@@ -121,7 +146,7 @@ class RasterFlowBatch:
 
 
 def build_batch(layout: RasterFlowLayout, text_ids, latents: torch.Tensor, cond_drop_prob: float = 0.0,
-                generator: torch.Generator | None = None) -> RasterFlowBatch:
+                generator: torch.Generator | None = None, *, tokenizer=None) -> RasterFlowBatch:
     """Teacher-forced training batch from caption ids and scaled VAE latents (B, D, h, w)."""
     tokens = latents_to_tokens(layout, latents)
     B, dev = tokens.shape[0], latents.device
@@ -134,9 +159,11 @@ def build_batch(layout: RasterFlowLayout, text_ids, latents: torch.Tensor, cond_
                            attention_mask(valid).to(dev))
 
 
-def loss_fn(model: RasterFlowModel, batch: RasterFlowBatch, layout: RasterFlowLayout, flow_batch_mul: int = 4,
+def loss_fn(model: RasterFlowModel, batch: RasterFlowBatch, layout: RasterFlowLayout, flow_batch_mul: int | None = None,
             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Velocity MSE of the flow head at every image token, each token seen with `flow_batch_mul` (t, noise) draws."""
+    """Velocity MSE of the flow head at every image token, each token seen with `flow_batch_mul` (t, noise) draws
+    (default: the layout's)."""
+    flow_batch_mul = layout.flow_batch_mul if flow_batch_mul is None else flow_batch_mul
     if isinstance(flow_batch_mul, bool) or not isinstance(flow_batch_mul, int) or flow_batch_mul < 1:
         raise ValueError(f"flow_batch_mul must be an integer >= 1, got {flow_batch_mul}")
     hidden = model(batch.text, batch.image_inputs, batch.positions, batch.mask)
@@ -178,14 +205,17 @@ def sample_token(model: RasterFlowModel, z_RC, noise_BD, guidance: float, use_cf
 
 @torch.no_grad()
 def generate(model: RasterFlowModel, layout: RasterFlowLayout, text_ids: Sequence[Sequence[int]],
-             guidance_scale: float = 3.0, steps: int = 25, method: str = "euler", temperature: float = 1.0,
-             generators: Sequence[torch.Generator] | None = None, cfg_schedule: str = "constant",
+             sampling: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
              callback: Callable[[int], None] | None = None):
-    """Sample scaled latents (B, D, h, w) for B tokenized prompts; returns them and the number of backbone passes.
+    """Sample scaled latents (B, D, h, w) for B tokenized prompts; returns them and their `GenerationCost` (one
+    backbone pass per token). Each token's flow runs `sampling.num_inference_steps` steps of
+    `sampling.flow_sampler`; guidance is constant by default (`sampling.cfg_schedule`).
 
     Token i's starting noise comes from generators[b], so an image does not depend on its batch mates."""
     B, n, D = len(text_ids), layout.num_image_tokens, layout.token_dim
-    generators = check_flow_sampling(guidance_scale, temperature, steps, method, cfg_schedule, generators, B)
+    generators = flow_generators(sampling, generators, B)
+    guidance_scale, temperature, cfg_schedule = sampling.guidance_scale, sampling.temperature, sampling.schedule()
+    steps, method = sampling.num_inference_steps, sampling.flow_sampler
     use_cfg = guidance_scale != 1.0
     device = model.device
     text, valid = guided_text_block(layout, text_ids, use_cfg, device)
@@ -207,4 +237,4 @@ def generate(model: RasterFlowModel, layout: RasterFlowLayout, text_ids: Sequenc
             break
         token = torch.cat([tokens[:, i], tokens[:, i]]) if use_cfg else tokens[:, i]
         z = decode_step(model, token, positions[:, T0 + i], key_valid, cache)
-    return tokens_to_latents(layout, tokens), n
+    return tokens_to_latents(layout, tokens), GenerationCost(n)

@@ -37,9 +37,10 @@ from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.heads import TimestepEmbedder, modulate
 from mmgen.models.transformer import Block, KVCache, Transformer, rope_angles
-from mmgen.paradigms.next_token import attention_mask, guided_text_block, text_block
-from mmgen.sampling.flow import FLOW_SAMPLERS, cfg_velocity, initial_noise, interpolate, logit_normal_t, sample_flow
-from mmgen.sampling.logits import CFG_SCHEDULES, guidance_at
+from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
+from mmgen.paradigms.sequence import attention_mask, guided_text_block, latent_pyramid, scale_positions, text_block
+from mmgen.sampling.flow import cfg_velocity, initial_noise, interpolate, logit_normal_t, sample_flow
+from mmgen.sampling.logits import SamplingConfig, guidance_at
 from mmgen.text import UnifiedVocab
 
 
@@ -53,19 +54,6 @@ def check_scales(scales: Sequence[int], grid_side: int | None = None) -> tuple[i
     if grid_side is not None and scales[-1] != grid_side:
         raise ValueError(f"the last scale must equal the latent grid side {grid_side}; got scales {scales!r}")
     return scales
-
-
-def scale_positions(side: int, grid_side: int, device=None) -> torch.Tensor:
-    """(side^2, 2) float (row, col) centres of a side x side grid on the G x G frame, raster order."""
-    coords = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) * (grid_side / side) - 0.5
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    return torch.stack([rows.flatten(), cols.flatten()], -1)
-
-
-def latent_pyramid(latents_BCGG: torch.Tensor, scales: Sequence[int]) -> list[torch.Tensor]:
-    """Targets Y_k (B, C, s_k, s_k): area downsamplings of X, the finest being X itself (FlowAR)."""
-    return [latents_BCGG if s == latents_BCGG.shape[-1] else F.interpolate(latents_BCGG, size=(s, s), mode="area")
-            for s in scales]
 
 
 def next_scale_input(y_BCss: torch.Tensor, side: int, grid_side: int) -> torch.Tensor:
@@ -263,6 +251,32 @@ class FlowARModel(ModelMixin, ConfigMixin):
 # ---- training -------------------------------------------------------------------------------------------
 
 
+TOKENS = "latents"  # AutoencoderKL latents (C, G, G), generated as a pyramid of scales
+
+
+def make_layout(tokenizer, vocab: UnifiedVocab, max_text_len: int, model: ModelConfig | None,
+                flow: FlowConfig) -> FlowARLayout:
+    C, G, _ = tokenizer.token_shape
+    scales = tuple(flow.scales) if flow.scales else tuple(2 ** i for i in range(G.bit_length()) if 2 ** i <= G)
+    return FlowARLayout(vocab, max_text_len, scales, C)
+
+
+def layout_from_model(decoder: FlowARModel, tokenizer, vocab: UnifiedVocab, max_text_len: int) -> FlowARLayout:
+    C, G, _ = tokenizer.token_shape
+    scales = tuple(decoder.config.scales)
+    if scales[-1] != G:
+        raise ValueError(f"the transformer's finest scale {scales[-1]} differs from the VAE grid {(G, G)}")
+    if decoder.config.token_dim != C:
+        raise ValueError(f"transformer.token_dim={decoder.config.token_dim} differs from the VAE's {C} latent channels")
+    return FlowARLayout(vocab, max_text_len, scales, C)
+
+
+def make_model(layout: FlowARLayout, model: ModelConfig, flow: FlowConfig) -> FlowARModel:
+    return FlowARModel(vocab_size=layout.vocab.size, token_dim=layout.token_dim, scales=list(layout.scales),
+                       max_seq_len=layout.seq_len, flow_width=flow.flow_width, flow_depth=flow.flow_depth,
+                       flow_heads=flow.flow_heads, **model.backbone())
+
+
 @dataclass
 class FlowARBatch:
     text: torch.Tensor  # (B, max_text_len + 1) ids, <boi> last
@@ -281,7 +295,7 @@ def scale_inputs(layout: FlowARLayout, pyramid: Sequence[torch.Tensor]) -> torch
 
 
 def build_batch(layout: FlowARLayout, text_ids: Sequence[Sequence[int]], latents: torch.Tensor,
-                cond_drop_prob: float = 0.0, generator: torch.Generator | None = None) -> FlowARBatch:
+                cond_drop_prob: float = 0.0, generator: torch.Generator | None = None, *, tokenizer=None) -> FlowARBatch:
     """Teacher-forced training batch from caption ids and VAE latents (B, C, G, G)."""
     B = latents.shape[0]
     if latents.dim() != 4 or latents.shape[1] != layout.token_dim or latents.shape[2:] != (layout.grid_side,) * 2:
@@ -332,25 +346,21 @@ def flow_velocity_fn(model: FlowARModel, z_RnD: torch.Tensor, side: int, guidanc
 
 
 @torch.no_grad()
-def generate(model: FlowARModel, layout: FlowARLayout, text_ids: Sequence[Sequence[int]],
-             guidance_scale: float = 3.0, steps: int = 25, method: str = "euler", temperature: float = 1.0,
-             generators: Sequence[torch.Generator] | None = None, cfg_schedule: str = "linear",
+def generate(model: FlowARModel, layout: FlowARLayout, text_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+             generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
              callback: Callable[[int], None] | None = None):
-    """Sample latents (B, C, G, G) for B tokenized prompts. Returns latents and the number of AR passes (K).
+    """Sample latents (B, C, G, G) for B tokenized prompts. Returns latents and their `GenerationCost` (K decoder
+    passes, one per scale).
 
-    CFG ramps over scales with `cfg_schedule` (FlowAR: linear from 1 at the first scale to `guidance_scale`
-    at the last); `temperature` scales the initial noise; `callback(k)` runs after scale k (0-based)."""
+    CFG ramps over scales (`sampling.cfg_schedule`, default linear as in FlowAR: from 1 at the first scale to
+    `guidance_scale` at the last); `temperature` scales the initial noise; `callback(k)` runs after scale k."""
     if tuple(model.config.scales) != layout.scales or model.config.token_dim != layout.token_dim:
         raise ValueError(f"layout scales {layout.scales} / token_dim {layout.token_dim} do not match the model's "
                          f"{tuple(model.config.scales)} / {model.config.token_dim}")
-    if method not in FLOW_SAMPLERS:
-        raise ValueError(f"method must be one of {FLOW_SAMPLERS}, got {method!r}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    guidance_scale, temperature, cfg_schedule = sampling.guidance_scale, sampling.temperature, sampling.schedule("linear")
+    steps, method = sampling.num_inference_steps, sampling.flow_sampler
     B = len(text_ids)
     if generators is not None and len(generators) != B:
         raise ValueError(f"generators must hold one generator per prompt ({B}), got {len(generators)}")
@@ -382,4 +392,4 @@ def generate(model: FlowARModel, layout: FlowARLayout, text_ids: Sequence[Sequen
         y = from_tokens(x0, s)
         if callback is not None:
             callback(k)
-    return y, K
+    return y, GenerationCost(K)

@@ -38,7 +38,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.paradigms.next_token import guided_text_block, text_block
+from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
+from mmgen.paradigms.sequence import guided_text_block, text_block
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.text import UnifiedVocab
 
@@ -56,6 +57,7 @@ class NextScaleLayout:
     vocab: UnifiedVocab
     max_text_len: int
     scales: tuple[int, ...]
+    feature_dim: int | None = None  # the tokenizer's code-vector width (the decoder's input features)
 
     def __post_init__(self):
         self.scales = _check_scales(self.scales)
@@ -177,6 +179,26 @@ class NextScaleModel(ModelMixin, ConfigMixin):
                                 output_hidden_states=output_hidden_states)
 
 
+TOKENS = "scale_codes"  # MultiScaleVQGAN: every scale's ids, flattened and concatenated coarse to fine
+
+
+def make_layout(tokenizer, vocab: UnifiedVocab, max_text_len: int, model: ModelConfig | None = None,
+                flow: FlowConfig | None = None) -> NextScaleLayout:
+    return NextScaleLayout(vocab, max_text_len, tuple(tokenizer.scales), tokenizer.feature_dim)
+
+
+def layout_from_model(decoder: NextScaleModel, tokenizer, vocab: UnifiedVocab, max_text_len: int) -> NextScaleLayout:
+    if tuple(decoder.config.scales) != tuple(tokenizer.scales):
+        raise ValueError(f"transformer scales {tuple(decoder.config.scales)} differ from the tokenizer's "
+                         f"{tuple(tokenizer.scales)}")
+    return make_layout(tokenizer, vocab, max_text_len)
+
+
+def make_model(layout: NextScaleLayout, model: ModelConfig, flow: FlowConfig | None = None) -> NextScaleModel:
+    return NextScaleModel(vocab_size=layout.vocab.size, feature_dim=layout.feature_dim, scales=list(layout.scales),
+                          max_seq_len=layout.seq_len, **model.backbone())
+
+
 def _check_model(model: NextScaleModel, layout: NextScaleLayout) -> None:
     if model.config.vocab_size != layout.vocab.size or tuple(model.config.scales) != layout.scales:
         raise ValueError(f"the model (vocab_size {model.config.vocab_size}, scales {tuple(model.config.scales)}) "
@@ -201,10 +223,13 @@ class NextScaleBatch:
     mask: torch.Tensor  # (B, 1, seq_len, seq_len) bool
 
 
-def build_batch(layout: NextScaleLayout, text_ids, ids_list: Sequence[torch.Tensor], vq,
-                cond_drop_prob: float = 0.0, generator: torch.Generator | None = None) -> NextScaleBatch:
-    """Teacher-forced training batch from caption ids and the tokenizer's ids per scale (`vq.encode`)."""
+def build_batch(layout: NextScaleLayout, text_ids, tokens_BL: torch.Tensor, cond_drop_prob: float = 0.0,
+                generator: torch.Generator | None = None, *, tokenizer) -> NextScaleBatch:
+    """Teacher-forced training batch from caption ids and the tokenizer's scale codes (B, L)
+    (`encode_tokens`); the tokenizer turns them into the inputs of scales 2..K."""
+    vq = tokenizer
     _check_tokenizer(layout, vq)
+    ids_list = vq.split_scales(tokens_BL)
     B = ids_list[0].shape[0]
     if len(text_ids) != B:
         raise ValueError(f"got {len(text_ids)} captions for {B} images")
@@ -276,15 +301,17 @@ def guided_image_logits(layout: NextScaleLayout, logits_RlV: torch.Tensor, guida
 
 
 @torch.no_grad()
-def generate(model: NextScaleModel, vq, layout: NextScaleLayout, text_ids: Sequence[Sequence[int]],
-             cfg: SamplingConfig, generators: Sequence[torch.Generator] | None = None,
-             cfg_schedule: str = "constant", callback: Callable[[int], None] | None = None):
-    """Sample ids per scale [(B, s_k, s_k)] for B tokenized prompts, one forward pass per scale.
-    Returns the ids list and the number of forward passes (K)."""
+def generate(model: NextScaleModel, layout: NextScaleLayout, text_ids: Sequence[Sequence[int]],
+             cfg: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer,
+             callback: Callable[[int], None] | None = None):
+    """Sample the scale codes (B, L) (every scale's ids, raster, coarse to fine) for B tokenized prompts, one
+    forward pass per scale; `tokenizer` (the MultiScaleVQGAN) builds each next scale's inputs. Returns the codes
+    and their `GenerationCost` (K decoder passes). Guidance is constant or VAR's linear ramp (`cfg.cfg_schedule`)."""
+    vq = tokenizer
     _check_model(model, layout)
     _check_tokenizer(layout, vq)
     K, B = len(layout.scales), len(text_ids)
-    weights = guidance_schedule(cfg.guidance_scale, K, cfg_schedule)
+    weights = guidance_schedule(cfg.guidance_scale, K, cfg.schedule("constant"))
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
     use_cfg = cfg.guidance_scale != 1.0
@@ -317,4 +344,4 @@ def generate(model: NextScaleModel, vq, layout: NextScaleLayout, text_ids: Seque
         inputs = torch.cat([inputs, inputs]) if use_cfg else inputs
         a, b = slices[k + 1]
         logits = scale_step(model, inputs, k + 1, positions[:, a:b], mask[:, :, a:b, :b], cache)
-    return ids_list, K
+    return torch.cat([ids.flatten(1) for ids in ids_list], 1), GenerationCost(K)

@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.sampling.logits import CFG_SCHEDULES, SamplingConfig, cfg_combine, guidance_at, process_logits, sample
+from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
+from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
+from mmgen.paradigms.sequence import IGNORE_INDEX, attention_mask, guided_text_block, text_block
 from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
 from mmgen.text import UnifiedVocab
-
-IGNORE_INDEX = -100
-
 
 @dataclass
 class NextTokenLayout:
@@ -66,38 +65,21 @@ class NextTokenLayout:
         return torch.cat([text, image, eoi]).unsqueeze(0).expand(batch_size, -1, -1)
 
 
-def text_block(layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], drop: torch.Tensor | None = None):
-    """Left-padded text + <boi>: tokens (B, max_text_len + 1) and key validity (B, max_text_len + 1)."""
-    B, L, v = len(text_ids), layout.max_text_len, layout.vocab
-    tokens = torch.full((B, L + 1), v.pad, dtype=torch.long)
-    for b, ids in enumerate(text_ids):
-        if len(ids) > L:
-            raise ValueError(f"text of {len(ids)} tokens exceeds max_text_len={L}")
-        ids = [v.null] if (drop is not None and bool(drop[b])) or len(ids) == 0 else list(ids)
-        tokens[b, L - len(ids):L] = torch.tensor(ids, dtype=torch.long)
-    tokens[:, L] = v.boi
-    return tokens, tokens != v.pad
+TOKENS = "codes"  # VQGAN codes (h, w), or SEED's 1-D causal codes as a (1, N) grid
 
 
-def guided_text_block(layout, text_ids: Sequence[Sequence[int]], use_cfg: bool, device=None):
-    """The text block for sampling: the prompts' rows, then as many unconditional (<null>) rows when
-    classifier-free guidance is on. Tokens (R, T0) and key validity (R, T0) on `device`."""
-    text, valid = text_block(layout, text_ids)
-    if use_cfg:
-        null, null_valid = text_block(layout, [[]] * len(text_ids))
-        text, valid = torch.cat([text, null]), torch.cat([valid, null_valid])
-    return text.to(device), valid.to(device)
+def make_layout(tokenizer, vocab: UnifiedVocab, max_text_len: int, model: ModelConfig,
+                flow: FlowConfig | None = None) -> NextTokenLayout:
+    return NextTokenLayout(vocab, max_text_len, tuple(tokenizer.token_shape), rope_2d=model.rope_2d)
 
 
-def attention_mask(key_valid_BS: torch.Tensor, T: int | None = None) -> torch.Tensor:
-    """Causal mask (B, 1, T, S) over valid keys for the last T queries; a query always sees itself so padded
-    rows never softmax over nothing (which would put NaNs into the cache)."""
-    B, S = key_valid_BS.shape
-    T = S if T is None else T
-    causal = torch.ones(T, S, dtype=torch.bool, device=key_valid_BS.device).tril(diagonal=S - T)
-    eye = torch.zeros(T, S, dtype=torch.bool, device=key_valid_BS.device)
-    eye[:, S - T:] = torch.eye(T, dtype=torch.bool, device=key_valid_BS.device)
-    return ((causal & key_valid_BS[:, None, :]) | eye).unsqueeze(1)
+def layout_from_model(decoder: Transformer, tokenizer, vocab: UnifiedVocab, max_text_len: int) -> NextTokenLayout:
+    return NextTokenLayout(vocab, max_text_len, tuple(tokenizer.token_shape), rope_2d=decoder.config.rope_2d)
+
+
+def make_model(layout: NextTokenLayout, model: ModelConfig, flow: FlowConfig | None = None) -> Transformer:
+    return Transformer(vocab_size=layout.vocab.size, max_seq_len=layout.seq_len, rope_2d=layout.rope_2d,
+                       **model.backbone())
 
 
 @dataclass
@@ -124,7 +106,7 @@ class TextTable:
 
 
 def build_batch(layout: NextTokenLayout, text_ids, image_codes_BHW: torch.Tensor, cond_drop_prob: float = 0.0,
-                generator: torch.Generator | None = None) -> NextTokenBatch:
+                generator: torch.Generator | None = None, *, tokenizer=None) -> NextTokenBatch:
     """Teacher-forced training batch from caption ids (lists, or `TextTable.rows`) and tokenizer codes; built on
     the codes' device."""
     B = image_codes_BHW.shape[0]
@@ -149,7 +131,7 @@ def build_batch(layout: NextTokenLayout, text_ids, image_codes_BHW: torch.Tensor
     return NextTokenBatch(seq[:, :-1], targets, layout.positions(B, dev)[:, :-1], attention_mask(valid[:, :-1]))
 
 
-def loss_fn(model: Transformer, batch: NextTokenBatch) -> torch.Tensor:
+def loss_fn(model: Transformer, batch: NextTokenBatch, layout: NextTokenLayout | None = None) -> torch.Tensor:
     logits = model(batch.tokens, positions=batch.positions, mask=batch.mask)
     return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
 
@@ -194,15 +176,15 @@ def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scal
 
 @torch.no_grad()
 def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
-             generators: Sequence[torch.Generator] | None = None, callback: Callable[[int], None] | None = None,
-             processor: Callable | None = None, cfg_schedule: str = "constant"):
-    """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and the number of forward passes.
-    `cfg_schedule`: guidance constant, or ramped linearly from 1 at the first token to `cfg.guidance_scale`.
+             generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
+             callback: Callable[[int], None] | None = None, processor: Callable | None = None):
+    """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and their `GenerationCost`.
+    `cfg.cfg_schedule`: guidance constant (default), or ramped linearly from 1 at the first token to
+    `cfg.guidance_scale`.
 
     `processor(logits (B, V), prefix (B, L), lengths (B,))` runs after the standard processors on the final
     sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`)."""
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
+    cfg_schedule = cfg.schedule("constant")
     B = len(text_ids)
     use_cfg = cfg.guidance_scale != 1.0
     device = model.device
@@ -230,7 +212,7 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
         token = layout.vocab.image_to_unified(codes[:, i])
         token = torch.cat([token, token]) if use_cfg else token
         logits = decode_step(model, token, positions[:, T0 + i], key_valid, cache)
-    return codes.view(B, *layout.grid), n_img
+    return codes.view(B, *layout.grid), GenerationCost(n_img)
 
 
 class NextTokenBackend:

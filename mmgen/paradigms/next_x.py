@@ -51,11 +51,11 @@ from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.heads import TimestepEmbedder, modulate
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.paradigms.flowar import latent_pyramid, scale_positions
-from mmgen.paradigms.next_token import attention_mask, guided_text_block, text_block
-from mmgen.sampling.flow import (cfg_velocity, check_flow_sampling, initial_noise, interpolate, logit_normal_t,
+from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
+from mmgen.paradigms.sequence import attention_mask, guided_text_block, latent_pyramid, scale_positions, text_block
+from mmgen.sampling.flow import (cfg_velocity, flow_generators, initial_noise, interpolate, logit_normal_t,
                                  sample_flow)
-from mmgen.sampling.logits import guidance_at
+from mmgen.sampling.logits import SamplingConfig, guidance_at
 from mmgen.text import UnifiedVocab
 
 ENTITY_KINDS = ("token", "cell", "subsample", "scale", "image")
@@ -265,6 +265,33 @@ class NextXModel(ModelMixin, ConfigMixin):
         return self.final_proj(modulate(h[:, -n:], shift, scale))
 
 
+TOKENS = "latents"  # AutoencoderKL latents (C, G, G) on a square grid, grouped into entities
+
+
+def make_layout(tokenizer, vocab: UnifiedVocab, max_text_len: int, model: ModelConfig | None,
+                flow: FlowConfig) -> NextXLayout:
+    C, G, W = tokenizer.token_shape
+    if G != W:
+        raise ValueError(f"next_x needs a square latent grid, got {(G, W)}")
+    return NextXLayout(vocab, max_text_len, Entities(flow.entity, G, flow.entity_size), C)
+
+
+def layout_from_model(decoder: NextXModel, tokenizer, vocab: UnifiedVocab, max_text_len: int) -> NextXLayout:
+    C, G, _ = tokenizer.token_shape
+    cfg = decoder.config
+    if cfg.grid_side != G:
+        raise ValueError(f"the transformer's latent side {cfg.grid_side} differs from the VAE grid {(G, G)}")
+    if cfg.token_dim != C:
+        raise ValueError(f"transformer.token_dim={cfg.token_dim} differs from the VAE's {C} latent channels")
+    return NextXLayout(vocab, max_text_len, Entities(cfg.entity, cfg.grid_side, cfg.entity_size), cfg.token_dim)
+
+
+def make_model(layout: NextXLayout, model: ModelConfig, flow: FlowConfig | None = None) -> NextXModel:
+    e = layout.entities
+    return NextXModel(vocab_size=layout.vocab.size, token_dim=layout.token_dim, grid_side=e.grid_side, entity=e.kind,
+                      entity_size=e.size, max_seq_len=layout.seq_len, **model.backbone())
+
+
 @dataclass
 class NextXBatch:
     text: torch.Tensor  # (B, max_text_len + 1) text ids and <boi>
@@ -274,7 +301,7 @@ class NextXBatch:
 
 
 def build_batch(layout: NextXLayout, text_ids, latents_BCGG: torch.Tensor, cond_drop_prob: float = 0.0,
-                generator: torch.Generator | None = None) -> NextXBatch:
+                generator: torch.Generator | None = None, *, tokenizer=None) -> NextXBatch:
     """Training batch from caption ids and scaled VAE latents (B, C, G, G)."""
     B, dev = latents_BCGG.shape[0], latents_BCGG.device
     if len(text_ids) != B:
@@ -319,16 +346,19 @@ def entity_velocity(model: NextXModel, x_Rn, t_R, positions_Rn2, key_valid_RS, c
 
 
 @torch.no_grad()
-def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence[int]], guidance_scale: float = 3.0,
-             steps: int = 25, method: str = "euler", temperature: float = 1.0,
-             generators: Sequence[torch.Generator] | None = None, cfg_schedule: str = "linear",
+def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+             generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
              callback: Callable[[int], None] | None = None):
-    """Sample scaled latents (B, C, G, G) for B tokenized prompts, one entity per AR step.
+    """Sample scaled latents (B, C, G, G) for B tokenized prompts, one entity per AR step; guidance ramps over
+    entities by default (`sampling.cfg_schedule`).
 
-    Returns (latents, AR steps = K entities, backbone evaluations = prefill + K * flow evaluations + K - 1 cache
-    writes). Entity k's noise comes from generators[b], so an image does not depend on its batch mates."""
+    Returns latents and their `GenerationCost`: K decoder passes (one AR step per entity) and model_evals =
+    prefill + K * flow evaluations + K - 1 cache writes. Entity k's noise comes from generators[b], so an image
+    does not depend on its batch mates."""
     B, N, C, K = len(text_ids), layout.num_image_tokens, layout.token_dim, layout.num_entities
-    generators = check_flow_sampling(guidance_scale, temperature, steps, method, cfg_schedule, generators, B)
+    generators = flow_generators(sampling, generators, B)
+    guidance_scale, temperature, cfg_schedule = sampling.guidance_scale, sampling.temperature, sampling.schedule("linear")
+    steps, method = sampling.num_inference_steps, sampling.flow_sampler
     use_cfg = guidance_scale != 1.0
     device = model.device
     text, valid = guided_text_block(layout, text_ids, use_cfg, device)
@@ -360,4 +390,4 @@ def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence
             evals += 1
         if callback is not None:
             callback(k)
-    return layout.entities.ungroup(tokens), K, evals
+    return layout.entities.ungroup(tokens), GenerationCost(K, model_evals=evals)

@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import KVCache
-from mmgen.paradigms.next_token import NextTokenLayout, attention_mask, guided_text_block, text_block
+from mmgen.paradigms.next_token import NextTokenLayout
+from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
+from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.text import UnifiedVocab
 from tokenizers_vis.shuffle import check_window, shuffle_ids, unshuffle_ids
@@ -70,6 +72,29 @@ class TokenShuffleLayout(NextTokenLayout):
         return super().positions(batch_size, device)[:, : self.seq_len]
 
 
+TOKENS = "codes"
+
+
+def make_layout(tokenizer, vocab: UnifiedVocab, max_text_len: int, model: ModelConfig,
+                flow: FlowConfig | None = None) -> TokenShuffleLayout:
+    return TokenShuffleLayout.for_tokens(vocab, max_text_len, tuple(tokenizer.token_shape), model.shuffle_window,
+                                         rope_2d=model.rope_2d)
+
+
+def layout_from_model(decoder: TokenShuffleTransformer, tokenizer, vocab: UnifiedVocab,
+                      max_text_len: int) -> TokenShuffleLayout:
+    if decoder.config.image_vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"transformer.image_vocab_size={decoder.config.image_vocab_size} differs from the "
+                         f"tokenizer's {tokenizer.vocab_size} codes")
+    return TokenShuffleLayout.for_tokens(vocab, max_text_len, tuple(tokenizer.token_shape),
+                                         decoder.config.shuffle_window, rope_2d=decoder.config.rope_2d)
+
+
+def make_model(layout: TokenShuffleLayout, model: ModelConfig, flow: FlowConfig | None = None):
+    return TokenShuffleTransformer(layout.vocab.size, layout.vocab.image_vocab_size, shuffle_window=layout.window,
+                                   max_seq_len=layout.seq_len, rope_2d=layout.rope_2d, **model.backbone())
+
+
 def _check_model(model: TokenShuffleTransformer, layout: TokenShuffleLayout) -> None:
     c = model.config
     if (c.vocab_size, c.image_vocab_size, c.shuffle_window) != (layout.vocab.size, layout.vocab.image_vocab_size,
@@ -89,7 +114,7 @@ class TokenShuffleBatch:
 
 
 def build_batch(layout: TokenShuffleLayout, text_ids, image_codes_BHW: torch.Tensor, cond_drop_prob: float = 0.0,
-                generator: torch.Generator | None = None) -> TokenShuffleBatch:
+                generator: torch.Generator | None = None, *, tokenizer=None) -> TokenShuffleBatch:
     """Teacher-forced training batch from caption ids and tokenizer codes (B, h, w)."""
     B = image_codes_BHW.shape[0]
     if tuple(image_codes_BHW.shape[1:]) != layout.token_grid:
@@ -139,13 +164,13 @@ def guided_logits(logits_RKV: torch.Tensor, guidance_scale: float, use_cfg: bool
 
 @torch.no_grad()
 def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_ids: Sequence[Sequence[int]],
-             cfg: SamplingConfig, generators: Sequence[torch.Generator] | None = None, cfg_schedule: str = "constant",
+             cfg: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
              callback: Callable[[int], None] | None = None):
     """Sample image codes (B, h, w), in the tokenizer's raster order, for B tokenized prompts: s^2 codes per
-    forward pass. Returns the codes and the number of forward passes (h*w / s^2)."""
+    forward pass. Returns the codes and their `GenerationCost` (h*w / s^2 decoder passes)."""
     _check_model(model, layout)
     N, K, B = layout.num_image_tokens, layout.tokens_per_step, len(text_ids)
-    weights = [guidance_at(cfg.guidance_scale, j, N, cfg_schedule) for j in range(N)]
+    weights = [guidance_at(cfg.guidance_scale, j, N, cfg.schedule("constant")) for j in range(N)]
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
     use_cfg = cfg.guidance_scale != 1.0
@@ -171,4 +196,4 @@ def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_id
             break
         window = torch.cat([windows[:, j], windows[:, j]]) if use_cfg else windows[:, j]
         logits = decode_step(model, window, positions[:, T0 + j], key_valid, cache)
-    return unshuffle_ids(windows, layout.window, layout.token_grid), N
+    return unshuffle_ids(windows, layout.window, layout.token_grid), GenerationCost(N)

@@ -9,10 +9,10 @@ from mmgen.pipelines.base import ARPipelineOutput
 from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.pipelines.next_scale import NextScalePipeline
 from mmgen.pipelines.next_token import NextTokenPipeline
+from mmgen.pipelines.registry import PARADIGMS, get_paradigm, paradigm_name
 from mmgen.safe_save import save_pipeline, verify
 
-PIPELINES = {cls.__name__: cls for cls in (NextTokenPipeline, NextScalePipeline, RasterFlowPipeline, FlowARPipeline,
-                                                  NextXPipeline)}
+PIPELINES = {entry.pipeline.__name__: entry.pipeline for entry in PARADIGMS.values()}  # model_index.json names
 
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
@@ -86,5 +86,5 @@ def load_pipeline(model_dir: str | Path):
 
 
 __all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "NextXPipeline",
-           "PIPELINES", "RasterFlowPipeline", "ZOO", "default_guidance_scale", "load_pipeline", "resolve_model",
-           "save_pipeline", "verify", "zoo_card", "zoo_names"]
+           "PARADIGMS", "PIPELINES", "RasterFlowPipeline", "ZOO", "default_guidance_scale", "get_paradigm",
+           "load_pipeline", "paradigm_name", "resolve_model", "save_pipeline", "verify", "zoo_card", "zoo_names"]

@@ -20,10 +20,9 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import flow_head, flowar, next_x
 from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
-from mmgen.sampling.flow import FLOW_SAMPLERS
-from mmgen.sampling.logits import CFG_SCHEDULES, validate_sampling_args
+from mmgen.sampling.logits import SamplingConfig
 from mmgen.text import encode_prompts
-from tokenizers_vis.vae import decode_latents, latent_channels, vae_grid
+from tokenizers_vis.protocol import as_visual_tokenizer
 
 
 class _LatentFlowPipeline(DiffusionPipeline):
@@ -38,15 +37,10 @@ class _LatentFlowPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
+        self.visual_tokenizer = as_visual_tokenizer(vae)
         self.vocab = unified_vocab(transformer, tokenizer, 0)
-        if transformer.config.token_dim != latent_channels(vae):
-            raise ValueError(f"transformer.token_dim={transformer.config.token_dim} differs from the VAE's "
-                             f"{latent_channels(vae)} latent channels")
-        self.layout = self._layout(max_text_len)
+        self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
-
-    def _layout(self, max_text_len: int):
-        raise NotImplementedError
 
     @torch.no_grad()
     def __call__(
@@ -71,38 +65,27 @@ class _LatentFlowPipeline(DiffusionPipeline):
         `model_evals` every decoder evaluation where the decoder integrates the flow itself (xAR)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        validate_sampling_args(guidance_scale, temperature)
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        if flow_sampler not in FLOW_SAMPLERS:
-            raise ValueError(f"flow_sampler must be one of {', '.join(FLOW_SAMPLERS)}; got {flow_sampler!r}")
-        cfg_schedule = cfg_schedule or self.default_cfg_schedule
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
+        sampling = SamplingConfig(guidance_scale, temperature, cfg_schedule=cfg_schedule or self.default_cfg_schedule,
+                                  num_inference_steps=num_inference_steps, flow_sampler=flow_sampler)
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
         with self.progress_bar(total=self._steps_per_image()) as bar:
-            latents, nfe, *evals = self.paradigm.generate(self.transformer, self.layout, text_ids,
-                                                  guidance_scale=guidance_scale, steps=num_inference_steps,
-                                                  method=flow_sampler, temperature=temperature, generators=gens,
-                                                  cfg_schedule=cfg_schedule, callback=lambda i: bar.update())
-        images = decode_latents(self.vae, latents)
+            latents, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
+                                                   callback=lambda i: bar.update())
+        nfe = cost.decoder_passes
+        images = self.visual_tokenizer.decode_tokens(latents)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
         compression = self.layout.num_image_tokens / nfe
         if not return_dict:
             return images, latents, nfe
         return ARPipelineOutput(images=images, tokens=latents, nfe=nfe, step_compression=compression,
-                                mean_accepted_length=compression, model_evals=evals[0] if evals else None)
+                                mean_accepted_length=compression, model_evals=cost.model_evals)
 
 
 class RasterFlowPipeline(_LatentFlowPipeline):
     paradigm = flow_head
-
-    def _layout(self, max_text_len):
-        return flow_head.RasterFlowLayout(self.vocab, max_text_len, tuple(vae_grid(self.vae)),
-                                          self.transformer.config.token_dim)
 
     def _steps_per_image(self):
         return self.layout.num_image_tokens
@@ -112,12 +95,6 @@ class FlowARPipeline(_LatentFlowPipeline):
     paradigm = flowar
     default_cfg_schedule = "linear"  # FlowAR ramps guidance over scales
 
-    def _layout(self, max_text_len):
-        scales = tuple(self.transformer.config.scales)
-        if scales[-1] != vae_grid(self.vae)[0]:
-            raise ValueError(f"the transformer's finest scale {scales[-1]} differs from the VAE grid {vae_grid(self.vae)}")
-        return flowar.FlowARLayout(self.vocab, max_text_len, scales, self.transformer.config.token_dim)
-
     def _steps_per_image(self):
         return len(self.layout.scales)
 
@@ -125,14 +102,6 @@ class FlowARPipeline(_LatentFlowPipeline):
 class NextXPipeline(_LatentFlowPipeline):
     paradigm = next_x
     default_cfg_schedule = "linear"  # xAR ramps guidance over entities
-
-    def _layout(self, max_text_len):
-        cfg = self.transformer.config
-        if cfg.grid_side != vae_grid(self.vae)[0]:
-            raise ValueError(f"the transformer's latent side {cfg.grid_side} differs from the VAE grid "
-                             f"{vae_grid(self.vae)}")
-        entities = next_x.Entities(cfg.entity, cfg.grid_side, cfg.entity_size)
-        return next_x.NextXLayout(self.vocab, max_text_len, entities, cfg.token_dim)
 
     def _steps_per_image(self):
         return self.layout.num_entities

@@ -18,20 +18,21 @@ from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generat
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.text import encode_prompts
 from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.protocol import as_visual_tokenizer
 
 
 class NextScalePipeline(DiffusionPipeline):
+    paradigm = next_scale
+
     def __init__(self, transformer: NextScaleModel, vq_model: MultiScaleVQGAN, tokenizer: PreTrainedTokenizerFast,
                  max_text_len: int = 32, default_guidance_scale: float = 3.0):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
-        self.vocab = unified_vocab(transformer, tokenizer, vq_model.vocab_size)
-        if tuple(transformer.config.scales) != tuple(vq_model.scales):
-            raise ValueError(f"transformer scales {tuple(transformer.config.scales)} differ from the tokenizer's "
-                             f"{tuple(vq_model.scales)}")
-        self.layout = next_scale.NextScaleLayout(self.vocab, max_text_len, tuple(vq_model.scales))
+        self.visual_tokenizer = as_visual_tokenizer(vq_model)
+        self.vocab = unified_vocab(transformer, tokenizer, self.visual_tokenizer.vocab_size)
+        self.layout = next_scale.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @torch.no_grad()
@@ -55,17 +56,17 @@ class NextScalePipeline(DiffusionPipeline):
         raster and concatenated coarse to fine (N, sum of s_k^2)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
         with self.progress_bar(total=len(self.layout.scales)) as bar:
-            ids_list, nfe = next_scale.generate(self.transformer, self.vq_model, self.layout, text_ids, cfg, gens,
-                                                cfg_schedule=cfg_schedule, callback=lambda k: bar.update())
-        images = self.vq_model.decode(ids_list)
+            tokens, cost = next_scale.generate(self.transformer, self.layout, text_ids, cfg, gens,
+                                               tokenizer=self.visual_tokenizer, callback=lambda k: bar.update())
+        nfe = cost.decoder_passes
+        images = self.visual_tokenizer.decode_tokens(tokens)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
-        tokens = torch.cat([ids.flatten(1) for ids in ids_list], 1)
         compression = self.layout.num_image_tokens / nfe
         if not return_dict:
             return images, tokens, nfe

@@ -9,6 +9,7 @@ them to pixels, return PIL images.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import PIL.Image
@@ -27,6 +28,7 @@ from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
 from mmgen.text import encode_prompts
 from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
+from tokenizers_vis.protocol import as_visual_tokenizer
 from tokenizers_vis.vqgan import VQGAN
 
 SAMPLERS = ("ar", "sjd")
@@ -41,16 +43,10 @@ class NextTokenPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
-        self.vocab = unified_vocab(transformer, tokenizer, vq_model.vocab_size)
-        grid, rope_2d = tuple(vq_model.grid_size), transformer.config.rope_2d
-        if self.shuffle:
-            if transformer.config.image_vocab_size != vq_model.vocab_size:
-                raise ValueError(f"transformer.image_vocab_size={transformer.config.image_vocab_size} differs from "
-                                 f"the tokenizer's {vq_model.vocab_size} codes")
-            self.layout = token_shuffle.TokenShuffleLayout.for_tokens(
-                self.vocab, max_text_len, grid, transformer.config.shuffle_window, rope_2d=rope_2d)
-        else:
-            self.layout = next_token.NextTokenLayout(self.vocab, max_text_len, grid, rope_2d=rope_2d)
+        self.visual_tokenizer = as_visual_tokenizer(vq_model)
+        self.vocab = unified_vocab(transformer, tokenizer, self.visual_tokenizer.vocab_size)
+        self.paradigm = token_shuffle if self.shuffle else next_token
+        self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @property
@@ -87,7 +83,7 @@ class NextTokenPipeline(DiffusionPipeline):
         """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back. Images of
         another size are resized (bicubic) to the tokenizer's resolution; 8-bit modes other than RGB are converted,
         16-bit, float and CMYK images are refused (a plain conversion would clip or recolour them)."""
-        size = self.vq_model.config.image_size
+        size = self.visual_tokenizer.image_size
         batch = []
         for i, image in enumerate(images):
             check_image_mode(image, f"images[{i}]")
@@ -95,7 +91,7 @@ class NextTokenPipeline(DiffusionPipeline):
             if image.size != (size, size):
                 image = image.resize((size, size), PIL.Image.BICUBIC)
             batch.append(self.image_processor.preprocess(image))
-        return self.vq_model.encode(torch.cat(batch).to(self.vq_model.device)).flatten(1)
+        return self.visual_tokenizer.encode_tokens(torch.cat(batch).to(self.vq_model.device)).flatten(1)
 
     @torch.no_grad()
     def detect_watermark(self, images, key: str, fpr: float = 0.01) -> list[dict]:
@@ -154,7 +150,7 @@ class NextTokenPipeline(DiffusionPipeline):
         if sampler == "sjd" and cfg_schedule != "constant":
             raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                              f"spans many positions); use cfg_schedule='constant'")
-        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         sjd = SJDConfig(sjd_window, sjd_init) if sampler == "sjd" else None
         processor = None
         if watermark_key is not None:
@@ -165,21 +161,18 @@ class NextTokenPipeline(DiffusionPipeline):
 
         n_img = self.layout.num_image_tokens
         with self.progress_bar(total=n_img) as bar:
-            if self.shuffle:
-                codes, nfe = token_shuffle.generate(self.transformer, self.layout, text_ids, cfg, gens,
-                                                    cfg_schedule=cfg_schedule, callback=lambda j: bar.update())
-                compression = accepted = self.layout.tokens_per_step
-            elif sjd is None:
-                codes, nfe = next_token.generate(self.transformer, self.layout, text_ids, cfg, gens,
-                                                 callback=lambda i: bar.update(), processor=processor,
-                                                 cfg_schedule=cfg_schedule)
-                compression = accepted = 1.0
+            if sjd is None:
+                stage = {} if processor is None else {"processor": processor}
+                codes, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, cfg, gens,
+                                                     callback=lambda i: bar.update(), **stage)
+                nfe = cost.decoder_passes
+                compression = accepted = math.prod(self.visual_tokenizer.token_shape) / nfe  # Token-Shuffle: s^2
             else:
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, cfg, sjd, gens,
                                                        callback=lambda done: bar.update(done - bar.n),
                                                        processor=processor)
                 nfe, compression, accepted = stats.nfe, stats.step_compression, stats.mean_accepted_length
-        images = self.vq_model.decode(codes)
+        images = self.visual_tokenizer.decode_tokens(codes)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
         if not return_dict:

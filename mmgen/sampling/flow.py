@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-FLOW_SAMPLERS = ("euler", "heun")
+from mmgen.sampling.config import FLOW_SAMPLERS, SamplingConfig
 
 
 def logit_normal_t(n: int, generator: torch.Generator | None = None, device=None, mean: float = 0.0,
@@ -63,19 +63,12 @@ def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> 
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def check_flow_sampling(guidance_scale: float, temperature: float, steps: int, method: str, cfg_schedule: str,
-                        generators: Sequence[torch.Generator] | None, n: int) -> list[torch.Generator]:
-    """Check the arguments every flow paradigm's `generate` takes; return one generator per sample (fresh ones
-    seeded from the global RNG when None, so torch.manual_seed still makes runs repeatable)."""
-    from mmgen.sampling.logits import CFG_SCHEDULES, validate_sampling_args
-
-    validate_sampling_args(guidance_scale, temperature)
-    if method not in FLOW_SAMPLERS:
-        raise ValueError(f"method must be one of {FLOW_SAMPLERS}, got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
+def flow_generators(sampling: SamplingConfig, generators: Sequence[torch.Generator] | None,
+                    n: int) -> list[torch.Generator]:
+    """One generator per sample for a flow paradigm's `generate` (fresh ones seeded from the global RNG when None,
+    so torch.manual_seed still makes runs repeatable)."""
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     if generators is None:
         return [torch.Generator().manual_seed(int(s)) for s in torch.randint(2**62, (n,))]
     if len(generators) != n:

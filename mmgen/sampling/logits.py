@@ -7,36 +7,11 @@ temperature; top-k; nucleus (top-p) filtering following Holtzman et al. (2020). 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    guidance_scale: float = 1.0
-    temperature: float = 1.0  # 0 means greedy (argmax)
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        validate_sampling_args(self.guidance_scale, self.temperature, self.top_k, self.top_p)
-
-
-def validate_sampling_args(guidance_scale=1.0, temperature=1.0, top_k=None, top_p=None) -> None:
-    if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-
-
-CFG_SCHEDULES = ("constant", "linear")
+from mmgen.sampling.config import CFG_SCHEDULES, SamplingConfig, validate_sampling_args  # noqa: F401 (re-exported)
 
 
 def guidance_at(scale: float, k: int, K: int, schedule: str = "constant") -> float:

@@ -1,0 +1,45 @@
+"""The paradigm registry: one plain dict from a paradigm's name to its module (the paradigm protocol,
+`mmgen.paradigms.protocol`), its pipeline class and the name the pipeline gives its visual tokenizer component.
+Training, the pipelines, the CLI, the demo, the eval harness and the benchmarks look paradigms up here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
+from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
+from mmgen.pipelines.next_scale import NextScalePipeline
+from mmgen.pipelines.next_token import NextTokenPipeline
+
+
+@dataclass(frozen=True)
+class ParadigmEntry:
+    module: ModuleType  # implements the paradigm protocol
+    pipeline: type
+    component: str  # the pipeline's visual tokenizer argument: "vq_model" or "vae"
+    alignable: bool = False  # provides loss_and_image_hidden (REPA / ARRA alignment losses)
+
+
+PARADIGMS = {
+    "next_token": ParadigmEntry(next_token, NextTokenPipeline, "vq_model", alignable=True),
+    "token_shuffle": ParadigmEntry(token_shuffle, NextTokenPipeline, "vq_model"),
+    "next_scale": ParadigmEntry(next_scale, NextScalePipeline, "vq_model", alignable=True),
+    "flow_head": ParadigmEntry(flow_head, RasterFlowPipeline, "vae"),
+    "flowar": ParadigmEntry(flowar, FlowARPipeline, "vae"),
+    "next_x": ParadigmEntry(next_x, NextXPipeline, "vae"),
+}
+
+
+def get_paradigm(name: str) -> ParadigmEntry:
+    if name not in PARADIGMS:
+        raise ValueError(f"paradigm must be one of {', '.join(PARADIGMS)}; got {name!r}")
+    return PARADIGMS[name]
+
+
+def paradigm_name(pipe) -> str:
+    """The registry name of a loaded pipeline's paradigm (Token-Shuffle decoders run in NextTokenPipeline)."""
+    for name, entry in PARADIGMS.items():
+        if entry.module is pipe.paradigm:
+            return name
+    raise ValueError(f"{type(pipe).__name__} runs no registered paradigm")

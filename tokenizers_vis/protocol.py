@@ -1,0 +1,107 @@
+"""The one interface every visual tokenizer offers to mmgen, ours and (through adapters) other libraries'.
+
+    kind          "codes" (ids on a 2-D grid: VQGAN, SEED's 1 x N), "scale_codes" (VAR: the ids of every
+                  scale, flattened and concatenated coarse to fine), "latents" (continuous, e.g. AutoencoderKL)
+    image_size    side of the square images it reads and writes
+    token_shape   per-image shape of its tokens: (h, w), (L,) or (C, h, w)
+    vocab_size    codebook size (0 for latents)
+    encode_tokens(images (B, 3, H, W) in [-1, 1]) -> tokens (B, *token_shape)
+    decode_tokens(tokens) -> images (B, 3, H, W) in [-1, 1]
+
+Our tokenizer classes implement it directly; `as_visual_tokenizer` wraps a component that does not (a diffusers
+`AutoencoderKL`, stored as such in saved pipelines). Callers use the protocol, never the class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from diffusers import AutoencoderKL
+
+from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.seed import SEEDTokenizer
+from tokenizers_vis.vae import decode_latents, encode_latents, latent_channels, vae_grid
+from tokenizers_vis.vqgan import VQGAN
+
+KINDS = ("codes", "scale_codes", "latents")
+
+
+@runtime_checkable
+class VisualTokenizer(Protocol):
+    kind: str
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def token_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+class VAETokenizer:
+    """`AutoencoderKL` as a visual tokenizer: scaled latents (`tokenizers_vis.vae.encode_latents`) are its tokens."""
+
+    kind = "latents"
+    vocab_size = 0
+
+    def __init__(self, vae: AutoencoderKL):
+        self.vae = vae
+
+    @property
+    def image_size(self) -> int:
+        return self.vae.config.sample_size
+
+    @property
+    def token_shape(self) -> tuple[int, int, int]:
+        return (latent_channels(self.vae), *vae_grid(self.vae))
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_latents(self.vae, images)
+
+    def decode_tokens(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.vae, latents)
+
+
+def as_visual_tokenizer(component) -> VisualTokenizer:
+    """The protocol view of a pipeline's tokenizer component: itself, or its adapter."""
+    if isinstance(component, VisualTokenizer):
+        return component
+    if isinstance(component, AutoencoderKL):
+        return VAETokenizer(component)
+    raise TypeError(f"{type(component).__name__} is not a visual tokenizer: expected one of "
+                    f"{', '.join(TOKENIZER_CLASSES)} or a class implementing tokenizers_vis.protocol.VisualTokenizer")
+
+
+# saved tokenizer directories name their class in config.json's `_class_name`
+TOKENIZER_CLASSES = {cls.__name__: cls for cls in (VQGAN, MultiScaleVQGAN, SEEDTokenizer, AutoencoderKL)}
+CLASS_KINDS = {"VQGAN": "codes", "SEEDTokenizer": "codes", "MultiScaleVQGAN": "scale_codes", "AutoencoderKL": "latents"}
+
+
+def tokenizer_class_name(directory: str | Path) -> str:
+    """The class a saved tokenizer directory holds, read from its config.json without loading it."""
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"tokenizer {str(directory)!r} is not a saved tokenizer directory (no config.json)")
+    name = json.loads(config.read_text()).get("_class_name")
+    if name not in TOKENIZER_CLASSES:
+        raise ValueError(f"tokenizer {str(directory)!r} holds {name!r}; accepted: {', '.join(TOKENIZER_CLASSES)}")
+    return name
+
+
+def load_tokenizer_component(directory: str | Path):
+    """A saved tokenizer as the module a pipeline stores (float32, eval mode, frozen)."""
+    cls = TOKENIZER_CLASSES[tokenizer_class_name(directory)]
+    return cls.from_pretrained(str(directory)).float().eval().requires_grad_(False)
