@@ -11,6 +11,7 @@ from mmgen.paradigms.flow_head import (RasterFlowLayout, RasterFlowModel, build_
                                        loss_fn, prefill)
 from mmgen.sampling.flow import (cfg_velocity, initial_noise, interpolate, logit_normal_t,
                                  sample_flow)
+from mmgen.sampling.config import SamplingConfig
 from mmgen.sampling.logits import guidance_at
 from mmgen.text import UnifiedVocab
 
@@ -291,17 +292,14 @@ def test_generate_shapes_passes_and_batch_independence(method, guidance, schedul
     calls, handle = count_backbone_passes(model)
     ticks = []
     gens = [torch.Generator().manual_seed(s) for s in (11, 12, 13)]
-    latents, nfe = generate(model, layout, TEXT, guidance_scale=guidance, steps=3, method=method,
-                            generators=gens, cfg_schedule=schedule, callback=ticks.append)
+    latents, nfe = generate(model, layout, TEXT, SamplingConfig(guidance_scale=guidance, num_inference_steps=3, flow_sampler=method, cfg_schedule=schedule), generators=gens, callback=ticks.append)
     handle.remove()
-    assert latents.shape == (3, 4, 2, 3) and nfe == 6 == len(calls) and ticks == list(range(6))
+    assert latents.shape == (3, 4, 2, 3) and nfe.decoder_passes == 6 == len(calls) and ticks == list(range(6))
     assert torch.isfinite(latents).all()
-    alone, _ = generate(model, layout, TEXT[1:2], guidance_scale=guidance, steps=3, method=method,
-                        generators=[torch.Generator().manual_seed(12)], cfg_schedule=schedule)
+    alone, _ = generate(model, layout, TEXT[1:2], SamplingConfig(guidance_scale=guidance, num_inference_steps=3, flow_sampler=method, cfg_schedule=schedule), generators=[torch.Generator().manual_seed(12)])
     # equal up to float32 batched-matmul rounding, which guidance 3 amplifies a little
     torch.testing.assert_close(alone[0], latents[1], atol=1e-5, rtol=1e-5)
-    other, _ = generate(model, layout, TEXT[1:2], guidance_scale=guidance, steps=3, method=method,
-                        generators=[torch.Generator().manual_seed(99)], cfg_schedule=schedule)
+    other, _ = generate(model, layout, TEXT[1:2], SamplingConfig(guidance_scale=guidance, num_inference_steps=3, flow_sampler=method, cfg_schedule=schedule), generators=[torch.Generator().manual_seed(99)])
     assert not torch.allclose(other[0], latents[1], atol=1e-3)
 
 
@@ -317,7 +315,7 @@ def test_generate_reproduces_overfit_latents():
         loss.backward()
         opt.step()
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    sampled, _ = generate(model, layout, TEXT[:2], guidance_scale=1.0, steps=20, generators=gens)
+    sampled, _ = generate(model, layout, TEXT[:2], SamplingConfig(guidance_scale=1.0, num_inference_steps=20), generators=gens)
     err = (sampled - latents).pow(2).mean().item()
     swapped = (sampled - latents.flip(0)).pow(2).mean().item()
     assert err < 0.1 and swapped > 1.0, (err, swapped)
@@ -325,14 +323,14 @@ def test_generate_reproduces_overfit_latents():
 
 def test_generate_rejects_bad_args():
     layout, model = tiny_setup()
-    with pytest.raises(ValueError, match="method"):
-        generate(model, layout, TEXT, method="rk4")
+    with pytest.raises(ValueError, match="flow_sampler"):
+        generate(model, layout, TEXT, SamplingConfig(guidance_scale=3.0, flow_sampler="rk4"))
     with pytest.raises(ValueError, match="cfg_schedule"):
-        generate(model, layout, TEXT, cfg_schedule="cosine")
+        generate(model, layout, TEXT, SamplingConfig(guidance_scale=3.0, cfg_schedule="cosine"))
     with pytest.raises(ValueError, match="generator"):
-        generate(model, layout, TEXT, generators=[torch.Generator()])
+        generate(model, layout, TEXT, SamplingConfig(guidance_scale=3.0), generators=[torch.Generator()])
     with pytest.raises(ValueError, match="steps"):
-        generate(model, layout, TEXT, steps=0)
+        generate(model, layout, TEXT, SamplingConfig(guidance_scale=3.0, num_inference_steps=0))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -341,6 +339,6 @@ def test_save_load_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     again = RasterFlowModel.from_pretrained(tmp_path)
     assert again.config.head_depth == 2 and again.config.token_dim == 4
-    a, _ = generate(model, layout, TEXT, steps=4, generators=[torch.Generator().manual_seed(s) for s in range(3)])
-    b, _ = generate(again, layout, TEXT, steps=4, generators=[torch.Generator().manual_seed(s) for s in range(3)])
+    a, _ = generate(model, layout, TEXT, SamplingConfig(guidance_scale=3.0, num_inference_steps=4), generators=[torch.Generator().manual_seed(s) for s in range(3)])
+    b, _ = generate(again, layout, TEXT, SamplingConfig(guidance_scale=3.0, num_inference_steps=4), generators=[torch.Generator().manual_seed(s) for s in range(3)])
     assert torch.equal(a, b)

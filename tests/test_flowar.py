@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from mmgen.paradigms.sequence import latent_pyramid
 from mmgen.paradigms.flowar import (FlowARLayout, FlowARModel, build_batch, check_scales, generate,
                                     loss_fn, next_scale_input, scale_condition)
+from mmgen.sampling.config import SamplingConfig
 from mmgen.text import UnifiedVocab
 
 torch.set_num_threads(1)  # the machine's cores are shared; more threads only add contention for tiny models
@@ -112,11 +113,10 @@ def test_generate_kv_cache_matches_teacher_forced_forward(guidance):
 
     model.forward_ar = recording
     scales_seen = []
-    y, nfe = generate(model, lay, PROMPTS, guidance_scale=guidance, steps=3, generators=gens([1, 2, 3]),
-                      callback=scales_seen.append)
+    y, nfe = generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=guidance, num_inference_steps=3), generators=gens([1, 2, 3]), callback=scales_seen.append)
     del model.forward_ar
     K = len(lay.scales)
-    assert y.shape == (3, C, 8, 8) and nfe == K and len(passes) == K and scales_seen == list(range(K))
+    assert y.shape == (3, C, 8, 8) and nfe.decoder_passes == K and len(passes) == K and scales_seen == list(range(K))
     assert passes[0] and not any(passes[1:])  # pass 1: prompt + <boi>; then one pass per scale of inputs
     assert [h.shape[1] for h in hiddens] == [7, 4, 16, 64]
 
@@ -142,14 +142,14 @@ def test_generate_kv_cache_matches_teacher_forced_forward(guidance):
 
 def test_per_image_generators_make_results_independent_of_batch():
     lay, model = layout(), randomize(tiny())
-    both, _ = generate(model, lay, PROMPTS[:2], guidance_scale=2.0, steps=4, generators=gens([7, 8]))
-    alone, _ = generate(model, lay, PROMPTS[1:2], guidance_scale=2.0, steps=4, generators=gens([8]))
-    again, _ = generate(model, lay, PROMPTS[:2], guidance_scale=2.0, steps=4, generators=gens([7, 8]))
+    both, _ = generate(model, lay, PROMPTS[:2], SamplingConfig(guidance_scale=2.0, num_inference_steps=4), generators=gens([7, 8]))
+    alone, _ = generate(model, lay, PROMPTS[1:2], SamplingConfig(guidance_scale=2.0, num_inference_steps=4), generators=gens([8]))
+    again, _ = generate(model, lay, PROMPTS[:2], SamplingConfig(guidance_scale=2.0, num_inference_steps=4), generators=gens([7, 8]))
     torch.testing.assert_close(both[1:], alone, atol=1e-5, rtol=0)
     assert torch.equal(both, again)
-    other, _ = generate(model, lay, PROMPTS[1:2], guidance_scale=2.0, steps=4, generators=gens([9]))
+    other, _ = generate(model, lay, PROMPTS[1:2], SamplingConfig(guidance_scale=2.0, num_inference_steps=4), generators=gens([9]))
     assert (other - alone).abs().amax() > 0.1
-    cold, _ = generate(model, lay, PROMPTS[1:2], guidance_scale=2.0, steps=4, generators=gens([8]), temperature=0.0)
+    cold, _ = generate(model, lay, PROMPTS[1:2], SamplingConfig(guidance_scale=2.0, num_inference_steps=4, temperature=0.0), generators=gens([8]))
     assert (cold - alone).abs().amax() > 0.1  # temperature scales the starting noise
 
 
@@ -199,7 +199,7 @@ def test_loss_falls_on_small_overfit_run():
     after = eval_loss()
     assert after < 0.3 * before, (before, after)
     # sampling follows the prompt: each prompt's image lands near its own training latent, far from the other
-    y, _ = generate(model.eval(), lay, prompts, guidance_scale=2.0, steps=10, generators=gens([1, 2]))
+    y, _ = generate(model.eval(), lay, prompts, SamplingConfig(guidance_scale=2.0, num_inference_steps=10), generators=gens([1, 2]))
     own = (y - latents).pow(2).mean((1, 2, 3))
     swapped = (y - latents.flip(0)).pow(2).mean((1, 2, 3))
     assert (own < 0.5).all() and (swapped > 3 * own).all(), (own, swapped)
@@ -228,8 +228,8 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = FlowARModel.from_pretrained(tmp_path).eval()
     assert loaded.config.scales == (1, 2, 4, 8)
-    y1, _ = generate(model, lay, PROMPTS, steps=3, method="heun", generators=gens([1, 2, 3]))
-    y2, _ = generate(loaded, lay, PROMPTS, steps=3, method="heun", generators=gens([1, 2, 3]))
+    y1, _ = generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=3, flow_sampler="heun"), generators=gens([1, 2, 3]))
+    y2, _ = generate(loaded, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=3, flow_sampler="heun"), generators=gens([1, 2, 3]))
     assert torch.equal(y1, y2)
 
 
@@ -250,13 +250,13 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="latents"):
         build_batch(lay, PROMPTS[:2], torch.zeros(2, C + 1, 8, 8))
     with pytest.raises(ValueError, match="scales"):
-        generate(model, layout((2, 4, 8)), PROMPTS, steps=2)
-    with pytest.raises(ValueError, match="method"):
-        generate(model, lay, PROMPTS, steps=2, method="rk4")
+        generate(model, layout((2, 4, 8)), PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=2))
+    with pytest.raises(ValueError, match="flow_sampler"):
+        generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=2, flow_sampler="rk4"))
     with pytest.raises(ValueError, match="cfg_schedule"):
-        generate(model, lay, PROMPTS, steps=2, cfg_schedule="cosine")
+        generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=2, cfg_schedule="cosine"))
     with pytest.raises(ValueError, match="generators"):
-        generate(model, lay, PROMPTS, steps=2, generators=gens([1]))
+        generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=2), generators=gens([1]))
     with pytest.raises(ValueError, match="flow_width"):
         tiny(flow_width=30, flow_heads=4)
 
@@ -264,7 +264,7 @@ def test_bad_arguments_raise():
 def test_other_scale_schedules_run():
     lay, model = layout((2, 4, 8)), randomize(tiny(scales=(2, 4, 8)))
     assert lay.seq_len == 7 + 16 + 64
-    y, nfe = generate(model, lay, PROMPTS[:1], steps=2, generators=gens([0]))
-    assert y.shape == (1, C, 8, 8) and nfe == 3
+    y, nfe = generate(model, lay, PROMPTS[:1], SamplingConfig(guidance_scale=3.0, num_inference_steps=2), generators=gens([0]))
+    assert y.shape == (1, C, 8, 8) and nfe.decoder_passes == 3
     batch = build_batch(lay, PROMPTS[:1], torch.randn(1, C, 8, 8))
     assert loss_fn(model, batch, lay).isfinite()

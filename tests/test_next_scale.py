@@ -1,6 +1,8 @@
 """VAR next-scale paradigm (mmgen.paradigms.next_scale): layout, block-causal attention, KV-cached sampling
 against the teacher-forced forward, per-image seeds, CFG schedules, overfitting, save/load, bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -35,13 +37,26 @@ def tiny_model(layout, seed=0, **kw) -> NextScaleModel:
     return NextScaleModel(layout.vocab.size, 8, SCALES, **cfg).eval()
 
 
+def batch_from_scales(layout, text_ids, ids_list, vq, **kw):
+    """build_batch from per-scale id maps (the tokenizer's `encode`), flattened as `encode_tokens` gives them."""
+    return build_batch(layout, text_ids, torch.cat([i.flatten(1) for i in ids_list], 1), tokenizer=vq, **kw)
+
+
+def generate_scales(model, vq, layout, text_ids, cfg, generators=None, cfg_schedule=None, **kw):
+    """generate, with the codes split back into per-scale maps and the cost as decoder passes."""
+    if cfg_schedule is not None:
+        cfg = dataclasses.replace(cfg, cfg_schedule=cfg_schedule)
+    tokens, cost = generate(model, layout, text_ids, cfg, generators, tokenizer=vq, **kw)
+    return vq.split_scales(tokens), cost.decoder_passes
+
+
 def random_ids(B, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 16, (B, s, s), generator=g) for s in SCALES]
 
 
 def full_logits(model, layout, vq, text_ids, ids_list):
-    batch = build_batch(layout, text_ids, ids_list, vq)
+    batch = batch_from_scales(layout, text_ids, ids_list, vq)
     with torch.no_grad():
         return ns._forward_batch(model, batch)  # (B, seq_len, V)
 
@@ -69,12 +84,12 @@ def test_layout(layout):
 
 def test_batch_targets_inputs_and_mask(layout, vq):
     ids = random_ids(3)
-    b = build_batch(layout, CAPTIONS, ids, vq, cond_drop_prob=1.0)
+    b = batch_from_scales(layout, CAPTIONS, ids, vq, cond_drop_prob=1.0)
     assert b.text.shape == (3, 5) and (b.text[:, -1] == layout.vocab.boi).all()
     assert (b.text[:, -2] == layout.vocab.null).all()  # every caption dropped to <null>
     assert torch.equal(b.targets, torch.cat([i.flatten(1) for i in ids], 1))
     assert torch.equal(b.scale_inputs, vq.next_scale_inputs(ids)) and b.scale_inputs.shape == (3, 20, 8)
-    b = build_batch(layout, CAPTIONS, ids, vq)
+    b = batch_from_scales(layout, CAPTIONS, ids, vq)
     # pads are hidden as keys (caption 2 has one token: slots 0-2 are pads), queries still see themselves
     assert not b.mask[1, 0, 4, :3].any() and b.mask[1, 0, 4, 3:5].all() and b.mask[1, 0, 0, 0]
     assert b.mask[1, 0, 10, :3].sum() == 0 and b.mask[0, 0, 10, 1:].sum() == 24
@@ -91,7 +106,7 @@ def test_block_causality(layout, vq):
     assert torch.equal(other[:, : slices[2][0]], base[:, : slices[2][0]])
     assert (other[:, slices[2][0]:] - base[:, slices[2][0]:]).abs().amax(-1).min() > 1e-4
     # perturb one input of scale 2: every position of scale 2 (full attention inside it) and of scale 3 moves
-    batch = build_batch(layout, CAPTIONS[:2], ids, vq)
+    batch = batch_from_scales(layout, CAPTIONS[:2], ids, vq)
     with torch.no_grad():
         batch.scale_inputs[:, 3] += 1.0
         moved = ns._forward_batch(model, batch)
@@ -106,7 +121,7 @@ def test_cached_generation_matches_teacher_forcing(layout, vq, monkeypatch):
     model.register_forward_hook(lambda m, args, out: outputs.append(out))
     cfg = SamplingConfig(guidance_scale=3.0, top_k=8)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    ids, nfe = generate(model, vq, layout, CAPTIONS, cfg, generators=gens)
+    ids, nfe = generate_scales(model, vq, layout, CAPTIONS, cfg, generators=gens)
     assert nfe == 3 and len(outputs) == 3  # one forward pass per scale
     assert [tuple(i.shape) for i in ids] == [(3, 1, 1), (3, 2, 2), (3, 4, 4)]
     assert all(i.dtype == torch.long and 0 <= i.min() and i.max() < 16 for i in ids)
@@ -125,7 +140,7 @@ def test_guidance_schedules(layout, vq, monkeypatch):
     model.register_forward_hook(lambda m, args, out: raw.append(out))
     process = ns.process_logits
     monkeypatch.setattr(ns, "process_logits", lambda logits, cfg: seen.append(logits) or process(logits, cfg))
-    generate(model, vq, layout, CAPTIONS[:2], SamplingConfig(guidance_scale=4.0), cfg_schedule="linear",
+    generate_scales(model, vq, layout, CAPTIONS[:2], SamplingConfig(guidance_scale=4.0), cfg_schedule="linear",
              generators=[torch.Generator().manual_seed(i) for i in range(2)])
     off = layout.vocab.image_offset
     for k, w in enumerate([1.0, 2.5, 4.0]):
@@ -133,17 +148,17 @@ def test_guidance_schedules(layout, vq, monkeypatch):
         expected = cond if k == 0 else cfg_combine(cond, uncond, w)
         assert torch.equal(seen[k], expected.flatten(0, 1)), k  # w = 1 at scale 1: exactly the unguided logits
     with pytest.raises(ValueError, match="cfg_schedule must be one of constant, linear; got 'cosine'"):
-        generate(model, vq, layout, CAPTIONS[:1], SamplingConfig(guidance_scale=2.0), cfg_schedule="cosine")
+        generate_scales(model, vq, layout, CAPTIONS[:1], SamplingConfig(guidance_scale=2.0), cfg_schedule="cosine")
 
 
 def test_same_seed_same_image_whatever_the_batch(layout, vq):
     model = tiny_model(layout)
     cfg = SamplingConfig(guidance_scale=2.0, temperature=1.0)
-    together, _ = generate(model, vq, layout, CAPTIONS, cfg,
+    together, _ = generate_scales(model, vq, layout, CAPTIONS, cfg,
                            generators=[torch.Generator().manual_seed(s) for s in (10, 11, 12)])
-    alone, _ = generate(model, vq, layout, CAPTIONS[1:2], cfg, generators=[torch.Generator().manual_seed(11)])
+    alone, _ = generate_scales(model, vq, layout, CAPTIONS[1:2], cfg, generators=[torch.Generator().manual_seed(11)])
     assert all(torch.equal(t[1:2], a) for t, a in zip(together, alone))
-    other, _ = generate(model, vq, layout, CAPTIONS[1:2], cfg, generators=[torch.Generator().manual_seed(99)])
+    other, _ = generate_scales(model, vq, layout, CAPTIONS[1:2], cfg, generators=[torch.Generator().manual_seed(99)])
     assert not all(torch.equal(a, o) for a, o in zip(alone, other))  # the seed does matter
 
 
@@ -151,7 +166,7 @@ def test_overfits_and_greedy_generation_recalls(layout, vq):
     torch.manual_seed(0)
     model = tiny_model(layout, dim=64, n_layers=2).train()
     ids = random_ids(3, seed=1)
-    batch = build_batch(layout, CAPTIONS, ids, vq)
+    batch = batch_from_scales(layout, CAPTIONS, ids, vq)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(120):
@@ -163,7 +178,7 @@ def test_overfits_and_greedy_generation_recalls(layout, vq):
     # measured with seed 0: 2.77 -> 0.003
     assert losses[-1] < 0.02 * losses[0], (losses[0], losses[-1])
     model.eval()
-    out, _ = generate(model, vq, layout, CAPTIONS, SamplingConfig(temperature=0.0))
+    out, _ = generate_scales(model, vq, layout, CAPTIONS, SamplingConfig(temperature=0.0))
     assert all(torch.equal(o, i) for o, i in zip(out, ids))
     ce, hidden = loss_and_image_hidden(model, batch, layout, layer=1)
     assert hidden.shape == (3, N, 64)
@@ -182,8 +197,8 @@ def test_save_load_round_trip(tmp_path, layout, vq):
     assert torch.equal(full_logits(model, layout, vq, CAPTIONS[:2], ids),
                        full_logits(again, layout, vq, CAPTIONS[:2], ids))
     cfg = SamplingConfig(guidance_scale=2.0)
-    a, _ = generate(model, vq, layout, CAPTIONS[:2], cfg, generators=[torch.Generator().manual_seed(0)] * 2)
-    b, _ = generate(again, vq, layout, CAPTIONS[:2], cfg, generators=[torch.Generator().manual_seed(0)] * 2)
+    a, _ = generate_scales(model, vq, layout, CAPTIONS[:2], cfg, generators=[torch.Generator().manual_seed(0)] * 2)
+    b, _ = generate_scales(again, vq, layout, CAPTIONS[:2], cfg, generators=[torch.Generator().manual_seed(0)] * 2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -191,20 +206,20 @@ def test_bad_input(layout, vq):
     model = tiny_model(layout)
     other_vocab = NextScaleLayout(UnifiedVocab(text_vocab_size=10, image_vocab_size=32), 4, SCALES)
     with pytest.raises(ValueError, match="the tokenizer has 16 codes, the vocabulary's image_vocab_size is 32"):
-        build_batch(other_vocab, CAPTIONS, random_ids(3), vq)
+        batch_from_scales(other_vocab, CAPTIONS, random_ids(3), vq)
     other_scales = NextScaleLayout(layout.vocab, 4, (1, 4))
     with pytest.raises(ValueError, match=r"the tokenizer's scales \(1, 2, 4\) differ"):
-        build_batch(other_scales, CAPTIONS, random_ids(3), vq)
+        batch_from_scales(other_scales, CAPTIONS, random_ids(3), vq)
     with pytest.raises(ValueError, match="does not fit the layout"):
-        generate(NextScaleModel(other_vocab.vocab.size, 8, SCALES, dim=32, n_layers=1, n_heads=4), vq, layout,
+        generate_scales(NextScaleModel(other_vocab.vocab.size, 8, SCALES, dim=32, n_layers=1, n_heads=4), vq, layout,
                  CAPTIONS, SamplingConfig())
     with pytest.raises(ValueError, match="exceeds max_text_len=4"):
-        build_batch(layout, [[1, 2, 3, 4, 5]], random_ids(1), vq)
+        batch_from_scales(layout, [[1, 2, 3, 4, 5]], random_ids(1), vq)
     with pytest.raises(ValueError, match="got 2 captions for 3 images"):
-        build_batch(layout, CAPTIONS[:2], random_ids(3), vq)
+        batch_from_scales(layout, CAPTIONS[:2], random_ids(3), vq)
     with pytest.raises(ValueError, match="one generator per image"):
-        generate(model, vq, layout, CAPTIONS, SamplingConfig(), generators=[torch.Generator()])
-    batch = build_batch(layout, CAPTIONS, random_ids(3), vq)
+        generate_scales(model, vq, layout, CAPTIONS, SamplingConfig(), generators=[torch.Generator()])
+    batch = batch_from_scales(layout, CAPTIONS, random_ids(3), vq)
     with pytest.raises(ValueError, match="levels"):
         model(batch.text, batch.scale_inputs, batch.positions, batch.mask)
     with pytest.raises(ValueError, match="feature_dim must be a positive int"):

@@ -6,6 +6,7 @@ import torch
 
 from mmgen.paradigms.next_x import (ENTITY_KINDS, Entities, NextXLayout, NextXModel, build_batch, generate,
                                     loss_fn)
+from mmgen.sampling.config import SamplingConfig
 from mmgen.sampling.flow import initial_noise
 from mmgen.text import UnifiedVocab
 
@@ -133,8 +134,9 @@ def test_generate_one_euler_step_matches_the_teacher_forced_forward(kind, guidan
     that with full uncached forwards and compare, which checks the cache, masks, positions and CFG."""
     model, lay = tiny(kind), layout(kind)
     seeds = [5, 6, 7]
-    latents, steps, evals = generate(model, lay, PROMPTS, guidance_scale=guidance, steps=1, generators=gens(seeds),
-                                     cfg_schedule="constant")
+    latents, cost = generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=guidance, num_inference_steps=1,
+                                                                 cfg_schedule="constant"), generators=gens(seeds))
+    steps, evals = cost.decoder_passes, cost.model_evals
     K = lay.num_entities
     assert steps == K and evals == 1 + K + (K - 1)
     tokens = lay.entities.group(latents) if kind != "scale" else None
@@ -161,17 +163,21 @@ def test_generate_one_euler_step_matches_the_teacher_forced_forward(kind, guidan
 def test_ar_steps_and_evaluations_per_entity_kind():
     for kind, K in (("token", 16), ("cell", 4), ("subsample", 4), ("scale", 3), ("image", 1)):
         lay = layout(kind)
-        latents, steps, evals = generate(tiny(kind), lay, PROMPTS[:1], steps=3, generators=gens([0]))
+        latents, cost = generate(tiny(kind), lay, PROMPTS[:1], SamplingConfig(guidance_scale=3.0, num_inference_steps=3),
+                                 generators=gens([0]))
+        steps, evals = cost.decoder_passes, cost.model_evals
         assert latents.shape == (1, C, 4, 4) and steps == lay.num_entities == K
         assert evals == 1 + 3 * K + (K - 1)
-        _, _, heun = generate(tiny(kind), lay, PROMPTS[:1], steps=3, method="heun", generators=gens([0]))
-        assert heun == 1 + 5 * K + (K - 1)
+        _, heun = generate(tiny(kind), lay, PROMPTS[:1],
+                           SamplingConfig(guidance_scale=3.0, num_inference_steps=3, flow_sampler="heun"),
+                           generators=gens([0]))
+        assert heun.model_evals == 1 + 5 * K + (K - 1)
 
 
 def test_per_image_generators_make_results_independent_of_batch():
     model, lay = tiny(), layout()
-    alone = generate(model, lay, PROMPTS[1:2], steps=2, generators=gens([11]))[0]
-    batch = generate(model, lay, PROMPTS, steps=2, generators=gens([10, 11, 12]))[0]
+    alone = generate(model, lay, PROMPTS[1:2], SamplingConfig(guidance_scale=3.0, num_inference_steps=2), generators=gens([11]))[0]
+    batch = generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=2), generators=gens([10, 11, 12]))[0]
     torch.testing.assert_close(batch[1:2], alone, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(batch[0], batch[1])
 
@@ -219,7 +225,7 @@ def test_loss_falls_on_small_overfit_run(kind):
     assert last < 0.6 * first, (first, last)
     # the memorised latents come back: sampling a prompt lands nearer its own latent than the others'
     model.eval()
-    out = generate(model, lay, text, guidance_scale=1.0, steps=20, temperature=0.0, generators=gens(range(4)))[0]
+    out = generate(model, lay, text, SamplingConfig(guidance_scale=1.0, num_inference_steps=20, temperature=0.0), generators=gens(range(4)))[0]
     dist = torch.cdist(out.flatten(1), data.flatten(1))
     assert torch.equal(dist.argmin(1), torch.arange(4)), dist
 
@@ -229,16 +235,18 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     model.save_pretrained(tmp_path)
     again = NextXModel.from_pretrained(tmp_path).eval()
     assert again.config.entity == "subsample" and again.entities.sizes == model.entities.sizes
-    a = generate(model, lay, PROMPTS, steps=2, generators=gens([1, 2, 3]))[0]
-    b = generate(again, lay, PROMPTS, steps=2, generators=gens([1, 2, 3]))[0]
+    a = generate(model, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=2), generators=gens([1, 2, 3]))[0]
+    b = generate(again, lay, PROMPTS, SamplingConfig(guidance_scale=3.0, num_inference_steps=2), generators=gens([1, 2, 3]))[0]
     assert torch.equal(a, b)
 
 
 def test_bad_sampling_arguments_raise():
     model, lay = tiny(), layout()
-    for kw, needle in ((dict(steps=0), "steps"), (dict(method="rk4"), "method"), (dict(cfg_schedule="cos"), "cfg_schedule"),
-                       (dict(generators=gens([1])), "one generator per prompt"), (dict(temperature=-1.0), "temperature")):
+    for kw, needle in ((dict(num_inference_steps=0), "steps"), (dict(flow_sampler="rk4"), "flow_sampler"),
+                       (dict(cfg_schedule="cos"), "cfg_schedule"), (dict(temperature=-1.0), "temperature")):
         with pytest.raises(ValueError, match=needle):
-            generate(model, lay, PROMPTS, **kw)
+            generate(model, lay, PROMPTS, SamplingConfig(**kw))
+    with pytest.raises(ValueError, match="one generator per prompt"):
+        generate(model, lay, PROMPTS, SamplingConfig(), generators=gens([1]))
     with pytest.raises(ValueError, match="channels"):
         build_batch(lay, PROMPTS, torch.zeros(3, 3, 4, 4))

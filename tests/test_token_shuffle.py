@@ -126,7 +126,7 @@ def test_s2_codes_per_pass(s, passes):
     ticks = []
     codes, nfe = ts.generate(model, lay, TEXT, SamplingConfig(guidance_scale=2.0), generators_from_seed(0, 3),
                              callback=ticks.append)
-    assert codes.shape == (3, 4, 4) and nfe == passes == len(calls) == 16 // (s * s)
+    assert codes.shape == (3, 4, 4) and nfe.decoder_passes == passes == len(calls) == 16 // (s * s)
     assert ticks == list(range(passes))
     assert all(shape[1:] == (1, s * s, V) for shape in calls)  # every pass: 2*3 rows, one window of s^2 logits
     assert all(shape[0] == 6 for shape in calls)
@@ -155,7 +155,7 @@ def test_decode_steps_equal_full_forward():
 def test_cached_greedy_generation_equals_teacher_forced(guidance, schedule):
     """KV-cached sampling takes the greedy path of the teacher-forced forward, CFG and its schedule included."""
     s, model, lay = 2, tiny_model(2, sharp=True), layout_for(2)
-    codes, _ = ts.generate(model, lay, TEXT, SamplingConfig(guidance, temperature=0), cfg_schedule=schedule)
+    codes, _ = ts.generate(model, lay, TEXT, SamplingConfig(guidance, temperature=0, cfg_schedule=schedule))
     with torch.no_grad():
         cond = ts.build_batch(lay, TEXT, codes)
         null = ts.build_batch(lay, [[]] * 3, codes)
@@ -200,7 +200,7 @@ def test_overfit_then_regenerate_memorised_codes():
         losses.append(loss.item())
     assert losses[0] > 2.0 and losses[-1] < 0.05 * losses[0]
     out, nfe = ts.generate(model.eval(), lay, TEXT, SamplingConfig(guidance_scale=1.0, temperature=0))
-    assert nfe == 4 and torch.equal(out, codes)
+    assert nfe.decoder_passes == 4 and torch.equal(out, codes)
 
 
 def test_model_save_load_bit_identical(tmp_path):
