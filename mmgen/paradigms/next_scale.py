@@ -302,19 +302,19 @@ def guided_image_logits(layout: NextScaleLayout, logits_RlV: torch.Tensor, guida
 
 @torch.no_grad()
 def generate(model: NextScaleModel, layout: NextScaleLayout, text_ids: Sequence[Sequence[int]],
-             cfg: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer,
+             sampling: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer,
              callback: Callable[[int], None] | None = None):
     """Sample the scale codes (B, L) (every scale's ids, raster, coarse to fine) for B tokenized prompts, one
     forward pass per scale; `tokenizer` (the MultiScaleVQGAN) builds each next scale's inputs. Returns the codes
-    and their `GenerationCost` (K decoder passes). Guidance is constant or VAR's linear ramp (`cfg.cfg_schedule`)."""
+    and their `GenerationCost` (K decoder passes). Guidance is constant or VAR's linear ramp (`sampling.cfg_schedule`)."""
     vq = tokenizer
     _check_model(model, layout)
     _check_tokenizer(layout, vq)
     K, B = len(layout.scales), len(text_ids)
-    weights = guidance_schedule(cfg.guidance_scale, K, cfg.schedule("constant"))
+    weights = guidance_schedule(sampling.guidance_scale, K, sampling.schedule("constant"))
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
-    use_cfg = cfg.guidance_scale != 1.0
+    use_cfg = sampling.guidance_scale != 1.0
     device = model.device
     text, valid = guided_text_block(layout, text_ids, use_cfg, device)
     R, T0 = text.shape
@@ -323,14 +323,14 @@ def generate(model: NextScaleModel, layout: NextScaleLayout, text_ids: Sequence[
     mask = full_mask(layout, key_valid)
     positions = layout.positions(R, device)
     cache = model.new_cache(R, layout.seq_len)
-    greedy = cfg.temperature == 0
+    greedy = sampling.temperature == 0
     f_hat = torch.zeros(B, vq.feature_dim, *vq.grid_size, device=vq.device, dtype=vq.dtype)
     ids_list = []
 
     slices = layout.scale_slices()
     logits = prefill(model, text, positions[:, :T0], mask[:, :, :T0, :T0], cache)
     for k, s in enumerate(layout.scales):
-        logits = process_logits(guided_image_logits(layout, logits, weights[k], use_cfg).flatten(0, 1), cfg)
+        logits = process_logits(guided_image_logits(layout, logits, weights[k], use_cfg).flatten(0, 1), sampling)
         # one generator per image drives all of its s^2 tokens, so an image does not depend on its batch mates
         gens = None if generators is None else [g for g in generators for _ in range(s * s)]
         ids = sample(logits, gens, greedy).view(B, s, s)

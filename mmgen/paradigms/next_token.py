@@ -175,18 +175,18 @@ def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scal
 
 
 @torch.no_grad()
-def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], cfg: SamplingConfig,
+def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
              generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
              callback: Callable[[int], None] | None = None, processor: Callable | None = None):
     """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and their `GenerationCost`.
-    `cfg.cfg_schedule`: guidance constant (default), or ramped linearly from 1 at the first token to
-    `cfg.guidance_scale`.
+    `sampling.cfg_schedule`: guidance constant (default), or ramped linearly from 1 at the first token to
+    `sampling.guidance_scale`.
 
     `processor(logits (B, V), prefix (B, L), lengths (B,))` runs after the standard processors on the final
     sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`)."""
-    cfg_schedule = cfg.schedule("constant")
+    cfg_schedule = sampling.schedule("constant")
     B = len(text_ids)
-    use_cfg = cfg.guidance_scale != 1.0
+    use_cfg = sampling.guidance_scale != 1.0
     device = model.device
     text, valid = guided_text_block(layout, text_ids, use_cfg, device)
     R = text.shape[0]
@@ -195,13 +195,13 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
     cache = model.new_cache(R, T0 + n_img)
     key_valid = torch.ones(R, T0 + n_img, dtype=torch.bool, device=device)
     key_valid[:, :T0] = valid
-    greedy = cfg.temperature == 0
+    greedy = sampling.temperature == 0
     codes = torch.zeros(B, n_img, dtype=torch.long, device=device)
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
     for i in range(n_img):
-        guidance = guidance_at(cfg.guidance_scale, i, n_img, cfg_schedule) if use_cfg else 1.0
-        logits = process_logits(image_logits(layout, logits, guidance, use_cfg), cfg)
+        guidance = guidance_at(sampling.guidance_scale, i, n_img, cfg_schedule) if use_cfg else 1.0
+        logits = process_logits(image_logits(layout, logits, guidance, use_cfg), sampling)
         if processor is not None:
             logits = processor(logits, codes, torch.full((B,), i, dtype=torch.long))
         codes[:, i] = sample(logits, generators, greedy)
@@ -264,11 +264,11 @@ class NextTokenBackend:
 
 @torch.no_grad()
 def generate_sjd(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]],
-                 cfg: SamplingConfig, sjd: SJDConfig = SJDConfig(),
+                 sampling: SamplingConfig, sjd: SJDConfig = SJDConfig(),
                  generators: Sequence[torch.Generator] | None = None,
                  callback: Callable[[int], None] | None = None, processor: Callable | None = None):
     """Like `generate`, with speculative Jacobi decoding. Returns codes (B, h, w) and `SJDStats`."""
-    backend = NextTokenBackend(model, layout, text_ids, cfg.guidance_scale, sjd.window)
-    codes, stats = jacobi_sample(backend, layout.num_image_tokens, cfg, sjd, generators,
+    backend = NextTokenBackend(model, layout, text_ids, sampling.guidance_scale, sjd.window)
+    codes, stats = jacobi_sample(backend, layout.num_image_tokens, sampling, sjd, generators,
                                  grid_width=layout.grid[1], callback=callback, processor=processor)
     return codes.view(len(text_ids), *layout.grid), stats

@@ -164,16 +164,16 @@ def guided_logits(logits_RKV: torch.Tensor, guidance_scale: float, use_cfg: bool
 
 @torch.no_grad()
 def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_ids: Sequence[Sequence[int]],
-             cfg: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
+             sampling: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
              callback: Callable[[int], None] | None = None):
     """Sample image codes (B, h, w), in the tokenizer's raster order, for B tokenized prompts: s^2 codes per
     forward pass. Returns the codes and their `GenerationCost` (h*w / s^2 decoder passes)."""
     _check_model(model, layout)
     N, K, B = layout.num_image_tokens, layout.tokens_per_step, len(text_ids)
-    weights = [guidance_at(cfg.guidance_scale, j, N, cfg.schedule("constant")) for j in range(N)]
+    weights = [guidance_at(sampling.guidance_scale, j, N, sampling.schedule("constant")) for j in range(N)]
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
-    use_cfg = cfg.guidance_scale != 1.0
+    use_cfg = sampling.guidance_scale != 1.0
     device = model.device
     text, valid = guided_text_block(layout, text_ids, use_cfg, device)
     R, T0 = text.shape
@@ -181,14 +181,14 @@ def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_id
     cache = model.new_cache(R, layout.seq_len)
     key_valid = torch.ones(R, layout.seq_len, dtype=torch.bool, device=device)
     key_valid[:, :T0] = valid
-    greedy = cfg.temperature == 0
+    greedy = sampling.temperature == 0
     # one generator per image drives all K codes of its window, so an image does not depend on its batch mates
     gens = None if generators is None else [g for g in generators for _ in range(K)]
     windows = torch.zeros(B, N, K, dtype=torch.long, device=device)
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
     for j in range(N):
-        logits = process_logits(guided_logits(logits, weights[j], use_cfg).flatten(0, 1), cfg)
+        logits = process_logits(guided_logits(logits, weights[j], use_cfg).flatten(0, 1), sampling)
         windows[:, j] = sample(logits, gens, greedy).view(B, K)
         if callback is not None:
             callback(j)

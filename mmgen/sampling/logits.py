@@ -48,14 +48,14 @@ def top_p_filter(logits_BV: torch.Tensor, p: float) -> torch.Tensor:
     return logits_BV.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits_BV: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+def process_logits(logits_BV: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """Temperature, then top-k, then top-p (the order of transformers' generate)."""
-    if cfg.temperature > 0 and cfg.temperature != 1.0:
-        logits_BV = logits_BV / cfg.temperature
-    if cfg.top_k is not None:
-        logits_BV = top_k_filter(logits_BV, cfg.top_k)
-    if cfg.top_p is not None:
-        logits_BV = top_p_filter(logits_BV, cfg.top_p)
+    if sampling.temperature > 0 and sampling.temperature != 1.0:
+        logits_BV = logits_BV / sampling.temperature
+    if sampling.top_k is not None:
+        logits_BV = top_k_filter(logits_BV, sampling.top_k)
+    if sampling.top_p is not None:
+        logits_BV = top_p_filter(logits_BV, sampling.top_p)
     return logits_BV
 
 

@@ -23,8 +23,8 @@ Differences from the reference implementation, all keeping exactness:
 * Temperature 0 gives greedy Jacobi decoding: the accepted tokens are the greedy AR tokens, and a draft is
   kept exactly when it equals the current argmax (the deterministic convergence check).
 
-The model side is a small protocol, `JacobiBackend`; `mmgen.sampling.backends` has one for mmgen's decoder
-and one for transformers' causal LMs (LlamaForCausalLM).
+The model side is a small protocol, `JacobiBackend`: `mmgen.paradigms.next_token.NextTokenBackend` serves mmgen's
+decoder and `mmgen.sampling.hf_backend.CausalLMBackend` transformers' causal LMs (LlamaForCausalLM).
 """
 
 from __future__ import annotations
