@@ -56,12 +56,12 @@ class NextScalePipeline(DiffusionPipeline):
         raster and concatenated coarse to fine (N, sum of s_k^2)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
+        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
         with self.progress_bar(total=len(self.layout.scales)) as bar:
-            tokens, cost = next_scale.generate(self.transformer, self.layout, text_ids, cfg, gens,
+            tokens, cost = next_scale.generate(self.transformer, self.layout, text_ids, sampling, gens,
                                                tokenizer=self.visual_tokenizer, callback=lambda k: bar.update())
         nfe = cost.decoder_passes
         images = self.visual_tokenizer.decode_tokens(tokens)

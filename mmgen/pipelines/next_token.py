@@ -23,7 +23,7 @@ from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
 from mmgen.pipelines.base import (ARPipelineOutput, check_call, check_image_mode, per_image_generators,
                                   unified_vocab)
-from mmgen.sampling.logits import CFG_SCHEDULES, SamplingConfig
+from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
 from mmgen.text import encode_prompts
@@ -139,8 +139,6 @@ class NextTokenPipeline(DiffusionPipeline):
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}; got {cfg_schedule!r}")
         if self.shuffle and sampler != "ar":
             raise ValueError(f"sampler={sampler!r} is not available for Token-Shuffle models (speculative Jacobi "
                              f"decoding verifies one token per position); use sampler='ar'")
@@ -150,7 +148,7 @@ class NextTokenPipeline(DiffusionPipeline):
         if sampler == "sjd" and cfg_schedule != "constant":
             raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                              f"spans many positions); use cfg_schedule='constant'")
-        cfg = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
+        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         sjd = SJDConfig(sjd_window, sjd_init) if sampler == "sjd" else None
         processor = None
         if watermark_key is not None:
@@ -163,12 +161,12 @@ class NextTokenPipeline(DiffusionPipeline):
         with self.progress_bar(total=n_img) as bar:
             if sjd is None:
                 stage = {} if processor is None else {"processor": processor}
-                codes, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, cfg, gens,
+                codes, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
                                                      callback=lambda i: bar.update(), **stage)
                 nfe = cost.decoder_passes
                 compression = accepted = math.prod(self.visual_tokenizer.token_shape) / nfe  # Token-Shuffle: s^2
             else:
-                codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, cfg, sjd, gens,
+                codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
                                                        callback=lambda done: bar.update(done - bar.n),
                                                        processor=processor)
                 nfe, compression, accepted = stats.nfe, stats.step_compression, stats.mean_accepted_length
