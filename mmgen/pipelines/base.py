@@ -14,6 +14,7 @@ from mmgen.text import UnifiedVocab
 # images per pipeline call (prompts x num_images_per_prompt): far beyond what fits in memory at once on CPU;
 # more is a mistake (e.g. a seed typed into the count) that would otherwise run for hours, so it is refused
 MAX_IMAGES_PER_CALL = 256
+DEFAULT_GUIDANCE_SCALE = 3.0  # a model's guidance scale when its model_index.json sets none
 MAX_SEED = 2**63 - 1  # seed + image index must stay below 2**64, torch.Generator's range
 OUTPUT_TYPES = ("pil", "pt", "np")
 

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import flow_head, flowar, next_x
 from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.flow import FLOW_SAMPLERS
 from mmgen.sampling.logits import CFG_SCHEDULES, validate_sampling_args
 from mmgen.text import encode_prompts
@@ -31,9 +32,12 @@ class _LatentFlowPipeline(DiffusionPipeline):
 
     paradigm = None
     default_cfg_schedule = "constant"
+    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "temperature": 1.0, "num_inference_steps": 25, "flow_sampler": "euler",
+                    "cfg_schedule": None}
 
     def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
-                 default_guidance_scale: float = 3.0):
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
