@@ -6,13 +6,13 @@ gallery of the images and one status line (seconds, decoder passes). It calls pi
 `mmgen generate` does: `load_pipeline` once per model (lazily, then cached) and `generators_from_seed`, so the
 same settings give the same images on the page and on the command line.
 
-Options a paradigm does not take are switched off in the page when its model is picked, and refused with a
-message naming the model, never passed on (the CLI's rule, `_paradigm_kwargs`).
+Options a paradigm does not take (its pipeline class's `call_options`) are switched off in the page when its
+model is picked, and refused with a message naming the model, never passed on (the CLI's rule,
+`mmgen.options.sampling_kwargs`).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import threading
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from mmgen.pipelines import PIPELINES, default_guidance_scale, load_pipeline
+from mmgen.pipelines import PIPELINES, load_pipeline
 from mmgen.pipelines.base import generators_from_seed
+from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale, zoo_models
 
 SAMPLER_CHOICES = [("AR", "ar"), ("SJD", "sjd")]  # (label, value): values are the pipeline's `sampler`
 MAX_IMAGES = 8
@@ -57,7 +58,8 @@ class DemoModels:
         self._lock = threading.Lock()  # Gradio runs callbacks on worker threads
 
     def accepts(self, name: str) -> set[str]:
-        return set(inspect.signature(self.classes[name].__call__).parameters)
+        """The call options the model's pipeline class declares."""
+        return set(self.classes[name].call_options)
 
     def default_guidance(self, name: str) -> float:
         """The model's own guidance scale, read without loading it."""
@@ -81,10 +83,10 @@ class DemoModels:
             return self._pipes[name]
 
     def generate(self, prompt: str, model: str, sampler: str = "ar", seed: int | float = 0,
-                 guidance_scale: float = 3.0, num_images: int | float = 1, watermark: bool = False,
+                 guidance_scale: float | None = None, num_images: int | float = 1, watermark: bool = False,
                  watermark_key: str = "") -> tuple[list[tuple], str]:
         """The Generate button: ([(image, caption), ...], status line). Bad input raises `gr.Error`, which the
-        page shows as a message."""
+        page shows as a message. `guidance_scale` None: the model's own."""
         if model not in self.dirs:
             raise _error(f"model must be one of {', '.join(self.dirs)}; got {model!r}")
         if not prompt or not prompt.strip():
@@ -96,7 +98,8 @@ class DemoModels:
             raise _error(f"Seed must be an integer >= 0, got {seed!r}.")
         if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
             raise _error(f"Number of images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}.")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        if guidance_scale is not None and (not isinstance(guidance_scale, (int, float))
+                                           or not math.isfinite(guidance_scale)):
             raise _error(f"Guidance scale must be a number, got {guidance_scale!r}.")
         seed, n = int(seed), int(num_images)
         accepted, kind = self.accepts(model), self.classes[model].__name__
@@ -116,8 +119,9 @@ class DemoModels:
         # the pipeline's own checks (unknown words, bad guidance, seed range, a corrupt model file) name the problem
         try:
             pipe = self.pipeline(model)
+            scale = None if guidance_scale is None else float(guidance_scale)
             t0 = time.perf_counter()
-            out = pipe(prompt=prompt, num_images_per_prompt=n, guidance_scale=float(guidance_scale),
+            out = pipe(prompt=prompt, num_images_per_prompt=n, guidance_scale=scale,
                        generator=generators_from_seed(seed, n), **kwargs)
         except ValueError as e:
             raise _error(str(e)) from None
@@ -163,10 +167,7 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
     is `demo.models`.
     """
     if models is None:
-        from mmgen.bench import zoo_models
-        from mmgen.cli import DEFAULT_MODEL
-
-        # the CLI's default model first: the page opens on it
+        # the default model first: the page opens on it
         models = dict(sorted(zoo_models().items(), key=lambda item: item[1] != DEFAULT_MODEL))
     backend = DemoModels(models)
     first = next(iter(backend.dirs))

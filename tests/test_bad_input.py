@@ -13,13 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mmgen import cli
+from mmgen import cli, zoo
 from mmgen.config import load_config
 from mmgen.models.transformer import Transformer
-from mmgen.pipelines import NextTokenPipeline, load_pipeline, save_pipeline, verify, zoo_names
+from mmgen.pipelines import NextTokenPipeline, load_pipeline, save_pipeline, verify
 from mmgen.pipelines.base import MAX_IMAGES_PER_CALL, generators_from_seed
 from mmgen.safe_save import CHECKSUM_FILE
 from mmgen.text import UnifiedVocab, train_text_tokenizer
+from mmgen.zoo import zoo_names
 from tokenizers_vis.vqgan import VQGAN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,11 +250,14 @@ def test_pipeline_non_finite_guidance(pipe, name, value):
 def test_load_pipeline_unknown_name():
     with pytest.raises(FileNotFoundError, match="'nosuch' does not exist: it is neither a directory nor a shipped "
                                                 "model .*shapes-nexttoken"):
-        load_pipeline("nosuch")
+        zoo.load_pipeline("nosuch")
+    # mmgen.pipelines loads directories only (it sits below the zoo) and says where names are resolved
+    with pytest.raises(FileNotFoundError, match="mmgen.zoo.load_pipeline"):
+        load_pipeline("shapes-nexttoken")
 
 
 def test_load_pipeline_by_zoo_name_is_the_zoo_dir():
-    assert type(load_pipeline("shapes-nexttoken")).__name__ == "NextTokenPipeline"
+    assert type(zoo.load_pipeline("shapes-nexttoken")).__name__ == "NextTokenPipeline"
 
 
 # ---- config with unknown keys ---------------------------------------------------------------------------------
@@ -379,9 +383,7 @@ def test_pipeline_detect_refuses_lossy_image_modes():
     """The Python API checks modes like the CLI: a CMYK or 16-bit image would be recoloured or clipped."""
     from PIL import Image
 
-    from mmgen.pipelines import load_pipeline
-
-    pipe = load_pipeline("shapes-nexttoken")
+    pipe = zoo.load_pipeline("shapes-nexttoken")
     ok = Image.new("RGB", (64, 64), "red")
     for mode in ("CMYK", "I;16", "F"):
         with pytest.raises(ValueError, match=rf"images\[1\] has mode {re.escape(mode)}; accepted: 1, L, LA"):

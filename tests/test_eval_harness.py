@@ -220,7 +220,7 @@ def test_bad_arguments(pipe, kwargs, needle):
 def test_cli_eval_json_and_out_file(pipe_dir, tmp_path, capsys):
     out = tmp_path / "reports" / "eval.json"
     assert cli.main(["eval", "--model", str(pipe_dir), "--per-category", "1", "--splits", "train",
-                     "--tokenizer-images", "2", "--cfg", "1.5", "--top-k", "8", "--seed", "3", "--json",
+                     "--tokenizer-images", "2", "--guidance-scale", "1.5", "--top-k", "8", "--seed", "3", "--json",
                      "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed
@@ -248,7 +248,8 @@ def test_cli_eval_json_and_out_file(pipe_dir, tmp_path, capsys):
     (["--per-category", "0"], "--per-category must be >= 1"),
     (["--data", "mnist"], "--data: invalid choice"),
     (["--splits", "test"], "--splits: invalid choice"),
-    (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
+    (["--cfg", "-1"], "--cfg must be a finite number >= 0"),  # the old name, kept as a hidden alias
     (["--seed", "-1"], "--seed must be in"),
     (["--out", "report.txt"], "--out must end in .json"),
     (["--steps", "3"], "--steps does not apply to NextTokenPipeline"),

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from mmgen.cli import main
-from mmgen.pipelines import ZOO, load_pipeline, verify, zoo_card, zoo_names
+from mmgen.pipelines import verify
+from mmgen.zoo import ZOO_DIR as ZOO
+from mmgen.zoo import load_pipeline, zoo_card, zoo_names
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("package_zoo", ROOT / "scripts" / "package_zoo.py")
@@ -78,3 +80,25 @@ def test_package_refuses_over_the_size_caps(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing half-written
     with pytest.raises(ValueError, match="is not a saved pipeline"):
         package_zoo.package(tmp_path, "none", card, zoo=tmp_path)
+
+
+def test_import_layers():
+    """No module imports one above it, not even inside a function: the watermark package knows no pipeline,
+    and the zoo, the options, the benchmarks, the demo and the eval harness never import the CLI."""
+    import ast
+
+    def imported(path):
+        tree = ast.parse(path.read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+
+    above = {"watermark": ("mmgen.pipelines", "mmgen.zoo", "mmgen.eval", "mmgen.bench", "mmgen.serve", "mmgen.cli"),
+             "zoo": ("mmgen.eval", "mmgen.bench", "mmgen.serve", "mmgen.cli"),
+             "options.py": ("mmgen.eval", "mmgen.bench", "mmgen.serve", "mmgen.cli"),
+             "eval": ("mmgen.bench", "mmgen.serve", "mmgen.cli"),
+             "bench": ("mmgen.serve", "mmgen.cli"), "serve.py": ("mmgen.bench", "mmgen.cli")}
+    for part, forbidden in above.items():
+        target = ROOT / "mmgen" / part
+        for f in [target] if target.is_file() else sorted(target.rglob("*.py")):
+            bad = sorted(m for m in imported(f) if m.startswith(forbidden))
+            assert not bad, f"{f.relative_to(ROOT)} imports {bad}"

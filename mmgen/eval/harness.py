@@ -20,7 +20,6 @@ Every image i of a prompt list is generated with seed `seed + i`, so results do 
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -45,7 +44,6 @@ TOKENIZER_COMPONENTS = ("vq_model", "vae")  # what the pipelines call their visu
 # model is judged where a closed-world judge exists (pass data="emoji" for its emoji FD)
 _TRAINED_ON = {"shapes": "shapes", "fashion_mnist": "fashion_mnist", "emoji": "emoji", "shapes+emoji": "shapes",
                "flags": "flags", "icons": "icons"}
-_CALL_ARGS = {"self", "prompt", "num_images_per_prompt", "generator", "output_type", "return_dict"}
 FD_REAL_SEED_OFFSET = 12345  # shapes FD scenes: a seed apart from the prompt draws (seed + 1)
 
 
@@ -91,8 +89,8 @@ def _generate(pipe, prompts: list[str], batch_size: int, seed: int, meter: _Mete
 
 
 def _check_sampling(pipe, sampling: dict) -> None:
-    accepted = set(inspect.signature(pipe.__call__).parameters) - _CALL_ARGS
-    bad = sorted(set(sampling) - accepted)
+    accepted = type(pipe).call_options  # the options its class declares for `__call__`
+    bad = sorted(set(sampling) - set(accepted))
     if bad:
         raise ValueError(f"sampling option(s) {', '.join(bad)} do not apply to {type(pipe).__name__}; "
                          f"it takes: {', '.join(sorted(accepted))}")
@@ -333,8 +331,7 @@ def _parameters(module) -> int:
 
 def _effective_sampling(pipe, sampling: dict) -> dict:
     """The sampling arguments of the pipeline's call as this run used them: given values over its defaults."""
-    params = inspect.signature(pipe.__call__).parameters
-    used = {k: p.default for k, p in params.items() if k not in _CALL_ARGS and p.default is not inspect.Parameter.empty}
+    used = dict(type(pipe).call_options)  # the declared defaults of the pipeline's call
     used.update({k: v for k, v in sampling.items() if v is not None or k not in used})
     if used.get("guidance_scale") is None and "default_guidance_scale" in pipe.config:
         used["guidance_scale"] = pipe.config.default_guidance_scale  # what the pipelines resolve None to
@@ -380,9 +377,11 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, per_category:
     decoder passes and seconds per image, and the settings used.
 
     data=None takes the data the model directory records (`trained_data`), else shapes. `pipeline`: the
-    pipeline already loaded from `model_dir`, to save loading it twice."""
+    pipeline already loaded from `model_dir`, to save loading it twice. `model_dir` may name a shipped model."""
     from mmgen.pipelines import load_pipeline
+    from mmgen.zoo import resolve_model
 
+    model_dir = resolve_model(model_dir)
     source = "argument"
     if data is None:
         data, source = trained_data(model_dir)
