@@ -22,7 +22,7 @@ from pathlib import Path
 import gradio as gr
 
 from mmgen.pipelines import PIPELINES, load_pipeline
-from mmgen.pipelines.base import generators_from_seed
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, generators_from_seed
 from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale, zoo_models
 
 SAMPLER_CHOICES = [("AR", "ar"), ("SJD", "sjd")]  # (label, value): values are the pipeline's `sampler`
@@ -83,10 +83,10 @@ class DemoModels:
             return self._pipes[name]
 
     def generate(self, prompt: str, model: str, sampler: str = "ar", seed: int | float = 0,
-                 guidance_scale: float | None = None, num_images: int | float = 1, watermark: bool = False,
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images: int | float = 1, watermark: bool = False,
                  watermark_key: str = "") -> tuple[list[tuple], str]:
         """The Generate button: ([(image, caption), ...], status line). Bad input raises `gr.Error`, which the
-        page shows as a message. `guidance_scale` None: the model's own."""
+        page shows as a message. The page always sends a guidance scale (its slider opens at the model's own)."""
         if model not in self.dirs:
             raise _error(f"model must be one of {', '.join(self.dirs)}; got {model!r}")
         if not prompt or not prompt.strip():
@@ -98,8 +98,7 @@ class DemoModels:
             raise _error(f"Seed must be an integer >= 0, got {seed!r}.")
         if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
             raise _error(f"Number of images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}.")
-        if guidance_scale is not None and (not isinstance(guidance_scale, (int, float))
-                                           or not math.isfinite(guidance_scale)):
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
             raise _error(f"Guidance scale must be a number, got {guidance_scale!r}.")
         seed, n = int(seed), int(num_images)
         accepted, kind = self.accepts(model), self.classes[model].__name__
@@ -119,9 +118,8 @@ class DemoModels:
         # the pipeline's own checks (unknown words, bad guidance, seed range, a corrupt model file) name the problem
         try:
             pipe = self.pipeline(model)
-            scale = None if guidance_scale is None else float(guidance_scale)
             t0 = time.perf_counter()
-            out = pipe(prompt=prompt, num_images_per_prompt=n, guidance_scale=scale,
+            out = pipe(prompt=prompt, num_images_per_prompt=n, guidance_scale=float(guidance_scale),
                        generator=generators_from_seed(seed, n), **kwargs)
         except ValueError as e:
             raise _error(str(e)) from None
