@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "zoo" / "shapes-emoji"
+from mmgen.atomic import atomic_path, write_json_atomic
+from mmgen.options import add_sampling_args, nonnegative_float, positive_int, sampling_kwargs, seed
+from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_names
 
 
 class CLIError(Exception):
@@ -30,47 +31,8 @@ MAX_CLI_IMAGES = 64
 MIN_IMAGE_SIDE, MAX_IMAGE_PIXELS = 8, 4096 * 4096
 
 
-def _positive_int(name, maximum: int | None = None):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1 or (maximum is not None and v > maximum):
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1{f' and <= {maximum}' if maximum else ''}, "
-                                             f"got {v}")
-        return v
-    return parse
-
-
-def _seed(s):
-    from mmgen.pipelines.base import MAX_SEED
-
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {s!r}") from None
-    if not 0 <= v <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63 - 1], got {v}")
-    return v
-
-
-def _nonnegative_float(name):
-    def parse(s):
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not math.isfinite(v) or v < 0:  # float() accepts "nan" and "inf"
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s!r}")
-        return v
-    return parse
-
-
 def _model_dir(value: str) -> Path:
     """--model: a saved pipeline directory or a shipped model's name."""
-    from mmgen.pipelines import resolve_model
-
     try:
         return resolve_model(value)
     except FileNotFoundError as e:
@@ -93,46 +55,12 @@ def _output_paths(out: Path, n: int) -> list[Path]:
 
 def _save_atomic(images, paths: list[Path]) -> None:
     """Write every image to a temporary name, then rename them all: an error leaves no image behind."""
-    tmps = []
     try:
-        for image, path in zip(images, paths):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-            os.close(fd)
-            tmps.append(Path(tmp))
-            image.save(tmp)
-        for tmp, path in zip(tmps, paths):
-            os.replace(tmp, path)
+        with ExitStack() as stack:  # each temporary is renamed when the stack closes, none if a save raised
+            for image, path in zip(images, paths):
+                image.save(stack.enter_context(atomic_path(path)))
     except OSError as e:
         raise CLIError(f"--out {str(paths[0])!r} cannot be written: {e.strerror or e}") from None
-    finally:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-
-
-# options that only some pipelines take: CLI flag -> pipeline argument (None on the command line = not given)
-PARADIGM_OPTIONS = {"--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
-                    "--watermark-key": "watermark_key", "--top-k": "top_k", "--top-p": "top_p",
-                    "--steps": "num_inference_steps", "--flow-sampler": "flow_sampler",
-                    "--cfg-schedule": "cfg_schedule"}
-
-
-def _paradigm_kwargs(pipe, args) -> dict:
-    """The paradigm-specific options the user gave, checked against what this model's pipeline accepts."""
-    import inspect
-
-    accepted = inspect.signature(pipe.__call__).parameters
-    kwargs = {}
-    for flag, name in PARADIGM_OPTIONS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is None:
-            continue
-        if name not in accepted:
-            takes = sorted(f for f, n in PARADIGM_OPTIONS.items() if n in accepted)
-            raise CLIError(f"{flag} does not apply to {type(pipe).__name__} (model {args.model!r}); "
-                           f"its options: {', '.join(takes) or 'none'}")
-        kwargs[name] = value
-    return kwargs
 
 
 def cmd_generate(args) -> dict:
@@ -144,12 +72,12 @@ def cmd_generate(args) -> dict:
     n = args.num_images
     paths = _output_paths(Path(args.out), n)
     pipe = load_pipeline(_model_dir(args.model))
-    kwargs = _paradigm_kwargs(pipe, args)
+    kwargs = sampling_kwargs(pipe, args, args.model)
     if args.json:
         pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
-    result = pipe(prompt=args.prompt, num_images_per_prompt=n, guidance_scale=args.guidance_scale,
-                  temperature=args.temperature, generator=generators_from_seed(args.seed, n), **kwargs)
+    result = pipe(prompt=args.prompt, num_images_per_prompt=n, generator=generators_from_seed(args.seed, n),
+                  **kwargs)
     seconds = time.perf_counter() - t0
     _save_atomic(result.images, paths)
     return {"prompt": args.prompt, "model": str(args.model), "pipeline": type(pipe).__name__,
@@ -210,6 +138,7 @@ def cmd_bench(args) -> dict:
                 raise CLIError(f"--models takes NAME=DIR with an existing directory, got {item!r}")
             models[name] = path
     return bench.run(suites, model_dir=model, progress=not args.json, batch_sizes=batch_sizes,
+                     guidance_scale=args.guidance_scale,
                      window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
                      watermark_images=args.watermark_images, eval_split=args.eval_split, device=args.device,
                      models=models, paradigm_eval_per_category=args.paradigm_eval_per_category,
@@ -231,9 +160,7 @@ def cmd_serve(args) -> dict:
 
 
 def cmd_models(args) -> dict:
-    from mmgen.pipelines import zoo_card, zoo_names
-
-    rows = [zoo_card(name) | {"default": name == DEFAULT_MODEL.name} for name in zoo_names()]
+    rows = [zoo_card(name) | {"default": name == DEFAULT_MODEL_NAME} for name in zoo_names()]
     if args.json:
         return {"models": rows, "total_mb": round(sum(r["size_mb"] for r in rows), 1)}
     for r in rows:
@@ -275,20 +202,12 @@ def cmd_eval(args) -> dict:
             raise CLIError(f"--out {str(out)!r} cannot be written: {str(existing)!r} is not a writable directory")
     model = _model_dir(args.model)
     pipe = load_pipeline(model)
-    kwargs = _paradigm_kwargs(pipe, args)
+    kwargs = sampling_kwargs(pipe, args, args.model)
     result = evaluate_model(model, data=args.data, per_category=args.per_category, splits=args.splits, fd=args.fd,
                             tokenizer_images=args.tokenizer_images, batch_size=args.batch_size, seed=args.seed,
-                            device=args.device, progress=not args.json, pipeline=pipe, guidance_scale=args.cfg,
-                            temperature=args.temperature, **kwargs)
+                            device=args.device, progress=not args.json, pipeline=pipe, **kwargs)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".json", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(result, f, indent=2)
-            os.replace(tmp, out)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_json_atomic(out, result, indent=2)
     return result
 
 
@@ -300,38 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images from a text prompt with a saved pipeline.")
     g.add_argument("prompt", help='text prompt, e.g. "a red circle above a blue square"')
     g.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
-                        "shapes-emoji)")
+                   help=f"saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
+                        f"{DEFAULT_MODEL_NAME})")
     g.add_argument("--out", default="out.png", help="output image path; with N>1 images, _0.._N-1 is appended")
-    g.add_argument("--num-images", type=_positive_int("--num-images", MAX_CLI_IMAGES), default=1,
+    g.add_argument("--num-images", type=positive_int("--num-images", MAX_CLI_IMAGES), default=1,
                    help=f"images to generate (1 to {MAX_CLI_IMAGES})")
-    g.add_argument("--seed", type=_seed, default=0, help="seed of the first image; image i uses seed+i (>= 0), so "
+    g.add_argument("--seed", type=seed, default=0, help="seed of the first image; image i uses seed+i (>= 0), so "
                    "an image's tokens do not depend on --num-images")
-    g.add_argument("--guidance-scale", type=_nonnegative_float("--guidance-scale"), default=None,
-                   help="classifier-free guidance scale (>= 0; 1 = off; default: the model's own, see `mmgen models`)")
-    g.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0,
-                   help="sampling temperature (> 0; 0 = greedy); flow models: scale of the initial noise")
-    discrete = g.add_argument_group("discrete tokens (next-token, next-scale)")
-    discrete.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
-    discrete.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    nexttok = g.add_argument_group("next-token models only")
-    nexttok.add_argument("--sampler", choices=("ar", "sjd"), default=None,
-                         help="ar (default): one token per forward pass; sjd: speculative Jacobi decoding (same "
-                         "distribution, fewer passes)")
-    nexttok.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=None,
-                         help="SJD draft tokens per pass (default 16)")
-    nexttok.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
-                         help="SJD draft initialization (default random; above: the token one image row up)")
-    nexttok.add_argument("--watermark-key", default=None,
-                         help="embed the distortion-free watermark under this secret key (detect with "
-                              "mmgen watermark detect)")
-    flow = g.add_argument_group("continuous tokens (flow-head raster, FlowAR)")
-    flow.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                      help="flow ODE steps per token or scale (default 25)")
-    flow.add_argument("--flow-sampler", choices=("euler", "heun"), default=None, help="flow ODE solver (default euler)")
-    g.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
-                   help="next-scale and flow models: guidance constant, or ramped linearly from 1 over the "
-                        "scales/tokens (default: constant; FlowAR: linear)")
+    add_sampling_args(g, watermark=True)
     g.add_argument("--json", action="store_true", help="print a JSON result instead of text")
     g.set_defaults(func=cmd_generate)
 
@@ -349,20 +244,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_watermark_detect)
 
     b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
-                       description="Benchmarks (see mmgen/bench.py): each figure is a ratio against a baseline run "
+                       description="Benchmarks (see mmgen/bench/): each figure is a ratio against a baseline run "
                                    "in the same process.")
     b.add_argument("--suite", action="append", choices=("sjd", "watermark", "paradigms", "shuffle", "memory"),
                    help="suite to run (repeatable; default: all)")
     b.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
-                        "shapes-emoji)")
-    b.add_argument("--batch-sizes", type=_positive_int("--batch-sizes"), nargs="+", default=[1, 8],
+                   help=f"saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
+                        f"{DEFAULT_MODEL_NAME})")
+    b.add_argument("--guidance-scale", type=nonnegative_float("--guidance-scale"), default=None,
+                   help="classifier-free guidance scale of every suite (default: each model's own, see "
+                        "`mmgen models`)")
+    b.add_argument("--batch-sizes", type=positive_int("--batch-sizes"), nargs="+", default=[1, 8],
                    help="batch sizes for the latency table")
-    b.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
-    b.add_argument("--repeats", type=_positive_int("--repeats"), default=5, help="timed calls per measurement")
-    b.add_argument("--eval-per-category", type=_positive_int("--eval-per-category"), default=16,
+    b.add_argument("--sjd-window", type=positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
+    b.add_argument("--repeats", type=positive_int("--repeats"), default=5, help="timed calls per measurement")
+    b.add_argument("--eval-per-category", type=positive_int("--eval-per-category"), default=16,
                    help="held-out prompts per category for compositional accuracy")
-    b.add_argument("--watermark-images", type=_positive_int("--watermark-images"), default=100,
+    b.add_argument("--watermark-images", type=positive_int("--watermark-images"), default=100,
                    help="images per watermark method (and unwatermarked) in the attack suite")
     b.add_argument("--eval-split", choices=("train", "heldout"), default="train",
                    help="prompt split for the compositional accuracy column")
@@ -372,9 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--paradigm-eval-per-category", type=int, default=0, metavar="N",
                    help="paradigms and shuffle suites: also compositional accuracy on N prompts per category "
                         "(default 0: off)")
-    b.add_argument("--shuffle-windows", type=_positive_int("--shuffle-windows"), nargs="+", default=[1, 2, 4],
+    b.add_argument("--shuffle-windows", type=positive_int("--shuffle-windows"), nargs="+", default=[1, 2, 4],
                    help="shuffle suite: Token-Shuffle windows s to compare (1, the baseline, is always run)")
-    b.add_argument("--shuffle-grid", type=_positive_int("--shuffle-grid"), default=16,
+    b.add_argument("--shuffle-grid", type=positive_int("--shuffle-grid"), default=16,
                    help="shuffle suite: side of the token grid, the same for every s (must divide by each s)")
     b.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     b.add_argument("--json", action="store_true", help="print the JSON report")
@@ -390,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="saved pipeline directory or shipped model name")
     e.add_argument("--data", choices=("shapes", "fashion_mnist", "emoji", "flags", "icons"), default=None,
                    help="what to evaluate on (default: the data the model directory records, else shapes)")
-    e.add_argument("--per-category", type=_positive_int("--per-category"), default=50,
+    e.add_argument("--per-category", type=positive_int("--per-category"), default=50,
                    help="shapes: prompts per category and split; fashion_mnist: images per class")
     e.add_argument("--splits", nargs="+", choices=("heldout", "train"), default=["heldout", "train"],
                    help="shapes: prompt splits to score")
@@ -399,27 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "emoji needs it)")
     e.add_argument("--tokenizer-images", type=_count_or_off("--tokenizer-images"), default=256, metavar="N",
                    help="held-out images for the tokenizer's PSNR / SSIM / rFD-ENL0 (0: skip)")
-    e.add_argument("--batch-size", type=_positive_int("--batch-size"), default=25, help="images per pipeline call")
-    e.add_argument("--seed", type=_seed, default=0, help="image i of each prompt list uses seed+i")
-    e.add_argument("--cfg", type=_nonnegative_float("--cfg"), default=None,
-                   help="classifier-free guidance scale (1 = off; default: the model's own)")
-    e.add_argument("--temperature", type=_nonnegative_float("--temperature"), default=1.0,
-                   help="sampling temperature; flow models: scale of the initial noise")
-    e.add_argument("--top-k", type=int, default=None, help="discrete tokens: keep the k most likely (>= 1)")
-    e.add_argument("--top-p", type=float, default=None, help="discrete tokens: nucleus mass in (0, 1]")
-    e.add_argument("--sampler", choices=("ar", "sjd"), default=None, help="next-token models: ar or sjd")
-    e.add_argument("--sjd-window", type=_positive_int("--sjd-window"), default=None, help="SJD draft tokens per pass")
-    e.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
-                   help="SJD draft initialization")
-    e.add_argument("--steps", type=_positive_int("--steps"), default=None, help="flow models: ODE steps per token "
-                   "or scale")
-    e.add_argument("--flow-sampler", choices=("euler", "heun"), default=None, help="flow models: ODE solver")
-    e.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
-                   help="next-scale and flow models: guidance schedule (default: the pipeline's)")
+    e.add_argument("--batch-size", type=positive_int("--batch-size"), default=25, help="images per pipeline call")
+    e.add_argument("--seed", type=seed, default=0, help="image i of each prompt list uses seed+i")
+    add_sampling_args(e)
+    # the name before the sampling flags were shared with `mmgen generate`; kept so old commands still run
+    e.add_argument("--cfg", dest="guidance_scale", type=nonnegative_float("--cfg"), help=argparse.SUPPRESS)
     e.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     e.add_argument("--out", default=None, help="also write the JSON report to this .json file")
     e.add_argument("--json", action="store_true", help="print the JSON report")
-    e.set_defaults(func=cmd_eval, watermark_key=None)  # _paradigm_kwargs reads every paradigm option
+    e.set_defaults(func=cmd_eval)
 
     m = sub.add_parser("models", help="list the shipped models",
                        description="List the shipped models (mmgen/zoo): pipeline, paradigm, parameters, size, "
@@ -434,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", metavar="NAME_OR_DIR", default=None,
                    help="shipped model name or saved pipeline directory (repeatable; default: every shipped model)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=_positive_int("--port", 65535), default=7860, help="port to listen on")
+    s.add_argument("--port", type=positive_int("--port", 65535), default=7860, help="port to listen on")
     s.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
     s.add_argument("--json", action="store_true", help="on exit, print what was served as JSON")
     s.set_defaults(func=cmd_serve)

@@ -6,13 +6,13 @@ gallery of the images and one status line (seconds, decoder passes). It calls pi
 `mmgen generate` does: `load_pipeline` once per model (lazily, then cached) and `generators_from_seed`, so the
 same settings give the same images on the page and on the command line.
 
-Options a paradigm does not take are switched off in the page when its model is picked, and refused with a
-message naming the model, never passed on (the CLI's rule, `_paradigm_kwargs`).
+Options a paradigm does not take (its pipeline class's `call_options`) are switched off in the page when its
+model is picked, and refused with a message naming the model, never passed on (the CLI's rule,
+`mmgen.options.sampling_kwargs`).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import threading
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from mmgen.pipelines import PIPELINES, default_guidance_scale, load_pipeline
-from mmgen.pipelines.base import generators_from_seed
+from mmgen.pipelines import PIPELINES, load_pipeline
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, generators_from_seed
+from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale, zoo_models
 
 SAMPLER_CHOICES = [("AR", "ar"), ("SJD", "sjd")]  # (label, value): values are the pipeline's `sampler`
 MAX_IMAGES = 8
@@ -57,7 +58,8 @@ class DemoModels:
         self._lock = threading.Lock()  # Gradio runs callbacks on worker threads
 
     def accepts(self, name: str) -> set[str]:
-        return set(inspect.signature(self.classes[name].__call__).parameters)
+        """The call options the model's pipeline class declares."""
+        return set(self.classes[name].call_options)
 
     def default_guidance(self, name: str) -> float:
         """The model's own guidance scale, read without loading it."""
@@ -81,10 +83,10 @@ class DemoModels:
             return self._pipes[name]
 
     def generate(self, prompt: str, model: str, sampler: str = "ar", seed: int | float = 0,
-                 guidance_scale: float = 3.0, num_images: int | float = 1, watermark: bool = False,
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images: int | float = 1, watermark: bool = False,
                  watermark_key: str = "") -> tuple[list[tuple], str]:
         """The Generate button: ([(image, caption), ...], status line). Bad input raises `gr.Error`, which the
-        page shows as a message."""
+        page shows as a message. The page always sends a guidance scale (its slider opens at the model's own)."""
         if model not in self.dirs:
             raise _error(f"model must be one of {', '.join(self.dirs)}; got {model!r}")
         if not prompt or not prompt.strip():
@@ -163,10 +165,7 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
     is `demo.models`.
     """
     if models is None:
-        from mmgen.bench import zoo_models
-        from mmgen.cli import DEFAULT_MODEL
-
-        # the CLI's default model first: the page opens on it
+        # the default model first: the page opens on it
         models = dict(sorted(zoo_models().items(), key=lambda item: item[1] != DEFAULT_MODEL))
     backend = DemoModels(models)
     first = next(iter(backend.dirs))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from mmgen.pipelines import ZOO
 from mmgen.safe_save import CARD_FILE, verify, write_checksums
+from mmgen.zoo import ZOO_DIR
 
 MAX_MODEL_MB, MAX_ZOO_MB = 25, 100
 
@@ -31,7 +31,7 @@ def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
-def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO) -> Path:
+def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO_DIR) -> Path:
     if not (pipeline / "model_index.json").is_file():
         raise ValueError(f"--pipeline {str(pipeline)!r} is not a saved pipeline (no model_index.json)")
     target, tmp = zoo / name, zoo / f".{name}.tmp"
@@ -45,7 +45,8 @@ def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO) -> Path:
         size = dir_mb(tmp)
         if size > MAX_MODEL_MB:
             raise ValueError(f"{name}: {size:.1f} MB packaged, over the {MAX_MODEL_MB} MB a zoo model may take")
-        others = sum(dir_mb(d) for d in zoo.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name != name)
+        others = sum(dir_mb(d) for d in zoo.iterdir()  # the other models (not mmgen.zoo's own __pycache__)
+                     if (d / "model_index.json").is_file() and d.name != name)
         if others + size > MAX_ZOO_MB:
             raise ValueError(f"the zoo would hold {others + size:.1f} MB with {name}, over {MAX_ZOO_MB} MB")
         write_checksums(tmp)

@@ -10,16 +10,16 @@ written to a temporary name and renamed.
 from __future__ import annotations
 
 import argparse
-import inspect
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from mmgen.pipelines import load_pipeline, resolve_model, zoo_names
+from mmgen.atomic import atomic_path
 from mmgen.pipelines.base import generators_from_seed
+from mmgen.pipelines import load_pipeline
+from mmgen.zoo import zoo_names
 
 PROMPTS = ["a large red circle", "a small blue square in the top left", "two green triangles",
            "a yellow star left of a purple circle", "three orange squares", "a blue circle above a red star"]
@@ -28,9 +28,9 @@ PROMPTS = ["a large red circle", "a small blue square in the top left", "two gre
 def grid(models: list[str], prompts: list[str], seed: int, steps: int, scale: int, label_width: int = 150):
     rows = []
     for name in tqdm(models, desc="models"):
-        pipe = load_pipeline(resolve_model(name))
+        pipe = load_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
-        takes_steps = "num_inference_steps" in inspect.signature(pipe.__call__).parameters  # flow models
+        takes_steps = "num_inference_steps" in pipe.call_options  # flow models
         kw = {"num_inference_steps": steps} if takes_steps else {}
         out = pipe(prompt=prompts, generator=generators_from_seed(seed, len(prompts)), **kw)
         rows.append((Path(name).name if Path(name).is_dir() else name, out.images))
@@ -58,10 +58,8 @@ def main(argv=None) -> int:
     if args.out.suffix.lower() != ".png":
         p.error(f"--out must end in .png, got {str(args.out)!r}")
     image = grid(args.models or zoo_names(), args.prompts, args.seed, args.steps, args.scale)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp.png")
-    image.save(tmp)
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:
+        image.save(tmp)
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
     return 0
 

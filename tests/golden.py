@@ -43,8 +43,8 @@ def png_sha256(image) -> str:
 
 
 def zoo_outputs(names=None) -> dict:
-    from mmgen.pipelines import load_pipeline
     from mmgen.pipelines.base import generators_from_seed
+    from mmgen.pipelines import load_pipeline
 
     out = {}
     for name in names or ZOO_CALLS:

@@ -16,10 +16,11 @@ from PIL import Image
 from mmgen import cli
 from mmgen.config import load_config
 from mmgen.models.transformer import Transformer
-from mmgen.pipelines import NextTokenPipeline, load_pipeline, save_pipeline, verify, zoo_names
+from mmgen.pipelines import NextTokenPipeline, load_pipeline, save_pipeline, verify
 from mmgen.pipelines.base import MAX_IMAGES_PER_CALL, generators_from_seed
 from mmgen.safe_save import CHECKSUM_FILE
 from mmgen.text import UnifiedVocab, train_text_tokenizer
+from mmgen.zoo import zoo_names
 from tokenizers_vis.vqgan import VQGAN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -378,8 +379,6 @@ def test_every_shipped_model_is_checksummed():
 def test_pipeline_detect_refuses_lossy_image_modes():
     """The Python API checks modes like the CLI: a CMYK or 16-bit image would be recoloured or clipped."""
     from PIL import Image
-
-    from mmgen.pipelines import load_pipeline
 
     pipe = load_pipeline("shapes-nexttoken")
     ok = Image.new("RGB", (64, 64), "red")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mmgen import bench
-from mmgen.cli import DEFAULT_MODEL
+from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale
 
 
 def test_sjd_suite_report():
@@ -15,6 +15,7 @@ def test_sjd_suite_report():
                         sweep_windows=(4,), progress=False)
     n = r["tokens_per_image"]
     assert n == 64
+    assert r["guidance_scale"] == default_guidance_scale(DEFAULT_MODEL) == 1.5  # the model's own, as generate
     for b in ("batch_1", "batch_2"):
         ar, sjd = r["latency"][b]["ar"], r["latency"][b]["sjd_above"]
         assert ar["nfe"] == n and ar["step_compression"] == 1.0 and ar["latency_ratio"] == 1.0

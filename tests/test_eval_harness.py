@@ -113,24 +113,27 @@ def test_class_accuracy_with_a_stand_in_classifier(pipe):
 
 
 class _Offset:
-    """A continuous stand-in tokenizer: reconstructions are the images shifted by +0.2 (0.1 on [0, 1])."""
+    """A continuous stand-in tokenizer (the visual tokenizer protocol): reconstructions are the images shifted by
+    +0.2 (0.1 on [0, 1])."""
 
-    def encode(self, images):
+    kind, image_size, token_shape, vocab_size = "latents", SIZE, (3, SIZE, SIZE), 0
+
+    def encode_tokens(self, images):
         return images
 
-    def decode(self, latents):
+    def decode_tokens(self, latents):
         return latents + 0.2
 
 
 class _Levels:
     """A VQ stand-in: each value snapped to one of 8 levels in [-1, 1]; exact on images made of those levels."""
 
-    vocab_size = 8
+    kind, image_size, token_shape, vocab_size = "codes", SIZE, (3 * SIZE, SIZE), 8
 
-    def encode(self, images):
+    def encode_tokens(self, images):
         return ((images + 1) / 2 * 7).round().long()
 
-    def decode(self, ids):
+    def decode_tokens(self, ids):
         return ids.float() / 7 * 2 - 1
 
 
@@ -220,7 +223,7 @@ def test_bad_arguments(pipe, kwargs, needle):
 def test_cli_eval_json_and_out_file(pipe_dir, tmp_path, capsys):
     out = tmp_path / "reports" / "eval.json"
     assert cli.main(["eval", "--model", str(pipe_dir), "--per-category", "1", "--splits", "train",
-                     "--tokenizer-images", "2", "--cfg", "1.5", "--top-k", "8", "--seed", "3", "--json",
+                     "--tokenizer-images", "2", "--guidance-scale", "1.5", "--top-k", "8", "--seed", "3", "--json",
                      "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed
@@ -248,7 +251,8 @@ def test_cli_eval_json_and_out_file(pipe_dir, tmp_path, capsys):
     (["--per-category", "0"], "--per-category must be >= 1"),
     (["--data", "mnist"], "--data: invalid choice"),
     (["--splits", "test"], "--splits: invalid choice"),
-    (["--cfg", "-1"], "--cfg must be a finite number >= 0"),
+    (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
+    (["--cfg", "-1"], "--cfg must be a finite number >= 0"),  # the old name, kept as a hidden alias
     (["--seed", "-1"], "--seed must be in"),
     (["--out", "report.txt"], "--out must end in .json"),
     (["--steps", "3"], "--steps does not apply to NextTokenPipeline"),

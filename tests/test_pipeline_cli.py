@@ -140,3 +140,16 @@ def test_shipped_default_model_generates(tmp_path):
     assert cli.main(["generate", "a red circle above a blue square", "--out", str(out), "--json"]) == 0
     img = Image.open(out)
     assert img.size == (64, 64) and len(img.getcolors(maxcolors=4096) or range(4097)) > 10  # not a blank canvas
+
+
+def test_declared_call_options_are_the_call_parameters():
+    """The CLI, the demo and the eval harness route options by each pipeline class's `call_options`; the
+    declaration (names and defaults) must be exactly what `__call__` takes beyond the common arguments."""
+    import inspect
+
+    from mmgen.pipelines import PIPELINES
+
+    common = {"self", "prompt", "num_images_per_prompt", "generator", "output_type", "return_dict"}
+    for name, cls in PIPELINES.items():
+        params = inspect.signature(cls.__call__).parameters
+        assert cls.call_options == {k: p.default for k, p in params.items() if k not in common}, name

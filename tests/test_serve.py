@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 from mmgen import cli, serve
-from mmgen.bench import zoo_models
 from mmgen.models.transformer import Transformer
 from mmgen.pipelines import NextTokenPipeline, load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.text import UnifiedVocab, train_text_tokenizer
+from mmgen.zoo import zoo_models
 from tokenizers_vis.vqgan import VQGAN
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

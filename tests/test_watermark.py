@@ -248,7 +248,13 @@ def test_pipeline_and_cli_watermark(tmp_path, capsys):
     assert len(again.detect_watermark([Image.open(tmp_path / "gray.png")], "k")) == 1
 
     # the retokenization channel of this pipeline, and the confusion table the module's command writes
-    from mmgen.watermark.channel import main as channel_main, retokenization_confusion
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "watermark_channel", Path(__file__).resolve().parents[1] / "scripts" / "watermark_channel.py")
+    channel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(channel)
+    channel_main, retokenization_confusion = channel.main, channel.retokenization_confusion
     counts = retokenization_confusion(again, n_real=3, n_generated=2, batch_size=2, progress=False)
     assert counts.shape == (32, 32) and counts.sum() == 5 * again.layout.num_image_tokens
     assert torch.equal(counts, retokenization_confusion(again, n_real=3, n_generated=2, progress=False))

@@ -13,7 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from mmgen.cli import main
-from mmgen.pipelines import ZOO, load_pipeline, verify, zoo_card, zoo_names
+from mmgen.pipelines import verify
+from mmgen.zoo import ZOO_DIR as ZOO
+from mmgen.pipelines import load_pipeline
+from mmgen.zoo import zoo_card, zoo_names
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("package_zoo", ROOT / "scripts" / "package_zoo.py")

@@ -20,7 +20,6 @@ Every image i of a prompt list is generated with seed `seed + i`, so results do 
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from collections.abc import Sequence
@@ -36,16 +35,16 @@ from mmgen.data.shapes import (CATEGORIES, ShapesDataset, heldout_prompts, promp
 from mmgen.eval.compositional import evaluate as compositional_accuracy
 from mmgen.eval.frechet import fd_enl0
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
+from mmgen.pipelines.registry import PARADIGMS, paradigm_name
+from tokenizers_vis.protocol import as_visual_tokenizer
 
 DATASETS = ("shapes", "fashion_mnist", "emoji", "flags", "icons")
 FD_ONLY = ("emoji", "flags", "icons")  # open-world names: no judge, only the Frechet distance
 SPLITS = ("heldout", "train")
-TOKENIZER_COMPONENTS = ("vq_model", "vae")  # what the pipelines call their visual tokenizer
 # training data names (`mmgen.train_utils.DataConfig.name`) -> the evaluation that fits them; a shapes+emoji
 # model is judged where a closed-world judge exists (pass data="emoji" for its emoji FD)
 _TRAINED_ON = {"shapes": "shapes", "fashion_mnist": "fashion_mnist", "emoji": "emoji", "shapes+emoji": "shapes",
                "flags": "flags", "icons": "icons"}
-_CALL_ARGS = {"self", "prompt", "num_images_per_prompt", "generator", "output_type", "return_dict"}
 FD_REAL_SEED_OFFSET = 12345  # shapes FD scenes: a seed apart from the prompt draws (seed + 1)
 
 
@@ -91,8 +90,8 @@ def _generate(pipe, prompts: list[str], batch_size: int, seed: int, meter: _Mete
 
 
 def _check_sampling(pipe, sampling: dict) -> None:
-    accepted = set(inspect.signature(pipe.__call__).parameters) - _CALL_ARGS
-    bad = sorted(set(sampling) - accepted)
+    accepted = type(pipe).call_options  # the options its class declares for `__call__`
+    bad = sorted(set(sampling) - set(accepted))
     if bad:
         raise ValueError(f"sampling option(s) {', '.join(bad)} do not apply to {type(pipe).__name__}; "
                          f"it takes: {', '.join(sorted(accepted))}")
@@ -110,8 +109,7 @@ def _check_fd(fd) -> None:
 
 
 def _image_size(pipe) -> int:
-    tok = tokenizer_of(pipe)
-    return tok.config.image_size if "image_size" in tok.config else tok.config.sample_size
+    return pipe.visual_tokenizer.image_size
 
 
 def _stack(dataset, indices: Sequence[int]) -> torch.Tensor:
@@ -243,30 +241,17 @@ def evaluate_pipeline(pipe, data: str = "shapes", per_category: int = 50, splits
 # ------------------------------------------------------------------------------------------------- tokenizer
 
 def tokenizer_of(pipe):
-    """A pipeline's visual tokenizer component (`vq_model` or `vae`)."""
-    for name in TOKENIZER_COMPONENTS:
-        tok = getattr(pipe, name, None)
-        if tok is not None:
-            return tok
-    raise ValueError(f"{type(pipe).__name__} has no visual tokenizer component ({' or '.join(TOKENIZER_COMPONENTS)})")
+    """A pipeline's visual tokenizer component (the module it saves), named by the paradigm registry."""
+    return getattr(pipe, PARADIGMS[paradigm_name(pipe)].component)
 
 
 def reconstruct(tokenizer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(reconstructions in [-1, 1], the flattened code ids or None for a continuous tokenizer).
-
-    A diffusers AutoencoderKL goes through its posterior mean (`tokenizers_vis.vae`); any other tokenizer
-    through its own `encode` / `decode` (VQGAN ids (B, h, w), multi-scale per-scale lists, SEED (B, 1, N))."""
-    from diffusers import AutoencoderKL
-
-    if isinstance(tokenizer, AutoencoderKL):
-        from tokenizers_vis.vae import decode_latents, encode_latents
-        return decode_latents(tokenizer, encode_latents(tokenizer, images)), None
-    ids = tokenizer.encode(images)
-    recon = tokenizer.decode(ids)
-    if not hasattr(tokenizer, "vocab_size"):  # continuous codes: nothing to count
-        return recon, None
-    ids = torch.cat([i.flatten(1) for i in ids], 1) if isinstance(ids, (list, tuple)) else ids.flatten(1)
-    return recon, ids
+    """(reconstructions in [-1, 1], the flattened code ids or None for a continuous tokenizer), through the
+    visual tokenizer protocol (an AutoencoderKL's tokens are its posterior means)."""
+    tok = as_visual_tokenizer(tokenizer)
+    tokens = tok.encode_tokens(images)
+    recon = tok.decode_tokens(tokens)
+    return recon, (None if tok.kind == "latents" else tokens.flatten(1))
 
 
 @torch.no_grad()
@@ -274,7 +259,7 @@ def evaluate_tokenizer(tokenizer, dataset, n: int = 256, batch_size: int = 64, d
                        progress: bool = False) -> dict:
     """Reconstruction quality on the first `n` items of `dataset` (items {"image": (3, H, W) in [-1, 1]}):
     mean per-image PSNR (dB) and SSIM, rFD-ENL0 between the real images and their reconstructions, and for VQ
-    tokenizers (those with `vocab_size`) the share of codes used and the perplexity of their histogram."""
+    tokenizers the share of codes used and the perplexity of their histogram."""
     _positive_int("n", n, 2)  # rFD needs a covariance on each side
     _positive_int("batch_size", batch_size)
     n = min(n, len(dataset))
@@ -296,7 +281,7 @@ def evaluate_tokenizer(tokenizer, dataset, n: int = 256, batch_size: int = 64, d
     result = {"images": n, "psnr": round(sums["psnr"] / n, 3), "ssim": round(sums["ssim"] / n, 4),
               "rfd_enl0": round(fd_enl0(torch.cat(reals), torch.cat(recons), device=device), 3)}
     if ids:
-        usage = codebook_usage(torch.cat(ids), tokenizer.vocab_size)
+        usage = codebook_usage(torch.cat(ids), as_visual_tokenizer(tokenizer).vocab_size)
         result.update({k: round(v, 4) for k, v in usage.items()})
     return result
 
@@ -333,13 +318,12 @@ def _parameters(module) -> int:
 
 def _effective_sampling(pipe, sampling: dict) -> dict:
     """The sampling arguments of the pipeline's call as this run used them: given values over its defaults."""
-    params = inspect.signature(pipe.__call__).parameters
-    used = {k: p.default for k, p in params.items() if k not in _CALL_ARGS and p.default is not inspect.Parameter.empty}
+    used = dict(type(pipe).call_options)  # the declared defaults of the pipeline's call
     used.update({k: v for k, v in sampling.items() if v is not None or k not in used})
     if used.get("guidance_scale") is None and "default_guidance_scale" in pipe.config:
         used["guidance_scale"] = pipe.config.default_guidance_scale  # what the pipelines resolve None to
-    if used.get("cfg_schedule") is None and hasattr(pipe, "default_cfg_schedule"):
-        used["cfg_schedule"] = pipe.default_cfg_schedule  # what the flow pipelines resolve None to
+    if used.get("cfg_schedule") is None and "cfg_schedule" in pipe.call_options:
+        used["cfg_schedule"] = pipe.paradigm.DEFAULT_CFG_SCHEDULE  # what None resolves to
     if used.get("watermark_key") is not None:
         used["watermark_key"] = "<set>"  # never write a secret key into a report
     return used
@@ -356,7 +340,7 @@ def reconstruction_accuracy(tokenizer, per_category: int = 50, splits: Sequence[
         tokenizer = tokenizer.to(device).eval()
     from diffusers.image_processor import VaeImageProcessor
 
-    size = getattr(tokenizer.config, "image_size", None) or getattr(tokenizer.config, "sample_size", 64)
+    size = as_visual_tokenizer(tokenizer).image_size
     to_pil = VaeImageProcessor(do_resize=False, do_normalize=True)
     out = {}
     for split in splits:
@@ -380,9 +364,11 @@ def evaluate_model(model_dir: str | Path, data: str | None = None, per_category:
     decoder passes and seconds per image, and the settings used.
 
     data=None takes the data the model directory records (`trained_data`), else shapes. `pipeline`: the
-    pipeline already loaded from `model_dir`, to save loading it twice."""
+    pipeline already loaded from `model_dir`, to save loading it twice. `model_dir` may name a shipped model."""
     from mmgen.pipelines import load_pipeline
+    from mmgen.zoo import resolve_model
 
+    model_dir = resolve_model(model_dir)
     source = "argument"
     if data is None:
         data, source = trained_data(model_dir)

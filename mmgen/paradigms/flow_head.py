@@ -101,6 +101,7 @@ class RasterFlowModel(ModelMixin, ConfigMixin):
         return self.transformer(inputs_embeds=x_BTC, positions=positions, mask=mask, cache=cache, start=start)
 
 
+DEFAULT_CFG_SCHEDULE = "constant"
 TOKENS = "latents"  # AutoencoderKL latents (C, h, w), one token per latent position
 
 
@@ -214,7 +215,8 @@ def generate(model: RasterFlowModel, layout: RasterFlowLayout, text_ids: Sequenc
     Token i's starting noise comes from generators[b], so an image does not depend on its batch mates."""
     B, n, D = len(text_ids), layout.num_image_tokens, layout.token_dim
     generators = flow_generators(sampling, generators, B)
-    guidance_scale, temperature, cfg_schedule = sampling.guidance_scale, sampling.temperature, sampling.schedule()
+    guidance_scale, temperature = sampling.guidance_scale, sampling.temperature
+    cfg_schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     steps, method = sampling.num_inference_steps, sampling.flow_sampler
     use_cfg = guidance_scale != 1.0
     device = model.device

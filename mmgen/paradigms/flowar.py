@@ -251,6 +251,7 @@ class FlowARModel(ModelMixin, ConfigMixin):
 # ---- training -------------------------------------------------------------------------------------------
 
 
+DEFAULT_CFG_SCHEDULE = "linear"  # FlowAR ramps guidance over scales
 TOKENS = "latents"  # AutoencoderKL latents (C, G, G), generated as a pyramid of scales
 
 
@@ -359,7 +360,8 @@ def generate(model: FlowARModel, layout: FlowARLayout, text_ids: Sequence[Sequen
                          f"{tuple(model.config.scales)} / {model.config.token_dim}")
     if not isinstance(sampling, SamplingConfig):
         raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
-    guidance_scale, temperature, cfg_schedule = sampling.guidance_scale, sampling.temperature, sampling.schedule("linear")
+    guidance_scale, temperature = sampling.guidance_scale, sampling.temperature
+    cfg_schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     steps, method = sampling.num_inference_steps, sampling.flow_sampler
     B = len(text_ids)
     if generators is not None and len(generators) != B:

@@ -179,6 +179,7 @@ class NextScaleModel(ModelMixin, ConfigMixin):
                                 output_hidden_states=output_hidden_states)
 
 
+DEFAULT_CFG_SCHEDULE = "constant"  # VAR also offers the linear ramp
 TOKENS = "scale_codes"  # MultiScaleVQGAN: every scale's ids, flattened and concatenated coarse to fine
 
 
@@ -311,7 +312,7 @@ def generate(model: NextScaleModel, layout: NextScaleLayout, text_ids: Sequence[
     _check_model(model, layout)
     _check_tokenizer(layout, vq)
     K, B = len(layout.scales), len(text_ids)
-    weights = guidance_schedule(sampling.guidance_scale, K, sampling.schedule("constant"))
+    weights = guidance_schedule(sampling.guidance_scale, K, sampling.schedule(DEFAULT_CFG_SCHEDULE))
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
     use_cfg = sampling.guidance_scale != 1.0

@@ -65,6 +65,7 @@ class NextTokenLayout:
         return torch.cat([text, image, eoi]).unsqueeze(0).expand(batch_size, -1, -1)
 
 
+DEFAULT_CFG_SCHEDULE = "constant"
 TOKENS = "codes"  # VQGAN codes (h, w), or SEED's 1-D causal codes as a (1, N) grid
 
 
@@ -184,7 +185,7 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
 
     `processor(logits (B, V), prefix (B, L), lengths (B,))` runs after the standard processors on the final
     sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`)."""
-    cfg_schedule = sampling.schedule("constant")
+    cfg_schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     B = len(text_ids)
     use_cfg = sampling.guidance_scale != 1.0
     device = model.device

@@ -265,6 +265,7 @@ class NextXModel(ModelMixin, ConfigMixin):
         return self.final_proj(modulate(h[:, -n:], shift, scale))
 
 
+DEFAULT_CFG_SCHEDULE = "linear"  # xAR ramps guidance over entities
 TOKENS = "latents"  # AutoencoderKL latents (C, G, G) on a square grid, grouped into entities
 
 
@@ -357,7 +358,8 @@ def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence
     does not depend on its batch mates."""
     B, N, C, K = len(text_ids), layout.num_image_tokens, layout.token_dim, layout.num_entities
     generators = flow_generators(sampling, generators, B)
-    guidance_scale, temperature, cfg_schedule = sampling.guidance_scale, sampling.temperature, sampling.schedule("linear")
+    guidance_scale, temperature = sampling.guidance_scale, sampling.temperature
+    cfg_schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     steps, method = sampling.num_inference_steps, sampling.flow_sampler
     use_cfg = guidance_scale != 1.0
     device = model.device

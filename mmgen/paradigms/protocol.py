@@ -2,6 +2,7 @@
 pipelines, the CLI, the demo, the eval harness and the benchmarks call any paradigm the same way.
 
     TOKENS                   the visual-tokenizer kind it reads ("codes", "scale_codes" or "latents")
+    DEFAULT_CFG_SCHEDULE     the guidance schedule a SamplingConfig with cfg_schedule=None gets
     make_layout(tokenizer, vocab, max_text_len, model, flow) -> layout     from a run's decoder config
     layout_from_model(decoder, tokenizer, vocab, max_text_len) -> layout   from a saved decoder (pipelines)
     make_model(layout, model, flow) -> decoder (a diffusers ModelMixin)
@@ -70,6 +71,7 @@ class Paradigm(Protocol):
     """Structural type of a paradigm module (modules satisfy protocols, PEP 544)."""
 
     TOKENS: str
+    DEFAULT_CFG_SCHEDULE: str
 
     def make_layout(self, tokenizer, vocab, max_text_len: int, model: ModelConfig, flow: FlowConfig) -> Any: ...
 

@@ -72,6 +72,7 @@ class TokenShuffleLayout(NextTokenLayout):
         return super().positions(batch_size, device)[:, : self.seq_len]
 
 
+DEFAULT_CFG_SCHEDULE = "constant"
 TOKENS = "codes"
 
 
@@ -170,7 +171,8 @@ def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_id
     forward pass. Returns the codes and their `GenerationCost` (h*w / s^2 decoder passes)."""
     _check_model(model, layout)
     N, K, B = layout.num_image_tokens, layout.tokens_per_step, len(text_ids)
-    weights = [guidance_at(sampling.guidance_scale, j, N, sampling.schedule("constant")) for j in range(N)]
+    schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
+    weights = [guidance_at(sampling.guidance_scale, j, N, schedule) for j in range(N)]
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
     use_cfg = sampling.guidance_scale != 1.0

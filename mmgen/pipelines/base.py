@@ -9,6 +9,7 @@ import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
 
+from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
 from mmgen.text import UnifiedVocab
 
 # images per pipeline call (prompts x num_images_per_prompt): far beyond what fits in memory at once on CPU;

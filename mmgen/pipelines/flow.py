@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import flow_head, flowar, next_x
 from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.text import encode_prompts
 from tokenizers_vis.protocol import as_visual_tokenizer
@@ -29,10 +30,12 @@ class _LatentFlowPipeline(DiffusionPipeline):
     """The loop the flow pipelines share; a subclass names its paradigm module and builds its layout."""
 
     paradigm = None
-    default_cfg_schedule = "constant"
+    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "temperature": 1.0, "num_inference_steps": 25, "flow_sampler": "euler",
+                    "cfg_schedule": None}
 
     def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
-                 default_guidance_scale: float = 3.0):
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
@@ -65,7 +68,7 @@ class _LatentFlowPipeline(DiffusionPipeline):
         `model_evals` every decoder evaluation where the decoder integrates the flow itself (xAR)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        sampling = SamplingConfig(guidance_scale, temperature, cfg_schedule=cfg_schedule or self.default_cfg_schedule,
+        sampling = SamplingConfig(guidance_scale, temperature, cfg_schedule=cfg_schedule,
                                   num_inference_steps=num_inference_steps, flow_sampler=flow_sampler)
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
@@ -93,7 +96,6 @@ class RasterFlowPipeline(_LatentFlowPipeline):
 
 class FlowARPipeline(_LatentFlowPipeline):
     paradigm = flowar
-    default_cfg_schedule = "linear"  # FlowAR ramps guidance over scales
 
     def _steps_per_image(self):
         return len(self.layout.scales)
@@ -101,7 +103,6 @@ class FlowARPipeline(_LatentFlowPipeline):
 
 class NextXPipeline(_LatentFlowPipeline):
     paradigm = next_x
-    default_cfg_schedule = "linear"  # xAR ramps guidance over entities
 
     def _steps_per_image(self):
         return self.layout.num_entities

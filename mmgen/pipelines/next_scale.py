@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.paradigms import next_scale
 from mmgen.paradigms.next_scale import NextScaleModel
 from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.text import encode_prompts
 from tokenizers_vis.multiscale import MultiScaleVQGAN
@@ -24,8 +25,12 @@ from tokenizers_vis.protocol import as_visual_tokenizer
 class NextScalePipeline(DiffusionPipeline):
     paradigm = next_scale
 
+    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None,
+                    "cfg_schedule": "constant"}
+
     def __init__(self, transformer: NextScaleModel, vq_model: MultiScaleVQGAN, tokenizer: PreTrainedTokenizerFast,
-                 max_text_len: int = 32, default_guidance_scale: float = 3.0):
+                 max_text_len: int = 32, default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)

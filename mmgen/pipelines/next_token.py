@@ -23,6 +23,7 @@ from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
 from mmgen.pipelines.base import (ARPipelineOutput, check_call, check_image_mode, per_image_generators,
                                   unified_vocab)
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
@@ -36,9 +37,13 @@ WATERMARK_FILE = "watermark.json"
 
 
 class NextTokenPipeline(DiffusionPipeline):
+    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
+                    "sjd_window": 16, "sjd_init": "random", "watermark_key": None, "cfg_schedule": "constant"}
+
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer,
                  tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
-                 default_guidance_scale: float = 3.0):
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 CFG_SCHEDULES = ("constant", "linear")
+DEFAULT_GUIDANCE_SCALE = 3.0  # a model's guidance scale when its saved config sets none
 FLOW_SAMPLERS = ("euler", "heun")
 
 

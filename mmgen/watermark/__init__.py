@@ -1,4 +1,8 @@
-"""Distortion-free watermarking of generated image tokens (C-reweight) and its baselines; see `core`."""
+"""Distortion-free watermarking of generated image tokens (C-reweight) and its baselines; see `core`.
+
+This package works on tokens only and imports no pipeline (the pipelines import it). What drives a pipeline
+lives above it: the attack suite in `mmgen.bench.watermark`, the retokenization-channel measurement that builds
+a confusion cluster table in `scripts/watermark_channel.py`."""
 
 from mmgen.watermark.core import (CLUSTERINGS, KEYINGS, METHODS, STATISTICS, Detection, KeyedPermutations,
                                   WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_by_confusion,

@@ -5,7 +5,8 @@ image is generated as tokens, decoded to pixels, and re-encoded at detection tim
 differ from the generated ones, which breaks token-level text watermarks. C-reweight clusters the codebook
 and watermarks the *cluster* distribution, so a re-encoded token that lands in the same cluster still carries
 the signal. Two ways to build the table (`clustering`): k-means on the code vectors (the space the quantizer
-assigns in), or `cluster_by_confusion` on the measured decode -> encode confusion of codes (`channel.py`).
+assigns in), or `cluster_by_confusion` on the measured decode -> encode confusion of codes
+(`scripts/watermark_channel.py`).
 
 At step t, with prefix x_<t and secret key:
 

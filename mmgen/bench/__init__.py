@@ -10,7 +10,7 @@ Suites
        compositional accuracy on held-out shapes prompts with the same seeds; then mmgen's AR decode
        against transformers' `LlamaForCausalLM.generate()` on the same weights.
   watermark: C-reweight vs token-reweight and KGW (token, cluster) under image attacks: TPR at 1% FPR,
-       empirical FPR, AUC and re-tokenization match rates (`mmgen.watermark.attacks.attack_suite`).
+       empirical FPR, AUC and re-tokenization match rates (`mmgen.bench.watermark.attack_suite`).
   paradigms: every saved model (default: the shipped zoo) against the raster next-token model on the same
        prompts and seeds: decoder forward passes per image, tokens per image, parameters, latency ratio at
        each batch size, and optionally compositional accuracy. Anchor: VAR needs 10 passes where raster
@@ -25,6 +25,10 @@ Suites
        model) at each batch size and of a few training steps of its decoder, each job in a fresh process so
        peaks never mix, beside the baseline of a process that only imports torch. CPU only. The issue's
        requirement: generating with the default model stays under 2 GB (`MEMORY_LIMIT_MB`).
+
+Every suite samples at each model's own guidance scale (`default_guidance_scale` in its model_index.json, see
+`mmgen models`) unless `guidance_scale` is given; the freshly initialised decoders of the shuffle suite have no
+scale of their own and use the pipelines' `DEFAULT_GUIDANCE_SCALE`.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mmgen.zoo import DEFAULT_MODEL, zoo_models
+
 SUITES = ("sjd", "watermark", "paradigms", "shuffle", "memory")
-ZOO = Path(__file__).resolve().parent / "zoo"
 
 
 def _timed(fn, repeats: int):
@@ -51,6 +56,11 @@ def _timed(fn, repeats: int):
     return results, statistics.median(seconds)
 
 
+def _guidance(pipe, guidance_scale: float | None) -> float:
+    """The scale a suite samples `pipe` at: the one given, else the model's own."""
+    return pipe.config.default_guidance_scale if guidance_scale is None else guidance_scale
+
+
 def _samplers(inits, window):
     out = {"ar": dict(sampler="ar")}
     for init in inits:
@@ -59,9 +69,11 @@ def _samplers(inits, window):
 
 
 def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_left", "above"), window: int = 16,
-              repeats: int = 5, eval_per_category: int = 16, guidance_scale: float = 3.0, seed: int = 0,
+              repeats: int = 5, eval_per_category: int = 16, guidance_scale: float | None = None, seed: int = 0,
               sweep_windows=(4, 8, 16, 32), eval_split: str = "train", device: str = "cpu",
               progress: bool = True) -> dict:
+    """Plain AR against SJD (each initialization in `inits`) on a saved next-token pipeline; `guidance_scale`
+    None: the model's own."""
     from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
     from mmgen.eval.compositional import evaluate
     from mmgen.pipelines import load_pipeline
@@ -69,6 +81,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_
 
     pipe = load_pipeline(model_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
+    guidance_scale = _guidance(pipe, guidance_scale)
     samplers = _samplers(inits, window)
     n_img = pipe.layout.num_image_tokens
     report = {"model": str(model_dir), "tokens_per_image": n_img, "window": window,
@@ -161,8 +174,9 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
             return out[:, ids.shape[1]:] - off
 
         def ours(r=0, greedy=False):
-            cfg = SamplingConfig(guidance_scale=1.0, temperature=0 if greedy else 1.0)
-            codes, _ = next_token.generate(pipe.transformer, layout, [text] * b, cfg, generators_from_seed(seed + r, b))
+            sampling = SamplingConfig(guidance_scale=1.0, temperature=0 if greedy else 1.0)
+            codes, _ = next_token.generate(pipe.transformer, layout, [text] * b, sampling,
+                                           generators_from_seed(seed + r, b))
             return codes.flatten(1)
 
         same = torch.equal(hf_call(greedy=True), ours(greedy=True))
@@ -174,18 +188,13 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
     return report
 
 
-def zoo_models() -> dict[str, Path]:
-    """The shipped pipelines: name -> directory."""
-    return {d.name: d for d in sorted(ZOO.iterdir()) if (d / "model_index.json").is_file()}
-
-
 def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8), repeats: int = 5,
-                    guidance_scale: float = 3.0, seed: int = 0, eval_per_category: int = 0,
+                    guidance_scale: float | None = None, seed: int = 0, eval_per_category: int = 0,
                     eval_split: str = "heldout", device: str = "cpu", progress: bool = True) -> dict:
     """Each model's sampling cost as ratios against the raster next-token `baseline` (default: the shipped
-    default model), same prompts, seeds and batch sizes; each pipeline samples with its own defaults (flow
-    models: 25 Euler steps per token / scale). With `eval_per_category`, compositional accuracy too."""
-    from mmgen.cli import DEFAULT_MODEL
+    default model), same prompts, seeds and batch sizes; each pipeline samples with its own defaults (its own
+    guidance scale unless `guidance_scale` is given; flow models: 25 Euler steps per token / scale). With
+    `eval_per_category`, compositional accuracy too."""
     from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
     from mmgen.eval.compositional import evaluate
     from mmgen.pipelines import NextTokenPipeline, load_pipeline
@@ -204,14 +213,15 @@ def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8
                disable=not progress)
     base_seconds = {}
     for name, pipe in pipes.items():
+        scale = _guidance(pipe, guidance_scale)
         row = {"model": str(baseline if name == "baseline" else models[name]), "pipeline": type(pipe).__name__,
-               "decoder_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
+               "guidance_scale": scale, "decoder_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
                "tokens_per_image": pipe.layout.num_image_tokens, "latency": {}}
         for b in batch_sizes:
             prompts = heldout_prompts(b, seed=seed)
 
-            def call(r=0, pipe=pipe, prompts=prompts, b=b):
-                return pipe(prompt=prompts, guidance_scale=guidance_scale, output_type="pt",
+            def call(r=0, pipe=pipe, prompts=prompts, b=b, scale=scale):
+                return pipe(prompt=prompts, guidance_scale=scale, output_type="pt",
                             generator=generators_from_seed(seed + 1000 * r, b))
             outs, seconds = _timed(call, repeats)
             base_seconds.setdefault(b, seconds)  # the baseline runs first
@@ -229,7 +239,7 @@ def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8
             images = []
             for i in range(0, len(prompts), 25):
                 chunk = prompts[i:i + 25]
-                images += pipe(prompt=chunk, guidance_scale=guidance_scale,
+                images += pipe(prompt=chunk, guidance_scale=scale,
                                generator=generators_from_seed(seed + i, len(chunk))).images
             scores = evaluate(images, prompts)
             row["accuracy"] = {"split": eval_split, "accuracy": scores["accuracy"], "n": scores["n"],
@@ -247,7 +257,7 @@ def _synchronize(device: str) -> None:
 
 def bench_shuffle(windows=(1, 2, 4), grid: int = 16, dim: int = 128, n_layers: int = 4, n_heads: int = 4,
                   image_vocab_size: int = 1024, max_text_len: int = 8, train_batch: int = 8, batch_sizes=(1, 8),
-                  repeats: int = 5, guidance_scale: float = 3.0, seed: int = 0, models: dict | None = None,
+                  repeats: int = 5, guidance_scale: float | None = None, seed: int = 0, models: dict | None = None,
                   baseline=None, eval_per_category: int = 0, eval_split: str = "heldout", device: str = "cpu",
                   progress: bool = True) -> dict:
     """Token-Shuffle cost at windows `windows` (s = 1 added when missing) on a `grid` x `grid` token grid, as
@@ -256,12 +266,13 @@ def bench_shuffle(windows=(1, 2, 4), grid: int = 16, dim: int = 128, n_layers: i
     Each window gets a freshly initialised `TokenShuffleTransformer` of the same width and depth (random
     weights: the figures are costs, not quality). With `models` (name -> saved pipeline directory), those go
     through `bench_paradigms` against `baseline` as well, with compositional accuracy when
-    `eval_per_category` > 0, and each row records its shuffle window."""
+    `eval_per_category` > 0, and each row records its shuffle window. `guidance_scale` None: the pipelines'
+    `DEFAULT_GUIDANCE_SCALE` for the fresh decoders, each trained model's own for `models`."""
     import json
 
     from mmgen.models.shuffle import TokenShuffleTransformer
     from mmgen.paradigms import token_shuffle
-    from mmgen.pipelines.base import generators_from_seed
+    from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, generators_from_seed
     from mmgen.sampling.logits import SamplingConfig
     from mmgen.text import UnifiedVocab
 
@@ -271,9 +282,10 @@ def bench_shuffle(windows=(1, 2, 4), grid: int = 16, dim: int = 128, n_layers: i
     n = max(train_batch, *batch_sizes)
     text_ids = [torch.randint(2, 32, (max_text_len // 2,), generator=g).tolist() for _ in range(n)]
     codes = torch.randint(0, image_vocab_size, (train_batch, grid, grid), generator=g).to(device)
-    sampling = SamplingConfig(guidance_scale=guidance_scale)
+    fresh_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+    sampling = SamplingConfig(guidance_scale=fresh_scale)
     report = {"grid": [grid, grid], "codes_per_image": grid * grid, "dim": dim, "n_layers": n_layers,
-              "train_batch": train_batch, "guidance_scale": guidance_scale, "windows": {}}
+              "train_batch": train_batch, "guidance_scale": fresh_scale, "windows": {}}
     bar = tqdm(total=len(windows) * (1 + len(batch_sizes)), desc="bench shuffle", disable=not progress)
     base = base_seconds = None
     for s in windows:
@@ -301,7 +313,7 @@ def bench_shuffle(windows=(1, 2, 4), grid: int = 16, dim: int = 128, n_layers: i
                 _synchronize(device)
                 return out
             outs, seconds[b] = _timed(call, repeats)
-            row["nfe_per_image"] = outs[0][1]
+            row["nfe_per_image"] = outs[0][1].decoder_passes
             row["latency"][f"batch_{b}"] = {"seconds_per_call": round(seconds[b], 4)}
             bar.update()
         base, base_seconds = base or row, base_seconds or seconds  # s = 1 runs first
@@ -375,7 +387,7 @@ def _memory_workload(job: dict) -> None:
     for _ in range(job["steps"]):
         codes = torch.randint(0, layout.vocab.image_vocab_size, (b, *layout.grid), generator=g)
         loss = next_token.loss_fn(model, next_token.build_batch(layout, text_ids, codes, cond_drop_prob=0.1,
-                                                                generator=g))
+                                                                generator=g), layout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -411,9 +423,9 @@ def bench_memory(model_dir, batch_sizes=(1, 8), train_steps: int = 5, train_batc
 
 
 def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: int = 100, models=None,
-        shuffle_windows=(1, 2, 4), shuffle_grid: int = 16, **kw) -> dict:
-    from mmgen.cli import DEFAULT_MODEL
-
+        shuffle_windows=(1, 2, 4), shuffle_grid: int = 16, guidance_scale: float | None = None, **kw) -> dict:
+    """The suites `suites` (of `SUITES`) on `model_dir` (default: the shipped default model), at
+    `guidance_scale` (None: each model's own), as one report with the machine they ran on."""
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise ValueError(f"--suite must be one of {', '.join(SUITES)}; got {', '.join(unknown)}")
@@ -423,15 +435,18 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
                           "accelerator": torch.cuda.get_device_name() if device.startswith("cuda") else None}}
     if "sjd" in suites:
         sjd_kw = {k: v for k, v in kw.items() if k != "paradigm_eval_per_category"}
-        report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, **sjd_kw)
+        report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, guidance_scale=guidance_scale,
+                                  **sjd_kw)
     if "watermark" in suites:
+        from mmgen.bench.watermark import attack_suite
         from mmgen.pipelines import load_pipeline
-        from mmgen.watermark.attacks import attack_suite
 
         report["watermark"] = attack_suite(load_pipeline(model_dir or DEFAULT_MODEL).to(device),
-                                           n_images=watermark_images, progress=progress)
+                                           n_images=watermark_images, guidance_scale=guidance_scale,
+                                           progress=progress)
     if "paradigms" in suites:
         report["paradigms"] = bench_paradigms(models, baseline=model_dir, progress=progress,
+                                              guidance_scale=guidance_scale,
                                               **{k: kw[k] for k in ("batch_sizes", "repeats", "device") if k in kw},
                                               eval_per_category=kw.get("paradigm_eval_per_category", 0),
                                               eval_split=kw.get("eval_split", "heldout"))
@@ -440,7 +455,7 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
                                         progress=progress)
     if "shuffle" in suites:
         report["shuffle"] = bench_shuffle(shuffle_windows, grid=shuffle_grid, models=models, baseline=model_dir,
-                                          progress=progress,
+                                          progress=progress, guidance_scale=guidance_scale,
                                           **{k: kw[k] for k in ("batch_sizes", "repeats", "device") if k in kw},
                                           eval_per_category=kw.get("paradigm_eval_per_category", 0),
                                           eval_split=kw.get("eval_split", "heldout"))

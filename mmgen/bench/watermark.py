@@ -1,6 +1,8 @@
-"""Image attacks for the watermark robustness suite, and the suite itself (`mmgen bench --suite watermark`).
+"""The watermark robustness suite of `mmgen bench --suite watermark`, and its image attacks.
 
-Each attack maps a PIL image to a PIL image of the same size, deterministically for a seed.
+Each attack maps a PIL image to a PIL image of the same size, deterministically for a seed. The suite lives with
+the benchmarks, not in `mmgen.watermark`, because it drives a pipeline (`mmgen.watermark` sits below the
+pipelines and knows only tokens).
 """
 
 from __future__ import annotations
@@ -67,13 +69,14 @@ ATTACKS = {
 
 
 def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: float = 0.01, seed: int = 0,
-                 guidance_scale: float = 3.0, batch_size: int = 25, configs: dict | None = None,
+                 guidance_scale: float | None = None, batch_size: int = 25, configs: dict | None = None,
                  progress: bool = True) -> dict:
     """Generate n_images per method with the watermark and n_images without, attack, re-tokenize, detect.
 
     Per method and attack: TPR at the nominal FPR (p-value < fpr), the empirical FPR on the unwatermarked
     images, AUC of the z-score (watermarked vs not), and the re-tokenization match rate of token and symbol.
-    Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch."""
+    Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch.
+    `guidance_scale` None: the model's own."""
     from mmgen.data.shapes import heldout_prompts
     from mmgen.pipelines.base import generators_from_seed
     from mmgen.watermark import METHODS, WatermarkConfig, detect_tokens
@@ -86,6 +89,8 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
                    for m in METHODS}
     prompts = heldout_prompts(n_images, seed=seed)
     pipe.set_progress_bar_config(disable=True)
+    if guidance_scale is None:
+        guidance_scale = pipe.config.default_guidance_scale
 
     def make(wm_config):
         saved = pipe.watermark
@@ -114,7 +119,7 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
         bar.update()
     bar.update()
 
-    report = {"n_images": n_images, "fpr": fpr, "key_context": base.context, "num_clusters": base.num_clusters,
+    report = {"n_images": n_images, "fpr": fpr, "guidance_scale": guidance_scale, "key_context": base.context, "num_clusters": base.num_clusters,
               "clustering": base.clustering, "keying": base.keying, "statistic": base.statistic, "methods": {}}
     for method, cfg in configs.items():
         images, tokens = make(cfg)

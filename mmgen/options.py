@@ -1,0 +1,117 @@
+"""Command-line options that several commands share, defined once: argument types whose errors name the flag,
+the sampling flags of `mmgen generate`, `mmgen eval` and `scripts/evaluate.py` (one name each), and the map
+from parsed flags to a pipeline's call options.
+
+A pipeline class declares the keyword options its `__call__` takes (`call_options`: name -> default); a flag
+whose option the model's pipeline does not take is refused with an error that names the flag and the flags
+the model does take, never passed on or silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+class OptionError(ValueError):
+    """A flag that does not fit the chosen model; the commands print it on one line and exit with code 2."""
+
+
+def positive_int(name: str, maximum: int | None = None):
+    """An argparse type: an integer >= 1 (and <= maximum), its error naming `name`."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1 or (maximum is not None and v > maximum):
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1{f' and <= {maximum}' if maximum else ''}, "
+                                             f"got {v}")
+        return v
+    return parse
+
+
+def nonnegative_float(name: str):
+    """An argparse type: a finite number >= 0, its error naming `name`."""
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v) or v < 0:  # float() accepts "nan" and "inf"
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s!r}")
+        return v
+    return parse
+
+
+def seed(s):
+    """An argparse type for --seed: an integer in [0, MAX_SEED]."""
+    from mmgen.pipelines.base import MAX_SEED
+
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {s!r}") from None
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63 - 1], got {v}")
+    return v
+
+
+# sampling flag -> the pipeline call option it sets (None on the command line = not given: the model's default)
+SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temperature", "--top-k": "top_k",
+                  "--top-p": "top_p", "--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
+                  "--watermark-key": "watermark_key", "--steps": "num_inference_steps",
+                  "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule"}
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) -> None:
+    """Add the sampling flags to `parser`; `watermark`: also --watermark-key (generation that writes images)."""
+    parser.add_argument("--guidance-scale", type=nonnegative_float("--guidance-scale"), default=None,
+                        help="classifier-free guidance scale (>= 0; 1 = off; default: the model's own, see "
+                             "`mmgen models`)")
+    parser.add_argument("--temperature", type=nonnegative_float("--temperature"), default=1.0,
+                        help="sampling temperature (> 0; 0 = greedy); flow models: scale of the initial noise")
+    discrete = parser.add_argument_group("discrete tokens (next-token, next-scale)")
+    discrete.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
+    discrete.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    nexttok = parser.add_argument_group("next-token models only")
+    nexttok.add_argument("--sampler", choices=("ar", "sjd"), default=None,
+                         help="ar (default): one token per forward pass; sjd: speculative Jacobi decoding (same "
+                              "distribution, fewer passes)")
+    nexttok.add_argument("--sjd-window", type=positive_int("--sjd-window"), default=None,
+                         help="SJD draft tokens per pass (default 16)")
+    nexttok.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
+                         help="SJD draft initialization (default random; above: the token one image row up)")
+    if watermark:
+        nexttok.add_argument("--watermark-key", default=None,
+                             help="embed the distortion-free watermark under this secret key (detect with "
+                                  "mmgen watermark detect)")
+    flow = parser.add_argument_group("continuous tokens (flow-head raster, FlowAR, next-X)")
+    flow.add_argument("--steps", type=positive_int("--steps"), default=None,
+                      help="flow ODE steps per token or scale (default 25)")
+    flow.add_argument("--flow-sampler", choices=("euler", "heun"), default=None,
+                      help="flow ODE solver (default euler)")
+    parser.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
+                        help="next-scale and flow models: guidance constant, or ramped linearly from 1 over the "
+                             "scales/tokens (default: constant; FlowAR, next-X: linear)")
+
+
+def sampling_kwargs(pipeline, args: argparse.Namespace, model=None) -> dict:
+    """The pipeline call options the parsed `args` give (flags left at None are left out, so the pipeline keeps
+    its own defaults), checked against what `pipeline` (an instance or a class) declares in `call_options`.
+    A given flag it does not take raises `OptionError` naming the flag, the pipeline (and `model`, as the user
+    typed it) and the flags it takes."""
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    accepted = cls.call_options
+    kwargs = {}
+    for flag, name in SAMPLING_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is None:
+            continue
+        if name not in accepted:
+            takes = [f for f, n in SAMPLING_FLAGS.items() if n in accepted]
+            where = f" (model {str(model)!r})" if model is not None else ""
+            raise OptionError(f"{flag} does not apply to {cls.__name__}{where}; its options: "
+                              f"{', '.join(takes) or 'none'}")
+        kwargs[name] = value
+    return kwargs
