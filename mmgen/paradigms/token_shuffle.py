@@ -28,12 +28,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmgen.models.shuffle import TokenShuffleTransformer
+from mmgen.models.shuffle import TokenShuffleTransformer, check_window, shuffle_ids, unshuffle_ids
 from mmgen.models.transformer import KVCache
 from mmgen.paradigms.next_token import NextTokenLayout, attention_mask, guided_text_block, text_block
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.text import UnifiedVocab
-from tokenizers_vis.shuffle import check_window, shuffle_ids, unshuffle_ids
 
 
 @dataclass
