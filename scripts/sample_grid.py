@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from mmgen.atomic import atomic_path
 from mmgen.pipelines import load_pipeline, resolve_model, zoo_names
 from mmgen.pipelines.base import generators_from_seed
 
@@ -58,10 +58,8 @@ def main(argv=None) -> int:
     if args.out.suffix.lower() != ".png":
         p.error(f"--out must end in .png, got {str(args.out)!r}")
     image = grid(args.models or zoo_names(), args.prompts, args.seed, args.steps, args.scale)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp.png")
-    image.save(tmp)
-    os.replace(tmp, args.out)
+    with atomic_path(args.out) as tmp:
+        image.save(tmp)
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
     return 0
 
