@@ -1,10 +1,12 @@
 """Write-to-a-temporary-name-then-rename, the one way mmgen writes a file that a reader may open at any time
-(configs, logs, caches, images, checkpoints): a crash leaves the old file or the new one, never half of one."""
+(configs, logs, caches, images, checkpoints): a crash leaves the old file or the new one, never half of one.
+`atomic_dir` does the same for a directory written as a whole (a saved model)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,32 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A fresh empty directory beside `path` to fill (a saved model, say); when the block ends it takes the place
+    of `path`, an existing `path` being moved aside first and deleted after. If the block or the swap fails, the
+    new directory is removed and `path` is left as it was. Made by a plain mkdir, so it has the usual permissions."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        new = work / "new"
+        new.mkdir()
+        yield new
+        if path.exists():
+            old = work / "old"
+            os.replace(path, old)
+            try:
+                os.replace(new, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
+        else:
+            os.replace(new, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

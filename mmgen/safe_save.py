@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mmgen.atomic import write_text_atomic
 from mmgen.checkpoint import file_sha256
 
 CHECKSUM_FILE = "checksums.json"
@@ -47,11 +48,7 @@ def write_checksums(model_dir: str | Path) -> dict:
     table = {"algorithm": "sha256",
              "files": {p.relative_to(model_dir).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                        for p in _model_files(model_dir)}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKSUM_FILE}.", dir=model_dir)
-    with os.fdopen(fd, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, model_dir / CHECKSUM_FILE)
+    write_text_atomic(model_dir / CHECKSUM_FILE, json.dumps(table, indent=1, sort_keys=True) + "\n")
     return table
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from mmgen.atomic import atomic_dir
 from mmgen.safe_save import CARD_FILE, verify, write_checksums
 from mmgen.zoo import ZOO_DIR
 
@@ -34,10 +34,10 @@ def dir_mb(path: Path) -> float:
 def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO_DIR) -> Path:
     if not (pipeline / "model_index.json").is_file():
         raise ValueError(f"--pipeline {str(pipeline)!r} is not a saved pipeline (no model_index.json)")
-    target, tmp = zoo / name, zoo / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(pipeline, tmp, ignore=shutil.ignore_patterns("checksums.json", "eval.json"))
-    try:
+    target = zoo / name
+    with atomic_dir(target) as tmp:
+        shutil.copytree(pipeline, tmp, ignore=shutil.ignore_patterns("checksums.json", "eval.json"),
+                        dirs_exist_ok=True)
         for f in tmp.rglob("*.safetensors"):
             tensors = load_file(f)
             save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
@@ -51,11 +51,6 @@ def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO_DIR) -> Path:
             raise ValueError(f"the zoo would hold {others + size:.1f} MB with {name}, over {MAX_ZOO_MB} MB")
         write_checksums(tmp)
         verify(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from mmgen.atomic import atomic_path
 from mmgen.data.shapes import ShapesDataset
 from mmgen.eval.image_metrics import psnr
 from tokenizers_vis.seed import SEEDTokenizer
@@ -60,9 +61,8 @@ def main(argv=None):
             for c, k in enumerate(prefixes, 1):
                 grid.paste(to_pil(decodes[k][r]), (c * side, r * side))
         out = Path(args.out)
-        tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-        grid.save(tmp)
-        tmp.replace(out)
+        with atomic_path(out) as tmp:
+            grid.save(tmp)
         result["figure"] = str(out)
     print(json.dumps(result, indent=2) if args.json else
           "PSNR by prefix: " + ", ".join(f"{k} tokens {v:.2f} dB" for k, v in result["psnr_by_prefix"].items()))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmgen.atomic import atomic_dir
 from mmgen.data.fashion_mnist import CLASSES, FashionMNIST, to_tensor
 from mmgen.eval.classifier import DEFAULT_WEIGHTS, FashionClassifier
 
@@ -73,12 +72,8 @@ def train(data: FashionMNIST, epochs: int = 3, batch_size: int = 128, lr: float 
 
 def save_atomic(model: FashionClassifier, out: Path) -> None:
     """save_pretrained into a temporary sibling, then swap it in: an interrupted run leaves the old weights."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
 
 
 def main(argv=None) -> dict:

@@ -79,6 +79,12 @@ def test_cli_empty_prompt(model, tmp_path, capsys, prompt):
         ["generate", prompt, "--model", str(model), "--out", str(out / "x.png")], capsys, out)
 
 
+def test_cli_unknown_word_names_it_and_the_closest_words(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    msg = _cli_error(["generate", "Two green starz.", "--model", str(model), "--out", str(out / "x.png")], capsys, out)
+    assert "does not know: 'starz' (closest known: 'stars')" in msg
+
+
 @pytest.mark.parametrize("n", ["65", "1000000000"])
 def test_cli_enormous_num_images(model, tmp_path, capsys, n):
     out = tmp_path / "out"

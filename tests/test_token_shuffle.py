@@ -1,4 +1,4 @@
-"""Token-Shuffle (tokenizers_vis.shuffle, mmgen.models.shuffle, mmgen.paradigms.token_shuffle): window order and
+"""Token-Shuffle (mmgen.models.shuffle, mmgen.paradigms.token_shuffle): window order and
 round trips, s^2 codes per pass, KV-cached sampling against the teacher-forced forward (with CFG schedules),
 per-image seeds and the sampled distribution, overfitting, save/load, the pipeline and CLI, the bench suite."""
 
@@ -16,7 +16,7 @@ from mmgen.pipelines import NextTokenPipeline, load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at
 from mmgen.text import UnifiedVocab, train_text_tokenizer
-from tokenizers_vis.shuffle import ShuffleMerge, ShuffleSplit, shuffle, shuffle_ids, unshuffle, unshuffle_ids
+from mmgen.models.shuffle import ShuffleMerge, ShuffleSplit, shuffle, shuffle_ids, unshuffle, unshuffle_ids
 from tokenizers_vis.vqgan import VQGAN
 
 V = 16

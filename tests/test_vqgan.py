@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
-from tokenizers_vis.losses import EfficientNetLite0Features, PerceptualLoss, VQGANLoss
+from tokenizers_vis.features import EfficientNetLite0Features
+from tokenizers_vis.losses import PerceptualLoss, VQGANLoss
 from tokenizers_vis.quantize import FactorizedQuantizer
 from tokenizers_vis.vqgan import VQGAN
 

@@ -4,7 +4,8 @@ VQGAN (Esser et al., 2021) with the ViT-VQGAN codebook (Yu et al., 2022). This p
 `mmgen`; `mmgen` builds on it.
 """
 
-from tokenizers_vis.losses import EfficientNetLite0Features, PatchDiscriminator, PerceptualLoss, VQGANLoss
+from tokenizers_vis.features import EfficientNetLite0Features
+from tokenizers_vis.losses import PatchDiscriminator, PerceptualLoss, VQGANLoss
 from tokenizers_vis.quantize import FactorizedQuantizer, QuantizerOutput
 from tokenizers_vis.vqgan import VQGAN, VQGANOutput
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from tokenizers_vis.losses import EfficientNetLite0Features
+from tokenizers_vis.features import EfficientNetLite0Features
 from tokenizers_vis.quantize import FactorizedQuantizer, QuantizerOutput
 from tokenizers_vis.vqgan import Decoder
 

@@ -47,7 +47,7 @@ class EfficientNetLite0Target(TargetEncoder):
 
     def __init__(self, resize_to: int = 128, tap: int = 15):
         super().__init__()
-        from tokenizers_vis.losses import EfficientNetLite0Features
+        from tokenizers_vis.features import EfficientNetLite0Features
         self.net = EfficientNetLite0Features(resize_to=resize_to, taps=(tap,))
         self.global_dim = 1280
         self.patch_dim = self.net.net._blocks[tap]._project_conv.out_channels

@@ -17,7 +17,7 @@ class ENL0Features(nn.Module):
 
     def __init__(self, resize_to: int = 128):
         super().__init__()
-        from tokenizers_vis.losses import EfficientNetLite0Features
+        from tokenizers_vis.features import EfficientNetLite0Features
         self.net = EfficientNetLite0Features(resize_to=resize_to, taps=(0,))
 
     @torch.no_grad()

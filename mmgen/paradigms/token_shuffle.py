@@ -7,7 +7,7 @@ Sequence layout (next_token's, over the window grid)::
     |---------- max_text_len ---------|
 
 The text block is next_token's (left-padded, <null> for unconditional rows). Window j is the s x s block of
-image codes at window-grid cell j (raster over (h/s, w/s), slot order of `tokenizers_vis.shuffle`), merged into
+image codes at window-grid cell j (raster over (h/s, w/s), slot order of `mmgen.models.shuffle`), merged into
 one input token. <boi> predicts window 0 and the input of window j - 1 predicts window j: s^2 codes per
 position, one head each, cross-entropy over all of them. The last window is never an input, so there is no
 <eoi>: the image ends after N windows by construction. Positions are next_token's 2-D RoPE on the window grid.
@@ -28,14 +28,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmgen.models.shuffle import TokenShuffleTransformer
+from mmgen.models.shuffle import TokenShuffleTransformer, check_window, shuffle_ids, unshuffle_ids
 from mmgen.models.transformer import KVCache
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.text import UnifiedVocab
-from tokenizers_vis.shuffle import check_window, shuffle_ids, unshuffle_ids
 
 
 @dataclass

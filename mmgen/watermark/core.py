@@ -41,13 +41,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from mmgen.atomic import write_text_atomic
 
 METHODS = ("c-reweight", "token-reweight", "kgw-token", "kgw-cluster")
 CLUSTERINGS = ("kmeans", "confusion")
@@ -98,12 +97,7 @@ class WatermarkConfig:
         return torch.as_tensor(self.clusters, device=tokens.device)[tokens]
 
     def save(self, path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f)
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, path) -> WatermarkConfig:
