@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from mmgen.pipelines import ZOO, load_pipeline
+from mmgen.pipelines import load_pipeline
+from mmgen.zoo import ZOO_DIR as ZOO
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.text import encode_prompts, train_text_tokenizer
 
