@@ -82,7 +82,7 @@ def cmd_generate(args) -> dict:
     _save_atomic(result.images, paths)
     return {"prompt": args.prompt, "model": str(args.model), "pipeline": type(pipe).__name__,
             "images": [str(p) for p in paths], "seed": args.seed, "sampler": kwargs.get("sampler", "ar"),
-            "watermarked": args.watermark_key is not None, "nfe_per_image": result.nfe,
+            "watermarked": args.watermark_key is not None, "nfe_per_image": result.decoder_passes,
             "step_compression": round(result.step_compression, 4),
             "mean_accepted_length": round(result.mean_accepted_length, 4), "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / n, 3)} | (

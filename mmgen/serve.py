@@ -126,7 +126,7 @@ class DemoModels:
         seconds = time.perf_counter() - t0
         w, h = out.images[0].size
         status = (f"{n} image{'s' if n > 1 else ''} ({w}x{h}) in {seconds:.2f} s with {kind}, "
-                  f"{out.nfe} decoder passes per image")
+                  f"{out.decoder_passes} decoder passes per image")
         if out.model_evals is not None:
             status += f" ({out.model_evals} decoder evaluations with the flow steps)"
         if kwargs.get("sampler") == "sjd":

@@ -96,7 +96,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_
                 return pipe(prompt=prompts, guidance_scale=guidance_scale, output_type="pt",
                             generator=generators_from_seed(seed + 1000 * r, b), **kw)
             outs, seconds = _timed(call, repeats)
-            nfe = statistics.mean(o.nfe for o in outs)
+            nfe = statistics.mean(o.decoder_passes for o in outs)
             row = {"nfe": nfe, "step_compression": round(n_img / nfe, 3),
                    "mean_accepted_length": round(statistics.mean(o.mean_accepted_length for o in outs), 3),
                    "seconds_per_call": round(seconds, 4)}
@@ -117,7 +117,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_
                         sjd_window=w, sjd_init="random", generator=generators_from_seed(seed + 1000 * r, 1))
         outs, seconds = _timed(call, repeats)
         ar_seconds = report["latency"].get("batch_1", {}).get("ar", {}).get("seconds_per_call")
-        sweep[f"window_{w}"] = {"step_compression": round(n_img / statistics.mean(o.nfe for o in outs), 3),
+        sweep[f"window_{w}"] = {"step_compression": round(n_img / statistics.mean(o.decoder_passes for o in outs), 3),
                                 "seconds_per_call": round(seconds, 4),
                                 "speedup": round(ar_seconds / seconds, 3) if ar_seconds else None}
     report["window_sweep_batch_1"] = sweep
@@ -132,7 +132,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_
             out = pipe(prompt=chunk, guidance_scale=guidance_scale, generator=generators_from_seed(seed + i, len(chunk)),
                        **kw)
             images.extend(out.images)
-            nfes.append(out.nfe)
+            nfes.append(out.decoder_passes)
         scores = evaluate(images, prompts)
         report["accuracy"][name] = {"accuracy": scores["accuracy"], "n": scores["n"],
                                     "per_category": scores["per_category"],
@@ -225,7 +225,7 @@ def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8
                             generator=generators_from_seed(seed + 1000 * r, b))
             outs, seconds = _timed(call, repeats)
             base_seconds.setdefault(b, seconds)  # the baseline runs first
-            row["nfe_per_image"] = outs[0].nfe
+            row["nfe_per_image"] = outs[0].decoder_passes
             if getattr(outs[0], "model_evals", None) is not None:  # xAR: the decoder also integrates the flow
                 row["model_evals_per_image"] = outs[0].model_evals
             row["latency"][f"batch_{b}"] = {"seconds_per_call": round(seconds, 4),

@@ -80,7 +80,7 @@ def _generate(pipe, prompts: list[str], batch_size: int, seed: int, meter: _Mete
         out = pipe(prompt=chunk, generator=generators_from_seed(seed + i, len(chunk)), **sampling)
         seconds += time.perf_counter() - t0
         images.extend(out.images)
-        meter.passes += out.nfe * len(chunk)
+        meter.passes += out.decoder_passes * len(chunk)
         if out.model_evals is not None:
             meter.evals += out.model_evals * len(chunk)
             meter.has_evals = True

@@ -383,9 +383,9 @@ def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence
             return cfg_velocity(*v.chunk(2), guidance) if use_cfg else v
 
         noise = initial_noise((b - a, C), generators, temperature, device)
-        x0, nfe = sample_flow(velocity, noise, steps, method)
+        x0, flow_evals = sample_flow(velocity, noise, steps, method)
         tokens[:, a - T0: b - T0] = x0
-        evals += nfe
+        evals += flow_evals
         if k + 1 < K:  # the entity's AR step: its clean tokens (t = 0) become context
             x = torch.cat([x0, x0]) if use_cfg else x0
             entity_velocity(model, x, x.new_zeros(R), positions[:, a:b], key_valid, cache, a)

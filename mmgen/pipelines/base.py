@@ -23,10 +23,15 @@ OUTPUT_TYPES = ("pil", "pt", "np")
 class ARPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | torch.Tensor
     tokens: torch.Tensor  # image codes (N, h, w), per-scale codes concatenated (N, L), or latents (N, C, h, w)
-    nfe: int  # batched forward passes of the decoder (the prompt pass included)
-    step_compression: float = 1.0  # image tokens / nfe (plain AR: 1)
+    decoder_passes: int  # batched forward passes of the decoder's AR backbone (the prompt pass included)
+    step_compression: float = 1.0  # image tokens / decoder passes (plain AR: 1)
     mean_accepted_length: float = 1.0  # tokens committed per pass, averaged over images (plain AR: 1)
     model_evals: int | None = None  # every decoder evaluation, where the decoder also integrates a flow (xAR)
+
+    @property
+    def nfe(self) -> int:
+        """Older name of `decoder_passes`, kept for callers written against it."""
+        return self.decoder_passes
 
 
 def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:

@@ -64,7 +64,7 @@ class _LatentFlowPipeline(DiffusionPipeline):
         num_inference_steps: flow ODE steps per token (raster), per scale (FlowAR) or per entity (xAR);
         flow_sampler: "euler" or "heun"; temperature scales the initial noise; guidance acts on the velocity,
         constant or ramped linearly over tokens / scales / entities (`cfg_schedule`; FlowAR and xAR default to
-        "linear"). `tokens` in the output are the sampled latents (N, C, h, w); `nfe` counts AR steps and
+        "linear"). `tokens` in the output are the sampled latents (N, C, h, w); `decoder_passes` counts AR steps and
         `model_evals` every decoder evaluation where the decoder integrates the flow itself (xAR)."""
         prompts = check_call(prompt, num_images_per_prompt, output_type)
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
@@ -76,14 +76,14 @@ class _LatentFlowPipeline(DiffusionPipeline):
         with self.progress_bar(total=self._steps_per_image()) as bar:
             latents, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
                                                    callback=lambda i: bar.update())
-        nfe = cost.decoder_passes
+        passes = cost.decoder_passes
         images = self.visual_tokenizer.decode_tokens(latents)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
-        compression = self.layout.num_image_tokens / nfe
+        compression = self.layout.num_image_tokens / passes
         if not return_dict:
-            return images, latents, nfe
-        return ARPipelineOutput(images=images, tokens=latents, nfe=nfe, step_compression=compression,
+            return images, latents, passes
+        return ARPipelineOutput(images=images, tokens=latents, decoder_passes=passes, step_compression=compression,
                                 mean_accepted_length=compression, model_evals=cost.model_evals)
 
 

@@ -68,12 +68,12 @@ class NextScalePipeline(DiffusionPipeline):
         with self.progress_bar(total=len(self.layout.scales)) as bar:
             tokens, cost = next_scale.generate(self.transformer, self.layout, text_ids, sampling, gens,
                                                tokenizer=self.visual_tokenizer, callback=lambda k: bar.update())
-        nfe = cost.decoder_passes
+        passes = cost.decoder_passes
         images = self.visual_tokenizer.decode_tokens(tokens)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
-        compression = self.layout.num_image_tokens / nfe
+        compression = self.layout.num_image_tokens / passes
         if not return_dict:
-            return images, tokens, nfe
-        return ARPipelineOutput(images=images, tokens=tokens, nfe=nfe, step_compression=compression,
+            return images, tokens, passes
+        return ARPipelineOutput(images=images, tokens=tokens, decoder_passes=passes, step_compression=compression,
                                 mean_accepted_length=compression)

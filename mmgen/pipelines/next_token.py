@@ -168,17 +168,17 @@ class NextTokenPipeline(DiffusionPipeline):
                 stage = {} if processor is None else {"processor": processor}
                 codes, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
                                                      callback=lambda i: bar.update(), **stage)
-                nfe = cost.decoder_passes
-                compression = accepted = math.prod(self.visual_tokenizer.token_shape) / nfe  # Token-Shuffle: s^2
+                passes = cost.decoder_passes
+                compression = accepted = math.prod(self.visual_tokenizer.token_shape) / passes  # Token-Shuffle: s^2
             else:
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
                                                        callback=lambda done: bar.update(done - bar.n),
                                                        processor=processor)
-                nfe, compression, accepted = stats.nfe, stats.step_compression, stats.mean_accepted_length
+                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
         images = self.visual_tokenizer.decode_tokens(codes)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
         if not return_dict:
-            return images, codes, nfe
-        return ARPipelineOutput(images=images, tokens=codes, nfe=nfe, step_compression=compression,
+            return images, codes, passes
+        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
                                 mean_accepted_length=accepted)

@@ -44,19 +44,19 @@ def sample_flow(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         raise ValueError(f"method must be one of {FLOW_SAMPLERS}, got {method!r}")
     N = noise.shape[0]
     ts = torch.linspace(1.0, 0.0, steps + 1, device=noise.device, dtype=noise.dtype)
-    x, nfe = noise, 0
+    x, evals = noise, 0
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
         dt = t_next - t  # negative: time runs backwards
         v = velocity_fn(x, t.expand(N))
-        nfe += 1
+        evals += 1
         x_next = x + dt * v
         if method == "heun" and i + 1 < steps:
             v_next = velocity_fn(x_next, t_next.expand(N))
-            nfe += 1
+            evals += 1
             x_next = x + dt * 0.5 * (v + v_next)
         x = x_next
-    return x, nfe
+    return x, evals
 
 
 def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:

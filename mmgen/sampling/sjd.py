@@ -54,17 +54,22 @@ class SJDConfig:
 
 @dataclass
 class SJDStats:
-    """What a call cost. `nfe` counts batched forward passes, the prompt's included (plain AR over N tokens
-    needs N: the prompt pass that yields the first token, then N - 1 decode steps)."""
+    """What a call cost. `decoder_passes` counts batched forward passes, the prompt's included (plain AR over N
+    tokens needs N: the prompt pass that yields the first token, then N - 1 decode steps)."""
 
     tokens: int  # tokens generated per sample
-    nfe: int
+    decoder_passes: int
     passes: list[int]  # verification passes each sample needed
+
+    @property
+    def nfe(self) -> int:
+        """Older name of `decoder_passes`."""
+        return self.decoder_passes
 
     @property
     def step_compression(self) -> float:
         """Plain AR forward passes / SJD forward passes for the same tokens."""
-        return self.tokens / self.nfe
+        return self.tokens / self.decoder_passes
 
     @property
     def mean_accepted_length(self) -> float:
@@ -72,7 +77,7 @@ class SJDStats:
         return sum(self.tokens / p for p in self.passes) / len(self.passes)
 
     def as_dict(self) -> dict:
-        return {"nfe": self.nfe, "tokens": self.tokens, "step_compression": round(self.step_compression, 4),
+        return {"nfe": self.decoder_passes, "tokens": self.tokens, "step_compression": round(self.step_compression, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4)}
 
 
@@ -198,7 +203,7 @@ def jacobi_sample(
     n = torch.zeros(B, dtype=torch.long, device=device)
     passes = torch.zeros(B, dtype=torch.long)
     active = torch.arange(B)
-    nfe = 0
+    decoder_passes = 0
 
     drafts = torch.zeros(B, L, dtype=torch.long, device=device)
     q = torch.zeros(B, L, V, device=device)
@@ -212,7 +217,7 @@ def jacobi_sample(
         last = out[active, (n_a - 1).clamp_min(0)]
         window = torch.cat([last[:, None], drafts[:, : T - 1]], 1)
         logits = backend.forward(window, n_a)
-        nfe += 1
+        decoder_passes += 1
         logits = process_logits(logits.reshape(A * T, V).float(), sampling)
         if processor is not None:
             seq = out[active].clone()
@@ -274,4 +279,4 @@ def jacobi_sample(
             active, drafts, q = active[running.cpu()], drafts[running], q[running]
         if callback is not None:
             callback(int(n.min()))
-    return out, SJDStats(tokens=N, nfe=nfe, passes=passes.tolist())
+    return out, SJDStats(tokens=N, decoder_passes=decoder_passes, passes=passes.tolist())
