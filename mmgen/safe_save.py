@@ -7,7 +7,7 @@ a saved directory before torch or diffusers open anything: every JSON file parse
 structurally whole (its header parses and its tensors end where the file ends), and, where `checksums.json`
 exists, every listed file is present with the recorded size and digest. Older directories without
 `checksums.json` still load, with the structural checks only. The same idea as the training checkpoints in
-`mmgen.checkpoint`, applied to diffusers-layout model directories.
+`mmgen.training.checkpoint`, applied to diffusers-layout model directories.
 
     python -m mmgen.safe_save write mmgen/zoo/*     # (re)write checksums.json after editing a saved model
     python -m mmgen.safe_save verify mmgen/zoo/*
@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mmgen.checkpoint import file_sha256
+from mmgen.training.checkpoint import file_sha256
 
 CHECKSUM_FILE = "checksums.json"
 # measurements and descriptions recorded beside a model after it was saved (mmgen eval, train_tokenizer.py,

@@ -24,34 +24,29 @@ is saved to `<out_dir>/pipeline`, loadable with `mmgen generate --model`.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 from diffusers import AutoencoderKL
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.losses import resample_patches
-from mmgen.checkpoint import (gather_training_state, latest_checkpoint, load_checkpoint, restore_optimizer,
-                              save_checkpoint)
-from mmgen.config import load_config
+from mmgen.atomic import save_file_atomic
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
 from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline,
                              save_pipeline)
 from mmgen.text import UnifiedVocab, encode_prompts
-from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, all_images, batch_indices, cosine_lr,
-                               gather_rng_states, image_fields, make_accelerator, make_dataset, rank_spread,
-                               run_text_tokenizer, write_json_atomic)
+from mmgen.training.checkpoint import latest_checkpoint
+from mmgen.training.data import DataConfig, all_images, image_fields, make_dataset, run_text_tokenizer
+from mmgen.training.loop import Run, cosine_lr, load_run_config
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import encode_latents, latent_channels, vae_grid
@@ -152,9 +147,7 @@ def cached_alignment_targets(encoder, dataset, grid, want_patches, cache_file: P
     out = {"global": torch.cat(gs), "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}
     if ps:
         out["patches"] = torch.cat(ps)
-    tmp = cache_file.with_name(cache_file.name + ".tmp")
-    save_file(out, tmp)
-    tmp.replace(cache_file)
+    save_file_atomic(out, cache_file)
     return out["global"], out.get("patches")
 
 
@@ -185,9 +178,7 @@ def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int 
                          desc="encode images"):
             codes.append(encode(imgs).cpu())
     codes = torch.cat(codes).contiguous()
-    tmp = cache_file.with_name(cache_file.name + ".tmp")
-    save_file({"codes": codes, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, tmp)
-    tmp.replace(cache_file)
+    save_file_atomic({"codes": codes, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, cache_file)
     return codes
 
 
@@ -293,24 +284,14 @@ def load_tokenizer_class(paradigm: str, directory: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(GeneratorRunConfig, args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:  # unknown key, bad value, missing file: usage error, exit 2
-        parser.error(str(e))
-
-    accelerator = make_accelerator()
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
+    cfg = load_run_config(GeneratorRunConfig, __doc__, argv)
+    run = Run(cfg, cfg.train, "train generator")
+    out, device = run.out, run.device
 
     if cfg.paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {', '.join(PARADIGMS)}; got {cfg.paradigm!r}")
     tok_cls, pipe_cls = load_tokenizer_class(cfg.paradigm, cfg.tokenizer), PARADIGMS[cfg.paradigm][1]
-    vq = tok_cls.from_pretrained(cfg.tokenizer).float().eval().requires_grad_(False).to(accelerator.device)  # zoo: fp16
+    vq = tok_cls.from_pretrained(cfg.tokenizer).float().eval().requires_grad_(False).to(device)  # zoo: fp16
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
         else list(dataset.captions)
@@ -318,15 +299,15 @@ def main(argv=None):
         init_dir = Path(cfg.init_from)
         if not (init_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
             raise FileNotFoundError(f"init_from {cfg.init_from!r} is not a saved pipeline directory (no transformer/)")
-        if accelerator.is_main_process and not (out / "text_tokenizer" / "tokenizer.json").is_file():
+        if run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
             shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
-        accelerator.wait_for_everyone()
-    tokenizer = run_text_tokenizer(cfg.data, captions, out, accelerator.is_main_process)
+        run.accelerator.wait_for_everyone()
+    tokenizer = run_text_tokenizer(cfg.data, captions, out, run.is_main)
     text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
 
     encoding = cfg.paradigm if cfg.paradigm in ("next_token", "next_scale") else "latents"  # continuous ones share
     key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
-    codes = encode_dataset(lambda imgs: encode_images(cfg.paradigm, vq, imgs.to(accelerator.device)), dataset,
+    codes = encode_dataset(lambda imgs: encode_images(cfg.paradigm, vq, imgs.to(device)), dataset,
                            out / "codes.safetensors", key, workers=cfg.train.data_workers)
     layout, model = build_decoder(cfg, vq, len(tokenizer))
     align = cfg.alignment
@@ -343,102 +324,67 @@ def main(argv=None):
     grid = tuple(vq.grid_size) if cfg.paradigm in ALIGNABLE else vae_grid(vq)
     head = encoder = targets = None
     if align.type != "none":
-        encoder = make_target_encoder(align.encoder, vq=vq).to(accelerator.device)
+        encoder = make_target_encoder(align.encoder, vq=vq).to(device)
         want_patches = align.type == "repa"
         head = AlignmentHead(align, cfg.model.dim, encoder.patch_dim if want_patches else encoder.global_dim)
         if align.cache:
             akey = hashlib.sha256(json.dumps([image_fields(cfg.data), align.encoder, want_patches, list(grid)])
                                   .encode()).hexdigest()
             targets = cached_alignment_targets(encoder, dataset, grid, want_patches,
-                                               out / "alignment_targets.safetensors", akey, accelerator.device)
+                                               out / "alignment_targets.safetensors", akey, device)
     params = list(model.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
                                                if head is not None else [])
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=cfg.train.betas)
-    start = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        modules = {"model": model} | ({"align": head} if head is not None else {})
-        start = load_checkpoint(ckpt, modules, {}, rank=accelerator.process_index)["step"]
-    else:
-        if cfg.init_from is not None:
-            weights = load_file(Path(cfg.init_from) / "transformer" / "diffusion_pytorch_model.safetensors")
-            model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
-            accelerator.print(f"decoder initialised from {cfg.init_from}")
-        # the model was initialised identically on every rank; from here each rank draws its own noise
-        torch.manual_seed(cfg.train.seed + accelerator.process_index)
-    train_step, opt = accelerator.prepare(TrainStep(cfg, layout, model, head), opt)
-    if ckpt is not None:  # after prepare, so that FSDP shards the optimizer state as it shards the parameters
-        restore_optimizer(ckpt, "opt", train_step, opt)
-        accelerator.print(f"resumed from {ckpt} at step {start}")
-    logger = JsonlLogger(out, accelerator.is_main_process)
-    logger.rewind(start)
-    stop = StopRequest(accelerator)
-    if accelerator.is_main_process:
-        write_json_atomic(out / "config.json", asdict(cfg))
-    print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
-          f"sequence length {layout.seq_len}; {len(dataset)} images") if accelerator.is_main_process else None
+    run.resume({"model": model, "align": head})
+    if run.ckpt is None and cfg.init_from is not None:
+        weights = load_file(Path(cfg.init_from) / "transformer" / "diffusion_pytorch_model.safetensors")
+        model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
+        run.print(f"decoder initialised from {cfg.init_from}")
+    train_step, opt = run.prepare(TrainStep(cfg, layout, model, head), {"opt": opt})
+    if run.ckpt is not None:
+        run.print(f"resumed from {run.ckpt} at step {run.start}")
+    run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
+              f"sequence length {layout.seq_len}; {len(dataset)} images")
 
     # plain next-token: every text block padded once, on the device (a step then only gathers rows)
-    text_table = next_token.TextTable(layout, text_ids, accelerator.device) \
+    text_table = next_token.TextTable(layout, text_ids, device) \
         if cfg.paradigm == "next_token" and not isinstance(layout, token_shuffle.TokenShuffleLayout) else None
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train generator",
-               disable=not accelerator.is_main_process)
-    t0 = time.time()
-    for step in bar:
-        idx = batch_indices(step, cfg.train.batch_size, len(dataset), cfg.train.seed,
-                            accelerator.process_index, accelerator.num_processes)
-        texts = text_table.rows(idx) if text_table is not None else [text_ids[i] for i in idx]
-        batch = build_batch(cfg, layout, vq, texts, codes[idx].to(accelerator.device))
-        lr = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
+
+    def step(i: int) -> dict:
+        idx = run.indices(i, len(dataset))
+        texts = text_table.rows(idx) if text_table is not None else [text_ids[k] for k in idx]
+        batch = build_batch(cfg, layout, vq, texts, codes[idx].to(device))
+        lr = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
         tg = tp = None
         if head is not None and targets is not None:
-            tg = targets[0][idx].to(accelerator.device).float()
-            tp = targets[1][idx].to(accelerator.device).float() if targets[1] is not None else None
+            tg = targets[0][idx].to(device).float()
+            tp = targets[1][idx].to(device).float() if targets[1] is not None else None
         elif head is not None:
-            tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa", accelerator.device)
+            tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa", device)
         loss, ar_loss, align_loss = train_step(batch, tg, tp)
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
+        run.accelerator.backward(loss)
+        grad_norm = run.accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                    cfg.train.grad_clip)
         opt.step()
-        if step % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-            loss = accelerator.reduce(loss.detach(), reduction="mean")  # the global batch's loss, not this rank's
-            record = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                      "elapsed_s": round(time.time() - t0, 1)}
-            if align_loss is not None:
-                ar_loss, align_loss = (accelerator.reduce(v.detach(), reduction="mean") for v in (ar_loss, align_loss))
-                record |= {"ar_loss": round(ar_loss.item(), 5), "align_loss": round(align_loss.item(), 5)}
-            logger.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        signum = stop.requested()
-        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps or signum:
-            rng = gather_rng_states(accelerator)
-            spread = rank_spread(accelerator, {"model": model} | ({"align": head} if head is not None else {}))
-            model_sd, opt_sd = gather_training_state(train_step, opt)  # whole tensors on rank 0 (FSDP too)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                parts = {part: {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
-                         for part, prefix in (("model", "model."), ("align", "head."))}  # align: training only
-                save_checkpoint(out, step + 1, {k: v for k, v in parts.items() if v}, {"opt": opt_sd},
-                                extra={"rank_spread": spread}, rng_states=rng)
-        if signum:
-            stop.exit(signum, step + 1)
+        logs = {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm}
+        return logs if align_loss is None else logs | {"ar_loss": ar_loss.detach(), "align_loss": align_loss.detach()}
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    run.train(step, digits={"lr": None, "grad_norm": 4})
+    if run.is_main:
         tok_name = "vae" if tok_cls is AutoencoderKL else "vq_model"
-        if accelerator.distributed_type == DistributedType.FSDP:  # parameters are shards: rebuild the decoder
-            model = type(model).from_config(model.config)         # from the last checkpoint's whole weights
+        if run.sharded:  # parameters are shards: rebuild the decoder from the last checkpoint's whole weights
+            model = type(model).from_config(model.config)
             model.load_state_dict(load_file(latest_checkpoint(out) / "model.safetensors"))
         pipe = pipe_cls(transformer=model.eval().cpu(), tokenizer=tokenizer,
                         max_text_len=cfg.max_text_len, **{tok_name: vq.cpu()})
         save_pipeline(pipe, out / "pipeline")  # atomic, with checksums.json
-        accelerator.print(f"saved pipeline to {out / 'pipeline'}")
+        run.print(f"saved pipeline to {out / 'pipeline'}")
 
 
 if __name__ == "__main__":
