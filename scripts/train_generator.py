@@ -105,6 +105,7 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     data_workers: int = 0  # processes that load (render) images for the one encoding pass
+    fsdp: bool = False  # 2+ processes: shard the decoder with torch's fully_shard (per Block, then the root), CPU too
 
 
 @dataclass

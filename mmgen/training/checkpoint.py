@@ -4,9 +4,9 @@ A checkpoint is a directory `step-XXXXXXX/` holding, per named module, `<name>.s
 `<name>.optim.safetensors` (state tensors, flattened) plus its non-tensor structure in `state.json`; and the
 RNG state of every process. The training loop (`mmgen.training.loop`) gathers whole state dicts keyed by
 parameter name through `torch.distributed.checkpoint.state_dict` (`gather_training_state`), the one call that
-also unshards FSDP and strips DDP's wrapper, so a checkpoint does not depend on how many processes wrote it or how they were sharded;
-`restore_optimizer` puts such a state back into a prepared (wrapped or sharded) optimizer.
-It is written into a temporary directory and renamed into place, so a killed run never leaves a
+also unshards FSDP and strips DDP's wrapper, so a checkpoint does not depend on how many processes wrote it
+or how they were sharded; `restore_optimizer` puts such a state back into a prepared (wrapped or sharded)
+optimizer. It is written into a temporary directory and renamed into place, so a killed run never leaves a
 half-written checkpoint behind; `latest` names the newest complete one.
 """
 
@@ -176,5 +176,5 @@ def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int
         _optimizer_from_flat(opt, load_file(ckpt / f"{name}.optim.safetensors"), meta["optimizers"][name])
     states = load_file(ckpt / "rng.safetensors")["torch_cpu"]
     states = states[None] if states.dim() == 1 else states  # checkpoints written before per-rank states
-    torch.set_rng_state(states[rank % len(states)])
+    torch.set_rng_state(states[rank % len(states)].clone())  # a row view crashes set_rng_state (rank > 0)
     return {"step": meta["step"], "extra": meta["extra"]}

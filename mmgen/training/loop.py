@@ -219,7 +219,8 @@ class Run:
         Returns (module, *optimizers)."""
         acc = self.accelerator
         if self._fsdp():
-            module = self._fully_shard(module.to(acc.device), optimizers.values(), shard)
+            units = self._fully_shard(module.to(acc.device), optimizers.values(), shard)
+            self.print(f"fully_shard: {units} units ({', '.join(shard)} and the root) over {self.world} processes")
             opts = acc.prepare(*optimizers.values()) if optimizers else ()
             opts = opts if isinstance(opts, (tuple, list)) else (opts,)
         else:
@@ -237,15 +238,14 @@ class Run:
         from torch.distributed.fsdp import fully_shard
 
         names = {id(p): n for n, p in module.named_parameters()}
-        for sub in module.modules():
-            if type(sub).__name__ in shard:
-                fully_shard(sub)
-        fully_shard(module)
+        units = [sub for sub in module.modules() if type(sub).__name__ in shard] + [module]
+        for sub in units:
+            fully_shard(sub)
         params = dict(module.named_parameters())
         for opt in optimizers:
             for group in opt.param_groups:
                 group["params"] = [params[names[id(p)]] for p in group["params"]]
-        return module
+        return len(units)
 
     def checkpoint(self, step: int) -> None:
         """Every rank joins (the state gathers are collectives); rank 0 writes `step-XXXXXXX/`."""
