@@ -6,10 +6,12 @@
     python scripts/train_generator.py --config configs/flowar_shapes.yaml       # paradigm: flowar
     python scripts/train_generator.py --config configs/next_x_shapes.yaml flow.entity=cell   # paradigm: next_x (xAR)
     accelerate launch --config_file configs/accelerate/ddp_2proc.yaml scripts/train_generator.py --config ...
+    accelerate launch --config_file configs/accelerate/ddp_2proc.yaml scripts/train_generator.py ... train.fsdp=true
 
 Data-parallel runs split each global batch (`train.batch_size`) over the processes, so N processes take the
-same optimisation steps as one (the tests check 2 CPU processes against 1). SIGTERM/SIGINT write a checkpoint
-at the end of the current step and exit; a re-run resumes with the same loss sequence.
+same optimisation steps as one (the tests check 2 CPU processes against 1); `train.fsdp=true` shards the decoder
+(torch's fully_shard, per Block) instead of replicating it. SIGTERM/SIGINT write a checkpoint at the end of the
+current step and exit; a re-run resumes with the same loss sequence. The loop itself is `mmgen.training.loop.Run`.
 
 `paradigm` picks the tokenizer kind that `tokenizer` must point at and the decoder: next_token (VQGAN codes,
 raster), next_scale (MultiScaleVQGAN codes, one pass per scale), flow_head (AutoencoderKL latents, raster with a
@@ -345,8 +347,6 @@ def main(argv=None):
         model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
         run.print(f"decoder initialised from {cfg.init_from}")
     train_step, opt = run.prepare(TrainStep(cfg, layout, model, head), {"opt": opt})
-    if run.ckpt is not None:
-        run.print(f"resumed from {run.ckpt} at step {run.start}")
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")
 

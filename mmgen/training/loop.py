@@ -184,12 +184,16 @@ class Run:
     @property
     def sharded(self) -> bool:
         """The prepared modules hold shards (Accelerate's FSDP or `train.fsdp`), not whole parameters."""
+        return self._accelerate_fsdp() or self._fsdp()
+
+    def _accelerate_fsdp(self) -> bool:
         from accelerate.utils import DistributedType
 
-        return self.accelerator.distributed_type == DistributedType.FSDP or self._fsdp()
+        return self.accelerator.distributed_type == DistributedType.FSDP
 
     def _fsdp(self) -> bool:
-        return bool(getattr(self.train_cfg, "fsdp", False)) and self.world > 1
+        """`train.fsdp` in a run of 2+ processes that Accelerate does not already shard."""
+        return bool(getattr(self.train_cfg, "fsdp", False)) and self.world > 1 and not self._accelerate_fsdp()
 
     def print(self, *args) -> None:
         self.accelerator.print(*args)
@@ -208,6 +212,7 @@ class Run:
         self.ckpt = latest_checkpoint(self.out)
         if self.ckpt is not None:
             self.start = load_checkpoint(self.ckpt, self.modules, {}, rank=self.rank)["step"]
+            self.print(f"resumed from {self.ckpt} at step {self.start}")
         else:
             torch.manual_seed(self.train_cfg.seed + self.rank)
         return self.start
