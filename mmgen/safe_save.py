@@ -7,7 +7,7 @@ a saved directory before torch or diffusers open anything: every JSON file parse
 structurally whole (its header parses and its tensors end where the file ends), and, where `checksums.json`
 exists, every listed file is present with the recorded size and digest. Older directories without
 `checksums.json` still load, with the structural checks only. The same idea as the training checkpoints in
-`mmgen.checkpoint`, applied to diffusers-layout model directories.
+`mmgen.training.checkpoint`, applied to diffusers-layout model directories.
 
     python -m mmgen.safe_save write mmgen/zoo/*     # (re)write checksums.json after editing a saved model
     python -m mmgen.safe_save verify mmgen/zoo/*
@@ -16,6 +16,7 @@ exists, every listed file is present with the recorded size and digest. Older di
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -25,13 +26,21 @@ import tempfile
 from pathlib import Path
 
 from mmgen.atomic import write_text_atomic
-from mmgen.checkpoint import file_sha256
 
 CHECKSUM_FILE = "checksums.json"
 # measurements and descriptions recorded beside a model after it was saved (mmgen eval, train_tokenizer.py,
 # package_zoo.py); the loader never reads them, so updating them must not invalidate the model
 RESULT_FILES = frozenset({"eval.json", "metrics.json", "card.json"})
 CARD_FILE = "card.json"  # a zoo model's description (paradigm, data, training commands) for `mmgen models`
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints and saved pipelines both record it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _model_files(model_dir: Path) -> list[Path]:

@@ -29,29 +29,22 @@ metrics.json adds held-out PSNR when decoding from prefixes (`psnr_prefix_<k>`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
-from mmgen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from mmgen.config import load_config
-from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
+from mmgen.atomic import write_json_atomic
+from mmgen.eval.tokenizer_metrics import prefix_psnr, reconstruction_metrics, retrieval_accuracy, same_caption
 from mmgen.text import encode_prompts
-from mmgen.train_utils import (DataConfig, JsonlLogger, StopRequest, batch_indices, cosine_lr, gather_rng_states,
-                               make_accelerator, make_dataset, rank_spread, mean_over_ranks, run_text_tokenizer,
-                               step_images, write_json_atomic)
+from mmgen.training.data import DataConfig, make_dataset, run_text_tokenizer, step_images
+from mmgen.training.loop import Run, cosine_lr, load_run_config
 from tokenizers_vis.losses import VQGANLoss
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTextEncoder, SEEDTokenizer, contrastive_loss, pad_text, random_prefix_lengths
-from tokenizers_vis.vae import (decode_latents, encode_latents, estimate_scaling_factor, make_vae,
-                                vae_last_layer, vae_training_forward)
+from tokenizers_vis.vae import estimate_scaling_factor, make_vae, vae_last_layer, vae_training_forward
 from tokenizers_vis.vqgan import VQGAN
 
 MODEL_TYPES = {"vqgan": VQGAN, "multiscale": MultiScaleVQGAN, "vae": make_vae, "seed": SEEDTokenizer}
@@ -103,29 +96,6 @@ def build(cls, kwargs: dict, section: str):
         raise ValueError(f"config section {section!r}: {e}") from None
 
 
-@torch.no_grad()
-def evaluate(model, dataset, n: int, batch_size: int = 128) -> dict:
-    """Held-out PSNR / SSIM of reconstructions (the posterior mean for a VAE) and, for VQ models, code usage."""
-    model.eval()
-    scores = {"psnr": 0.0, "ssim": 0.0}
-    ids = []
-    n = min(n, len(dataset))
-    for i in range(0, n, batch_size):
-        imgs = torch.stack([dataset[j]["image"] for j in range(i, min(i + batch_size, n))]).to(model.device)
-        if hasattr(model, "vocab_size"):
-            out = model(imgs)
-            recon = out.recon
-            ids.append(out.ids.flatten().cpu())
-        else:
-            recon = decode_latents(model, encode_latents(model, imgs))
-        k = imgs.shape[0]
-        scores["psnr"] += psnr(recon, imgs).item() * k
-        scores["ssim"] += ssim(recon, imgs).item() * k
-    usage = codebook_usage(torch.cat(ids), model.vocab_size) if ids else {}
-    model.train()
-    return {"psnr": scores["psnr"] / n, "ssim": scores["ssim"] / n, "images": n, **usage}
-
-
 def init_weights(model, directory: str) -> set[str]:
     """Copy the weights of a saved tokenizer that match `model` by name and shape; the rest keep their init.
     Returns the names copied."""
@@ -167,52 +137,6 @@ def seed_trainable(cfg: TokenizerRunConfig, model: SEEDTokenizer) -> list[torch.
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def same_caption(ids_BL: torch.Tensor) -> torch.Tensor:
-    return (ids_BL[:, None, :] == ids_BL[None, :, :]).all(-1)  # (B, B) bool
-
-
-@torch.no_grad()
-def retrieval_accuracy(model, text_encoder, dataset, tokenizer, n: int, batch: int, max_len: int) -> dict:
-    """Held-out top-1 retrieval inside batches of `batch` pairs: image -> caption and caption -> image. A hit
-    is a retrieved item with the same caption text (duplicate captions count), chance about 1 / batch."""
-    model.eval()
-    text_encoder.eval()
-    n = min(n, len(dataset))
-    batch = min(batch, n)
-    hits_i2t = hits_t2i = total = 0
-    for i in range(0, n - batch + 1, batch):
-        items = [dataset[j] for j in range(i, i + batch)]
-        images = torch.stack([it["image"] for it in items]).to(model.device)
-        ids = pad_text(encode_prompts(tokenizer, [it["caption"] for it in items], max_len), max_len)
-        sim = model.image_embedding(images) @ text_encoder(ids.to(model.device)).t()  # (B images, B captions)
-        same = same_caption(ids).to(sim.device)
-        r = torch.arange(batch, device=sim.device)
-        hits_i2t += int(same[r, sim.argmax(1)].sum())
-        hits_t2i += int(same[sim.argmax(0), r].sum())
-        total += batch
-    model.train()
-    text_encoder.train()
-    return {"retrieval_i2t_top1": hits_i2t / total, "retrieval_t2i_top1": hits_t2i / total,
-            "retrieval_batch": batch, "images": total}
-
-
-@torch.no_grad()
-def prefix_psnr(model: SEEDTokenizer, dataset, n: int, batch_size: int = 128) -> dict:
-    """Held-out PSNR of images decoded from the first k tokens, k = N/8, N/4, N/2, N: coarse to fine."""
-    model.eval()
-    N = model.num_tokens
-    ks = sorted({max(1, N // 8), max(1, N // 4), max(1, N // 2), N})
-    sums = dict.fromkeys(ks, 0.0)
-    n = min(n, len(dataset))
-    for i in range(0, n, batch_size):
-        images = torch.stack([dataset[j]["image"] for j in range(i, min(i + batch_size, n))]).to(model.device)
-        ids = model.encode(images)
-        for k in ks:
-            sums[k] += psnr(model.decode_prefix(ids, k), images).item() * len(images)
-    model.train()
-    return {f"psnr_prefix_{k}": v / n for k, v in sums.items()}
-
-
 class ContrastivePair(torch.nn.Module):
     """Stage 1's two towers behind one forward, so Accelerate (DDP) wraps a single module."""
 
@@ -224,70 +148,51 @@ class ContrastivePair(torch.nn.Module):
         return self.model.image_embedding(images), self.text_encoder(ids_BL)
 
 
-def train_seed_stage1(cfg: TokenizerRunConfig, accelerator, model: SEEDTokenizer, out: Path) -> None:
+def train_seed_stage1(cfg: TokenizerRunConfig, run: Run, model: SEEDTokenizer) -> None:
     """SEED stage 1: image-text contrastive learning of the causal Q-Former (its last query) and a text encoder."""
     train_set = make_dataset(cfg.data, "train")
     captions = list(train_set.captions) if hasattr(train_set, "captions") \
         else [train_set[i]["caption"] for i in range(len(train_set))]
-    tokenizer = run_text_tokenizer(cfg.data, captions, out, accelerator.is_main_process)
+    tokenizer = run_text_tokenizer(cfg.data, captions, run.out, run.is_main)
     L = cfg.seed.max_text_len
     text_ids = pad_text(encode_prompts(tokenizer, captions, L), L)  # (n, L)
     text_encoder = build(SEEDTextEncoder, {"max_len": L, "proj_dim": model.config.proj_dim, **cfg.seed.text_encoder,
                                            "vocab_size": len(tokenizer)}, "seed.text_encoder")
     params = seed_trainable(cfg, model) + list(text_encoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg.train.lr, betas=cfg.train.betas)
-    modules = {"model": model, "text_encoder": text_encoder}
-    start = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is None and cfg.init_from:
+    run.resume({"model": model, "text_encoder": text_encoder})
+    if run.ckpt is None and cfg.init_from:
         init_weights(model, cfg.init_from)
-        accelerator.print(f"initialised from {cfg.init_from}")
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, modules, {"opt": opt})["step"]
-        accelerator.print(f"resumed from {ckpt} at step {start}")
-    pair, opt = accelerator.prepare(ContrastivePair(model, text_encoder), opt)
-    logger = JsonlLogger(out, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        write_json_atomic(out / "config.json", asdict(cfg))
-        accelerator.print(f"seed stage 1 trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f} M")
+        run.print(f"initialised from {cfg.init_from}")
+    pair, opt = run.prepare(ContrastivePair(model, text_encoder), {"opt": opt})
+    run.print(f"seed stage 1 trainable parameters: {sum(p.numel() for p in params) / 1e6:.2f} M")
 
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="seed stage 1",
-               disable=not accelerator.is_main_process)
-    t0 = time.time()
-    for step in bar:
-        idx = batch_indices(step, cfg.train.batch_size, len(train_set), cfg.train.seed,
-                            accelerator.process_index, accelerator.num_processes)
-        images = torch.stack([train_set[i]["image"] for i in idx]).to(accelerator.device)
-        ids = text_ids[idx].to(accelerator.device)
+    def step(i: int) -> dict:
+        idx = run.indices(i, len(train_set))
+        images = torch.stack([train_set[k]["image"] for k in idx]).to(run.device)
+        ids = text_ids[idx].to(run.device)
         for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps)
+            group["lr"] = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps)
         img, txt = pair(images, ids)
-        loss = contrastive_loss(img, txt, text_encoder.logit_scale, same_caption(ids))
+        same = same_caption(ids)
+        loss = contrastive_loss(img, txt, text_encoder.logit_scale, same)
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        run.accelerator.backward(loss)
         opt.step()
-        if step % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-            with torch.no_grad():
-                acc = same_caption(ids)[torch.arange(len(ids)), (img @ txt.t()).argmax(1)].float().mean()
-            logger.log({"step": step, "loss": round(loss.item(), 5), "batch_i2t_top1": round(acc.item(), 4),
-                        "logit_scale": round(text_encoder.logit_scale.exp().item(), 3),
-                        "elapsed_s": round(time.time() - t0, 1)})
-            bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{acc.item():.2f}")
-        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, modules, {"opt": opt})
+        with torch.no_grad():
+            acc = same[torch.arange(len(ids)), (img @ txt.t()).argmax(1)].float().mean()
+        return {"loss": loss, "batch_i2t_top1": acc, "logit_scale": text_encoder.logit_scale.exp()}
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = out / "final"
+    run.train(step, digits={"batch_i2t_top1": 4, "logit_scale": 3}, show=("loss", "batch_i2t_top1"))
+    if run.is_main:
+        final = run.out / "final"
         model.save_pretrained(final)
         text_encoder.save_pretrained(final / "text_encoder")
         tokenizer.save_pretrained(final / "text_tokenizer")
         metrics = retrieval_accuracy(model, text_encoder, make_dataset(cfg.data, "heldout"), tokenizer,
                                      cfg.train.eval_images, cfg.seed.retrieval_batch, L)
         write_json_atomic(final / "metrics.json", metrics)
-        accelerator.print(f"saved tokenizer to {final}; held-out {metrics}")
+        run.print(f"saved tokenizer to {final}; held-out {metrics}")
 
 
 class VAEForward(torch.nn.Module):
@@ -303,130 +208,84 @@ class VAEForward(torch.nn.Module):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(TokenizerRunConfig, args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:  # unknown key, bad value, missing file: usage error, exit 2
-        parser.error(str(e))
-
-    accelerator = make_accelerator()
-    if accelerator.distributed_type == DistributedType.FSDP:
-        parser.error("train_tokenizer.py trains data-parallel only (the tokenizers are small enough to replicate): "
-                     "launch it with configs/accelerate/ddp_2proc.yaml, not an FSDP config")
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.train.seed)
+    cfg = load_run_config(TokenizerRunConfig, __doc__, argv)
+    is_vae, is_seed = cfg.model_type == "vae", cfg.model_type == "seed"
+    run = Run(cfg, cfg.train, "seed stage 1" if is_seed and cfg.seed.stage == 1 else "train tokenizer")
+    if run.sharded:  # a usage error, like a bad key
+        run.print("train_tokenizer.py trains data-parallel only (the tokenizers are small enough to replicate): "
+                  "launch it with configs/accelerate/ddp_2proc.yaml, not an FSDP config")
+        raise SystemExit(2)
     if cfg.model_type not in MODEL_TYPES:
         raise ValueError(f"model_type must be one of {', '.join(MODEL_TYPES)}; got {cfg.model_type!r}")
-    is_vae, is_seed = cfg.model_type == "vae", cfg.model_type == "seed"
     if is_seed and cfg.seed.stage not in (1, 2):
         raise ValueError(f"seed.stage must be 1 (contrastive Q-Former) or 2 (codebook + decoders), "
                          f"got {cfg.seed.stage!r}")
     model = build_model(cfg)
     if is_seed and cfg.seed.stage == 1:
-        return train_seed_stage1(cfg, accelerator, model, out)
+        return train_seed_stage1(cfg, run, model)
     loss_fn = build(VQGANLoss, cfg.loss, "loss")
     params = seed_trainable(cfg, model) if is_seed else list(model.parameters())
     opt_g = torch.optim.Adam(params, lr=cfg.train.lr, betas=cfg.train.betas)
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.train.disc_lr, betas=cfg.train.betas)
-    start = 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is None and cfg.init_from:
+    run.resume({"model": model, "discriminator": loss_fn.discriminator})
+    if run.ckpt is None and cfg.init_from:
         copied = init_weights(model, cfg.init_from)
         if is_seed and not {k for k in model.state_dict() if k.startswith("qformer.")} <= copied:
             raise ValueError(f"init_from {cfg.init_from!r} does not hold this model's whole Q-Former; seed stage 2 "
                              f"starts from a stage-1 tokenizer of the same Q-Former config")
-        accelerator.print(f"initialised from {cfg.init_from}")
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, {"model": model, "discriminator": loss_fn.discriminator},
-                                {"opt_g": opt_g, "opt_d": opt_d}, rank=accelerator.process_index)["step"]
-        accelerator.print(f"resumed from {ckpt} at step {start}")
-    else:
-        torch.manual_seed(cfg.train.seed + accelerator.process_index)  # same init everywhere, own noise per rank
-    raw, discriminator = model, loss_fn.discriminator
-    loss_fn.to(accelerator.device)
-    model, opt_g, opt_d = accelerator.prepare(VAEForward(model) if is_vae else model, opt_g, opt_d)
-    if accelerator.num_processes > 1:
-        loss_fn.discriminator = accelerator.prepare(discriminator)  # the loss calls it; DDP syncs its gradients
+        run.print(f"initialised from {cfg.init_from}")
+    raw = model
+    loss_fn.to(run.device)
+    model, opt_g = run.prepare(VAEForward(model) if is_vae else model, {"opt_g": opt_g})
+    loss_fn.discriminator, opt_d = run.prepare(loss_fn.discriminator, {"opt_d": opt_d})  # the loss calls it
     train_set = make_dataset(cfg.data, "train")
-    logger = JsonlLogger(out, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        write_json_atomic(out / "config.json", asdict(cfg))
-        accelerator.print(f"{cfg.model_type} parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    run.print(f"{cfg.model_type} parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    batches = step_images(train_set, range(run.start, cfg.train.steps), cfg.train.batch_size, cfg.train.seed,
+                          run.rank, run.world, cfg.train.data_workers)
 
-    logger.rewind(start)
-    stop = StopRequest(accelerator)
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="train tokenizer",
-               disable=not accelerator.is_main_process)
-    batches = step_images(train_set, range(start, cfg.train.steps), cfg.train.batch_size, cfg.train.seed,
-                          accelerator.process_index, accelerator.num_processes, cfg.train.data_workers)
-    t0 = time.time()
-    for step in bar:
-        images = next(batches).to(accelerator.device)
+    def step(i: int) -> dict:
+        images = next(batches).to(run.device)
         for group in opt_g.param_groups:
-            group["lr"] = cosine_lr(step, cfg.train.lr, cfg.train.warmup, cfg.train.steps)
+            group["lr"] = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps)
         if is_vae:
             recon, kl = model(images)
             reg_loss, ppl, last_layer = cfg.kl_weight * kl, None, vae_last_layer(raw)
         elif is_seed:
             # prefix lengths are a function of (seed, step, rank), so a resumed run draws the same ones
-            gen = torch.Generator().manual_seed((cfg.train.seed * 100003 + step) * 64 + accelerator.process_index)
-            out_v = model(images, random_prefix_lengths(len(images), raw.num_tokens, cfg.seed.full_prefix_prob, gen))
-            recon, ppl, last_layer = out_v.recon, out_v.perplexity, raw.last_layer
-            reg_loss = out_v.quant_loss + cfg.seed.embed_weight * out_v.embed_loss
+            gen = torch.Generator().manual_seed((cfg.train.seed * 100003 + i) * 64 + run.rank)
+            out = model(images, random_prefix_lengths(len(images), raw.num_tokens, cfg.seed.full_prefix_prob, gen))
+            recon, ppl, last_layer = out.recon, out.perplexity, raw.last_layer
+            reg_loss = out.quant_loss + cfg.seed.embed_weight * out.embed_loss
         else:
-            out_v = model(images)
-            recon, reg_loss, ppl, last_layer = out_v.recon, out_v.quant_loss, out_v.perplexity, raw.last_layer
-        g_loss, logs = loss_fn.generator_loss(images, recon, reg_loss, last_layer, step)
+            out = model(images)
+            recon, reg_loss, ppl, last_layer = out.recon, out.quant_loss, out.perplexity, raw.last_layer
+        g_loss, logs = loss_fn.generator_loss(images, recon, reg_loss, last_layer, i)
         if is_seed:
-            logs["quant"], logs["embed"] = out_v.quant_loss.item(), out_v.embed_loss.item()
+            logs["quant"], logs["embed"] = out.quant_loss.item(), out.embed_loss.item()
         opt_g.zero_grad(set_to_none=True)
-        accelerator.backward(g_loss)
+        run.accelerator.backward(g_loss)
         opt_g.step()
-        d_loss, d_logs = loss_fn.discriminator_loss(images, recon.detach(), step)
+        d_loss, d_logs = loss_fn.discriminator_loss(images, recon.detach(), i)
         if d_loss.requires_grad:  # the discriminator only trains after its warm-up
             opt_d.zero_grad(set_to_none=True)
-            accelerator.backward(d_loss)
+            run.accelerator.backward(d_loss)
             opt_d.step()
-        if step % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-            logs, d_logs = (mean_over_ranks(accelerator, d) for d in (logs, d_logs))
-            record = {"step": step, **{k: round(float(v), 5) for k, v in {**logs, **d_logs}.items()},
-                      "elapsed_s": round(time.time() - t0, 1)}
-            if ppl is not None:
-                record["perplexity"] = round(float(ppl), 2)
-            else:
-                record["kl"] = round(kl.item(), 5)
-            logger.log(record)
-            bar.set_postfix(loss=f"{g_loss.item():.4f}", **({"ppl": f"{ppl.item():.0f}"} if ppl is not None else {}))
-        signum = stop.requested()
-        if (step + 1) % cfg.train.ckpt_every == 0 or step + 1 == cfg.train.steps or signum:
-            rng = gather_rng_states(accelerator)
-            modules = {"model": raw, "discriminator": discriminator}
-            spread = rank_spread(accelerator, modules)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(out, step + 1, modules, {"opt_g": opt_g, "opt_d": opt_d},
-                                extra={"rank_spread": spread}, rng_states=rng)
-        if signum:
-            stop.exit(signum, step + 1)
+        return {**logs, **d_logs, **({"kl": kl} if ppl is None else {"perplexity": ppl})}
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = out / "final"
+    run.train(step, digits={"perplexity": 2}, show=("loss", "perplexity"))
+    if run.is_main:
+        final = run.out / "final"
         if is_vae:
             raw.eval()
             imgs = torch.stack([train_set[i]["image"] for i in range(min(512, len(train_set)))]).to(raw.device)
             raw.register_to_config(scaling_factor=estimate_scaling_factor(raw, imgs))
         raw.save_pretrained(final)
         heldout = make_dataset(cfg.data, "heldout")
-        metrics = evaluate(raw, heldout, cfg.train.eval_images)
+        metrics = reconstruction_metrics(raw, heldout, cfg.train.eval_images)
         if is_seed:
             metrics.update(prefix_psnr(raw, heldout, cfg.train.eval_images))
         write_json_atomic(final / "metrics.json", metrics)
-        accelerator.print(f"saved tokenizer to {final}; held-out {metrics}")
+        run.print(f"saved tokenizer to {final}; held-out {metrics}")
 
 
 if __name__ == "__main__":

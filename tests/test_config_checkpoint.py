@@ -5,10 +5,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from mmgen.checkpoint import (gather_training_state, latest_checkpoint, load_checkpoint, restore_optimizer,
+from mmgen.training.checkpoint import (gather_training_state, latest_checkpoint, load_checkpoint, restore_optimizer,
                               save_checkpoint)
 from mmgen.config import load_config
-from mmgen.train_utils import batch_indices
+from mmgen.training.data import batch_indices
 
 
 @dataclass
@@ -87,7 +87,8 @@ def test_optimizer_restored_after_prepare_continues_the_same_losses(tmp_path, by
     m, opt = _model_opt(0)
     first = _train(m, opt, 3)
     if by_name:
-        model_sd, opt_sd = gather_training_state(m, opt)
+        model_sd, opts = gather_training_state(m, {"opt": opt})
+        opt_sd = opts["opt"]
         assert set(opt_sd["state"]) == {"weight", "bias"}
         ckpt = save_checkpoint(tmp_path, 3, {"model": model_sd}, {"opt": opt_sd})
     else:

@@ -12,7 +12,7 @@ from PIL import Image
 from mmgen.data import Flags, Icons
 from mmgen.data.flags import country_name, letterbox, load_countries
 from mmgen.data.icons import IconEntry, article, icon_words, load_entries, render_glyph
-from mmgen.train_utils import DATASET_NAMES, DataConfig, make_dataset
+from mmgen.training.data import DATASET_NAMES, DataConfig, make_dataset
 
 FLAGS_TEST = ["the flag of Benin", "the flag of Hungary", "the flag of Iraq", "the flag of Kiribati",
               "the flag of Nicaragua", "the flag of Qatar", "the flag of Romania", "the flag of South Sudan"]

@@ -11,7 +11,7 @@ import torch
 from mmgen.data import FASHION_CLASSES, ConcatCaptions, FashionMNIST, ShapesDataset, Twemoji
 from mmgen.data.emoji import article, clean_name, load_entries
 from mmgen.data.fashion_mnist import caption_for, load_split, to_tensor
-from mmgen.train_utils import DATASET_NAMES, DataConfig, make_dataset
+from mmgen.training.data import DATASET_NAMES, DataConfig, make_dataset
 
 
 def test_fashion_mnist_splits_have_their_published_sizes_and_balanced_classes():

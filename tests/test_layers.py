@@ -15,7 +15,7 @@ LAYERS = [
     ("mmgen.paradigms", "mmgen.alignment", "mmgen.watermark"),
     ("mmgen.safe_save", "mmgen.zoo"),
     ("mmgen.pipelines",),
-    ("mmgen.training", "mmgen.train_utils", "mmgen.checkpoint"),
+    ("mmgen.training",),
     ("mmgen.eval",),
     ("mmgen.options", "mmgen.bench", "mmgen.serve"),
     ("mmgen.cli", "mmgen.__main__"),

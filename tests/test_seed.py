@@ -4,6 +4,7 @@ generation with SEED tokens."""
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -220,6 +221,19 @@ def test_train_script_both_stages_and_resume(tmp_path):
     assert set(m1) >= {"retrieval_i2t_top1", "retrieval_t2i_top1"} and m1["retrieval_batch"] == 8
     assert (s1 / "final" / "text_encoder" / "config.json").is_file()
     assert (s1 / "final" / "text_tokenizer" / "tokenizer.json").is_file()
+    # stage 1 runs the one training loop: rank_spread in its checkpoints, and a run stopped after its checkpoint
+    # at step 2 (its log already past it) resumes with the same losses, each step logged once
+    assert json.loads((s1 / "step-0000003" / "state.json").read_text())["extra"]["rank_spread"] == 0.0
+    cut = tmp_path / "s1_cut"
+    shutil.copytree(s1, cut)
+    shutil.rmtree(cut / "step-0000003")
+    shutil.rmtree(cut / "final")
+    (cut / "latest").write_text("step-0000002")
+    assert "at step 2" in run(*TOK, f"train.out_dir={cut}", "train.steps=3")
+    assert (cut / "log.jsonl").read_text().count('"step": 2,') == 1
+    assert [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}
+            for line in (cut / "log.jsonl").read_text().splitlines()] == [
+        {k: v for k, v in r.items() if k != "elapsed_s"} for r in log]
 
     first = run(*STAGE2, f"init_from={s1 / 'final'}", f"train.out_dir={s2}", "train.steps=2")
     assert "initialised from" in first

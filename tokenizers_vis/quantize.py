@@ -156,7 +156,7 @@ class FactorizedQuantizer(nn.Module):
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        if world > 1:  # rank r holds images r, r + world, ... of the global batch (train_utils.batch_indices)
+        if world > 1:  # rank r holds images r, r + world, ... of the global batch (mmgen.training.data.batch_indices)
             parts = [torch.empty_like(z_BnD) for _ in range(world)]
             dist.all_gather(parts, z_BnD.contiguous())
             z_BnD = torch.stack(parts, 1).flatten(0, 1)

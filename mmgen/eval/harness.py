@@ -41,7 +41,7 @@ from tokenizers_vis.protocol import as_visual_tokenizer
 DATASETS = ("shapes", "fashion_mnist", "emoji", "flags", "icons")
 FD_ONLY = ("emoji", "flags", "icons")  # open-world names: no judge, only the Frechet distance
 SPLITS = ("heldout", "train")
-# training data names (`mmgen.train_utils.DataConfig.name`) -> the evaluation that fits them; a shapes+emoji
+# training data names (`mmgen.training.data.DataConfig.name`) -> the evaluation that fits them; a shapes+emoji
 # model is judged where a closed-world judge exists (pass data="emoji" for its emoji FD)
 _TRAINED_ON = {"shapes": "shapes", "fashion_mnist": "fashion_mnist", "emoji": "emoji", "shapes+emoji": "shapes",
                "flags": "flags", "icons": "icons"}

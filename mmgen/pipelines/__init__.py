@@ -9,7 +9,8 @@ from mmgen.pipelines.base import ARPipelineOutput
 from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.pipelines.next_scale import NextScalePipeline
 from mmgen.pipelines.next_token import NextTokenPipeline
-from mmgen.pipelines.registry import PARADIGMS, get_paradigm, paradigm_name
+from mmgen.pipelines.registry import (PARADIGMS, get_paradigm, load_visual_tokenizer, paradigm_name,
+                                      resolve_paradigm)
 from mmgen.safe_save import save_pipeline, verify
 from mmgen.zoo import resolve_model
 
@@ -32,5 +33,5 @@ def load_pipeline(model_dir: str | Path):
 
 
 __all__ = ["ARPipelineOutput", "FlowARPipeline", "NextScalePipeline", "NextTokenPipeline", "NextXPipeline",
-           "PARADIGMS", "PIPELINES", "RasterFlowPipeline", "get_paradigm", "load_pipeline", "paradigm_name",
-           "save_pipeline", "verify"]
+           "PARADIGMS", "PIPELINES", "RasterFlowPipeline", "get_paradigm", "load_pipeline", "load_visual_tokenizer",
+           "paradigm_name", "resolve_paradigm", "save_pipeline", "verify"]

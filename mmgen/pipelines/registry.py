@@ -11,6 +11,7 @@ from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, t
 from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.pipelines.next_scale import NextScalePipeline
 from mmgen.pipelines.next_token import NextTokenPipeline
+from tokenizers_vis.protocol import CLASS_KINDS, load_tokenizer_component, tokenizer_class_name
 
 
 @dataclass(frozen=True)
@@ -43,3 +44,25 @@ def paradigm_name(pipe) -> str:
         if entry.module is pipe.paradigm:
             return name
     raise ValueError(f"{type(pipe).__name__} runs no registered paradigm")
+
+
+def resolve_paradigm(name: str, shuffle_window: int = 1) -> str:
+    """A run config's paradigm as a registry name: `next_token` with a Token-Shuffle window (`model.shuffle_window`
+    > 1, as older configs say) is `token_shuffle`."""
+    get_paradigm(name)
+    if shuffle_window != 1 and name not in ("next_token", "token_shuffle"):
+        raise ValueError(f"model.shuffle_window={shuffle_window} needs paradigm token_shuffle; paradigm is {name!r}")
+    if name == "token_shuffle" and shuffle_window == 1:
+        raise ValueError("paradigm token_shuffle needs model.shuffle_window >= 2 (the window side s)")
+    return "token_shuffle" if shuffle_window != 1 else name
+
+
+def load_visual_tokenizer(paradigm: str, directory: str):
+    """The saved visual tokenizer in `directory` (the module a pipeline stores), checked to give the tokens the
+    paradigm reads."""
+    wanted = get_paradigm(paradigm).module.TOKENS
+    name = tokenizer_class_name(directory)
+    if CLASS_KINDS[name] != wanted:
+        names = " or ".join(c for c, kind in CLASS_KINDS.items() if kind == wanted)
+        raise ValueError(f"paradigm {paradigm!r} needs tokenizer class {names}; {directory!r} holds {name}")
+    return load_tokenizer_component(directory)

@@ -1,4 +1,5 @@
-"""Small pieces shared by the training scripts; the loops themselves stay in `scripts/`.
+"""The training data: data sets by name (`DataConfig`, `make_dataset`), the run's caption tokenizer and the batch
+order.
 
 The data order is a pure function of (seed, step), so a resumed run sees exactly the batches it would have
 seen had it never stopped, with no sampler state to save.
@@ -7,14 +8,14 @@ seen had it never stopped, with no sampler state to save.
 from __future__ import annotations
 
 import functools
-import json
-import math
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from mmgen.atomic import save_file_atomic
 
 
 def batch_indices(step: int, global_batch: int, dataset_size: int, seed: int, rank: int = 0, world: int = 1):
@@ -62,13 +63,6 @@ def all_images(dataset, batch_size: int = 256, workers: int = 0):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=_stack_images)
     return iter(loader)
-
-
-def cosine_lr(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 DATASET_NAMES = ("shapes", "folder", "fashion_mnist", "emoji", "shapes+emoji", "flags", "icons")
@@ -133,30 +127,6 @@ def make_dataset(cfg: DataConfig, split: str = "train"):
     raise ValueError(f"data.name must be one of {DATASET_NAMES}, got {cfg.name!r}")
 
 
-class JsonlLogger:
-    """Appends one JSON object per logged step to `<run_dir>/log.jsonl` (main process only)."""
-
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
-        self.path = Path(run_dir) / "log.jsonl"
-        self.enabled = enabled
-
-    def log(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def rewind(self, step: int) -> None:
-        """Drop the records of steps >= `step`: a run killed after its last checkpoint logged steps that the
-        resumed run repeats, and the log should read as one uninterrupted run."""
-        if not (self.enabled and self.path.is_file()):
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-
-
 def run_text_tokenizer(data: DataConfig, captions: list[str], out: Path, is_main_process: bool = True):
     """The run's word-level caption tokenizer under `out/text_tokenizer`: trained once on the captions (plus every
     word the shapes generator can emit, since held-out prompts may use words the training captions lack), then
@@ -178,76 +148,19 @@ def run_text_tokenizer(data: DataConfig, captions: list[str], out: Path, is_main
     return tokenizer
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def make_accelerator():
-    """An `Accelerator` that falls back to the CPU (gloo) when there is no CUDA, so that
-    `accelerate launch --config_file configs/accelerate/ddp_2proc.yaml` runs data-parallel on a CPU-only box."""
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=not torch.cuda.is_available())
-
-
-class StopRequest:
-    """SIGTERM (and SIGINT) ask the training loop to stop: the loop finishes its step, writes a checkpoint and
-    exits with 128 + the signal number, so a preempted job resumes where it stopped instead of at the last
-    periodic checkpoint. In a distributed run the ranks agree on the stop (a max all-reduce per step), since a
-    signal may reach only some of them."""
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def exit(self, signum: int, steps_done: int) -> None:
-        """Called after the checkpoint at `steps_done`: every rank leaves with 128 + the signal number."""
-        self.accelerator.print(f"stopped by signal {signum} after step {steps_done}; checkpoint written, "
-                               f"re-run to resume")
-        self.accelerator.wait_for_everyone()
-        raise SystemExit(128 + signum)
-
-    def requested(self) -> int:
-        """The signal number to exit with (0: keep going), the same on every rank."""
-        if self.accelerator.num_processes == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], device=self.accelerator.device)
-        return int(self.accelerator.reduce(flag, reduction="max").item())
-
-
-def gather_rng_states(accelerator) -> torch.Tensor:
-    """Every rank's CPU RNG state stacked (world, S): saved with a checkpoint so each rank resumes its stream."""
-    state = torch.get_rng_state()[None].to(accelerator.device)
-    return accelerator.gather(state).cpu() if accelerator.num_processes > 1 else state.cpu()
-
-
-def mean_over_ranks(accelerator, values: dict) -> dict:
-    """Scalar logs averaged over the processes (each rank computes them on its share of the global batch)."""
-    if accelerator.num_processes == 1 or not values:
-        return values
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=accelerator.device)
-    return dict(zip(values, accelerator.reduce(t, reduction="mean").tolist()))
-
-
-def rank_spread(accelerator, modules: dict) -> float:
-    """How far the processes' copies of `modules` have drifted apart: the largest difference, over ranks, of a
-    per-tensor fingerprint (sum and sum of squares, float64) of every parameter. Data parallelism keeps it
-    exactly 0 (gradients are all-reduced, codebook restarts broadcast); it is written into each checkpoint's
-    state so a drift is caught where it starts. Buffers are left out: DDP re-broadcasts them from rank 0 at
-    every forward, and until then BatchNorm statistics hold each process's own batch. 0 for one process."""
-    if accelerator.num_processes == 1:
-        return 0.0
-    # FSDP holds shards (DTensors): compare whole tensors, gathered (a collective every rank joins)
-    full = [t.full_tensor() if hasattr(t, "full_tensor") else t for m in modules.values() for t in m.parameters()]
-    fp = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().square().sum()])
-                      for t in full]).flatten()
-    every = accelerator.gather(fp.to(accelerator.device)[None])  # (world, 2 * tensors)
-    return float((every - every[:1]).abs().max())
+def encode_dataset(encode, dataset, cache_file: Path, key: str, batch_size: int = 256,
+                   workers: int = 0) -> torch.Tensor:
+    """`encode(images)` of the whole dataset, computed once and cached as safetensors; `workers` processes
+    load the images ahead of the encoder."""
+    if cache_file.is_file():
+        cached = load_file(cache_file)
+        if cached.get("key") is not None and bytes(cached["key"].tolist()).decode() == key:
+            return cached["codes"]
+    codes = []
+    with torch.no_grad():
+        for imgs in tqdm(all_images(dataset, batch_size, workers), total=-(-len(dataset) // batch_size),
+                         desc="encode images"):
+            codes.append(encode(imgs).cpu())
+    codes = torch.cat(codes).contiguous()
+    save_file_atomic({"codes": codes, "key": torch.tensor(list(key.encode()), dtype=torch.uint8)}, cache_file)
+    return codes

@@ -2,17 +2,16 @@
 
 A checkpoint is a directory `step-XXXXXXX/` holding, per named module, `<name>.safetensors`; per optimizer,
 `<name>.optim.safetensors` (state tensors, flattened) plus its non-tensor structure in `state.json`; and the
-RNG state of every process. The training scripts gather whole state dicts keyed by parameter name through
-`torch.distributed.checkpoint.state_dict` (`gather_training_state`), the one call that also unshards FSDP and
-strips DDP's wrapper, so a checkpoint does not depend on how many processes wrote it or how they were sharded;
-`restore_optimizer` puts such a state back into a prepared (wrapped or sharded) optimizer.
-It is written into a temporary directory and renamed into place, so a killed run never leaves a
+RNG state of every process. The training loop (`mmgen.training.loop`) gathers whole state dicts keyed by
+parameter name through `torch.distributed.checkpoint.state_dict` (`gather_training_state`), the one call that
+also unshards FSDP and strips DDP's wrapper, so a checkpoint does not depend on how many processes wrote it
+or how they were sharded; `restore_optimizer` puts such a state back into a prepared (wrapped or sharded)
+optimizer. It is written into a temporary directory and renamed into place, so a killed run never leaves a
 half-written checkpoint behind; `latest` names the newest complete one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,30 +20,37 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints and saved pipelines both record it)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from mmgen.atomic import write_text_atomic
+from mmgen.safe_save import file_sha256
 
 
-def gather_training_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Whole (unsharded) model and optimizer state dicts keyed by parameter name. In a distributed run this is
-    a collective: every rank calls it, rank 0 receives the tensors on the CPU (the others get empty dicts)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+def _full(distributed: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=distributed)
+
+
+def gather_training_state(module: torch.nn.Module, optimizers: dict) -> tuple[dict, dict]:
+    """Whole (unsharded) model state dict and optimizer states (name -> state) keyed by parameter name, for
+    `module` as prepared (DDP's wrapper stripped, FSDP shards gathered) and optimizers over its parameters. In a
+    distributed run this is a collective: every rank calls it, rank 0 receives the tensors on the CPU (the
+    others get empty dicts). An optimizer that has not stepped yet (a discriminator before its start) is saved
+    as it is, by index: gathering it by name would first initialise its state with a zero step."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return get_state_dict(module, getattr(optimizer, "optimizer", optimizer),
-                          options=StateDictOptions(full_state_dict=True, cpu_offload=distributed))
+    states = {}
+    for name, opt in optimizers.items():
+        inner = getattr(opt, "optimizer", opt)  # Accelerate's AcceleratedOptimizer wraps the torch one
+        states[name] = inner if not inner.state else get_optimizer_state_dict(module, inner,
+                                                                              options=_full(distributed))
+    return get_model_state_dict(module, options=_full(distributed)), states
 
 
 def restore_optimizer(ckpt: str | Path, name: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load optimizer `name` of checkpoint `ckpt` into a prepared optimizer (after `accelerator.prepare`, so
     FSDP can shard the state as it shards the parameters). Every rank reads the whole state from the file."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     ckpt = Path(ckpt)
     meta = json.loads((ckpt / "state.json").read_text())["optimizers"][name]
@@ -61,7 +67,7 @@ def restore_optimizer(ckpt: str | Path, name: str, module: torch.nn.Module, opti
         fqn, k = key.rsplit(NAME_SEP, 1)
         state.setdefault(fqn, {})[k] = v
     set_optimizer_state_dict(module, inner, {"state": state, "param_groups": meta["param_groups"]},
-                             options=StateDictOptions(full_state_dict=True))
+                             options=_full(False))
 
 
 NAME_SEP = "::"  # parameter name :: state key (names contain dots)
@@ -124,9 +130,7 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: d
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    latest_tmp = run_dir / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, run_dir / "latest")
+    write_text_atomic(run_dir / "latest", final.name)
     ckpts = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
     for old in ckpts[:-keep]:
         shutil.rmtree(old)
@@ -163,5 +167,5 @@ def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int
         _optimizer_from_flat(opt, load_file(ckpt / f"{name}.optim.safetensors"), meta["optimizers"][name])
     states = load_file(ckpt / "rng.safetensors")["torch_cpu"]
     states = states[None] if states.dim() == 1 else states  # checkpoints written before per-rank states
-    torch.set_rng_state(states[rank % len(states)])
+    torch.set_rng_state(states[rank % len(states)].clone())  # a row view crashes set_rng_state (rank > 0)
     return {"step": meta["step"], "extra": meta["extra"]}
