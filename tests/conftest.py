@@ -1,8 +1,8 @@
 """Tiny seeded models shared by the tests: one factory per kind instead of a copy in each file.
 
 Every factory seeds the global torch RNG itself (seed 0 unless told) and builds its modules in a fixed order, so
-the same arguments give the same weights, bit for bit, whichever test calls it. Factories return models in the
-mode their constructor leaves them (training), except the pipelines, whose parts are in eval mode.
+the same arguments give the same weights, bit for bit, whichever test calls it. Image tokenizers come back in
+training mode, as constructed (tests that only encode call .eval()); decoders and pipelines in eval mode.
 Test files import the plain functions (`from conftest import tiny_vqgan`); fixtures are found by pytest."""
 
 import pytest
