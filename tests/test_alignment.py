@@ -4,20 +4,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import tiny_vqgan
 from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.losses import resample_patches
-from tokenizers_vis.vqgan import VQGAN
-
-
-def tiny_vq():
-    torch.manual_seed(0)
-    return VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-                 image_size=16).eval()
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite0", "tokenizer"])
 def test_encoder_is_frozen_and_gets_no_gradients(name):
-    enc = make_target_encoder(name, vq=tiny_vq())
+    enc = make_target_encoder(name, vq=tiny_vqgan().eval())
     enc.train()
     assert not enc.training and all(not p.requires_grad for p in enc.parameters())
     images = torch.rand(2, 3, 16, 16) * 2 - 1

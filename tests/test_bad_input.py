@@ -10,36 +10,24 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
+from conftest import tiny_next_token_pipeline, tiny_text_tokenizer
 from mmgen import cli
 from mmgen.config import load_config
-from mmgen.models.transformer import Transformer
 from mmgen.pipelines import NextTokenPipeline, load_pipeline, save_pipeline, verify
 from mmgen.pipelines.base import MAX_IMAGES_PER_CALL, generators_from_seed
 from mmgen.safe_save import CHECKSUM_FILE
-from mmgen.text import UnifiedVocab, train_text_tokenizer
 from mmgen.zoo import zoo_names
-from tokenizers_vis.vqgan import VQGAN
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 
 
-def _tiny_pipeline():
-    torch.manual_seed(0)
-    vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-               image_size=16)
-    tok = train_text_tokenizer(["a red circle", "two green stars"])
-    tr = Transformer(vocab_size=UnifiedVocab(len(tok), vq.vocab_size).size, dim=32, n_layers=2, n_heads=4,
-                     max_seq_len=32)
-    return NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=8)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return save_pipeline(_tiny_pipeline(), tmp_path_factory.mktemp("models") / "tiny")
+    pipe = tiny_next_token_pipeline(tiny_text_tokenizer(["a red circle", "two green stars"]))
+    return save_pipeline(pipe, tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -9,91 +9,25 @@ import hashlib
 import io
 import subprocess
 import sys
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mmgen.data.shapes import all_caption_words
-from mmgen.models.shuffle import TokenShuffleTransformer
-from mmgen.models.transformer import Transformer
-from mmgen.paradigms.flow_head import RasterFlowModel
-from mmgen.paradigms.flowar import FlowARModel
-from mmgen.paradigms.next_scale import NextScaleModel
-from mmgen.paradigms.next_x import NextXModel
-from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline,
-                             load_pipeline)
+from conftest import tiny_pipeline, tiny_text_tokenizer
+from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import generators_from_seed
-from mmgen.text import UnifiedVocab, train_text_tokenizer
-from test_paradigm_pipelines import _vae  # the same tiny seeded AutoencoderKL
-from tokenizers_vis.multiscale import MultiScaleVQGAN
-from tokenizers_vis.vqgan import VQGAN
 
-TEXT_LEN = 16
-BACKBONE = dict(dim=32, n_layers=2, n_heads=4)
 PROMPTS = ["a red circle", "two green stars", "a blue square above a red circle", "a large yellow triangle"]
 
-
-def _vq(cls=VQGAN, **kw):
-    torch.manual_seed(0)
-    return cls(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-               image_size=16, **kw).eval()
-
-
-def _perturbed(module):
-    """Zero-initialised output layers make a fresh flow model ignore the noise; perturb them."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-
-
-def _next_token(tok):
-    vq = _vq()
-    tr = Transformer(vocab_size=UnifiedVocab(len(tok), vq.vocab_size).size, max_seq_len=96, **BACKBONE)
-    return NextTokenPipeline(transformer=tr.eval(), vq_model=vq, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _token_shuffle(tok):
-    vq = _vq()
-    tr = TokenShuffleTransformer(UnifiedVocab(len(tok), vq.vocab_size).size, vq.vocab_size, 2, max_seq_len=48,
-                                 **BACKBONE)
-    return NextTokenPipeline(transformer=tr.eval(), vq_model=vq, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _next_scale(tok):
-    vq = _vq(MultiScaleVQGAN, scales=(1, 2, 4))
-    tr = NextScaleModel(vocab_size=UnifiedVocab(len(tok), vq.vocab_size).size, feature_dim=vq.feature_dim,
-                        scales=list(vq.scales), max_seq_len=48, **BACKBONE)
-    return NextScalePipeline(transformer=tr.eval(), vq_model=vq, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _flow_head(tok):
-    vae = _vae()
-    tr = RasterFlowModel(vocab_size=UnifiedVocab(len(tok), 0).size, token_dim=4, max_seq_len=48, head_width=32,
-                         head_depth=2, **BACKBONE)
-    _perturbed(tr.head)
-    return RasterFlowPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _flowar(tok):
-    vae = _vae()
-    tr = FlowARModel(vocab_size=UnifiedVocab(len(tok), 0).size, token_dim=4, scales=(1, 2, 4), max_seq_len=48,
-                     flow_width=16, flow_depth=1, flow_heads=2, **BACKBONE)
-    _perturbed(tr.flow)
-    return FlowARPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _next_x(tok):
-    vae = _vae()
-    tr = NextXModel(vocab_size=UnifiedVocab(len(tok), 0).size, token_dim=4, grid_side=4, entity="cell",
-                    entity_size=2, max_seq_len=48, **BACKBONE)
-    _perturbed(tr.final_proj)
-    return NextXPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-BUILDERS = {"next_token": _next_token, "token_shuffle": _token_shuffle, "next_scale": _next_scale,
-            "flow_head": _flow_head, "flowar": _flowar, "next_x": _next_x}
+# conftest.tiny_pipeline of each paradigm; next-token with room for 96 positions, next-X with 2x2-cell entities
+BUILDERS = {"next_token": partial(tiny_pipeline, "next_token", max_seq_len=96),
+            "token_shuffle": partial(tiny_pipeline, "token_shuffle"),
+            "next_scale": partial(tiny_pipeline, "next_scale"), "flow_head": partial(tiny_pipeline, "flow_head"),
+            "flowar": partial(tiny_pipeline, "flowar"),
+            "next_x": partial(tiny_pipeline, "next_x", next_x=dict(entity="cell", entity_size=2))}
 # few flow steps keep the continuous paradigms fast; determinism does not depend on the step count
 CALL = {"flow_head": dict(num_inference_steps=3), "flowar": dict(num_inference_steps=3),
         "next_x": dict(num_inference_steps=3)}
@@ -101,7 +35,7 @@ CALL = {"flow_head": dict(num_inference_steps=3), "flowar": dict(num_inference_s
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    tok = train_text_tokenizer(PROMPTS, all_caption_words())
+    tok = tiny_text_tokenizer(PROMPTS, shapes_words=True)
     out = {}
     for name, build in BUILDERS.items():
         out[name] = tmp_path_factory.mktemp(name)

@@ -5,35 +5,26 @@ with a stand-in classifier, the data a model directory records, and CLI errors."
 import importlib.util
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import tiny_next_token_pipeline, tiny_seed_tokenizer, tiny_vae, tiny_vqgan
 from mmgen import cli
 from mmgen.data.fashion_mnist import CLASSES, caption_for
 from mmgen.data.shapes import CATEGORIES, ShapesDataset, all_caption_words, heldout_prompts
 from mmgen.eval import harness
 from mmgen.eval.compositional import evaluate as compositional_accuracy
 from mmgen.eval.image_metrics import psnr
-from mmgen.models.transformer import Transformer
-from mmgen.pipelines import NextTokenPipeline, load_pipeline
+from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import generators_from_seed
-from mmgen.text import UnifiedVocab, train_text_tokenizer
-from tokenizers_vis.multiscale import MultiScaleVQGAN
-from tokenizers_vis.seed import SEEDTokenizer
-from tokenizers_vis.vae import make_vae
-from tokenizers_vis.vqgan import VQGAN
+from mmgen.text import train_text_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # the smallest image ShapesDataset renders
 FASHION_CAPTIONS = [caption_for(c) for c in range(len(CLASSES))]
-
-
-def _vqgan():
-    torch.manual_seed(0)
-    return VQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-                 image_size=SIZE).eval()
 
 
 def _emoji_captions() -> list[str]:
@@ -46,11 +37,9 @@ def _emoji_captions() -> list[str]:
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    vq = _vqgan()
+    vq = tiny_vqgan(channel_mult=(1, 2, 2), image_size=SIZE)
     tok = train_text_tokenizer(FASHION_CAPTIONS + _emoji_captions(), all_caption_words())
-    vocab = UnifiedVocab(text_vocab_size=len(tok), image_vocab_size=vq.vocab_size)
-    tr = Transformer(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=4, max_seq_len=96)
-    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq, tokenizer=tok, max_text_len=16)
+    pipe = tiny_next_token_pipeline(tok, vq, max_seq_len=96, max_text_len=16)
     d = tmp_path_factory.mktemp("run") / "pipeline"  # the layout scripts/train_generator.py writes
     pipe.save_pretrained(d)
     return d
@@ -158,15 +147,11 @@ def test_tokenizer_oracles():
 
 @pytest.mark.parametrize("kind", ["vqgan", "multiscale", "vae", "seed"])
 def test_real_tokenizers(kind):
-    torch.manual_seed(0)
-    tok = {
-        "vqgan": _vqgan,
-        "multiscale": lambda: MultiScaleVQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8,
-                                              num_codes=32, code_dim=4, image_size=SIZE, scales=(1, 2, 4, 8)),
-        "vae": lambda: make_vae(image_size=SIZE, latent_channels=4, block_out_channels=(8, 8, 8), norm_num_groups=4),
-        "seed": lambda: SEEDTokenizer(image_size=SIZE, num_queries=4, dim=32, heads=2, qformer_layers=1, proj_dim=16,
-                                      num_codes=16, code_dim=4, embed_decoder_layers=1, decoder_layers=1,
-                                      decoder_base_channels=8, decoder_channel_mult=(1, 2, 2)),
+    tok = {  # conftest factories, each seeded 0
+        "vqgan": partial(tiny_vqgan, channel_mult=(1, 2, 2), image_size=SIZE),
+        "multiscale": partial(tiny_vqgan, channel_mult=(1, 2, 2), image_size=SIZE, scales=(1, 2, 4, 8)),
+        "vae": partial(tiny_vae, image_size=SIZE),
+        "seed": partial(tiny_seed_tokenizer, image_size=SIZE, num_queries=4, qformer_layers=1),
     }[kind]().eval()
     data = ShapesDataset("heldout", size=4, image_size=SIZE)
     res = harness.evaluate_tokenizer(tok, data, n=10, batch_size=3)  # n is capped at the data's 4 images

@@ -1,21 +1,18 @@
 """VAR multi-scale residual tokenizer (tokenizers_vis.multiscale): residual quantization maths, the decoder
 input, teacher inputs for next-scale prediction, schedules, training, restarts, save/load, bad input."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_vqgan
 from mmgen.eval.image_metrics import psnr
 from test_vqgan import blob_images
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 
-
-def tiny_msvq(**kw) -> MultiScaleVQGAN:
-    torch.manual_seed(0)
-    cfg = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=32, num_codes=64, code_dim=4,
-               image_size=32, scales=(1, 2, 4, 8))
-    cfg.update(kw)
-    return MultiScaleVQGAN(**cfg)
+tiny_msvq = partial(tiny_vqgan, channel_mult=(1, 2, 2), embed_dim=32, num_codes=64, image_size=32, scales=(1, 2, 4, 8))
 
 
 @pytest.fixture(scope="module")

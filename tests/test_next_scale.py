@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import tiny_vqgan
 import mmgen.paradigms.next_scale as ns
 from mmgen.paradigms.next_scale import (NextScaleLayout, NextScaleModel, build_batch, generate, guidance_schedule,
                                         loss_and_image_hidden, loss_fn)
 from mmgen.sampling.logits import SamplingConfig, cfg_combine
 from mmgen.text import UnifiedVocab
-from tokenizers_vis.multiscale import MultiScaleVQGAN
 
 SCALES = (1, 2, 4)
 N = 1 + 4 + 16
@@ -20,9 +20,7 @@ CAPTIONS = [[1, 2, 3], [4], [5, 6, 7, 8]]
 
 @pytest.fixture(scope="module")
 def vq():
-    torch.manual_seed(0)
-    return MultiScaleVQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=16,
-                           code_dim=4, image_size=16, scales=SCALES).eval()
+    return tiny_vqgan(channel_mult=(1, 2, 2), num_codes=16, scales=SCALES).eval()
 
 
 @pytest.fixture(scope="module")

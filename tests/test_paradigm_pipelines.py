@@ -4,103 +4,36 @@ generate (exact pass counts, bit-identical reload) -> CLI (option routing by pip
 import json
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import BACKBONE, CAPTIONS, tiny_pipeline, tiny_text_tokenizer, tiny_vae
 from mmgen import bench, cli
-from mmgen.data.shapes import all_caption_words
-from mmgen.models.transformer import Transformer
 from mmgen.paradigms.flow_head import RasterFlowModel
-from mmgen.paradigms.flowar import FlowARModel
-from mmgen.paradigms.next_scale import NextScaleModel
-from mmgen.paradigms.next_x import NextXModel
-from mmgen.pipelines import (FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline,
-                             load_pipeline)
+from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextXPipeline, RasterFlowPipeline, load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.text import UnifiedVocab, train_text_tokenizer
-from tokenizers_vis.multiscale import MultiScaleVQGAN
-from tokenizers_vis.vae import make_vae
-from tokenizers_vis.vqgan import VQGAN
+from mmgen.zoo import zoo_models
 
-CAPTIONS = ["a red circle", "a blue square above a red circle", "two green stars"]
 TEXT_LEN = 16
-BACKBONE = dict(dim=32, n_layers=2, n_heads=4)
-
-
-def _next_scale(tok):
-    torch.manual_seed(0)
-    vq = MultiScaleVQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32,
-                         code_dim=4, image_size=16, scales=(1, 2, 4))
-    vocab = UnifiedVocab(len(tok), vq.vocab_size)
-    tr = NextScaleModel(vocab_size=vocab.size, feature_dim=vq.feature_dim, scales=list(vq.scales), max_seq_len=48,
-                        **BACKBONE)
-    return NextScalePipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _vae():
-    torch.manual_seed(0)
-    vae = make_vae(image_size=16, latent_channels=4, block_out_channels=(8, 8, 8), norm_num_groups=4)
-    vae.register_to_config(scaling_factor=0.7)
-    return vae.eval()
-
-
-def _raster_flow(tok):
-    vae = _vae()
-    vocab = UnifiedVocab(len(tok), 0)
-    tr = RasterFlowModel(vocab_size=vocab.size, token_dim=4, max_seq_len=48, head_width=32, head_depth=2, **BACKBONE)
-    # a fresh flow head outputs exactly 0 (zero-init); perturb it so sampling depends on the prompt and seed
-    with torch.no_grad():
-        for p in tr.head.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return RasterFlowPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _flowar(tok):
-    vae = _vae()
-    vocab = UnifiedVocab(len(tok), 0)
-    tr = FlowARModel(vocab_size=vocab.size, token_dim=4, scales=(1, 2, 4), max_seq_len=48, flow_width=16,
-                     flow_depth=1, flow_heads=2, **BACKBONE)
-    with torch.no_grad():
-        for p in tr.flow.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return FlowARPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _next_x(tok):
-    vae = _vae()
-    vocab = UnifiedVocab(len(tok), 0)
-    tr = NextXModel(vocab_size=vocab.size, token_dim=4, grid_side=4, entity="subsample", max_seq_len=48, **BACKBONE)
-    with torch.no_grad():  # zero-initialised output: perturb it so sampling depends on the prompt and seed
-        for p in tr.final_proj.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return NextXPipeline(transformer=tr.eval(), vae=vae, tokenizer=tok, max_text_len=TEXT_LEN)
-
-
-def _next_token(tok):
-    torch.manual_seed(0)
-    vq = VQGAN(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-               image_size=16)
-    vocab = UnifiedVocab(len(tok), vq.vocab_size)
-    tr = Transformer(vocab_size=vocab.size, max_seq_len=48, **BACKBONE)
-    return NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=TEXT_LEN)
-
 
 # name -> (builder, pipeline class, decoder passes per image, tokens shape per image)
 KINDS = {
-    "next_scale": (_next_scale, NextScalePipeline, 3, (1 + 4 + 16,)),
-    "flow_head": (_raster_flow, RasterFlowPipeline, 16, (4, 4, 4)),
-    "flowar": (_flowar, FlowARPipeline, 3, (4, 4, 4)),
-    "next_x": (_next_x, NextXPipeline, 4, (4, 4, 4)),  # 4 stride-2 subsample entities of the 4x4 latent
+    "next_scale": (partial(tiny_pipeline, "next_scale"), NextScalePipeline, 3, (1 + 4 + 16,)),
+    "flow_head": (partial(tiny_pipeline, "flow_head"), RasterFlowPipeline, 16, (4, 4, 4)),
+    "flowar": (partial(tiny_pipeline, "flowar"), FlowARPipeline, 3, (4, 4, 4)),
+    "next_x": (partial(tiny_pipeline, "next_x"), NextXPipeline, 4, (4, 4, 4)),  # 4 stride-2 subsample entities
 }
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    tok = train_text_tokenizer(CAPTIONS, all_caption_words())  # the bench draws shapes prompts
+    tok = tiny_text_tokenizer(CAPTIONS, shapes_words=True)  # the bench draws shapes prompts
     out = {}
-    for name, (build, *_rest) in {**KINDS, "next_token": (_next_token,)}.items():
+    for name, (build, *_rest) in {**KINDS, "next_token": (partial(tiny_pipeline, "next_token"),)}.items():
         d = tmp_path_factory.mktemp(name)
         build(tok).save_pretrained(d)
         out[name] = d
@@ -223,7 +156,7 @@ def test_bench_paradigms_ratios(dirs):
 def test_shipped_zoo_models_generate(tmp_path):
     """Every model shipped in mmgen/zoo loads with load_pipeline and draws a real 64x64 image; each stays within
     25 MB and the zoo within 100 MB."""
-    zoo = bench.zoo_models()
+    zoo = zoo_models()
     assert "shapes-nexttoken" in zoo
     sizes = {name: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for name, d in zoo.items()}
     assert max(sizes.values()) <= 25 * 2**20 and sum(sizes.values()) <= 100 * 2**20, sizes
@@ -242,7 +175,9 @@ def test_mismatched_parts_are_rejected():
     tr = RasterFlowModel(vocab_size=vocab.size + 1, token_dim=4, max_seq_len=48, head_width=32, head_depth=2,
                          **BACKBONE)
     with pytest.raises(ValueError, match=r"transformer.vocab_size=\d+ does not match text"):
-        RasterFlowPipeline(transformer=tr, vae=_vae(), tokenizer=tok, max_text_len=TEXT_LEN)
+        RasterFlowPipeline(transformer=tr, vae=tiny_vae(scaling_factor=0.7).eval(), tokenizer=tok,
+                           max_text_len=TEXT_LEN)
     tr = RasterFlowModel(vocab_size=vocab.size, token_dim=8, max_seq_len=48, head_width=32, head_depth=2, **BACKBONE)
     with pytest.raises(ValueError, match="token_dim=8 differs from the VAE's 4 latent channels"):
-        RasterFlowPipeline(transformer=tr, vae=_vae(), tokenizer=tok, max_text_len=TEXT_LEN)
+        RasterFlowPipeline(transformer=tr, vae=tiny_vae(scaling_factor=0.7).eval(), tokenizer=tok,
+                           max_text_len=TEXT_LEN)

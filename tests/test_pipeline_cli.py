@@ -9,26 +9,12 @@ import torch
 from PIL import Image
 
 from mmgen import cli
-from mmgen.models.transformer import Transformer
-from mmgen.pipelines import NextTokenPipeline, load_pipeline
-from mmgen.text import UnifiedVocab, train_text_tokenizer
-from tokenizers_vis.vqgan import VQGAN
-
-CAPTIONS = ["a red circle", "a blue square above a red circle", "two green stars"]
+from mmgen.pipelines import load_pipeline
 
 
 @pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-               image_size=16)
-    tok = train_text_tokenizer(CAPTIONS)
-    vocab = UnifiedVocab(text_vocab_size=len(tok), image_vocab_size=vq.vocab_size)
-    tr = Transformer(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
-    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=8)
-    d = tmp_path_factory.mktemp("pipe")
-    pipe.save_pretrained(d)
-    return d
+def pipe_dir(tiny_pipe_dir):
+    return tiny_pipe_dir  # conftest: the tiny next-token pipeline on CAPTIONS, saved
 
 
 def test_pipeline_output_and_reload_identical(pipe_dir):

@@ -14,23 +14,16 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import tiny_seed_tokenizer, tiny_transformer
 from mmgen.data.shapes import ShapesDataset
 from mmgen.eval.image_metrics import psnr
-from mmgen.models.transformer import Transformer
 from mmgen.pipelines import NextTokenPipeline, load_pipeline
 from mmgen.text import UnifiedVocab, encode_prompts, train_text_tokenizer
 from tokenizers_vis.seed import (SEEDTextEncoder, SEEDTokenizer, contrastive_loss, pad_text,
                                  random_prefix_lengths)
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 8  # tokens per image in the tiny models
-TINY = dict(image_size=32, num_queries=N, dim=32, heads=2, qformer_layers=2, proj_dim=16, num_codes=16, code_dim=4,
-            embed_decoder_layers=1, decoder_layers=1, decoder_base_channels=8, decoder_channel_mult=(1, 2, 2))
-
-
-def tiny(**kw) -> SEEDTokenizer:
-    torch.manual_seed(0)
-    return SEEDTokenizer(**{**TINY, **kw})
+N = 8  # tokens per image in the tiny models (conftest.SEED_TINY)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +35,7 @@ def data():
 
 def test_ids_shapes_and_errors(data):
     images, _ = data
-    m = tiny().eval()
+    m = tiny_seed_tokenizer().eval()
     assert m.grid_size == (1, N) and m.vocab_size == 16 and m.num_tokens == N
     ids = m.encode(images)
     assert ids.shape == (8, 1, N) and ids.dtype == torch.long and 0 <= int(ids.min()) and int(ids.max()) < 16
@@ -68,7 +61,7 @@ def test_later_queries_never_change_earlier_codes(data):
     """The Q-Former's query mask is causal: moving the learned queries j >= 4 moves later codes, never the
     codes (or embeddings) before them, and embedding i has zero gradient from queries after i."""
     images, _ = data
-    m = tiny().eval()
+    m = tiny_seed_tokenizer().eval()
     emb, ids = m.query_embeddings(images).detach(), m.encode(images)
     with torch.no_grad():
         m.qformer.queries[4:] += 3 * torch.randn(N - 4, 32, generator=torch.Generator().manual_seed(1))
@@ -86,7 +79,7 @@ def test_later_queries_never_change_earlier_codes(data):
 
 def test_prefix_decoding_reads_only_the_prefix(data):
     images, _ = data
-    m = tiny().eval()
+    m = tiny_seed_tokenizer().eval()
     ids = m.encode(images)
     other = ids.clone()
     other[..., 3:] = (other[..., 3:] + 5) % 16
@@ -114,7 +107,7 @@ def test_random_prefix_lengths():
 
 def test_stage1_contrastive_loss_falls(data):
     images, captions = data
-    m = tiny()
+    m = tiny_seed_tokenizer()
     tok = train_text_tokenizer(captions)
     ids = pad_text(encode_prompts(tok, captions, 16), 16)
     same = (ids[:, None] == ids[None]).all(-1)
@@ -140,7 +133,7 @@ def test_stage2_reconstructs_each_image_and_prefixes_refine(data):
     image rather than the mean image (what the pixel decoder collapsed to before the detail paths: every
     prefix decoded to the same background canvas), with PSNR rising from 1 token to all N."""
     images, _ = data
-    m = tiny()
+    m = tiny_seed_tokenizer()
     m.requires_grad_(False)
     parts = [m.detail_encoder, m.encode_head, m.quantizer, m.embed_decoder, m.pixel_decoder]
     for p in parts:
@@ -171,7 +164,7 @@ def test_stage2_reconstructs_each_image_and_prefixes_refine(data):
 
 def test_save_load_bit_identical_without_backbone(data, tmp_path):
     images, _ = data
-    m = tiny()
+    m = tiny_seed_tokenizer()
     m.train()
     m(images)  # the first training forward restarts codes: the state differs from a fresh init
     m.eval()
@@ -283,12 +276,11 @@ def test_stage2_needs_a_stage1_tokenizer(tmp_path):
 
 def test_next_token_pipeline_generates_with_seed_tokens(tmp_path):
     captions = ["a red circle", "two green stars"]
-    vq = tiny().eval()
+    vq = tiny_seed_tokenizer().eval()
     tok = train_text_tokenizer(captions)
     vocab = UnifiedVocab(text_vocab_size=len(tok), image_vocab_size=vq.vocab_size)
-    torch.manual_seed(0)
-    tr = Transformer(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=4, max_seq_len=32)
-    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq, tokenizer=tok, max_text_len=8)
+    tr = tiny_transformer(vocab.size, 32)
+    pipe = NextTokenPipeline(transformer=tr, vq_model=vq, tokenizer=tok, max_text_len=8)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=captions, guidance_scale=2.0, output_type="pt", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 3, 32, 32) and out.nfe == N and out.tokens.shape == (2, 1, N)
@@ -307,7 +299,7 @@ def test_prefix_figure_script(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("seed_prefixes_script", ROOT / "scripts" / "seed_prefixes.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    tiny().save_pretrained(tmp_path / "tok")
+    tiny_seed_tokenizer().save_pretrained(tmp_path / "tok")
     out = tmp_path / "prefixes.png"
     script.main(["--tokenizer", str(tmp_path / "tok"), "--prefixes", "2", "8", "--rows", "2", "--images", "4",
                  "--out", str(out), "--json"])

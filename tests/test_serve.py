@@ -12,27 +12,16 @@ import torch
 from PIL import Image
 
 from mmgen import cli, serve
-from mmgen.models.transformer import Transformer
-from mmgen.pipelines import NextTokenPipeline, load_pipeline
+from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import generators_from_seed
-from mmgen.text import UnifiedVocab, train_text_tokenizer
 from mmgen.zoo import zoo_models
-from tokenizers_vis.vqgan import VQGAN
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-               image_size=16)
-    tok = train_text_tokenizer(["a red circle", "a blue square above a red circle", "two green stars"])
-    tr = Transformer(vocab_size=UnifiedVocab(len(tok), vq.vocab_size).size, dim=32, n_layers=2, n_heads=4,
-                     max_seq_len=32)
-    d = tmp_path_factory.mktemp("tiny")
-    NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=8).save_pretrained(d)
-    return d
+def tiny_dir(tiny_pipe_dir):
+    return tiny_pipe_dir  # conftest: the tiny next-token pipeline, saved
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import tiny_transformer
 from mmgen.models.hf_llama import to_llama
-from mmgen.models.transformer import Transformer
 from mmgen.paradigms.next_token import NextTokenLayout, build_batch, generate, generate_sjd, image_logits
 from mmgen.sampling.hf_backend import CausalLMBackend
 from mmgen.sampling.logits import SamplingConfig, process_logits
@@ -28,11 +28,9 @@ PROMPTS = [[3, 4, 5], [6]]
 
 def peaked_model(seed=0, image_vocab=4, grid=(2, 2), rope_2d=True):
     """A tiny random decoder with weights large enough that its conditionals are far from uniform."""
-    torch.manual_seed(seed)
     layout = NextTokenLayout(UnifiedVocab(text_vocab_size=10, image_vocab_size=image_vocab), max_text_len=4, grid=grid,
                              rope_2d=rope_2d)
-    model = Transformer(vocab_size=layout.vocab.size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                        max_seq_len=layout.seq_len, rope_2d=rope_2d).eval()
+    model = tiny_transformer(layout.vocab.size, layout.seq_len, seed, n_kv_heads=2, rope_2d=rope_2d)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:

@@ -7,17 +7,15 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
 from mmgen import bench, cli
-from mmgen.data.shapes import all_caption_words
 from mmgen.models.shuffle import TokenShuffleTransformer
-from mmgen.models.transformer import Transformer
 from mmgen.paradigms import token_shuffle as ts
 from mmgen.pipelines import NextTokenPipeline, load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at
-from mmgen.text import UnifiedVocab, train_text_tokenizer
 from mmgen.models.shuffle import ShuffleMerge, ShuffleSplit, shuffle, shuffle_ids, unshuffle, unshuffle_ids
-from tokenizers_vis.vqgan import VQGAN
+from mmgen.text import UnifiedVocab
 
 V = 16
 VOCAB = UnifiedVocab(text_vocab_size=10, image_vocab_size=V)
@@ -231,17 +229,14 @@ CAPTIONS = ["a red circle", "two green stars"]
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
     """Tiny saved pipelines on one 16x16 VQGAN (8x8 codes): Token-Shuffle s = 2 and plain next-token."""
-    tok = train_text_tokenizer(CAPTIONS, all_caption_words())
-    torch.manual_seed(0)
-    vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-               image_size=16).eval()
-    vocab = UnifiedVocab(len(tok), vq.vocab_size)
+    tok = tiny_text_tokenizer(CAPTIONS, shapes_words=True)
+    vq = tiny_vqgan()  # both decoders are drawn after it, the Token-Shuffle one first
     out = {}
-    for name, tr in (("shuffle", TokenShuffleTransformer(vocab.size, vq.vocab_size, 2, dim=32, n_layers=2, n_heads=4,
-                                                         max_seq_len=48)),
-                     ("plain", Transformer(vocab_size=vocab.size, dim=32, n_layers=2, n_heads=4, max_seq_len=96))):
+    shuffled = tiny_next_token_pipeline(tok, vq, max_seq_len=48, max_text_len=16, shuffle_window=2)
+    plain = tiny_next_token_pipeline(tok, vq, max_seq_len=96, max_text_len=16)
+    for name, pipe in (("shuffle", shuffled), ("plain", plain)):
         d = tmp_path_factory.mktemp(name)
-        NextTokenPipeline(transformer=tr.eval(), vq_model=vq, tokenizer=tok, max_text_len=16).save_pretrained(d)
+        pipe.save_pretrained(d)
         out[name] = d
     return out
 

@@ -1,19 +1,18 @@
 """Decoder backbone: KV-cache decoding equals the full forward pass, rollback, masks, 2-D RoPE, save/load."""
 
+from functools import partial
+
 import torch
 import pytest
 
+from conftest import tiny_transformer
 from mmgen.models.transformer import Transformer, rope_angles
 from mmgen.paradigms.next_token import NextTokenLayout, build_batch, decode_step, prefill
 from mmgen.paradigms.sequence import attention_mask
 from mmgen.text import UnifiedVocab
 
 
-def tiny(**kw):
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=60, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
-    cfg.update(kw)
-    return Transformer(**cfg).eval()
+tiny = partial(tiny_transformer, 60, 64, n_kv_heads=2)  # vocabulary 60, 64 positions
 
 
 @pytest.mark.parametrize("rope_2d", [True, False])

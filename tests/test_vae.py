@@ -2,11 +2,13 @@
 overfit, save/load and bad input."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 
+import conftest
 from tokenizers_vis.vae import (decode_latents, encode_latents, estimate_scaling_factor, latent_channels, make_vae,
                                 vae_grid, vae_last_layer, vae_training_forward)
 
@@ -25,11 +27,7 @@ def disk_images(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.stack(out).clamp(-1, 1)
 
 
-def tiny_vae(**kw) -> AutoencoderKL:
-    torch.manual_seed(0)
-    cfg = dict(image_size=32, latent_channels=4, block_out_channels=(8, 16, 16), norm_num_groups=4)
-    cfg.update(kw)
-    return make_vae(**cfg)
+tiny_vae = partial(conftest.tiny_vae, image_size=32, block_out_channels=(8, 16, 16))  # 8x8 latents
 
 
 @pytest.fixture(scope="module")

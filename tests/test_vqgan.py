@@ -2,10 +2,12 @@
 perceptual / adversarial losses, save/load, bad input, and the image metrics it is judged by."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
+from conftest import tiny_vqgan
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
 from tokenizers_vis.features import EfficientNetLite0Features
 from tokenizers_vis.losses import PerceptualLoss, VQGANLoss
@@ -33,12 +35,7 @@ def blob_images(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.stack(out).clamp(-1, 1)
 
 
-def tiny_vq(**kw) -> VQGAN:
-    torch.manual_seed(0)
-    cfg = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, embed_dim=32, num_codes=64, code_dim=4,
-               image_size=32)
-    cfg.update(kw)
-    return VQGAN(**cfg)
+tiny_vq = partial(tiny_vqgan, channel_mult=(1, 2, 2), embed_dim=32, num_codes=64, image_size=32)  # 8x8 codes
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,19 @@
 """Watermark: distortion-freeness, detector false-positive rate, detection power, SJD composition, I/O."""
 
+import importlib.util
 import itertools
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_transformer
 from mmgen import cli
 from mmgen.paradigms.next_token import NextTokenLayout, generate, generate_sjd
 from mmgen.sampling.logits import SamplingConfig
@@ -124,12 +129,9 @@ def test_confusion_clustering_puts_always_confused_codes_together():
 
 
 def high_entropy_model():
-    torch.manual_seed(0)
-    from mmgen.models.transformer import Transformer
     from mmgen.text import UnifiedVocab
     layout = NextTokenLayout(UnifiedVocab(text_vocab_size=10, image_vocab_size=64), max_text_len=4, grid=(8, 8))
-    model = Transformer(vocab_size=layout.vocab.size, dim=32, n_layers=2, n_heads=4, max_seq_len=layout.seq_len)
-    return model.eval(), layout
+    return tiny_transformer(layout.vocab.size, layout.seq_len), layout
 
 
 @pytest.mark.parametrize("method,keying,statistic", [("c-reweight", "clusters", "green"),
@@ -205,31 +207,51 @@ def test_config_round_trip_and_validation(tmp_path):
         WatermarkProcessor(cfg, "")
 
 
-def test_pipeline_and_cli_watermark(tmp_path, capsys):
-    """Pipeline save/load keeps the cluster table; the CLI detects, reports p-values, rejects bad input."""
-    from mmgen.models.transformer import Transformer
-    from mmgen.pipelines import NextTokenPipeline, load_pipeline
-    from mmgen.text import UnifiedVocab, train_text_tokenizer
-    from tokenizers_vis.vqgan import VQGAN
+# ---- a saved watermarked pipeline: save/load, the CLI, the retokenization channel ----------------------------
 
-    torch.manual_seed(0)
-    vq = VQGAN(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, embed_dim=8, num_codes=32, code_dim=4,
-               image_size=16)
+
+@pytest.fixture(scope="module")
+def watermarked(tmp_path_factory):
+    """The expensive part, once per module: a tiny next-token pipeline with a cluster table, saved to `dir / "m"`
+    and reloaded (`pipe`, `again`), and two images generated with key "k" (`dir / "w0.png"`, `dir / "w1.png"`)."""
     from mmgen.data.shapes import all_caption_words
-    tok = train_text_tokenizer(["a red circle", " ".join(all_caption_words())])  # channel.py samples shapes prompts
-    tr = Transformer(vocab_size=UnifiedVocab(len(tok), vq.vocab_size).size, dim=32, n_layers=2, n_heads=4,
-                     max_seq_len=96)
-    pipe = NextTokenPipeline(transformer=tr.eval(), vq_model=vq.eval(), tokenizer=tok, max_text_len=16)
+    from mmgen.pipelines import load_pipeline
+
+    tmp_path = tmp_path_factory.mktemp("watermarked")
+    tok = tiny_text_tokenizer(["a red circle", " ".join(all_caption_words())])  # channel.py samples shapes prompts
+    pipe = tiny_next_token_pipeline(tok, max_seq_len=96, max_text_len=16)
     pipe.watermark = WatermarkConfig(num_clusters=4, context=1,
-                                     clusters=cluster_codebook(vq.quantizer.codebook, 4))
+                                     clusters=cluster_codebook(pipe.vq_model.quantizer.codebook, 4))
     pipe.save_pretrained(tmp_path / "m")
     again = load_pipeline(tmp_path / "m")
-    assert again.watermark == pipe.watermark
     again.set_progress_bar_config(disable=True)
     out = again(prompt="a red circle", num_images_per_prompt=2, watermark_key="k",
                 generator=torch.Generator().manual_seed(0))
     for i, im in enumerate(out.images):
         im.save(tmp_path / f"w{i}.png")
+    return SimpleNamespace(dir=tmp_path, pipe=pipe, again=again)
+
+
+def _channel():
+    """scripts/watermark_channel.py, the command that measures the retokenization channel of a saved model."""
+    spec = importlib.util.spec_from_file_location(
+        "watermark_channel", Path(__file__).resolve().parents[1] / "scripts" / "watermark_channel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _model_copy(watermarked, tmp_path):
+    """A private copy of the saved model, for commands that rewrite it."""
+    return Path(shutil.copytree(watermarked.dir / "m", tmp_path / "m"))
+
+
+def test_pipeline_save_load_keeps_the_cluster_table(watermarked):
+    assert watermarked.again.watermark == watermarked.pipe.watermark
+
+
+def test_cli_detect_reports_p_values(watermarked):
+    tmp_path = watermarked.dir
     proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "watermark", "detect", str(tmp_path / "w0.png"),
                            str(tmp_path / "w1.png"), "--key", "k", "--model", str(tmp_path / "m"), "--json"],
                           capture_output=True, text=True)
@@ -237,32 +259,48 @@ def test_pipeline_and_cli_watermark(tmp_path, capsys):
     result = json.loads(proc.stdout)
     assert result["method"] == "c-reweight" and len(result["images"]) == 2
     assert all(0 <= r["p_value"] <= 1 and isinstance(r["watermarked"], bool) for r in result["images"])
-    (tmp_path / "notes.txt").write_text("not an image")
-    for args, needle in ((["--key", "k", str(tmp_path / "notes.txt")], "not a readable image"),
-                         ([str(tmp_path / "w0.png")], "--key"),
-                         (["--key", "k", "--fpr", "1.5", str(tmp_path / "w0.png")], "--fpr")):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(["watermark", "detect", *args, "--model", str(tmp_path / "m")])
-        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
-    Image.new("L", (40, 30)).save(tmp_path / "gray.png")  # other mode and size: converted and resized
-    assert len(again.detect_watermark([Image.open(tmp_path / "gray.png")], "k")) == 1
 
-    # the retokenization channel of this pipeline, and the confusion table the module's command writes
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location(
-        "watermark_channel", Path(__file__).resolve().parents[1] / "scripts" / "watermark_channel.py")
-    channel = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(channel)
-    channel_main, retokenization_confusion = channel.main, channel.retokenization_confusion
+
+@pytest.mark.parametrize("args, needle", [(["--key", "k", "{tmp}/notes.txt"], "not a readable image"),
+                                          (["{dir}/w0.png"], "--key"),
+                                          (["--key", "k", "--fpr", "1.5", "{dir}/w0.png"], "--fpr")],
+                         ids=["not-an-image", "no-key", "bad-fpr"])
+def test_cli_detect_rejects_bad_input(watermarked, tmp_path, capsys, args, needle):
+    (tmp_path / "notes.txt").write_text("not an image")
+    args = [a.format(tmp=tmp_path, dir=watermarked.dir) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["watermark", "detect", *args, "--model", str(watermarked.dir / "m")])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_detect_converts_other_modes_and_sizes(watermarked, tmp_path):
+    Image.new("L", (40, 30)).save(tmp_path / "gray.png")  # other mode and size: converted and resized
+    assert len(watermarked.again.detect_watermark([Image.open(tmp_path / "gray.png")], "k")) == 1
+
+
+def test_retokenization_confusion_counts(watermarked):
+    """The retokenization channel of this pipeline: one count per image token, whatever the batch size."""
+    retokenization_confusion = _channel().retokenization_confusion
+    again = watermarked.again
     counts = retokenization_confusion(again, n_real=3, n_generated=2, batch_size=2, progress=False)
     assert counts.shape == (32, 32) and counts.sum() == 5 * again.layout.num_image_tokens
     assert torch.equal(counts, retokenization_confusion(again, n_real=3, n_generated=2, progress=False))
     with pytest.raises(ValueError, match="n_real and n_generated"):
         retokenization_confusion(again, n_real=0, n_generated=0)
-    channel_main([str(tmp_path / "m"), "--clusters", "4", "--real", "3", "--generated", "2"])
-    saved = load_pipeline(tmp_path / "m").watermark
+
+
+def test_channel_command_writes_confusion_clusters(watermarked, tmp_path):
+    """The channel command writes the confusion-clustered table into the model (a copy here)."""
+    from mmgen.pipelines import load_pipeline
+    channel_main = _channel().main
+    model = _model_copy(watermarked, tmp_path)
+    channel_main([str(model), "--clusters", "4", "--real", "3", "--generated", "2"])
+    saved = load_pipeline(model).watermark
     assert saved.clustering == "confusion" and saved.num_clusters == 4 and len(saved.clusters) == 32
+
+
+def test_channel_command_rejects_too_many_clusters(watermarked, tmp_path, capsys):
+    channel_main = _channel().main
     with pytest.raises(SystemExit):
-        channel_main([str(tmp_path / "m"), "--clusters", "33"])
+        channel_main([str(_model_copy(watermarked, tmp_path)), "--clusters", "33"])
     assert "--clusters must be in [1, 32]" in capsys.readouterr().err
