@@ -70,7 +70,7 @@ class TrainConfig:
 @dataclass
 class GeneratorRunConfig:
     paradigm: str = "next_token"  # a name in mmgen.pipelines.PARADIGMS
-    tokenizer: str = "runs/vqgan/final"  # a saved tokenizer directory of the paradigm's kind
+    tokenizer: str = "runs/vqgan/final"  # a saved visual tokenizer directory of the paradigm's kind
     max_text_len: int = 24
     # a saved pipeline to continue from (fine-tune / train longer under a new schedule): its decoder weights and
     # caption tokenizer start the run, the optimizer starts fresh; the decoder config must match
@@ -125,14 +125,14 @@ def main(argv=None):
         if run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
             shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
         run.accelerator.wait_for_everyone()
-    tokenizer = run_text_tokenizer(cfg.data, captions, out, run.is_main)
-    text_ids = encode_prompts(tokenizer, captions, cfg.max_text_len)
+    text_tokenizer = run_text_tokenizer(cfg.data, captions, out, run.is_main)
+    text_ids = encode_prompts(text_tokenizer, captions, cfg.max_text_len)
 
     encoding = tok.kind  # paradigms reading the same kind of tokens share the cache
     key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
     codes = encode_dataset(lambda imgs: tok.encode_tokens(imgs.to(device)), dataset,
                            out / "codes.safetensors", key, workers=cfg.train.data_workers)
-    vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=tok.vocab_size)
+    vocab = UnifiedVocab(text_vocab_size=len(text_tokenizer), image_vocab_size=tok.vocab_size)
     layout = paradigm.make_layout(tok, vocab, cfg.max_text_len, cfg.model, cfg.flow)
     model = paradigm.make_model(layout, cfg.model, cfg.flow)
     align = cfg.alignment
@@ -201,7 +201,7 @@ def main(argv=None):
         if run.sharded:  # parameters are shards: rebuild the decoder from the last checkpoint's whole weights
             model = type(model).from_config(model.config)
             model.load_state_dict(load_file(latest_checkpoint(out) / "model.safetensors"))
-        pipe = entry.pipeline(transformer=model.eval().cpu(), tokenizer=tokenizer,
+        pipe = entry.pipeline(transformer=model.eval().cpu(), tokenizer=text_tokenizer,
                               max_text_len=cfg.max_text_len, **{entry.component: vq.cpu()})
         save_pipeline(pipe, out / "pipeline")  # atomic, with checksums.json
         run.print(f"saved pipeline to {out / 'pipeline'}")

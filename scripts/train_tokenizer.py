@@ -153,11 +153,11 @@ def train_seed_stage1(cfg: TokenizerRunConfig, run: Run, model: SEEDTokenizer) -
     train_set = make_dataset(cfg.data, "train")
     captions = list(train_set.captions) if hasattr(train_set, "captions") \
         else [train_set[i]["caption"] for i in range(len(train_set))]
-    tokenizer = run_text_tokenizer(cfg.data, captions, run.out, run.is_main)
+    text_tokenizer = run_text_tokenizer(cfg.data, captions, run.out, run.is_main)
     L = cfg.seed.max_text_len
-    text_ids = pad_text(encode_prompts(tokenizer, captions, L), L)  # (n, L)
+    text_ids = pad_text(encode_prompts(text_tokenizer, captions, L), L)  # (n, L)
     text_encoder = build(SEEDTextEncoder, {"max_len": L, "proj_dim": model.config.proj_dim, **cfg.seed.text_encoder,
-                                           "vocab_size": len(tokenizer)}, "seed.text_encoder")
+                                           "vocab_size": len(text_tokenizer)}, "seed.text_encoder")
     params = seed_trainable(cfg, model) + list(text_encoder.parameters())
     opt = torch.optim.Adam(params, lr=cfg.train.lr, betas=cfg.train.betas)
     run.resume({"model": model, "text_encoder": text_encoder})
@@ -188,8 +188,8 @@ def train_seed_stage1(cfg: TokenizerRunConfig, run: Run, model: SEEDTokenizer) -
         final = run.out / "final"
         model.save_pretrained(final)
         text_encoder.save_pretrained(final / "text_encoder")
-        tokenizer.save_pretrained(final / "text_tokenizer")
-        metrics = retrieval_accuracy(model, text_encoder, make_dataset(cfg.data, "heldout"), tokenizer,
+        text_tokenizer.save_pretrained(final / "text_tokenizer")
+        metrics = retrieval_accuracy(model, text_encoder, make_dataset(cfg.data, "heldout"), text_tokenizer,
                                      cfg.train.eval_images, cfg.seed.retrieval_batch, L)
         write_json_atomic(final / "metrics.json", metrics)
         run.print(f"saved tokenizer to {final}; held-out {metrics}")
