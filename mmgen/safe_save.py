@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
-from mmgen.atomic import write_text_atomic
+from mmgen.atomic import atomic_dir, write_text_atomic
 
 CHECKSUM_FILE = "checksums.json"
 # measurements and descriptions recorded beside a model after it was saved (mmgen eval, train_tokenizer.py,
@@ -62,27 +59,12 @@ def write_checksums(model_dir: str | Path) -> dict:
 
 
 def save_pipeline(pipe, save_directory: str | Path, **save_kwargs) -> Path:
-    """`pipe.save_pretrained(save_directory)`, atomically and with `checksums.json`.
-
-    The pipeline is saved into a hidden temporary directory in the same parent (same filesystem, so the
-    final rename is atomic); an existing target is moved aside, replaced, then deleted. If saving fails, the
-    temporary directory is removed and the target is left as it was."""
+    """`pipe.save_pretrained(save_directory)`, atomically and with `checksums.json` (`mmgen.atomic.atomic_dir`:
+    saved beside the target, swapped in when complete; if saving fails the target is left as it was)."""
     target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         pipe.save_pretrained(tmp, **save_kwargs)
         write_checksums(tmp)
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return target
 
 

@@ -13,14 +13,13 @@ half-written checkpoint behind; `latest` names the newest complete one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmgen.atomic import write_text_atomic
+from mmgen.atomic import atomic_dir, write_text_atomic
 from mmgen.safe_save import file_sha256
 
 
@@ -110,9 +109,17 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: d
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step:07d}"
-    tmp = run_dir / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with atomic_dir(final) as tmp:  # a crash leaves the previous checkpoint and no half-written one
+        _write_checkpoint(tmp, step, modules, optimizers, extra, rng_states)
+    write_text_atomic(run_dir / "latest", final.name)
+    ckpts = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
+    for old in ckpts[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, modules: dict, optimizers: dict, extra: dict | None,
+                      rng_states: torch.Tensor | None) -> None:
     meta = {"step": step, "extra": extra or {}, "optimizers": {}, "files": {}}
     for name, module in modules.items():
         sd = {k: v.detach().cpu().contiguous()
@@ -127,14 +134,6 @@ def save_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: d
     for f in sorted(tmp.iterdir()):
         meta["files"][f.name] = file_sha256(f)
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(run_dir / "latest", final.name)
-    ckpts = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old)
-    return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
