@@ -86,7 +86,7 @@ def test_tokenizer_of_another_paradigm_is_rejected(tokenizers, tmp_path):
 def test_unknown_paradigm_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "paradigm=diffusion",
                            f"train.out_dir={tmp_path}"], capture_output=True, text=True)
-    assert proc.returncode != 0 and "paradigm must be one of next_token, next_scale, flow_head, flowar" in proc.stderr
+    assert proc.returncode != 0 and "paradigm must be one of next_token, token_shuffle, next_scale, flow_head, flowar, next_x" in proc.stderr
 
 
 def test_next_scale_with_arra_alignment(tokenizers, tmp_path):
