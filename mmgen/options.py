@@ -60,7 +60,7 @@ def seed(s):
 # sampling flag -> the pipeline call option it sets (None on the command line = not given: the model's default)
 SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temperature", "--top-k": "top_k",
                   "--top-p": "top_p", "--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
-                  "--watermark-key": "watermark_key", "--steps": "num_inference_steps",
+                  "--sjd-coupled": "sjd_coupled", "--watermark-key": "watermark_key", "--steps": "num_inference_steps",
                   "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule"}
 
 
@@ -82,6 +82,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
                          help="SJD draft tokens per pass (default 16)")
     nexttok.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
                          help="SJD draft initialization (default random; above: the token one image row up)")
+    nexttok.add_argument("--sjd-coupled", action="store_true", default=None,
+                         help="SJD: form the next drafts by maximal coupling with the old ones (lossless; drafts "
+                              "stop churning where successive passes agree)")
     if watermark:
         nexttok.add_argument("--watermark-key", default=None,
                              help="embed the distortion-free watermark under this secret key (detect with "

@@ -101,7 +101,12 @@ def test_sjd_sampler_in_pipeline_and_cli(pipe_dir, tmp_path, capsys):
     sjd = pipe(**kw, sampler="sjd", sjd_window=8, sjd_init="above", generator=torch.Generator().manual_seed(0))
     assert torch.equal(sjd.tokens, ar.tokens) and torch.equal(sjd.images, ar.images)
     assert ar.nfe == 64 and ar.step_compression == 1.0
-    assert sjd.nfe <= 64 and sjd.step_compression == pytest.approx(64 / sjd.nfe)
+    assert sjd.decoder_passes <= 64 and sjd.step_compression == pytest.approx(64 / sjd.decoder_passes)
+    coupled = pipe(**kw, sampler="sjd", sjd_window=8, sjd_coupled=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(coupled.tokens, ar.tokens)
+    assert cli.main(["generate", "a red circle", "--model", str(pipe_dir), "--out", str(tmp_path / "c.png"),
+                     "--sampler", "sjd", "--sjd-coupled", "--temperature", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe_per_image"] <= 64
     out = tmp_path / "s.png"
     assert cli.main(["generate", "a red circle", "--model", str(pipe_dir), "--out", str(out), "--sampler", "sjd",
                      "--sjd-init", "repeat", "--json"]) == 0

@@ -222,3 +222,45 @@ def test_to_llama_gives_the_same_logits_and_greedy_tokens(rope_2d):
                           do_sample=False, suppress_tokens=[i for i in range(layout.vocab.size) if not off <= i < off + 16],
                           pad_token_id=0)
     assert torch.equal(out[0, prompt.shape[1]:] - off, ar.flatten())
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_coupled_drafts_sample_the_ar_distribution(config):
+    """Maximally coupled drafts (old draft kept with probability min(1, p/q), else a residual draw) keep SJD
+    exact for every initialization, with guidance, temperature and top-k."""
+    cfg = CONFIGS[config]
+    model, layout = peaked_model()
+    V = layout.vocab.image_vocab_size
+    target = exact_distribution(model, layout, PROMPTS[0], cfg)
+    bound = tv_bound(target, N_SAMPLES)
+    for init, window in [("random", 4), ("repeat", 3), ("sample_left", 4), ("above", 2)]:
+        torch.manual_seed(5)
+        codes, stats = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, cfg, SJDConfig(window, init, True))
+        distance = tv(empirical(codes.flatten(1), V), target)
+        assert distance < bound, f"init={init}: TV {distance:.4f} >= bound {bound:.4f}"
+        assert stats.decoder_passes < layout.num_image_tokens + 1
+
+
+def test_a_wrong_coupling_is_caught(monkeypatch):
+    """Keeping an old draft whenever the new distribution allows it (no min(1, p/q) acceptance) makes the drafts
+    no longer distributed as the q they are verified against; the enumeration test sees the bias."""
+    import mmgen.sampling.sjd as sjd_module
+
+    def keep_whenever_possible(x, q, p, u, noise, greedy):
+        px = p.gather(-1, x[..., None]).squeeze(-1)
+        return torch.where(px > 0, x, sjd_module._race(p, noise, greedy))
+
+    monkeypatch.setattr(sjd_module, "_couple", keep_whenever_possible)
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], SamplingConfig())
+    torch.manual_seed(5)
+    codes, _ = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, SamplingConfig(), SJDConfig(4, "repeat", True))
+    assert tv(empirical(codes.flatten(1), 4), target) > tv_bound(target, N_SAMPLES)
+
+
+def test_coupled_greedy_equals_greedy_ar():
+    model, layout = peaked_model(seed=4, image_vocab=16, grid=(4, 5))
+    cfg = SamplingConfig(guidance_scale=3.0, temperature=0)
+    ar, _ = generate(model, layout, [[3, 4, 5], [6]], cfg)
+    sjd, _ = generate_sjd(model, layout, [[3, 4, 5], [6]], cfg, SJDConfig(6, "random", True))
+    assert torch.equal(sjd, ar)

@@ -39,7 +39,7 @@ WATERMARK_FILE = "watermark.json"
 class NextTokenPipeline(DiffusionPipeline):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
-                    "sjd_window": 16, "sjd_init": "random", "watermark_key": None, "cfg_schedule": "constant"}
+                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None, "cfg_schedule": "constant"}
 
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer,
                  tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
@@ -123,6 +123,7 @@ class NextTokenPipeline(DiffusionPipeline):
         sampler: str = "ar",
         sjd_window: int = 16,
         sjd_init: str = "random",
+        sjd_coupled: bool = False,
         watermark_key: str | None = None,
         cfg_schedule: str = "constant",
     ):
@@ -130,7 +131,8 @@ class NextTokenPipeline(DiffusionPipeline):
 
         sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
         distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
-        random / repeat / sample_left / above). Image i of a call uses its own generator, so with a seed per
+        random / repeat / sample_left / above; `sjd_coupled`: next drafts by maximal coupling with the old ones,
+        still exact). Image i of a call uses its own generator, so with a seed per
         image the result does not depend on the batch size. `watermark_key`: embed the distortion-free
         watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
         `detect_watermark`.
@@ -154,7 +156,7 @@ class NextTokenPipeline(DiffusionPipeline):
             raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                              f"spans many positions); use cfg_schedule='constant'")
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
-        sjd = SJDConfig(sjd_window, sjd_init) if sampler == "sjd" else None
+        sjd = SJDConfig(sjd_window, sjd_init, sjd_coupled) if sampler == "sjd" else None
         processor = None
         if watermark_key is not None:
             processor = WatermarkProcessor(self.watermark_config(), watermark_key)

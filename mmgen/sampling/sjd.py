@@ -20,6 +20,11 @@ Differences from the reference implementation, all keeping exactness:
   and ``above`` (copy the token one image row up: the vertical spatial prior, not in the paper).
   A copied or uniformly drawn draft is treated as deterministic (q one-hot at the draft), which makes the
   acceptance probability p_j(x) and the residual p_j without x, renormalized.
+* ``coupled=True`` forms the next pass's drafts by maximal coupling (Speculative Coupled Decoding / MC-SJD):
+  at every unverified window position the old draft x ~ q is kept with probability min(1, p(x) / q(x)), else
+  replaced by a draw from normalize(max(0, p - q)). The new draft is still distributed as this pass's p (so it
+  is verified against q = p as before), but it stops churning where p and q agree, which plain Jacobi
+  resampling does not.
 * Temperature 0 gives greedy Jacobi decoding: the accepted tokens are the greedy AR tokens, and a draft is
   kept exactly when it equals the current argmax (the deterministic convergence check).
 
@@ -44,12 +49,15 @@ INITS = ("random", "repeat", "sample_left", "above")
 class SJDConfig:
     window: int = 16  # draft tokens verified per forward pass (the paper's max_num_new_tokens)
     init: str = "random"
+    coupled: bool = False  # next drafts by maximal coupling with the old ones instead of fresh draws
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= 1024:
             raise ValueError(f"sjd window must be an integer in [1, 1024], got {self.window!r}")
         if self.init not in INITS:
             raise ValueError(f"sjd init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if not isinstance(self.coupled, bool):
+            raise ValueError(f"sjd coupled must be True or False, got {self.coupled!r}")
 
 
 @dataclass
@@ -136,6 +144,18 @@ class RowRandom:
 def _race(probs: torch.Tensor, noise: torch.Tensor, greedy: bool) -> torch.Tensor:
     """Sample from probs (..., V) with Exp(1) noise: argmax p / E (the same sampler as plain AR)."""
     return probs.argmax(-1) if greedy else (probs / noise).argmax(-1)
+
+
+def _couple(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u: torch.Tensor, noise: torch.Tensor,
+            greedy: bool) -> torch.Tensor:
+    """Maximal coupling of draft x ~ q (..., ) with p (..., V): keep x with probability min(1, p(x) / q(x)),
+    else draw from normalize(max(0, p - q)). The result is distributed as p and equals x as often as possible."""
+    px = p.gather(-1, x[..., None]).squeeze(-1)
+    qx = q.gather(-1, x[..., None]).squeeze(-1).clamp_min(1e-30)
+    resid = (p - q).clamp_min(0)
+    mass = resid.sum(-1, keepdim=True)
+    resid = torch.where(mass > 1e-6, resid / mass.clamp_min(1e-30), p)  # p == q: x is always kept anyway
+    return torch.where(u < px / qx, x, _race(resid, noise, greedy))
 
 
 def _one_hot(tokens: torch.Tensor, V: int) -> torch.Tensor:
@@ -232,6 +252,7 @@ def jacobi_sample(
         e_fresh = rng.exponential(active, L, V)[:, :T]
         e_resid = rng.exponential(active, V)
         u_init = rng.uniform(active, L)
+        u_couple = rng.uniform(active, L)[:, :T] if sjd.coupled else None
 
         # verify drafts left to right
         x = drafts[:, :T]
@@ -256,8 +277,9 @@ def jacobi_sample(
         c_idx = (n_a[:, None] + arange_L[None, :T])[keep_pos]
         out[r_idx, c_idx] = commit[keep_pos]
 
-        # Jacobi update: unverified positions get fresh drafts from this pass; new slots are initialized
-        fresh = _race(p, e_fresh, greedy)
+        # Jacobi update: unverified positions get drafts distributed as this pass's p (fresh draws, or the old
+        # drafts maximally coupled to them); new slots are initialized
+        fresh = _couple(x, q[:, :T], p, u_couple, e_fresh, greedy) if sjd.coupled else _race(p, e_fresh, greedy)
         src = arange_L[None, :] + a[:, None]  # old window position of new slot j
         from_pass = src < T
         src_c = src.clamp_max(T - 1)
