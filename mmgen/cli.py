@@ -119,8 +119,11 @@ def cmd_watermark_detect(args) -> dict:
             raise CLIError(f"IMAGE {path!r} is not a readable image ({e.__class__.__name__})") from None
     pipe = load_pipeline(model)
     results = pipe.detect_watermark(images, args.key, fpr=args.fpr)
-    return {"model": str(args.model), "fpr": args.fpr, "method": pipe.watermark_config().method,
-            "images": [{"image": p, **r} for p, r in zip(args.images, results)]}
+    report = {"model": str(args.model), "fpr": args.fpr, "method": pipe.watermark_config().method,
+              "images": [{"image": p, **r} for p, r in zip(args.images, results)]}
+    if args.combine:
+        report["combined"] = pipe.detect_watermark(images, args.key, fpr=args.fpr, combine=True)
+    return report
 
 
 def cmd_bench(args) -> dict:
@@ -240,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="saved pipeline directory or shipped model name (its tokenizer and watermark.json)")
     d.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the verdict, in (0, 1)")
+    d.add_argument("--combine", action="store_true",
+                   help="also test the images as one set made with one key: one pooled, calibrated p-value")
     d.add_argument("--json", action="store_true", help="print a JSON result")
     d.set_defaults(func=cmd_watermark_detect)
 

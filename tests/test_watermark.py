@@ -3,6 +3,7 @@
 import importlib.util
 import itertools
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from mmgen.paradigms.next_token import NextTokenLayout, generate, generate_sjd
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import (WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_by_confusion,
-                             cluster_codebook, confusion_matrix, detect_tokens, kmeans)
+                             cluster_codebook, confusion_matrix, detect_tokens,
+                             detect_tokens_combined, kmeans)
 from mmgen.watermark.core import binomial_sf, contexts, uniform_sum_sf
 from test_sjd import N_SAMPLES, empirical, peaked_model, tv, tv_bound
 
@@ -98,6 +100,50 @@ def test_false_positive_rate_of_the_other_keyings_and_statistics(keying, context
     for nominal in (0.01, 0.05, 0.2):
         assert (p_values < nominal).float().mean() <= nominal, nominal
     assert (p_values < 0.5).float().mean() > 0.3  # p-values spread over [0, 1], not stuck at 1
+
+
+def test_set_level_detection_is_calibrated_and_pools_first_occurrences():
+    """`detect_tokens_combined` tests a set of images as one: contexts are scored at their first occurrence in the
+    whole set, so the pooled p-value keeps its exact null even when images repeat content. Sets here hold one
+    sequence twice; pooling per-image first occurrences instead (the wrong variant) double-counts it and the
+    false-positive rate exceeds the nominal one."""
+    from mmgen.watermark import core
+
+    clusters = torch.arange(64).remainder(8).tolist()
+    cfg = WatermarkConfig(num_clusters=8, context=2, keying="clusters", statistic="rank", clusters=clusters)
+    seqs = _markov_sequences(900, seed=2)
+    sets = [torch.stack([seqs[3 * i], seqs[3 * i], seqs[3 * i + 1], seqs[3 * i + 2]]) for i in range(300)]
+    pooled, naive = [], []
+    for i, s in enumerate(sets):
+        d = detect_tokens_combined(s, cfg, f"key-{i}")
+        singles = detect_tokens(s[1:], cfg, f"key-{i}")
+        assert d.scored <= sum(x.scored for x in singles)  # the duplicate adds nothing
+        pooled.append(d.p_value)
+        perms = core.KeyedPermutations(f"key-{i}", 8)
+        ranks = [r for row in cfg.symbols(s).tolist() for r in core._scored_ranks(row, cfg, perms, set())]
+        naive.append(core._detection(ranks, cfg).p_value)
+    pooled, naive = torch.tensor(pooled), torch.tensor(naive)
+    for nominal in (0.01, 0.05, 0.1):
+        bound = nominal + 3 * math.sqrt(nominal * (1 - nominal) / len(sets))  # 3 binomial sds over 300 sets
+        assert (pooled < nominal).float().mean() <= bound, nominal
+        if nominal < 0.1:
+            assert (naive < nominal).float().mean() > bound, nominal  # the wrong variant fails the same check
+    assert (pooled < 0.5).float().mean() > 0.3
+
+
+def test_set_level_detection_flags_a_watermarked_set():
+    """Four watermarked images pooled into one test: flagged at 1% under their key, not under another. A context
+    counts once per set, so the pooled test scores fewer positions than the images together (K = 8, h = 2)."""
+    model, layout = high_entropy_model()
+    clusters = kmeans(model.tok_emb.weight[-64:].detach(), 8).tolist()
+    cfg = WatermarkConfig(num_clusters=8, context=2, clusters=clusters, alpha=0.2)
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(4)]
+    codes, _ = generate(model, layout, [[3, 4]] * 4, SamplingConfig(), gens, processor=WatermarkProcessor(cfg, "k1"))
+    singles = detect_tokens(codes.flatten(1), cfg, "k1")
+    pooled = detect_tokens_combined(codes.flatten(1), cfg, "k1")
+    assert max(d.scored for d in singles) < pooled.scored < sum(d.scored for d in singles)
+    assert pooled.p_value < 0.01
+    assert detect_tokens_combined(codes.flatten(1), cfg, "k2").p_value > 0.01
 
 
 def test_rank_sum_tail_is_exact():
@@ -253,12 +299,16 @@ def test_pipeline_save_load_keeps_the_cluster_table(watermarked):
 def test_cli_detect_reports_p_values(watermarked):
     tmp_path = watermarked.dir
     proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "watermark", "detect", str(tmp_path / "w0.png"),
-                           str(tmp_path / "w1.png"), "--key", "k", "--model", str(tmp_path / "m"), "--json"],
+                           str(tmp_path / "w1.png"), "--key", "k", "--model", str(tmp_path / "m"), "--json",
+                           "--combine"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["method"] == "c-reweight" and len(result["images"]) == 2
     assert all(0 <= r["p_value"] <= 1 and isinstance(r["watermarked"], bool) for r in result["images"])
+    combined = result["combined"]  # one pooled test for the two images
+    assert combined["images"] == 2 and 0 <= combined["p_value"] <= 1 and isinstance(combined["watermarked"], bool)
+    assert max(r["scored"] for r in result["images"]) <= combined["scored"] <= sum(r["scored"] for r in result["images"])
 
 
 @pytest.mark.parametrize("args, needle", [(["--key", "k", "{tmp}/notes.txt"], "not a readable image"),

@@ -26,7 +26,8 @@ from mmgen.pipelines.base import (ARPipelineOutput, check_call, check_image_mode
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
-from mmgen.watermark import WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens
+from mmgen.watermark import (WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens,
+                             detect_tokens_combined)
 from mmgen.text import encode_prompts
 from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
 from tokenizers_vis.protocol import as_visual_tokenizer
@@ -99,14 +100,18 @@ class NextTokenPipeline(DiffusionPipeline):
         return self.visual_tokenizer.encode_tokens(torch.cat(batch).to(self.vq_model.device)).flatten(1)
 
     @torch.no_grad()
-    def detect_watermark(self, images, key: str, fpr: float = 0.01) -> list[dict]:
+    def detect_watermark(self, images, key: str, fpr: float = 0.01, combine: bool = False) -> list[dict] | dict:
         """Re-encode images with the tokenizer and test for the watermark under `key`: per image the statistic
         (rank sum or green count, as the config says), scored positions, z-score, p-value (exact under no
         watermark) and the verdict at `fpr`. Images of another size are resized (bicubic) to the tokenizer's
-        resolution first."""
+        resolution first. `combine=True`: one test for the whole set (images made with one key), its scored
+        positions pooled (`mmgen.watermark.detect_tokens_combined`); returns one dict."""
         if not 0 < fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-        return [d.as_dict(fpr) for d in detect_tokens(self.retokenize(images), self.watermark_config(), key)]
+        tokens, config = self.retokenize(images), self.watermark_config()
+        if combine:
+            return {"images": len(tokens), **detect_tokens_combined(tokens, config, key).as_dict(fpr)}
+        return [d.as_dict(fpr) for d in detect_tokens(tokens, config, key)]
 
     @torch.no_grad()
     def __call__(

@@ -6,8 +6,9 @@ a confusion cluster table in `scripts/watermark_channel.py`."""
 
 from mmgen.watermark.core import (CLUSTERINGS, KEYINGS, METHODS, STATISTICS, Detection, KeyedPermutations,
                                   WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_by_confusion,
-                                  cluster_codebook, confusion_matrix, detect_tokens, kmeans)
+                                  cluster_codebook, confusion_matrix, detect_tokens,
+                                  detect_tokens_combined, kmeans)
 
 __all__ = ["CLUSTERINGS", "KEYINGS", "METHODS", "STATISTICS", "Detection", "KeyedPermutations", "WatermarkConfig",
            "WatermarkProcessor", "alpha_reweight", "cluster_by_confusion", "cluster_codebook", "confusion_matrix",
-           "detect_tokens", "kmeans"]
+           "detect_tokens", "detect_tokens_combined", "kmeans"]

@@ -233,14 +233,6 @@ def contexts(symbols: list[int], h: int, keying: str = "clusters") -> list[tuple
     return ctxs
 
 
-def first_occurrence(ctxs: list[tuple[int, ...]]) -> list[bool]:
-    seen, first = set(), []
-    for c in ctxs:
-        first.append(c not in seen)
-        seen.add(c)
-    return first
-
-
 # ---- reweighting ------------------------------------------------------------------------------------------
 
 
@@ -363,21 +355,40 @@ def detect_tokens(tokens: torch.Tensor, config: WatermarkConfig, key: str) -> li
     (rank >= ceil(gamma K)) is Binomial(n, g) and the rank sum is a sum of n discrete uniforms. Both p-values
     are exact tails. The rank sum also credits a symbol that the reweight pushed high but not past the green
     threshold (alpha-reweight moves mass towards the end of pi, not only into the green half)."""
-    K = config.num_symbols
-    perms = KeyedPermutations(key, K)
+    perms = KeyedPermutations(key, config.num_symbols)
+    return [_detection(_scored_ranks(row, config, perms, set()), config)
+            for row in config.symbols(tokens.reshape(len(tokens), -1).cpu()).tolist()]
+
+
+def detect_tokens_combined(tokens: torch.Tensor, config: WatermarkConfig, key: str) -> Detection:
+    """One detection for a set of token sequences (B, N) made with one key: every image's scored ranks pooled
+    into one statistic. A context is scored at its first occurrence in the whole set (images in order, raster
+    order inside each), since the same context in two images shares its permutation (shapes scenes share their
+    backgrounds); distinct contexts keep the ranks independent and uniform under H0, so the p-value is the same
+    exact tail as for one image, over all the set's scored positions."""
+    perms, seen = KeyedPermutations(key, config.num_symbols), set()
+    ranks = [r for row in config.symbols(tokens.reshape(len(tokens), -1).cpu()).tolist()
+             for r in _scored_ranks(row, config, perms, seen)]
+    return _detection(ranks, config)
+
+
+def _scored_ranks(row: list[int], config: WatermarkConfig, perms: KeyedPermutations, seen: set) -> list[int]:
+    """Ranks of the symbols whose context is not in `seen` yet (their first occurrence); adds those contexts."""
+    ranks = []
+    for sym, ctx in zip(row, contexts(row, config.context, config.keying)):
+        if ctx not in seen:
+            seen.add(ctx)
+            ranks.append(int(perms.ranks(ctx)[sym]))
+    return ranks
+
+
+def _detection(ranks: list[int], config: WatermarkConfig) -> Detection:
+    K, n = config.num_symbols, len(ranks)
+    if config.statistic == "rank":
+        total = sum(ranks)
+        null_std = math.sqrt((K * K - 1) / 12)  # of one uniform rank on {0, ..., K-1}
+        return Detection("rank", total, n, (K - 1) / 2, null_std, uniform_sum_sf(total, n, K))
     threshold = math.ceil(config.gamma * K)
     g = (K - threshold) / K
-    out = []
-    for row in config.symbols(tokens.reshape(len(tokens), -1).cpu()).tolist():
-        ctxs = contexts(row, config.context, config.keying)
-        first = first_occurrence(ctxs[:-1])
-        ranks = [int(perms.ranks(ctx)[sym]) for sym, ctx, f in zip(row, ctxs, first) if f]
-        n = len(ranks)
-        if config.statistic == "rank":
-            total = sum(ranks)
-            null_std = math.sqrt((K * K - 1) / 12)  # of one uniform rank on {0, ..., K-1}
-            out.append(Detection("rank", total, n, (K - 1) / 2, null_std, uniform_sum_sf(total, n, K)))
-        else:
-            green = sum(r >= threshold for r in ranks)
-            out.append(Detection("green", green, n, g, math.sqrt(g * (1 - g)), binomial_sf(green, n, g)))
-    return out
+    green = sum(r >= threshold for r in ranks)
+    return Detection("green", green, n, g, math.sqrt(g * (1 - g)), binomial_sf(green, n, g))
