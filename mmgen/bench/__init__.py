@@ -197,7 +197,7 @@ def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8
     `eval_per_category`, compositional accuracy too."""
     from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
     from mmgen.eval.compositional import evaluate
-    from mmgen.pipelines import NextTokenPipeline, load_pipeline
+    from mmgen.pipelines import load_pipeline, paradigm_name
     from mmgen.pipelines.base import generators_from_seed
 
     models = {k: Path(v) for k, v in (models or zoo_models()).items()}
@@ -206,8 +206,9 @@ def bench_paradigms(models: dict | None = None, baseline=None, batch_sizes=(1, 8
     for name, d in {"baseline": baseline, **models}.items():
         pipes[name] = load_pipeline(d).to(device)
         pipes[name].set_progress_bar_config(disable=True)
-    if not isinstance(pipes["baseline"], NextTokenPipeline):
-        raise ValueError(f"baseline {str(baseline)!r} must be a NextTokenPipeline, got {type(pipes['baseline']).__name__}")
+    if paradigm_name(pipes["baseline"]) not in ("next_token", "token_shuffle"):
+        raise ValueError(f"baseline {str(baseline)!r} must be a next_token model, got paradigm "
+                         f"{paradigm_name(pipes['baseline'])!r}")
     report = {"baseline": str(baseline), "guidance_scale": guidance_scale, "models": {}}
     bar = tqdm(total=len(pipes) * (len(batch_sizes) + (1 if eval_per_category else 0)), desc="bench paradigms",
                disable=not progress)
@@ -366,7 +367,7 @@ def _memory_workload(job: dict) -> None:
     pipeline's decoder on random codes (batch `batch`, captions from the shapes prompts)."""
     from mmgen.data.shapes import heldout_prompts
     from mmgen.paradigms import next_token
-    from mmgen.pipelines import NextTokenPipeline, load_pipeline
+    from mmgen.pipelines import load_pipeline, paradigm_name
     from mmgen.pipelines.base import generators_from_seed
     from mmgen.text import encode_prompts
 
@@ -377,9 +378,9 @@ def _memory_workload(job: dict) -> None:
     if job["kind"] == "generate":
         pipe(prompt=prompts, generator=generators_from_seed(0, b))
         return
-    if not isinstance(pipe, NextTokenPipeline) or pipe.shuffle:
-        raise ValueError(f"the memory suite trains a plain next-token decoder; {job['model']!r} holds a "
-                         f"{type(pipe).__name__}")
+    if paradigm_name(pipe) != "next_token":
+        raise ValueError(f"the memory suite trains a plain next-token decoder; {job['model']!r} holds paradigm "
+                         f"{paradigm_name(pipe)!r}")
     model, layout = pipe.transformer.train().requires_grad_(True), pipe.layout
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
