@@ -1,8 +1,10 @@
 """`mmgen serve`: a Gradio web demo over saved pipelines.
 
-One page: prompt, model (its paradigm is its pipeline class), sampler (AR, or speculative Jacobi decoding where
-the pipeline offers it), seed, guidance scale, number of images and the distortion-free watermark, then a
-gallery of the images and one status line (seconds, decoder passes). It calls pipelines exactly as
+Two tabs. Generate: prompt, model (its paradigm is its pipeline class), sampler (AR, or speculative Jacobi
+decoding where the pipeline offers it), seed, guidance scale, number of images and the distortion-free
+watermark, then a gallery of the images and one status line (seconds, decoder passes). Detect: upload images,
+pick the model and type the key; per image the p-value and verdict, and optionally one pooled test for the set
+(`mmgen watermark detect ... --combine`). It calls pipelines exactly as
 `mmgen generate` does: `load_pipeline` once per model (lazily, then cached) and `generators_from_seed`, so the
 same settings give the same images on the page and on the command line.
 
@@ -135,6 +137,44 @@ class DemoModels:
             status += "; watermarked"
         return [(image, f"seed {seed + i}") for i, image in enumerate(out.images)], status + "."
 
+    def detect(self, files, model: str, key: str, combine: bool = False, fpr: float = 0.01) -> str:
+        """The Detect tab's callback: uploaded image files -> a Markdown table of per-image p-values and verdicts
+        at `fpr` (and the pooled test of the set with `combine`), as `mmgen watermark detect` reports them."""
+        from PIL import Image, UnidentifiedImageError
+
+        if model not in self.dirs:
+            raise _error(f"model must be one of {', '.join(self.dirs)}; got {model!r}")
+        if "watermark_key" not in self.accepts(model):
+            raise _error(f"Watermark detection needs a next-token model; {model} is a "
+                         f"{self.classes[model].__name__}.")
+        paths = [getattr(f, "name", f) for f in (files or [])]
+        if not paths:
+            raise _error("Upload at least one image.")
+        if not key:
+            raise _error("Enter the watermark key the images were generated with.")
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    images.append(im.copy())
+            except (UnidentifiedImageError, OSError):
+                raise _error(f"{Path(path).name} is not a readable image.") from None
+        try:
+            pipe = self.pipeline(model)
+            results = pipe.detect_watermark(images, key, fpr=fpr)
+            pooled = pipe.detect_watermark(images, key, fpr=fpr, combine=True) if combine else None
+        except ValueError as e:
+            raise _error(str(e)) from None
+        verdict = {True: "watermarked", False: "not detected"}
+        lines = [f"| image | p-value | verdict at {fpr:g} |", "|---|---|---|"]
+        lines += [f"| {Path(p).name} | {r['p_value']:.3g} | {verdict[r['watermarked']]} |"
+                  for p, r in zip(paths, results)]
+        if pooled is not None:
+            lines.append(f"| all {pooled['images']} together | {pooled['p_value']:.3g} | "
+                         f"{verdict[pooled['watermarked']]} |")
+        return "\n".join(lines)
+
     def controls(self, model: str):
         """Updates for the sampler and watermark controls when `model` is picked (off where they have no use), its
         description, and the guidance slider set to the model's own scale."""
@@ -161,7 +201,8 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
     """The demo page over `models` (name -> saved pipeline directory; default: the shipped zoo).
 
     Components carry stable `elem_id`s (prompt, model, sampler, seed, guidance, num-images, watermark,
-    watermark-key, generate, output, status, model-info) for browser tests. The `DemoModels` behind the page
+    watermark-key, generate, output, status, model-info; detect-files, detect-model, detect-key, detect-combine,
+    detect, detect-result) for browser tests. The `DemoModels` behind the page
     is `demo.models`.
     """
     if models is None:
@@ -172,7 +213,7 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
     sjd, wm = ("sampler" in backend.accepts(first)), ("watermark_key" in backend.accepts(first))
     with gr.Blocks(title="mmgen", analytics_enabled=False) as demo:
         gr.Markdown("# mmgen: autoregressive text-to-image")
-        with gr.Row():
+        with gr.Tab("Generate", elem_id="tab-generate"), gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", placeholder="a red circle above a blue square", elem_id="prompt")
                 model = gr.Dropdown(choices=[(f"{name} ({backend.classes[name].__name__})", name)
@@ -199,6 +240,21 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
                 gallery = gr.Gallery(label="Images", format="png", columns=4, object_fit="contain",
                                      elem_id="output")
                 status = gr.Markdown(elem_id="status")
+        detectable = [name for name in backend.dirs if "watermark_key" in backend.accepts(name)]
+        with gr.Tab("Detect", elem_id="tab-detect"), gr.Row():
+            with gr.Column():
+                files = gr.File(file_count="multiple", file_types=["image"], label="Images",
+                                elem_id="detect-files")
+                detect_model = gr.Dropdown(choices=detectable, value=detectable[0] if detectable else None,
+                                           label="Model the images came from", elem_id="detect-model")
+                detect_key = gr.Textbox(label="Watermark key", type="password", elem_id="detect-key")
+                combine = gr.Checkbox(value=False, label="Also test them as one set (one pooled p-value)",
+                                      elem_id="detect-combine")
+                detect_button = gr.Button("Detect", variant="primary", elem_id="detect")
+            with gr.Column():
+                detect_result = gr.Markdown(elem_id="detect-result")
+        detect_button.click(backend.detect, inputs=[files, detect_model, detect_key, combine],
+                            outputs=detect_result)
         model.change(backend.controls, inputs=model, outputs=[sampler, watermark, key, info, guidance])
         gr.on([button.click, prompt.submit], backend.generate,
               inputs=[prompt, model, sampler, seed, guidance, num_images, watermark, key],

@@ -203,6 +203,57 @@ def test_page_in_headless_chromium(tiny_dir, reference, browser):
         demo.close()
 
 
+def test_detect_tab_reports_what_the_pipeline_detects(models, reference, tmp_path):
+    """The Detect callback gives, per uploaded file, the p-value `detect_watermark` gives, and the pooled test
+    with `combine`; wrong inputs are refused by name."""
+    out = reference(prompt="two green stars", num_images_per_prompt=2, watermark_key="s3",
+                    generator=generators_from_seed(0, 2))
+    paths = []
+    for i, im in enumerate(out.images):
+        im.save(tmp_path / f"m{i}.png")
+        paths.append(str(tmp_path / f"m{i}.png"))
+    want = reference.detect_watermark([Image.open(p) for p in paths], "s3")
+    pooled = reference.detect_watermark([Image.open(p) for p in paths], "s3", combine=True)
+    table = models.detect(paths, "tiny", "s3", combine=True)
+    rows = table.splitlines()
+    assert len(rows) == 2 + 2 + 1 and rows[0] == "| image | p-value | verdict at 0.01 |"
+    for row, path, r in zip(rows[2:4], paths, want):
+        assert row.startswith(f"| m{paths.index(path)}.png | {r['p_value']:.3g} |")
+    assert rows[4].startswith(f"| all 2 together | {pooled['p_value']:.3g} |")
+    (tmp_path / "notes.txt").write_text("not an image")
+    for args, needle in [(([], "tiny", "s3"), "Upload at least one image"), ((paths, "tiny", ""), "Enter the"),
+                         ((paths, "shapes-flowar", "s3"), "needs a next-token model"),
+                         (([str(tmp_path / "notes.txt")], "tiny", "s3"), "notes.txt is not a readable image")]:
+        with pytest.raises(gr.Error, match=needle):
+            models.detect(*args)
+
+
+def test_detect_tab_in_headless_chromium(tiny_dir, reference, browser, tmp_path):
+    """Open the Detect tab, upload a watermarked image, type the key, press Detect: its p-value appears."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out = reference(prompt="a red circle", watermark_key="s3", generator=generators_from_seed(1, 1))
+    out.images[0].save(tmp_path / "marked.png")
+    want = reference.detect_watermark([Image.open(tmp_path / "marked.png")], "s3")[0]
+    demo = serve.serve({"tiny": tiny_dir}, port=free_port(), block=False)
+    try:
+        browser.get(demo.local_url)
+        wait = WebDriverWait(browser, 30)
+        tab = wait.until(EC.element_to_be_clickable((By.XPATH, "//button[@role='tab'][contains(., 'Detect')]")))
+        tab.click()
+        upload = wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#detect-files input[type=file]")))
+        upload.send_keys(str(tmp_path / "marked.png"))
+        wait.until(EC.text_to_be_present_in_element((By.ID, "detect-files"), "marked"))  # the upload landed
+        browser.find_element(By.CSS_SELECTOR, "#detect-key input").send_keys("s3")
+        browser.find_element(By.ID, "detect").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "detect-result"), f"{want['p_value']:.3g}"))
+        assert "marked.png" in browser.find_element(By.ID, "detect-result").text
+    finally:
+        demo.close()
+
+
 def test_model_default_guidance(tiny_dir, tmp_path, monkeypatch):
     """A model saved with its own guidance scale samples at it when a call, the CLI or the page gives none, and
     the scale survives save/reload through model_index.json; models saved without one keep the pipelines' 3."""
