@@ -145,7 +145,7 @@ def test_bench_paradigms_ratios(dirs):
         assert row["pipeline"] == cls.__name__ and row["nfe_per_image"] == nfe
         assert row["nfe_ratio"] == pytest.approx(nfe / 16, abs=1e-4)
         lat = row["latency"]["batch_1"]
-        assert lat["speedup"] * lat["latency_ratio"] == pytest.approx(1.0, abs=0.01)
+        assert abs(lat["speedup"] * lat["latency_ratio"] - 1) <= 5e-4 * (lat["speedup"] + lat["latency_ratio"]) + 1e-6
         assert row["accuracy"]["n"] == 4 and 0 <= row["accuracy"]["accuracy"] <= 1
     # xAR's decoder integrates each entity's flow itself: prompt + 4 entities x 25 Euler steps + 3 cache writes
     assert rows["next_x"]["model_evals_per_image"] == 1 + 4 * 25 + 3 and "model_evals_per_image" not in rows["flowar"]
