@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     pipe_dir = resolve_model(args.model)
     pipe = load_pipeline(pipe_dir)
-    codebook = pipe.vq_model.quantizer.codebook.detach().cpu()
+    codebook = pipe.visual_tokenizer.codebook.detach().cpu()
     if not 1 <= args.clusters <= len(codebook):
         parser.error(f"--clusters must be in [1, {len(codebook)}], got {args.clusters}")
     if args.mass_cap < 1:

@@ -5,11 +5,13 @@
     image_size    side of the square images it reads and writes
     token_shape   per-image shape of its tokens: (h, w), (L,) or (C, h, w)
     vocab_size    codebook size (0 for latents)
+    codebook      (codes only) the (V, D) vectors the ids index
     encode_tokens(images (B, 3, H, W) in [-1, 1]) -> tokens (B, *token_shape)
     decode_tokens(tokens) -> images (B, 3, H, W) in [-1, 1]
 
-Our tokenizer classes implement it directly; `as_visual_tokenizer` wraps a component that does not (a diffusers
-`AutoencoderKL`, stored as such in saved pipelines). Callers use the protocol, never the class.
+Our tokenizer classes implement it directly; `as_visual_tokenizer` wraps a component that does not: a diffusers
+`AutoencoderKL` (continuous latents) or `VQModel` (codes), each stored as itself in saved pipelines. Callers use
+the protocol, never the class.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTokenizer
@@ -75,19 +77,66 @@ class VAETokenizer:
         return decode_latents(self.vae, latents)
 
 
+class VQModelTokenizer:
+    """A diffusers `VQModel` (VQGAN as in latent diffusion / taming-transformers) as a visual tokenizer: codebook
+    indices on the latent grid, decoded through the codebook, `post_quant_conv` and the decoder."""
+
+    kind = "codes"
+
+    def __init__(self, vq: VQModel):
+        self.vq = vq
+
+    @property
+    def image_size(self) -> int:
+        return self.vq.config.sample_size
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        side = self.image_size // 2 ** (len(self.vq.config.block_out_channels) - 1)
+        return side, side
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vq.config.num_vq_embeddings
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.quantize.embedding.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.vq.device
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.vq.encode(images).latents
+        _, _, (_, _, ids) = self.vq.quantize(h)
+        return ids.view(len(images), *self.token_shape)
+
+    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        B, (h, w) = len(ids), self.token_shape
+        if tuple(ids.shape[1:]) != (h, w):
+            raise ValueError(f"codes must have shape (B, {h}, {w}), got {tuple(ids.shape)}")
+        z_q = self.vq.quantize.get_codebook_entry(ids.reshape(-1), (B, h, w, self.vq.config.vq_embed_dim or
+                                                                     self.vq.config.latent_channels))
+        return self.vq.decode(z_q, force_not_quantize=True).sample.clamp(-1, 1)
+
+
 def as_visual_tokenizer(component) -> VisualTokenizer:
     """The protocol view of a pipeline's tokenizer component: itself, or its adapter."""
     if isinstance(component, VisualTokenizer):
         return component
     if isinstance(component, AutoencoderKL):
         return VAETokenizer(component)
+    if isinstance(component, VQModel):
+        return VQModelTokenizer(component)
     raise TypeError(f"{type(component).__name__} is not a visual tokenizer: expected one of "
                     f"{', '.join(TOKENIZER_CLASSES)} or a class implementing tokenizers_vis.protocol.VisualTokenizer")
 
 
 # saved tokenizer directories name their class in config.json's `_class_name`
-TOKENIZER_CLASSES = {cls.__name__: cls for cls in (VQGAN, MultiScaleVQGAN, SEEDTokenizer, AutoencoderKL)}
-CLASS_KINDS = {"VQGAN": "codes", "SEEDTokenizer": "codes", "MultiScaleVQGAN": "scale_codes", "AutoencoderKL": "latents"}
+TOKENIZER_CLASSES = {cls.__name__: cls for cls in (VQGAN, MultiScaleVQGAN, SEEDTokenizer, AutoencoderKL, VQModel)}
+CLASS_KINDS = {"VQGAN": "codes", "SEEDTokenizer": "codes", "MultiScaleVQGAN": "scale_codes", "AutoencoderKL": "latents",
+               "VQModel": "codes"}
 
 
 def tokenizer_class_name(directory: str | Path) -> str:

@@ -343,6 +343,11 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
     def token_shape(self) -> tuple[int, int]:
         return self.grid_size
 
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(V, D) the vectors the codes index (lookup space), e.g. for the watermark's clusters."""
+        return self.quantizer.codebook
+
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.encode(images)
 

@@ -1,10 +1,10 @@
 """Text-to-image by raster next-token prediction (LlamaGen / Lumina-mGPT style), as a diffusers pipeline.
 
-Components: a text tokenizer (`transformers`), the decoder, and a `VQGAN` (or the 1-D `SEEDTokenizer`) visual
-tokenizer. The decoder is either the plain `Transformer` (one token per pass, `paradigms.next_token`) or a
-`TokenShuffleTransformer` (Token-Shuffle, Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass,
-`paradigms.token_shuffle`). The pipeline owns the visible loop: tokenize prompts, sample image codes, decode
-them to pixels, return PIL images.
+Components: a text tokenizer (`transformers`), the decoder, and a visual tokenizer giving codes (`VQGAN`, the
+1-D `SEEDTokenizer`, or a diffusers `VQModel`, all through `tokenizers_vis.protocol`). The decoder is either the
+plain `Transformer` (one token per pass, `paradigms.next_token`) or a `TokenShuffleTransformer` (Token-Shuffle,
+Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass, `paradigms.token_shuffle`). The pipeline owns the
+visible loop: tokenize prompts, sample image codes, decode them to pixels, return PIL images.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, VQModel
 from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedTokenizerFast
 
@@ -40,9 +40,10 @@ WATERMARK_FILE = "watermark.json"
 class NextTokenPipeline(DiffusionPipeline):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
-                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None, "cfg_schedule": "constant"}
+                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None,
+                    "cfg_schedule": "constant"}
 
-    def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer,
+    def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer | VQModel,
                  tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
                  default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
         super().__init__()
@@ -68,7 +69,7 @@ class NextTokenPipeline(DiffusionPipeline):
         """The saved watermark config (`watermark.json`), or the default C-reweight clustering of this
         tokenizer's codebook (deterministic k-means) when the model was saved without one."""
         if self.watermark is None:
-            self.watermark = WatermarkConfig(clusters=cluster_codebook(self.vq_model.quantizer.codebook, 16))
+            self.watermark = WatermarkConfig(clusters=cluster_codebook(self.visual_tokenizer.codebook, 16))
         return self.watermark
 
     def save_pretrained(self, save_directory, **kwargs):
