@@ -121,6 +121,100 @@ class VQModelTokenizer:
         return self.vq.decode(z_q, force_not_quantize=True).sample.clamp(-1, 1)
 
 
+class _PixelNorm:
+    """Our images are in [-1, 1]; a transformers image processor normalizes [0, 1] pixels with its mean/std."""
+
+    def _norm(self, mean, std, device):
+        shape = (1, 3, 1, 1)
+        return (torch.tensor(mean, device=device).view(shape), torch.tensor(std, device=device).view(shape))
+
+    def to_model(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self._norm(self.image_mean, self.image_std, images.device)
+        return ((images + 1) / 2 - mean) / std
+
+    def from_model(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean, std = self._norm(self.image_mean, self.image_std, pixels.device)
+        return ((pixels * std + mean) * 2 - 1).clamp(-1, 1)
+
+
+class JanusVQTokenizer(_PixelNorm):
+    """transformers' `JanusVQVAE` (Janus / Janus-Pro image generation codes) as a visual tokenizer: its own
+    `encode` (nearest codebook entry) and `decode` (l2-normalized codebook lookup, as Janus generation decodes).
+    `image_mean`/`image_std`: the pixel normalization its processor uses (default: [-1, 1] as is)."""
+
+    kind = "codes"
+
+    def __init__(self, vqvae, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+        self.vq, self.image_mean, self.image_std = vqvae, tuple(image_mean), tuple(image_std)
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return tuple(self.vq.quantize.quant_state_dims)
+
+    @property
+    def image_size(self) -> int:
+        return self.token_shape[0] * 2 ** (len(self.vq.config.channel_multiplier) - 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vq.config.num_embeddings
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.quantize.embedding.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.vq.device
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        ids = self.vq.encode(self.to_model(images)).image_tokens
+        return ids.view(len(images), *self.token_shape)
+
+    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.from_model(self.vq.decode(ids.reshape(len(ids), -1)))
+
+
+class Emu3VQTokenizer(_PixelNorm):
+    """transformers' `Emu3VQVAE` (Emu3 image codes; an image is one temporal frame) as a visual tokenizer."""
+
+    kind = "codes"
+
+    def __init__(self, vqvae, image_size: int, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+        self.vq, self.image_mean, self.image_std = vqvae, tuple(image_mean), tuple(image_std)
+        self._image_size = image_size  # Emu3 reads any size; the pipeline fixes one
+        if image_size % vqvae.vision_spatial_factor:
+            raise ValueError(f"image_size must be a multiple of {vqvae.vision_spatial_factor}, got {image_size}")
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        side = self._image_size // self.vq.vision_spatial_factor
+        return side, side
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vq.config.codebook_size
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.quantize.embedding.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.vq.device
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        sizes = torch.tensor([list(images.shape[-2:])] * len(images))
+        return torch.stack(self.vq.encode(self.to_model(images), image_sizes=sizes).image_tokens)
+
+    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.from_model(self.vq.decode(ids))
+
+
 def as_visual_tokenizer(component) -> VisualTokenizer:
     """The protocol view of a pipeline's tokenizer component: itself, or its adapter."""
     if isinstance(component, VisualTokenizer):
@@ -129,6 +223,8 @@ def as_visual_tokenizer(component) -> VisualTokenizer:
         return VAETokenizer(component)
     if isinstance(component, VQModel):
         return VQModelTokenizer(component)
+    if type(component).__name__ == "JanusVQVAE":  # by name: importing transformers' Janus is not free
+        return JanusVQTokenizer(component)
     raise TypeError(f"{type(component).__name__} is not a visual tokenizer: expected one of "
                     f"{', '.join(TOKENIZER_CLASSES)} or a class implementing tokenizers_vis.protocol.VisualTokenizer")
 
