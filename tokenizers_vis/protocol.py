@@ -77,11 +77,24 @@ class VAETokenizer:
         return decode_latents(self.vae, latents)
 
 
-class VQModelTokenizer:
-    """A diffusers `VQModel` (VQGAN as in latent diffusion / taming-transformers) as a visual tokenizer: codebook
-    indices on the latent grid, decoded through the codebook, `post_quant_conv` and the decoder."""
+class _WrappedVQ:
+    """What the adapters of other libraries' VQ models share: the model in `self.vq`, whose quantizer keeps its
+    codebook in `quantize.embedding` (diffusers VQModel, Janus and Emu3 VQ-VAEs alike)."""
 
     kind = "codes"
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.vq.quantize.embedding.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.vq.device
+
+
+class VQModelTokenizer(_WrappedVQ):
+    """A diffusers `VQModel` (VQGAN as in latent diffusion / taming-transformers) as a visual tokenizer: codebook
+    indices on the latent grid, decoded through the codebook, `post_quant_conv` and the decoder."""
 
     def __init__(self, vq: VQModel):
         self.vq = vq
@@ -98,14 +111,6 @@ class VQModelTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.vq.config.num_vq_embeddings
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        return self.vq.quantize.embedding.weight
-
-    @property
-    def device(self) -> torch.device:
-        return self.vq.device
 
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
         h = self.vq.encode(images).latents
@@ -137,12 +142,10 @@ class _PixelNorm:
         return ((pixels * std + mean) * 2 - 1).clamp(-1, 1)
 
 
-class JanusVQTokenizer(_PixelNorm):
+class JanusVQTokenizer(_WrappedVQ, _PixelNorm):
     """transformers' `JanusVQVAE` (Janus / Janus-Pro image generation codes) as a visual tokenizer: its own
     `encode` (nearest codebook entry) and `decode` (l2-normalized codebook lookup, as Janus generation decodes).
     `image_mean`/`image_std`: the pixel normalization its processor uses (default: [-1, 1] as is)."""
-
-    kind = "codes"
 
     def __init__(self, vqvae, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
         self.vq, self.image_mean, self.image_std = vqvae, tuple(image_mean), tuple(image_std)
@@ -159,14 +162,6 @@ class JanusVQTokenizer(_PixelNorm):
     def vocab_size(self) -> int:
         return self.vq.config.num_embeddings
 
-    @property
-    def codebook(self) -> torch.Tensor:
-        return self.vq.quantize.embedding.weight
-
-    @property
-    def device(self) -> torch.device:
-        return self.vq.device
-
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
         ids = self.vq.encode(self.to_model(images)).image_tokens
         return ids.view(len(images), *self.token_shape)
@@ -175,10 +170,8 @@ class JanusVQTokenizer(_PixelNorm):
         return self.from_model(self.vq.decode(ids.reshape(len(ids), -1)))
 
 
-class Emu3VQTokenizer(_PixelNorm):
+class Emu3VQTokenizer(_WrappedVQ, _PixelNorm):
     """transformers' `Emu3VQVAE` (Emu3 image codes; an image is one temporal frame) as a visual tokenizer."""
-
-    kind = "codes"
 
     def __init__(self, vqvae, image_size: int, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
         self.vq, self.image_mean, self.image_std = vqvae, tuple(image_mean), tuple(image_std)
@@ -198,14 +191,6 @@ class Emu3VQTokenizer(_PixelNorm):
     @property
     def vocab_size(self) -> int:
         return self.vq.config.codebook_size
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        return self.vq.quantize.embedding.weight
-
-    @property
-    def device(self) -> torch.device:
-        return self.vq.device
 
     def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
         sizes = torch.tensor([list(images.shape[-2:])] * len(images))

@@ -168,3 +168,30 @@ class FactorizedQuantizer(nn.Module):
             dist.broadcast(new, src=0)
         self.embedding.weight.data[dead] = new.to(self.embedding.weight.dtype)
         self.usage_ema[dead] = mean  # a grace period of ~log(threshold)/log(decay) steps before the next restart
+
+
+class GridCodesMixin:
+    """The visual tokenizer protocol (tokenizers_vis.protocol) for a tokenizer whose `encode` gives codes on its
+    `grid_size` from `self.quantizer` and whose `decode` takes them back (VQGAN; SEED's N causal codes as a (1, N)
+    grid). The class supplies `config.image_size`, `grid_size`, `vocab_size`, `encode` and `decode`."""
+
+    kind = "codes"
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.grid_size
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(V, D) the vectors the codes index (lookup space), e.g. for the watermark's clusters."""
+        return self.quantizer.codebook
+
+    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encode(images)
+
+    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decode(ids)

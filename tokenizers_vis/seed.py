@@ -56,7 +56,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from tokenizers_vis.features import EfficientNetLite0Features
-from tokenizers_vis.quantize import FactorizedQuantizer, QuantizerOutput
+from tokenizers_vis.quantize import FactorizedQuantizer, GridCodesMixin, QuantizerOutput
 from tokenizers_vis.vqgan import Decoder
 
 # Output channels of EfficientNet-Lite0's 16 blocks, so the projections are sized without loading the network.
@@ -253,7 +253,7 @@ class SEEDOutput:
     usage: torch.Tensor  # () fraction of codes hit in this batch
 
 
-class SEEDTokenizer(ModelMixin, ConfigMixin):
+class SEEDTokenizer(GridCodesMixin, ModelMixin, ConfigMixin):
     """Images (B, 3, image_size, image_size) in [-1, 1] <-> a 1D causal sequence of N codes, stated as the token
     grid (1, N) so it drops in where a VQGAN's (h, w) grid goes."""
 
@@ -331,28 +331,6 @@ class SEEDTokenizer(ModelMixin, ConfigMixin):
     @property
     def vocab_size(self) -> int:
         return self.config.num_codes
-
-    # ---- visual tokenizer protocol (tokenizers_vis.protocol): N causal codes as a (1, N) grid ----
-    kind = "codes"
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        return self.grid_size
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        """(V, D) the vectors the codes index (lookup space), e.g. for the watermark's clusters."""
-        return self.quantizer.codebook
-
-    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images)
-
-    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.decode(ids)
 
     @property
     def grid_size(self) -> tuple[int, int]:

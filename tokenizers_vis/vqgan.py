@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from tokenizers_vis.quantize import FactorizedQuantizer
+from tokenizers_vis.quantize import FactorizedQuantizer, GridCodesMixin
 
 
 def group_norm(c: int) -> nn.GroupNorm:
@@ -107,7 +107,7 @@ class VQGANOutput:
     usage: torch.Tensor  # () fraction of codes hit in this batch
 
 
-class VQGAN(ModelMixin, ConfigMixin):
+class VQGAN(GridCodesMixin, ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
@@ -152,28 +152,6 @@ class VQGAN(ModelMixin, ConfigMixin):
     @property
     def vocab_size(self) -> int:
         return self.config.num_codes
-
-    # ---- visual tokenizer protocol (tokenizers_vis.protocol) ----
-    kind = "codes"
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        return self.grid_size
-
-    @property
-    def codebook(self) -> torch.Tensor:
-        """(V, D) the vectors the codes index (lookup space), e.g. for the watermark's clusters."""
-        return self.quantizer.codebook
-
-    def encode_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encode(images)
-
-    def decode_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.decode(ids)
 
     @property
     def grid_size(self) -> tuple[int, int]:
