@@ -118,11 +118,12 @@ def cmd_watermark_detect(args) -> dict:
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
             raise CLIError(f"IMAGE {path!r} is not a readable image ({e.__class__.__name__})") from None
     pipe = load_pipeline(model)
-    results = pipe.detect_watermark(images, args.key, fpr=args.fpr)
+    results = pipe.detect_watermark(images, args.key, fpr=args.fpr, combine=args.combine)
+    per_image = results["images"] if args.combine else results
     report = {"model": str(args.model), "fpr": args.fpr, "method": pipe.watermark_config().method,
-              "images": [{"image": p, **r} for p, r in zip(args.images, results)]}
+              "images": [{"image": p, **r} for p, r in zip(args.images, per_image)]}
     if args.combine:
-        report["combined"] = pipe.detect_watermark(images, args.key, fpr=args.fpr, combine=True)
+        report["combined"] = results["combined"]
     return report
 
 

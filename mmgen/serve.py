@@ -162,8 +162,8 @@ class DemoModels:
                 raise _error(f"{Path(path).name} is not a readable image.") from None
         try:
             pipe = self.pipeline(model)
-            results = pipe.detect_watermark(images, key, fpr=fpr)
-            pooled = pipe.detect_watermark(images, key, fpr=fpr, combine=True) if combine else None
+            results = pipe.detect_watermark(images, key, fpr=fpr, combine=combine)
+            results, pooled = (results["images"], results["combined"]) if combine else (results, None)
         except ValueError as e:
             raise _error(str(e)) from None
         verdict = {True: "watermarked", False: "not detected"}

@@ -213,7 +213,9 @@ def test_detect_tab_reports_what_the_pipeline_detects(models, reference, tmp_pat
         im.save(tmp_path / f"m{i}.png")
         paths.append(str(tmp_path / f"m{i}.png"))
     want = reference.detect_watermark([Image.open(p) for p in paths], "s3")
-    pooled = reference.detect_watermark([Image.open(p) for p in paths], "s3", combine=True)
+    both = reference.detect_watermark([Image.open(p) for p in paths], "s3", combine=True)
+    assert both["images"] == want  # the per-image tests come with the pooled one, from one re-encoding
+    pooled = both["combined"]
     table = models.detect(paths, "tiny", "s3", combine=True)
     rows = table.splitlines()
     assert len(rows) == 2 + 2 + 1 and rows[0] == "| image | p-value | verdict at 0.01 |"

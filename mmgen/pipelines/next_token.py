@@ -101,18 +101,22 @@ class NextTokenPipeline(DiffusionPipeline):
         return self.visual_tokenizer.encode_tokens(torch.cat(batch).to(self.vq_model.device)).flatten(1)
 
     @torch.no_grad()
-    def detect_watermark(self, images, key: str, fpr: float = 0.01, combine: bool = False) -> list[dict] | dict:
+    def detect_watermark(self, images, key: str, fpr: float = 0.01,
+                         combine: bool = False) -> list[dict] | dict[str, list[dict] | dict]:
         """Re-encode images with the tokenizer and test for the watermark under `key`: per image the statistic
         (rank sum or green count, as the config says), scored positions, z-score, p-value (exact under no
         watermark) and the verdict at `fpr`. Images of another size are resized (bicubic) to the tokenizer's
-        resolution first. `combine=True`: one test for the whole set (images made with one key), its scored
-        positions pooled (`mmgen.watermark.detect_tokens_combined`); returns one dict."""
+        resolution first. `combine=True`: also one test for the whole set (images made with one key), its scored
+        positions pooled (`mmgen.watermark.detect_tokens_combined`), from the same re-encoding; returns
+        {"images": per-image list, "combined": that test}."""
         if not 0 < fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
         tokens, config = self.retokenize(images), self.watermark_config()
-        if combine:
-            return {"images": len(tokens), **detect_tokens_combined(tokens, config, key).as_dict(fpr)}
-        return [d.as_dict(fpr) for d in detect_tokens(tokens, config, key)]
+        per_image = [d.as_dict(fpr) for d in detect_tokens(tokens, config, key)]
+        if not combine:
+            return per_image
+        return {"images": per_image,
+                "combined": {"images": len(tokens), **detect_tokens_combined(tokens, config, key).as_dict(fpr)}}
 
     @torch.no_grad()
     def __call__(
