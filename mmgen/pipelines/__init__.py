@@ -11,6 +11,7 @@ from mmgen.pipelines.next_scale import NextScalePipeline
 from mmgen.pipelines.next_token import NextTokenPipeline
 from mmgen.pipelines.registry import (PARADIGMS, get_paradigm, load_visual_tokenizer, paradigm_name,
                                       resolve_paradigm)
+from mmgen.pipelines.transformers_models import load_transformers_pipeline, transformers_model_type
 from mmgen.safe_save import save_pipeline, verify
 from mmgen.zoo import resolve_model
 
@@ -19,10 +20,13 @@ PIPELINES = {entry.pipeline.__name__: entry.pipeline for entry in PARADIGMS.valu
 
 def load_pipeline(model_dir: str | Path):
     """Load any mmgen pipeline from a local directory written by `save_pretrained` (or `save_pipeline`), or a
-    shipped model by name (`mmgen.zoo`). The directory is verified first (`mmgen.safe_save.verify`): a
+    shipped model by name (`mmgen.zoo`), or a transformers checkpoint directory
+    of a supported public model (`mmgen.pipelines.transformers_models`, by config.json's `model_type`). The directory is verified first (`mmgen.safe_save.verify`): a
     truncated, corrupt or missing file raises a ValueError naming it before torch reads anything."""
     model_dir = resolve_model(model_dir)
     index = model_dir / "model_index.json"
+    if not index.is_file() and transformers_model_type(model_dir) is not None:
+        return load_transformers_pipeline(model_dir)
     if not index.is_file():
         raise FileNotFoundError(f"{str(model_dir)!r} is not a saved pipeline: it has no model_index.json")
     verify(model_dir)

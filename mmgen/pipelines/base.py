@@ -4,6 +4,7 @@ common arguments. Each paradigm's pipeline (one file each) owns its own visible 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -11,12 +12,14 @@ from diffusers.utils import BaseOutput
 
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
 from mmgen.text import UnifiedVocab
+from mmgen.watermark import WatermarkConfig, cluster_codebook, detect_tokens, detect_tokens_combined
 
 # images per pipeline call (prompts x num_images_per_prompt): far beyond what fits in memory at once on CPU;
 # more is a mistake (e.g. a seed typed into the count) that would otherwise run for hours, so it is refused
 MAX_IMAGES_PER_CALL = 256
 MAX_SEED = 2**63 - 1  # seed + image index must stay below 2**64, torch.Generator's range
 OUTPUT_TYPES = ("pil", "pt", "np")
+WATERMARK_FILE = "watermark.json"
 
 
 @dataclass
@@ -89,3 +92,66 @@ def check_image_mode(image, what: str = "image") -> None:
     if image.mode not in IMAGE_MODES:
         raise ValueError(f"{what} has mode {image.mode}; accepted: {', '.join(IMAGE_MODES)} (convert it to 8-bit "
                          f"RGB first)")
+
+
+class WatermarkDetection:
+    """The watermark side every token pipeline shares: its cluster table (`watermark.json` beside the saved
+    pipeline, or k-means of the codebook) and detection by re-encoding images with `self.visual_tokenizer`.
+    A pipeline using it sets `visual_tokenizer` (codes kind, with `codebook` and `device`) and an
+    `image_processor` (a diffusers `VaeImageProcessor` with normalisation to [-1, 1])."""
+
+    watermark: WatermarkConfig | None = None
+
+    def watermark_config(self) -> WatermarkConfig:
+        """The saved watermark config (`watermark.json`), or the default C-reweight clustering of this
+        tokenizer's codebook (deterministic k-means) when the model was saved without one."""
+        if self.watermark is None:
+            self.watermark = WatermarkConfig(clusters=cluster_codebook(self.visual_tokenizer.codebook, 16))
+        return self.watermark
+
+    def save_pretrained(self, save_directory, **kwargs):
+        super().save_pretrained(save_directory, **kwargs)
+        if self.watermark is not None:
+            self.watermark.save(Path(save_directory) / WATERMARK_FILE)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = Path(pretrained_model_name_or_path) / WATERMARK_FILE
+        if path.is_file():
+            pipe.watermark = WatermarkConfig.load(path)
+        return pipe
+
+    @torch.no_grad()
+    def retokenize(self, images) -> torch.Tensor:
+        """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back. Images of
+        another size are resized (bicubic) to the tokenizer's resolution; 8-bit modes other than RGB are converted,
+        16-bit, float and CMYK images are refused (a plain conversion would clip or recolour them)."""
+        size = self.visual_tokenizer.image_size
+        batch = []
+        for i, image in enumerate(images):
+            check_image_mode(image, f"images[{i}]")
+            image = image.convert("RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), PIL.Image.BICUBIC)
+            batch.append(self.image_processor.preprocess(image))
+        return self.visual_tokenizer.encode_tokens(torch.cat(batch).to(self.visual_tokenizer.device)).flatten(1)
+
+    @torch.no_grad()
+    def detect_watermark(self, images, key: str, fpr: float = 0.01,
+                         combine: bool = False) -> list[dict] | dict[str, list[dict] | dict]:
+        """Re-encode images with the tokenizer and test for the watermark under `key`: per image the statistic
+        (rank sum or green count, as the config says), scored positions, z-score, p-value (exact under no
+        watermark) and the verdict at `fpr`. Images of another size are resized (bicubic) to the tokenizer's
+        resolution first. `combine=True`: also one test for the whole set (images made with one key), its scored
+        positions pooled (`mmgen.watermark.detect_tokens_combined`), from the same re-encoding; returns
+        {"images": per-image list, "combined": that test}."""
+        if not 0 < fpr < 1:
+            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
+        tokens, config = self.retokenize(images), self.watermark_config()
+        per_image = [d.as_dict(fpr) for d in detect_tokens(tokens, config, key)]
+        if not combine:
+            return per_image
+        return {"images": per_image,
+                "combined": {"images": len(tokens), **detect_tokens_combined(tokens, config, key).as_dict(fpr)}}
+

@@ -10,9 +10,7 @@ visible loop: tokenize prompts, sample image codes, decode them to pixels, retur
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, VQModel
 from diffusers.image_processor import VaeImageProcessor
@@ -21,23 +19,20 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
-from mmgen.pipelines.base import (ARPipelineOutput, check_call, check_image_mode, per_image_generators,
-                                  unified_vocab)
+from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators, unified_vocab
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
-from mmgen.watermark import (WatermarkConfig, WatermarkProcessor, cluster_codebook, detect_tokens,
-                             detect_tokens_combined)
+from mmgen.watermark import WatermarkProcessor
 from mmgen.text import encode_prompts
 from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
 from tokenizers_vis.protocol import as_visual_tokenizer
 from tokenizers_vis.vqgan import VQGAN
 
 SAMPLERS = ("ar", "sjd")
-WATERMARK_FILE = "watermark.json"
 
 
-class NextTokenPipeline(DiffusionPipeline):
+class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
                     "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None,
@@ -60,63 +55,6 @@ class NextTokenPipeline(DiffusionPipeline):
     def shuffle(self) -> bool:
         """True for a Token-Shuffle decoder (s x s codes per pass)."""
         return isinstance(self.transformer, TokenShuffleTransformer)
-
-    # ---- watermark ----------------------------------------------------------------------------------------
-
-    watermark: WatermarkConfig | None = None
-
-    def watermark_config(self) -> WatermarkConfig:
-        """The saved watermark config (`watermark.json`), or the default C-reweight clustering of this
-        tokenizer's codebook (deterministic k-means) when the model was saved without one."""
-        if self.watermark is None:
-            self.watermark = WatermarkConfig(clusters=cluster_codebook(self.visual_tokenizer.codebook, 16))
-        return self.watermark
-
-    def save_pretrained(self, save_directory, **kwargs):
-        super().save_pretrained(save_directory, **kwargs)
-        if self.watermark is not None:
-            self.watermark.save(Path(save_directory) / WATERMARK_FILE)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = Path(pretrained_model_name_or_path) / WATERMARK_FILE
-        if path.is_file():
-            pipe.watermark = WatermarkConfig.load(path)
-        return pipe
-
-    @torch.no_grad()
-    def retokenize(self, images) -> torch.Tensor:
-        """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back. Images of
-        another size are resized (bicubic) to the tokenizer's resolution; 8-bit modes other than RGB are converted,
-        16-bit, float and CMYK images are refused (a plain conversion would clip or recolour them)."""
-        size = self.visual_tokenizer.image_size
-        batch = []
-        for i, image in enumerate(images):
-            check_image_mode(image, f"images[{i}]")
-            image = image.convert("RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), PIL.Image.BICUBIC)
-            batch.append(self.image_processor.preprocess(image))
-        return self.visual_tokenizer.encode_tokens(torch.cat(batch).to(self.vq_model.device)).flatten(1)
-
-    @torch.no_grad()
-    def detect_watermark(self, images, key: str, fpr: float = 0.01,
-                         combine: bool = False) -> list[dict] | dict[str, list[dict] | dict]:
-        """Re-encode images with the tokenizer and test for the watermark under `key`: per image the statistic
-        (rank sum or green count, as the config says), scored positions, z-score, p-value (exact under no
-        watermark) and the verdict at `fpr`. Images of another size are resized (bicubic) to the tokenizer's
-        resolution first. `combine=True`: also one test for the whole set (images made with one key), its scored
-        positions pooled (`mmgen.watermark.detect_tokens_combined`), from the same re-encoding; returns
-        {"images": per-image list, "combined": that test}."""
-        if not 0 < fpr < 1:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-        tokens, config = self.retokenize(images), self.watermark_config()
-        per_image = [d.as_dict(fpr) for d in detect_tokens(tokens, config, key)]
-        if not combine:
-            return per_image
-        return {"images": per_image,
-                "combined": {"images": len(tokens), **detect_tokens_combined(tokens, config, key).as_dict(fpr)}}
 
     @torch.no_grad()
     def __call__(
