@@ -3,13 +3,17 @@ common arguments. Each paradigm's pipeline (one file each) owns its own visible 
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
+from safetensors.torch import load_file
 
+from mmgen.atomic import atomic_dir
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
 from mmgen.text import UnifiedVocab
 from mmgen.watermark import WatermarkConfig, cluster_codebook, detect_tokens, detect_tokens_combined
@@ -20,6 +24,7 @@ MAX_IMAGES_PER_CALL = 256
 MAX_SEED = 2**63 - 1  # seed + image index must stay below 2**64, torch.Generator's range
 OUTPUT_TYPES = ("pil", "pt", "np")
 WATERMARK_FILE = "watermark.json"
+ENCODER_WEIGHTS = "encoder.safetensors"  # in a detection-encoder directory, beside its config.json
 
 
 @dataclass
@@ -101,6 +106,7 @@ class WatermarkDetection:
     `image_processor` (a diffusers `VaeImageProcessor` with normalisation to [-1, 1])."""
 
     watermark: WatermarkConfig | None = None
+    detection_tokenizer = None  # the tokenizer with its tuned detection encoder, when watermark.json names one
 
     def watermark_config(self) -> WatermarkConfig:
         """The saved watermark config (`watermark.json`), or the default C-reweight clustering of this
@@ -120,14 +126,19 @@ class WatermarkDetection:
         path = Path(pretrained_model_name_or_path) / WATERMARK_FILE
         if path.is_file():
             pipe.watermark = WatermarkConfig.load(path)
+            if pipe.watermark.encoder is not None:
+                pipe.detection_tokenizer = load_detection_encoder(
+                    pipe.visual_tokenizer, Path(pretrained_model_name_or_path) / pipe.watermark.encoder)
         return pipe
 
     @torch.no_grad()
     def retokenize(self, images) -> torch.Tensor:
-        """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back. Images of
+        """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back (through the
+        detection encoder when watermark.json names one: `scripts/train_rcc.py`). Images of
         another size are resized (bicubic) to the tokenizer's resolution; 8-bit modes other than RGB are converted,
         16-bit, float and CMYK images are refused (a plain conversion would clip or recolour them)."""
-        size = self.visual_tokenizer.image_size
+        tokenizer = self.detection_tokenizer or self.visual_tokenizer
+        size = tokenizer.image_size
         batch = []
         for i, image in enumerate(images):
             check_image_mode(image, f"images[{i}]")
@@ -135,7 +146,7 @@ class WatermarkDetection:
             if image.size != (size, size):
                 image = image.resize((size, size), PIL.Image.BICUBIC)
             batch.append(self.image_processor.preprocess(image))
-        return self.visual_tokenizer.encode_tokens(torch.cat(batch).to(self.visual_tokenizer.device)).flatten(1)
+        return tokenizer.encode_tokens(torch.cat(batch).to(tokenizer.device)).flatten(1)
 
     @torch.no_grad()
     def detect_watermark(self, images, key: str, fpr: float = 0.01,
@@ -155,3 +166,40 @@ class WatermarkDetection:
         return {"images": per_image,
                 "combined": {"images": len(tokens), **detect_tokens_combined(tokens, config, key).as_dict(fpr)}}
 
+
+
+def save_detection_encoder(tokenizer, directory: str | Path, prefixes: tuple[str, ...], info: dict) -> None:
+    """The parameters of `tokenizer` under `prefixes` (the tuned encoder; the rest is the pipeline's own
+    tokenizer) as safetensors + config.json, written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items() if k.startswith(prefixes)}
+    if not state:
+        raise ValueError(f"no parameters of {type(tokenizer).__name__} start with {prefixes}")
+    from safetensors.torch import save_file
+
+    with atomic_dir(directory) as tmp:
+        save_file(state, str(Path(tmp) / ENCODER_WEIGHTS))
+        (Path(tmp) / "config.json").write_text(json.dumps({"tokenizer_class": type(tokenizer).__name__,
+                                                           "prefixes": list(prefixes), **info}, indent=1))
+
+
+def load_detection_encoder(tokenizer, directory: str | Path):
+    """A copy of `tokenizer` (a pipeline's visual tokenizer) with the tuned tensors of `directory`
+    (`save_detection_encoder`) loaded over it: the encoder detection reads images with."""
+    directory = Path(directory)
+    config_path, weights = directory / "config.json", directory / ENCODER_WEIGHTS
+    for path in (config_path, weights):
+        if not path.is_file():
+            raise FileNotFoundError(f"detection encoder file {str(path)!r} is missing (watermark.json names "
+                                    f"{directory.name!r} as the detection encoder)")
+    config = json.loads(config_path.read_text())
+    if config.get("tokenizer_class") != type(tokenizer).__name__:
+        raise ValueError(f"detection encoder {str(directory)!r} was tuned from a {config.get('tokenizer_class')}, "
+                         f"but this pipeline's tokenizer is a {type(tokenizer).__name__}")
+    tuned = copy.deepcopy(tokenizer)
+    state = tuned.state_dict()
+    tensors = load_file(weights)
+    bad = [k for k, v in tensors.items() if k not in state or state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"detection encoder {str(weights)!r} does not fit this tokenizer: {bad[:5]}")
+    tuned.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
+    return tuned.eval().requires_grad_(False)

@@ -67,6 +67,9 @@ class WatermarkConfig:
     statistic: str = "rank"  # detection: sum of permutation ranks, or count of green symbols
     clustering: str = "kmeans"  # how `clusters` was built: k-means on the codebook, or the retokenization channel
     clusters: list[int] = field(default_factory=list)  # token -> cluster table (saved with the model)
+    # directory (relative to the pipeline) of the encoder detection reads images with: the tokenizer's encoder
+    # tuned for reverse-cycle consistency (scripts/train_rcc.py); None: the tokenizer's own encoder
+    encoder: str | None = None
 
     def __post_init__(self):
         for name, value, accepted in (("method", self.method, METHODS), ("keying", self.keying, KEYINGS),

@@ -1,0 +1,74 @@
+"""Random image distortions for training encoders that must read images back after they were shared.
+
+`distort(images, generator)` applies to each 8-bit image (B, 3, H, W) one distortion drawn from `DISTORTIONS`
+with its strength drawn from a range: what a published image meets on its way to a detector (JPEG at quality
+50-95, Gaussian noise, blur, brightness, a small down- and up-scale). Geometric changes that move the token
+grid (crops, flips, rotations) are not among them: a raster watermark read without a synchronisation step
+cannot survive those, and training towards them would only blur the encoder. Every draw comes from the
+generator passed in, so a seeded run sees the same distortions again on resume.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+# name -> (low, high) of its strength; "none" keeps the image
+DISTORTIONS = {
+    "none": (0.0, 0.0),
+    "jpeg": (50, 95),  # quality
+    "noise": (0.01, 0.08),  # sigma on the [0, 1] scale
+    "blur": (0.4, 1.2),  # Gaussian sigma in pixels
+    "brightness": (0.75, 1.3),  # factor
+    "resize": (0.5, 0.9),  # scale of the intermediate image
+}
+
+
+def _uniform(lo: float, hi: float, generator: torch.Generator) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+
+def distort_one(image: torch.Tensor, name: str, strength: float, generator: torch.Generator) -> torch.Tensor:
+    """One uint8 image (3, H, W) through distortion `name` at `strength`; returns uint8 (3, H, W)."""
+    if name == "none":
+        return image
+    if name == "jpeg":  # through PIL, as the detector's JPEG inputs usually were
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=int(round(strength)))
+        return torch.from_numpy(np.array(PIL.Image.open(buffer).convert("RGB"))).permute(2, 0, 1).contiguous()
+    x = image.float() / 255
+    if name == "noise":
+        x = x + strength * torch.randn(x.shape, generator=generator)
+    elif name == "blur":
+        x = gaussian_blur(x[None], kernel_size=2 * int(3 * strength + 0.5) + 1, sigma=strength)[0]
+    elif name == "brightness":
+        x = x * strength
+    elif name == "resize":
+        size = image.shape[-2:]
+        small = [max(1, round(s * strength)) for s in size]
+        x = F.interpolate(x[None], size=small, mode="bicubic", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)[0]
+    else:
+        raise ValueError(f"distortion must be one of {', '.join(DISTORTIONS)}; got {name!r}")
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def distort(images: torch.Tensor, generator: torch.Generator, names: tuple[str, ...] = tuple(DISTORTIONS)
+            ) -> torch.Tensor:
+    """Each uint8 image of (B, 3, H, W) through one distortion drawn uniformly from `names`, at a strength drawn
+    uniformly from its range; returns uint8 (B, 3, H, W)."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    unknown = [n for n in names if n not in DISTORTIONS]
+    if unknown or not names:
+        raise ValueError(f"distortions must be a non-empty subset of {', '.join(DISTORTIONS)}; got {names!r}")
+    out = []
+    for image in images:
+        name = names[int(torch.randint(len(names), (), generator=generator))]
+        out.append(distort_one(image, name, _uniform(*DISTORTIONS[name], generator), generator))
+    return torch.stack(out)
