@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mmgen.atomic import atomic_path, write_json_atomic
 from mmgen.options import add_sampling_args, nonnegative_float, positive_int, sampling_kwargs, seed
+from mmgen.watermark import METHODS
 from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_names
 
 
@@ -118,9 +119,9 @@ def cmd_watermark_detect(args) -> dict:
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
             raise CLIError(f"IMAGE {path!r} is not a readable image ({e.__class__.__name__})") from None
     pipe = load_pipeline(model)
-    results = pipe.detect_watermark(images, args.key, fpr=args.fpr, combine=args.combine)
+    results = pipe.detect_watermark(images, args.key, fpr=args.fpr, combine=args.combine, method=args.method)
     per_image = results["images"] if args.combine else results
-    report = {"model": str(args.model), "fpr": args.fpr, "method": pipe.watermark_config().method,
+    report = {"model": str(args.model), "fpr": args.fpr, "method": pipe.watermark_config(args.method).method,
               "images": [{"image": p, **r} for p, r in zip(args.images, per_image)]}
     if args.combine:
         report["combined"] = results["combined"]
@@ -244,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="saved pipeline directory or shipped model name (its tokenizer and watermark.json)")
     d.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the verdict, in (0, 1)")
+    d.add_argument("--method", choices=METHODS, default=None,
+                   help="the method the images were made with (--watermark-method at generation; default: the "
+                        "model's own, watermark.json)")
     d.add_argument("--combine", action="store_true",
                    help="also test the images as one set made with one key: one pooled, calibrated p-value")
     d.add_argument("--json", action="store_true", help="print a JSON result")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from mmgen.watermark import METHODS
+
 
 class OptionError(ValueError):
     """A flag that does not fit the chosen model; the commands print it on one line and exit with code 2."""
@@ -44,6 +46,16 @@ def nonnegative_float(name: str):
     return parse
 
 
+def positive_float(name: str):
+    """An argparse type: a finite number > 0, its error naming `name`."""
+    def parse(s):
+        v = nonnegative_float(name)(s)
+        if v == 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {s!r}")
+        return v
+    return parse
+
+
 def seed(s):
     """An argparse type for --seed: an integer in [0, MAX_SEED]."""
     from mmgen.pipelines.base import MAX_SEED
@@ -60,12 +72,15 @@ def seed(s):
 # sampling flag -> the pipeline call option it sets (None on the command line = not given: the model's default)
 SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temperature", "--top-k": "top_k",
                   "--top-p": "top_p", "--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
-                  "--sjd-coupled": "sjd_coupled", "--watermark-key": "watermark_key", "--steps": "num_inference_steps",
+                  "--sjd-coupled": "sjd_coupled", "--watermark-key": "watermark_key",
+                  "--watermark-method": "watermark_method", "--watermark-delta": "watermark_delta",
+                  "--steps": "num_inference_steps",
                   "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule"}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) -> None:
-    """Add the sampling flags to `parser`; `watermark`: also --watermark-key (generation that writes images)."""
+    """Add the sampling flags to `parser`; `watermark`: also --watermark-key/-method/-delta (generation that writes
+    images)."""
     parser.add_argument("--guidance-scale", type=nonnegative_float("--guidance-scale"), default=None,
                         help="classifier-free guidance scale (>= 0; 1 = off; default: the model's own, see "
                              "`mmgen models`)")
@@ -89,6 +104,12 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
         nexttok.add_argument("--watermark-key", default=None,
                              help="embed the distortion-free watermark under this secret key (detect with "
                                   "mmgen watermark detect)")
+        nexttok.add_argument("--watermark-method", choices=METHODS, default=None,
+                             help="watermark method instead of the model's own (watermark.json; c-reweight): "
+                                  "kgw-cluster / kgw-token bias the sampling by --watermark-delta, which a single "
+                                  "image's test detects far more often (detect with --method)")
+        nexttok.add_argument("--watermark-delta", type=positive_float("--watermark-delta"), default=None,
+                             help="strength of the kgw methods: logit bias of the green list (> 0)")
     flow = parser.add_argument_group("continuous tokens (flow-head raster, FlowAR, next-X)")
     flow.add_argument("--steps", type=positive_int("--steps"), default=None,
                       help="flow ODE steps per token or scale (default 25)")

@@ -1,5 +1,6 @@
 """Watermark: distortion-freeness, detector false-positive rate, detection power, SJD composition, I/O."""
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -354,3 +355,43 @@ def test_channel_command_rejects_too_many_clusters(watermarked, tmp_path, capsys
     with pytest.raises(SystemExit):
         channel_main([str(_model_copy(watermarked, tmp_path)), "--clusters", "33"])
     assert "--clusters must be in [1, 32]" in capsys.readouterr().err
+
+
+def test_distorting_option_is_chosen_per_call_and_detected_with_its_method(watermarked, tmp_path):
+    """`watermark_method="kgw-cluster"` + delta biases the tokens towards the green clusters of the key: the
+    token-level test with that method finds it, the saved (c-reweight) config is not changed, and the CLI takes
+    the same choice (--watermark-method/--watermark-delta, detect --method)."""
+    pipe = watermarked.again
+    cfg = pipe.watermark_config("kgw-cluster", 8.0)
+    assert (cfg.method, cfg.statistic, cfg.delta, cfg.clusters) == ("kgw-cluster", "green", 8.0, pipe.watermark.clusters)
+    assert pipe.watermark.method == "c-reweight"
+    saved = pipe.watermark
+    try:  # position keys score all 64 positions (the saved context of 1 of 4 clusters scores at most 5)
+        pipe.watermark = dataclasses.replace(saved, keying="position", context=0)
+        cfg = pipe.watermark_config("kgw-cluster", 8.0)
+        out = pipe(prompt=["a red circle"] * 16, watermark_key="k", watermark_method="kgw-cluster",
+                   watermark_delta=8.0, generator=torch.Generator().manual_seed(1))
+        plain = pipe(prompt=["a red circle"] * 16, watermark_key="k", generator=torch.Generator().manual_seed(1))
+        pipe.watermark = cfg  # the same method saved as the model's own: the same tokens
+        same = pipe(prompt=["a red circle"] * 16, watermark_key="k", generator=torch.Generator().manual_seed(1))
+    finally:
+        pipe.watermark = saved
+    found = detect_tokens(out.tokens.flatten(1), cfg, "k")
+    wrong_key = [d.p_value < 0.01 for d in detect_tokens(out.tokens.flatten(1), cfg, "other")]
+    assert sum(d.p_value < 0.01 for d in found) >= 14 and sum(wrong_key) <= 2
+    assert torch.equal(out.tokens, same.tokens) and not torch.equal(out.tokens, plain.tokens)
+    with pytest.raises(ValueError, match="delta sets the strength of the KGW methods"):
+        pipe.watermark_config(delta=2.0)  # c-reweight has no strength
+    with pytest.raises(ValueError, match="need a watermark_key"):
+        pipe(prompt="a red circle", watermark_method="kgw-cluster")
+    with pytest.raises(ValueError, match="method must be one of"):
+        pipe.watermark_config("stamp")
+    model = str(watermarked.dir / "m")
+    cli.main(["generate", "a red circle", "--model", model, "--out", str(tmp_path / "k.png"), "--watermark-key", "k",
+              "--watermark-method", "kgw-cluster", "--watermark-delta", "8"])
+    proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "watermark", "detect", str(tmp_path / "k.png"),
+                           "--key", "k", "--model", model, "--method", "kgw-cluster", "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["method"] == "kgw-cluster" and "green" in result["images"][0]

@@ -108,12 +108,13 @@ class WatermarkDetection:
     watermark: WatermarkConfig | None = None
     detection_tokenizer = None  # the tokenizer with its tuned detection encoder, when watermark.json names one
 
-    def watermark_config(self) -> WatermarkConfig:
+    def watermark_config(self, method: str | None = None, delta: float | None = None) -> WatermarkConfig:
         """The saved watermark config (`watermark.json`), or the default C-reweight clustering of this
-        tokenizer's codebook (deterministic k-means) when the model was saved without one."""
+        tokenizer's codebook (deterministic k-means) when the model was saved without one; `method` / `delta`
+        choose another method or KGW strength over the same cluster table (`WatermarkConfig.variant`)."""
         if self.watermark is None:
             self.watermark = WatermarkConfig(clusters=cluster_codebook(self.visual_tokenizer.codebook, 16))
-        return self.watermark
+        return self.watermark.variant(method, delta)
 
     def save_pretrained(self, save_directory, **kwargs):
         super().save_pretrained(save_directory, **kwargs)
@@ -149,17 +150,18 @@ class WatermarkDetection:
         return tokenizer.encode_tokens(torch.cat(batch).to(tokenizer.device)).flatten(1)
 
     @torch.no_grad()
-    def detect_watermark(self, images, key: str, fpr: float = 0.01,
-                         combine: bool = False) -> list[dict] | dict[str, list[dict] | dict]:
+    def detect_watermark(self, images, key: str, fpr: float = 0.01, combine: bool = False,
+                         method: str | None = None) -> list[dict] | dict[str, list[dict] | dict]:
         """Re-encode images with the tokenizer and test for the watermark under `key`: per image the statistic
         (rank sum or green count, as the config says), scored positions, z-score, p-value (exact under no
         watermark) and the verdict at `fpr`. Images of another size are resized (bicubic) to the tokenizer's
         resolution first. `combine=True`: also one test for the whole set (images made with one key), its scored
         positions pooled (`mmgen.watermark.detect_tokens_combined`), from the same re-encoding; returns
-        {"images": per-image list, "combined": that test}."""
+        {"images": per-image list, "combined": that test}. `method`: the method the images were made with, when
+        not the saved one (`watermark_method` at generation)."""
         if not 0 < fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-        tokens, config = self.retokenize(images), self.watermark_config()
+        tokens, config = self.retokenize(images), self.watermark_config(method)
         per_image = [d.as_dict(fpr) for d in detect_tokens(tokens, config, key)]
         if not combine:
             return per_image

@@ -36,6 +36,7 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
                     "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None,
+                    "watermark_method": None, "watermark_delta": None,
                     "cfg_schedule": "constant"}
 
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer | VQModel,
@@ -73,6 +74,8 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         sjd_init: str = "random",
         sjd_coupled: bool = False,
         watermark_key: str | None = None,
+        watermark_method: str | None = None,
+        watermark_delta: float | None = None,
         cfg_schedule: str = "constant",
     ):
         """Generate images for `prompt`.
@@ -83,7 +86,9 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         still exact). Image i of a call uses its own generator, so with a seed per
         image the result does not depend on the batch size. `watermark_key`: embed the distortion-free
         watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
-        `detect_watermark`.
+        `detect_watermark`. `watermark_method` / `watermark_delta`: another method of `mmgen.watermark.METHODS`
+        over the same cluster table, e.g. the distorting "kgw-cluster" at strength delta, which a per-image test
+        detects far more reliably than the distortion-free default (detect with the same `method`).
 
         cfg_schedule: "constant" or "linear" (guidance ramped from 1 at the first token / window to
         guidance_scale at the last; sampler "ar" only). Token-Shuffle decoders sample s x s codes per pass with
@@ -107,7 +112,9 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         sjd = SJDConfig(sjd_window, sjd_init, sjd_coupled) if sampler == "sjd" else None
         processor = None
         if watermark_key is not None:
-            processor = WatermarkProcessor(self.watermark_config(), watermark_key)
+            processor = WatermarkProcessor(self.watermark_config(watermark_method, watermark_delta), watermark_key)
+        elif watermark_method is not None or watermark_delta is not None:
+            raise ValueError("watermark_method and watermark_delta need a watermark_key")
         text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
         text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))

@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -98,6 +98,26 @@ class WatermarkConfig:
         if not self.cluster_level:
             return tokens
         return torch.as_tensor(self.clusters, device=tokens.device)[tokens]
+
+    def variant(self, method: str | None = None, delta: float | None = None) -> WatermarkConfig:
+        """This config with another method (KGW methods detect with the green count, the reweights with the
+        rank sum unless this config already is that method) and/or KGW strength `delta`; cluster table, key
+        context and keying stay. None keeps what is set."""
+        if method is None and delta is None:
+            return self
+        changes = {}
+        if method is not None and method != self.method:
+            if method not in METHODS:
+                raise ValueError(f"watermark method must be one of {', '.join(METHODS)}; got {method!r}")
+            changes.update(method=method, statistic="green" if method.startswith("kgw") else "rank")
+        if delta is not None:
+            if not (isinstance(delta, (int, float)) and 0 < delta <= 20):
+                raise ValueError(f"watermark delta must be a number in (0, 20], got {delta!r}")
+            if not (method or self.method).startswith("kgw"):
+                raise ValueError(f"watermark delta sets the strength of the KGW methods (kgw-token, kgw-cluster); "
+                                 f"method {method or self.method!r} is distortion-free and has none")
+            changes["delta"] = float(delta)
+        return replace(self, **changes)
 
     def save(self, path) -> None:
         write_text_atomic(path, json.dumps(asdict(self)))
