@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out images for the tokenizer's PSNR / SSIM / rFD-ENL0 (0: skip)")
     e.add_argument("--batch-size", type=positive_int("--batch-size"), default=25, help="images per pipeline call")
     e.add_argument("--seed", type=seed, default=0, help="image i of each prompt list uses seed+i")
-    add_sampling_args(e)
+    add_sampling_args(e, watermark=True)  # the watermark's quality cost: eval with and without
     # the name before the sampling flags were shared with `mmgen generate`; kept so old commands still run
     e.add_argument("--cfg", dest="guidance_scale", type=nonnegative_float("--cfg"), help=argparse.SUPPRESS)
     e.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")

@@ -395,3 +395,14 @@ def test_distorting_option_is_chosen_per_call_and_detected_with_its_method(water
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["method"] == "kgw-cluster" and "green" in result["images"][0]
+
+
+def test_cli_detect_reads_jpeg_and_webp(watermarked, tmp_path):
+    """Published images are rarely PNGs: the detector takes any 8-bit image PIL reads."""
+    paths = []
+    for fmt in ("JPEG", "WEBP"):
+        path = tmp_path / f"w0.{fmt.lower()}"
+        Image.open(watermarked.dir / "w0.png").convert("RGB").save(path, fmt, quality=75)
+        paths.append(str(path))
+    assert cli.main(["watermark", "detect", *paths, "--key", "k", "--model", str(watermarked.dir / "m"),
+                     "--json"]) == 0
