@@ -16,7 +16,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mmgen.atomic import atomic_path, write_json_atomic
-from mmgen.options import add_sampling_args, nonnegative_float, positive_int, sampling_kwargs, seed
+from mmgen.options import (add_sampling_args, nonnegative_float, positive_float, positive_int, sampling_kwargs,
+                           seed)
 from mmgen.watermark import METHODS
 from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_names
 
@@ -145,7 +146,8 @@ def cmd_bench(args) -> dict:
     return bench.run(suites, model_dir=model, progress=not args.json, batch_sizes=batch_sizes,
                      guidance_scale=args.guidance_scale,
                      window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
-                     watermark_images=args.watermark_images, eval_split=args.eval_split, device=args.device,
+                     watermark_images=args.watermark_images, watermark_delta=args.watermark_delta,
+                     watermark_fpr_images=args.watermark_fpr_images, eval_split=args.eval_split, device=args.device,
                      models=models, paradigm_eval_per_category=args.paradigm_eval_per_category,
                      shuffle_windows=tuple(args.shuffle_windows), shuffle_grid=args.shuffle_grid)
 
@@ -272,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out prompts per category for compositional accuracy")
     b.add_argument("--watermark-images", type=positive_int("--watermark-images"), default=100,
                    help="images per watermark method (and unwatermarked) in the attack suite")
+    b.add_argument("--watermark-delta", type=positive_float("--watermark-delta"), default=None,
+                   help="strength of the KGW rows of the attack suite (default: the model's watermark.json)")
+    b.add_argument("--watermark-fpr-images", type=_count_or_off("--watermark-fpr-images"), default=1000,
+                   metavar="N", help="clean images whose detection under 10 keys gives each method's empirical "
+                                     "false-positive rate (0: skip)")
     b.add_argument("--eval-split", choices=("train", "heldout"), default="train",
                    help="prompt split for the compositional accuracy column")
     b.add_argument("--models", nargs="+", metavar="NAME=DIR", default=None,

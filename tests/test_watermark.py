@@ -406,3 +406,20 @@ def test_cli_detect_reads_jpeg_and_webp(watermarked, tmp_path):
         paths.append(str(path))
     assert cli.main(["watermark", "detect", *paths, "--key", "k", "--model", str(watermarked.dir / "m"),
                      "--json"]) == 0
+
+
+def test_attack_suite_and_clean_fpr_report(watermarked):
+    """The bench's watermark suite on the tiny model: every method x attack (flip included) with rates in range,
+    the KGW strength override recorded, and the clean-image FPR under several keys."""
+    from mmgen.bench.watermark import ATTACKS, attack_suite, clean_fpr
+
+    pipe = watermarked.again
+    report = attack_suite(pipe, n_images=4, batch_size=4, delta=5.0, progress=False)
+    assert report["kgw_delta"] == {"kgw-token": 5.0, "kgw-cluster": 5.0} and "flip" in ATTACKS
+    for rows in report["methods"].values():
+        assert set(rows) == {"tokens", *ATTACKS}
+        assert all(0 <= r["tpr"] <= 1 and 0 <= r["fpr"] <= 1 and 0 <= r["token_match"] <= 1 for r in rows.values())
+        assert rows["tokens"]["token_match"] == 1.0
+    fpr = clean_fpr(pipe, n_images=6, keys=3, batch_size=6, progress=False)
+    assert fpr["images"] == 6 and set(fpr["methods"]) == set(report["methods"])
+    assert all(0 <= m["fpr_mean"] <= m["fpr_max"] <= 1 for m in fpr["methods"].values())

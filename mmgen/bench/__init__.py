@@ -424,7 +424,8 @@ def bench_memory(model_dir, batch_sizes=(1, 8), train_steps: int = 5, train_batc
 
 
 def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: int = 100, models=None,
-        shuffle_windows=(1, 2, 4), shuffle_grid: int = 16, guidance_scale: float | None = None, **kw) -> dict:
+        shuffle_windows=(1, 2, 4), shuffle_grid: int = 16, guidance_scale: float | None = None,
+        watermark_delta: float | None = None, watermark_fpr_images: int = 0, **kw) -> dict:
     """The suites `suites` (of `SUITES`) on `model_dir` (default: the shipped default model), at
     `guidance_scale` (None: each model's own), as one report with the machine they ran on."""
     unknown = [s for s in suites if s not in SUITES]
@@ -439,12 +440,15 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
         report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, guidance_scale=guidance_scale,
                                   **sjd_kw)
     if "watermark" in suites:
-        from mmgen.bench.watermark import attack_suite
+        from mmgen.bench.watermark import attack_suite, clean_fpr
         from mmgen.pipelines import load_pipeline
 
-        report["watermark"] = attack_suite(load_pipeline(model_dir or DEFAULT_MODEL).to(device),
-                                           n_images=watermark_images, guidance_scale=guidance_scale,
-                                           progress=progress)
+        pipe = load_pipeline(model_dir or DEFAULT_MODEL).to(device)
+        report["watermark"] = attack_suite(pipe, n_images=watermark_images, guidance_scale=guidance_scale,
+                                           delta=watermark_delta, progress=progress)
+        if watermark_fpr_images:
+            report["watermark"]["clean_fpr"] = clean_fpr(pipe, watermark_fpr_images, guidance_scale=guidance_scale,
+                                                         progress=progress)
     if "paradigms" in suites:
         report["paradigms"] = bench_paradigms(models, baseline=model_dir, progress=progress,
                                               guidance_scale=guidance_scale,

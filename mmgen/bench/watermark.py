@@ -65,28 +65,28 @@ ATTACKS = {
     "resize_0.5": resize(0.5),
     "crop_0.875": crop_resize(0.875),
     "brightness_1.2": brightness(1.2),
+    # moves every token to another position: a raster watermark read without synchronisation has no defence
+    "flip": lambda im, seed=0: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
 }
 
 
 def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: float = 0.01, seed: int = 0,
                  guidance_scale: float | None = None, batch_size: int = 25, configs: dict | None = None,
-                 progress: bool = True) -> dict:
+                 delta: float | None = None, progress: bool = True) -> dict:
     """Generate n_images per method with the watermark and n_images without, attack, re-tokenize, detect.
 
     Per method and attack: TPR at the nominal FPR (p-value < fpr), the empirical FPR on the unwatermarked
     images, AUC of the z-score (watermarked vs not), and the re-tokenization match rate of token and symbol.
     Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch.
-    `guidance_scale` None: the model's own."""
+    `guidance_scale` None: the model's own; `delta`: the KGW rows' strength (None: the config's)."""
     from mmgen.data.shapes import heldout_prompts
     from mmgen.pipelines.base import generators_from_seed
-    from mmgen.watermark import METHODS, WatermarkConfig, detect_tokens
+    from mmgen.watermark import METHODS, detect_tokens
 
     base = pipe.watermark_config()
     if configs is None:
         # KGW is tested with its own statistic, the green-list count
-        configs = {m: WatermarkConfig(**{**base.__dict__, "method": m,
-                                         "statistic": "green" if m.startswith("kgw") else base.statistic})
-                   for m in METHODS}
+        configs = {m: base.variant(m, delta if m.startswith("kgw") else None) for m in METHODS}
     prompts = heldout_prompts(n_images, seed=seed)
     pipe.set_progress_bar_config(disable=True)
     if guidance_scale is None:
@@ -120,7 +120,9 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
     bar.update()
 
     report = {"n_images": n_images, "fpr": fpr, "guidance_scale": guidance_scale, "key_context": base.context, "num_clusters": base.num_clusters,
-              "clustering": base.clustering, "keying": base.keying, "statistic": base.statistic, "methods": {}}
+              "clustering": base.clustering, "keying": base.keying, "statistic": base.statistic,
+              "kgw_delta": {m: c.delta for m, c in configs.items() if m.startswith("kgw")},
+              "detection_encoder": base.encoder, "methods": {}}
     for method, cfg in configs.items():
         images, tokens = make(cfg)
         rows = {}
@@ -143,4 +145,32 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
         bar.update()
         report["methods"][method] = rows
     bar.close()
+    return report
+
+
+@torch.no_grad()
+def clean_fpr(pipe, n_images: int = 1000, keys: int = 10, fpr: float = 0.01, seed: int = 10_000,
+              guidance_scale: float | None = None, batch_size: int = 50, methods: tuple[str, ...] | None = None,
+              progress: bool = True) -> dict:
+    """The detector's false-positive rate on images, not token streams: `n_images` unwatermarked PNG-equivalent
+    images of the pipeline (held-out prompts, seeds from `seed`, its default guidance) re-encoded once, then
+    tested under `keys` different keys per method. Per method: the mean and worst FPR over the keys at `fpr`."""
+    from mmgen.data.shapes import heldout_prompts
+    from mmgen.pipelines.base import generators_from_seed
+    from mmgen.watermark import METHODS, detect_tokens
+
+    prompts = heldout_prompts(n_images, seed=seed)
+    pipe.set_progress_bar_config(disable=True)
+    tokens = []
+    for i in tqdm(range(0, n_images, batch_size), desc="clean images", disable=not progress):
+        chunk = prompts[i:i + batch_size]
+        out = pipe(prompt=chunk, guidance_scale=guidance_scale, generator=generators_from_seed(seed + i, len(chunk)))
+        tokens.append(pipe.retokenize(out.images).cpu())
+    tokens = torch.cat(tokens)
+    report = {"images": n_images, "keys": keys, "fpr": fpr, "methods": {}}
+    for method in methods or METHODS:
+        cfg = pipe.watermark_config(method)
+        rates = [sum(d.p_value < fpr for d in detect_tokens(tokens, cfg, f"clean-fpr-key-{k}")) / n_images
+                 for k in range(keys)]
+        report["methods"][method] = {"fpr_mean": round(sum(rates) / keys, 4), "fpr_max": round(max(rates), 4)}
     return report
