@@ -226,7 +226,8 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
         f = self.processor.downsample_ratio
         inputs = self.processor(text=prompts, return_for_image_generation=True, ratio=f"{w}:{h}",
                                 image_area=f * f * h * w)
-        assert all(list(s) == [h, w] for s in inputs["image_sizes"]), inputs["image_sizes"]
+        if any(list(s) != [h, w] for s in inputs["image_sizes"]):  # the processor's size rule changed under us
+            raise RuntimeError(f"Emu3Processor made image sizes {inputs['image_sizes']} for a {h} x {w} code grid")
         return [list(ids) for ids in inputs["input_ids"]]
 
     def negative_ids(self, negative: list[str]) -> list[list[int]]:
