@@ -1,0 +1,334 @@
+"""Emu3 text-to-image (Wang et al., 2024, "Emu3: Next-Token Prediction is All You Need", arXiv 2409.18869) from a
+transformers checkpoint: `Emu3ForConditionalGeneration` + `Emu3Processor` saved side by side (the hub layout of
+BAAI/Emu3-Gen-hf), sampled by mmgen's own loop instead of `generate`.
+
+An Emu3 image is text in one vocabulary: `<bos> prompt <|image start|> h*w <|image token|>`, then h rows of w
+visual tokens, each row closed by an end-of-line token, then end-of-frame / end-of-image. The row structure is
+fixed, so the end-of-line tokens are forced here, never sampled (transformers' documented call forces them with
+`prefix_allowed_tokens_fn`); only the h * w codes are drawn, from logits restricted to the visual vocabulary and
+mapped to VQ codebook ids. Guidance follows transformers' `negative_prompt_ids`: the unconditional row is the
+negative prompt as the processor tokenizes plain text, followed by the same image tokens.
+
+`Emu3Backend` is the `mmgen.sampling.sjd.JacobiBackend` of this layout: drafts are codebook ids, and the backend
+inserts each forced end-of-line after the draft that closes a row, so a window of T drafts spans up to
+T + T / w + 1 positions of the LM, each row of the batch at its own cache offset (`RowOffsetCache`). Plain AR
+decoding runs through the same backend one code per pass, the forced end-of-line fed in the same pass as the
+code before it, so an image costs h * w decoder passes, the prompt pass included.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from transformers import Emu3ForConditionalGeneration, Emu3Processor
+
+from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, check_image_mode, \
+    per_image_generators
+from mmgen.sampling.hf_backend import RowOffsetCache
+from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
+from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
+from mmgen.watermark import WatermarkProcessor
+from tokenizers_vis.protocol import Emu3VQTokenizer
+
+SAMPLERS = ("ar", "sjd")
+# the negative prompt of transformers' Emu3 image-generation example (and of BAAI's own inference script)
+DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
+                           "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
+                           "username, blurry.")
+DEFAULT_EMU3_GUIDANCE = 4.0  # when the checkpoint's generation_config.json sets no guidance_scale
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # 5.x writes the first, 4.x the second
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer, or a BPE vocabulary (with merges.txt)
+
+
+class Emu3Backend:
+    """`JacobiBackend` for Emu3 image codes: the draft vocabulary is the VQ codebook (ids 0..V-1).
+
+    prompts / uncond_prompts: LM token id lists (the conditional prompts end with the image wrapper token, which
+    starts generation; the unconditional rows, used when guidance_scale != 1, are the negative prompts). grid:
+    (h, w) codes. code_ids: (V,) LM id of each codebook id. Rows are left-padded together; positions skip the
+    pads, as `generate()` counts them."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], grid: tuple[int, int], code_ids: torch.Tensor,
+                 eol_id: int, pad_id: int, window: int = 1, guidance_scale: float = 1.0,
+                 uncond_prompts: Sequence[Sequence[int]] | None = None):
+        self.model, self.guidance_scale = model, guidance_scale
+        self.num_samples, self.vocab_size = len(prompts), len(code_ids)
+        self.h, self.w = grid
+        self.eol_id, self.pad_id = eol_id, pad_id
+        self.use_cfg = guidance_scale != 1.0
+        if self.use_cfg:
+            if uncond_prompts is None or len(uncond_prompts) != len(prompts):
+                raise ValueError("guidance_scale != 1 needs one unconditional prompt per prompt")
+            prompts = list(prompts) + list(uncond_prompts)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self.device = model.device
+        self.code_ids = code_ids.to(self.device)
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+        valid = torch.zeros(len(prompts), P, dtype=torch.bool)
+        for r, p in enumerate(prompts):
+            ids[r, P - len(p):] = torch.tensor(list(p))
+            valid[r, P - len(p):] = True
+        self.ids, self.prefix = ids.to(self.device), P - 1  # slots before the start token
+        n = self.h * self.w
+        # prompt, codes with their end-of-lines, and a window's overrun (its drafts, their end-of-lines, one spare)
+        self.capacity = P + n + self.h + window + window // self.w + 2
+        self.key_valid = torch.ones(len(prompts), self.capacity, dtype=torch.bool, device=self.device)
+        self.key_valid[:, :P] = valid.to(self.device)
+        self.pads = (~valid).sum(1).to(self.device)
+        self.cache = RowOffsetCache(model.config.get_text_config().num_hidden_layers, self.capacity)
+        self.prefilled = False
+
+    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
+        A, T = window_AT.shape
+        codes, n = window_AT, n_A
+        if self.use_cfg:
+            codes, n = torch.cat([codes, codes]), torch.cat([n, n])  # rows: [cond; uncond]
+        R, w = len(codes), self.w
+        c = n[:, None] - 1 + torch.arange(T, device=self.device)  # code index of each window slot; -1: start
+        tokens = self.code_ids[codes]
+        tokens[:, 0] = torch.where(n == 0, self.ids[:, -1], tokens[:, 0])
+        eol = (c >= 0) & ((c + 1) % w == 0)  # this code closes a row: the forced end-of-line follows it
+        last = (1 + eol.long()).cumsum(1) - 1  # index of each slot's last LM token (the code, or its end-of-line)
+        L = int(last[:, -1].max()) + 1
+        ids = torch.full((R, L), self.pad_id, dtype=torch.long, device=self.device)  # short rows end in pads
+        ids.scatter_(1, last, torch.where(eol, torch.full_like(tokens, self.eol_id), tokens))
+        ids.scatter_(1, last - eol.long(), tokens)
+        cm1 = (n - 1).clamp_min(0)
+        start = self.prefix + torch.where(n > 0, cm1 + cm1 // w + 1, 0)  # cache slot of window slot 0
+        if not self.prefilled:  # the first pass carries the prompt: no separate prefill pass
+            ids, start = torch.cat([self.ids[:, : self.prefix], ids], 1), torch.zeros_like(start)
+            self.prefilled = True
+        self.cache.set_window(start, ids.shape[1])
+        slots = start[:, None] + torch.arange(ids.shape[1], device=self.device)
+        allowed = window_mask(slots, self.key_valid[:, : self.cache.end])
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        positions = (slots - self.pads[:, None]).clamp_min(0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+                            use_cache=True, logits_to_keep=L).logits  # (R, L, vocab): the window's positions
+        logits = logits[..., self.code_ids].float().gather(1, last[..., None].expand(R, T, self.vocab_size))
+        if not self.use_cfg:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return cfg_combine(cond, uncond, self.guidance_scale)
+
+    def keep(self, keep_A: torch.Tensor) -> None:
+        rows = keep_A.nonzero().squeeze(-1)
+        if self.use_cfg:
+            rows = torch.cat([rows, rows + len(keep_A)])
+        self.cache.reorder_cache(rows)
+        self.ids, self.key_valid, self.pads = self.ids[rows], self.key_valid[rows], self.pads[rows]
+
+
+@torch.no_grad()
+def sample_ar(backend: Emu3Backend, num_tokens: int, sampling: SamplingConfig,
+              generators: Sequence[torch.Generator] | None = None, processor: Callable | None = None,
+              callback: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(num_samples, num_tokens) codes, one per decoder pass: guided logits (the backend's), temperature / top-k /
+    top-p, the optional `processor` stage (a watermark), then the exponential race with one generator per image."""
+    B, device = backend.num_samples, backend.device
+    out = torch.zeros(B, num_tokens, dtype=torch.long, device=device)
+    for i in range(num_tokens):
+        n = torch.full((B,), i, dtype=torch.long, device=device)
+        logits = process_logits(backend.forward(out[:, max(i - 1, 0): max(i, 1)], n)[:, 0], sampling)
+        if processor is not None:
+            logits = processor(logits, out, n)
+        out[:, i] = sample(logits, generators, greedy=sampling.temperature == 0)
+        if callback is not None:
+            callback(i + 1)
+    return out
+
+
+class _TransformersLayout(DiffusionPipeline):
+    """A pipeline stored as transformers stores the model: the model's `save_pretrained` and its processor's, in
+    one directory (no model_index.json)."""
+
+    model_class: type
+    processor_class: type
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
+        path = Path(pretrained_model_name_or_path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a transformers checkpoint: it has no config.json")
+        missing = []
+        if not any((path / f).is_file() for f in PROCESSOR_FILES):
+            missing.append(" or ".join(PROCESSOR_FILES))
+        if not (path / "tokenizer_config.json").is_file():
+            missing.append("tokenizer_config.json")
+        if not any((path / f).is_file() for f in TOKENIZER_FILES):
+            missing.append(" or ".join(TOKENIZER_FILES))
+        if missing:
+            raise FileNotFoundError(f"{str(path)!r} has the model but not its processor: missing {'; '.join(missing)}"
+                                    f" (save the {cls.processor_class.__name__} beside the model with "
+                                    f"processor.save_pretrained)")
+        model = cls.model_class.from_pretrained(str(path), dtype=dtype, **kwargs).eval().requires_grad_(False)
+        return cls(model=model, processor=cls.processor_class.from_pretrained(str(path)))
+
+    def save_pretrained(self, save_directory, **kwargs):
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+
+
+def _check_side(name: str, value, factor: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
+        raise ValueError(f"{name} must be a positive multiple of {factor} (the VQ-VAE's downsampling factor: the "
+                         f"image is tiled by {factor} x {factor} pixel codes), got {value!r}")
+    return value
+
+
+class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
+    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "negative_prompt": None, "height": None, "width": None,
+                    "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar", "sjd_window": 16,
+                    "sjd_init": "random", "sjd_coupled": False, "watermark_key": None}
+
+    model_class, processor_class = Emu3ForConditionalGeneration, Emu3Processor
+
+    def __init__(self, model, processor):
+        super().__init__()
+        if not isinstance(model, Emu3ForConditionalGeneration) or not isinstance(processor, Emu3Processor):
+            raise TypeError(f"Emu3Pipeline takes an Emu3ForConditionalGeneration and an Emu3Processor, got "
+                            f"{type(model).__name__} and {type(processor).__name__}")
+        self.register_modules(model=model, processor=processor)
+        guidance = model.generation_config.guidance_scale
+        # the checkpoint's own guidance scale (generation_config.json), as generate() would use it
+        self.register_to_config(default_guidance_scale=DEFAULT_EMU3_GUIDANCE if guidance is None else guidance)
+        vq, mapping = model.model.vqmodel, model.vocabulary_mapping
+        self.vq_factor = vq.vision_spatial_factor
+        img2bpe = mapping.img2bpe
+        if sorted(img2bpe) != list(range(vq.config.codebook_size)):
+            raise ValueError(f"the model's vocabulary_map has {len(img2bpe)} visual tokens; its VQ-VAE codebook has "
+                             f"{vq.config.codebook_size} codes")
+        self.code_ids = torch.tensor([img2bpe[k] for k in range(len(img2bpe))])  # codebook id -> LM id
+        self.eol_id = mapping.eol_token_id
+        # the processor's own default size (its ratio and image area), in whole codes
+        h, w = processor.calculate_generate_size(processor.ratio, processor.image_area, processor.downsample_ratio)
+        self.default_size = (h * self.vq_factor, w * self.vq_factor)
+        image_processor = processor.image_processor
+        self.visual_tokenizer = Emu3VQTokenizer(vq, self.default_size[0], image_processor.image_mean,
+                                                image_processor.image_std)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    def prompt_ids(self, prompts: list[str], grid: tuple[int, int]) -> list[list[int]]:
+        """Token ids of `prompts` for an image of grid (h, w) codes, from the processor itself: its
+        `return_for_image_generation` path with a ratio and area that give exactly (h, w)."""
+        h, w = grid
+        f = self.processor.downsample_ratio
+        inputs = self.processor(text=prompts, return_for_image_generation=True, ratio=f"{w}:{h}",
+                                image_area=f * f * h * w)
+        if any(list(s) != [h, w] for s in inputs["image_sizes"]):  # the processor's size rule changed under us
+            raise RuntimeError(f"Emu3Processor made image sizes {inputs['image_sizes']} for a {h} x {w} code grid")
+        return [list(ids) for ids in inputs["input_ids"]]
+
+    def negative_ids(self, negative: list[str]) -> list[list[int]]:
+        """The unconditional rows: negative prompts tokenized as plain text (transformers' negative_prompt_ids)."""
+        return [list(ids) for ids in self.processor(text=negative)["input_ids"]]
+
+    def _grid(self, height, width, image_size) -> tuple[int, int]:
+        if image_size is not None:
+            if height is not None or width is not None:
+                raise ValueError("pass either image_size or height/width, not both")
+            height = width = image_size
+        height = self.default_size[0] if height is None else height
+        width = self.default_size[1] if width is None else width
+        f = self.vq_factor
+        return _check_side("height", height, f) // f, _check_side("width", width, f) // f
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        image_size: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        sampler: str = "ar",
+        sjd_window: int = 16,
+        sjd_init: str = "random",
+        sjd_coupled: bool = False,
+        watermark_key: str | None = None,
+    ):
+        """Generate images for `prompt`.
+
+        guidance_scale: None = the checkpoint's (generation_config.json), else 4.0. negative_prompt: the
+        unconditional row of guidance (default: Emu3's documented negative prompt), one string or one per prompt.
+        height / width (or image_size for both): pixels, multiples of the VQ-VAE factor (default: the processor's
+        image area, 720 x 720 for Emu3-Gen). sampler "ar" (one code per pass) or "sjd" (speculative Jacobi
+        decoding, the same distribution in fewer passes; `sjd_window`, `sjd_init`, `sjd_coupled` as in
+        `NextTokenPipeline`). `watermark_key`: embed the distortion-free watermark (clusters of this model's VQ
+        codebook by default); detect it with `detect_watermark`. Image i uses its own generator."""
+        prompts = check_call(prompt, num_images_per_prompt, output_type)
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        negatives = [negative] * len(prompts) if isinstance(negative, str) else negative
+        if not isinstance(negatives, (list, tuple)) or len(negatives) != len(prompts) \
+                or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"negative_prompt must be a string or a list of one string per prompt ({len(prompts)}),"
+                             f" got {negative_prompt!r}")
+        h, w = self._grid(height, width, image_size)
+        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        sjd = SJDConfig(sjd_window, sjd_init, sjd_coupled) if sampler == "sjd" else None
+        processor = None if watermark_key is None else WatermarkProcessor(self.watermark_config(), watermark_key)
+
+        repeat = lambda rows: [r for r in rows for _ in range(num_images_per_prompt)]  # noqa: E731
+        cond, uncond = repeat(self.prompt_ids(prompts, (h, w))), repeat(self.negative_ids(list(negatives)))
+        gens = per_image_generators(generator, len(cond))
+        n_img = h * w
+        backend = Emu3Backend(self.model, cond, (h, w), self.code_ids, self.eol_id,
+                              self.processor.tokenizer.pad_token_id or 0, window=1 if sjd is None else sjd.window,
+                              guidance_scale=guidance_scale, uncond_prompts=uncond)
+        with self.progress_bar(total=n_img) as bar:
+            if sjd is None:
+                codes = sample_ar(backend, n_img, sampling, gens, processor, callback=lambda i: bar.update())
+                passes, compression, accepted = n_img, 1.0, 1.0
+            else:
+                codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w, processor=processor,
+                                             callback=lambda done: bar.update(done - bar.n))
+                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
+        codes = codes.view(-1, h, w)
+        images = self.visual_tokenizer.decode_tokens(codes)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        if not return_dict:
+            return images, codes, passes
+        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
+                                mean_accepted_length=accepted)
+
+    @torch.no_grad()
+    def retokenize(self, images) -> torch.Tensor:
+        """PIL images -> their codes (B, h*w). Emu3 reads any size its VQ-VAE tiles, so an image is encoded at its
+        own size when both sides are multiples of the factor (the size it was generated at), else resized (bicubic)
+        to the default size; the images of one call must come out at one size."""
+        f, batch = self.vq_factor, []
+        for i, image in enumerate(images):
+            check_image_mode(image, f"images[{i}]")
+            image = image.convert("RGB")
+            if image.width % f or image.height % f:
+                image = image.resize(self.default_size[::-1], PIL.Image.BICUBIC)
+            batch.append(self.image_processor.preprocess(image))
+        sizes = sorted({tuple(x.shape[-2:]) for x in batch})
+        if len(sizes) > 1:
+            raise ValueError(f"images must share one size to be tested together (their code grids differ); got "
+                             f"(height, width) {sizes}")
+        return self.visual_tokenizer.encode_tokens(torch.cat(batch).to(self.visual_tokenizer.device)).flatten(1)
+
