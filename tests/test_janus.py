@@ -98,6 +98,10 @@ def test_loads_from_the_hub_layout(janus_dir, pipe, tmp_path):
     assert cond == [[BOS, 6, 7, 8, BOI], [BOS, 9, BOI]]
     assert uncond == [[BOS, PAD, PAD, PAD, BOI], [BOS, PAD, BOI]]
 
+    template = "{% for m in messages %}sky {{ m['content'][0]['text'] }}{% endfor %}"  # as the hub's: a user turn
+    chat = JanusPipeline(pipe.model, tiny_processor(16, 16, chat_template=template))
+    assert chat.encode_prompts(["dog"]) == ([[BOS, 11, 9, BOI]], [[BOS, PAD, PAD, BOI]])
+
     pipe.watermark = None
     config = pipe.watermark_config()
     pipe.save_pretrained(tmp_path / "again")

@@ -21,7 +21,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators
 from mmgen.sampling.hf_backend import CausalLMBackend
-from mmgen.sampling.logits import SamplingConfig, process_logits, sample
+from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
 from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
 from mmgen.watermark import WatermarkProcessor
 from tokenizers_vis.protocol import JanusVQTokenizer
@@ -52,13 +52,14 @@ class JanusBackend(CausalLMBackend):
     def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
         A, T = window_AT.shape
         codes, n = (torch.cat([window_AT, window_AT]), torch.cat([n_A, n_A])) if self.use_cfg else (window_AT, n_A)
+        embed = self.model.get_input_embeddings()
         x_RTD = self.janus.prepare_embeddings_for_image_generation(codes)
-        boi_RD = self.model.get_input_embeddings()(self.ids[:, -1])
+        boi_RD = embed(self.ids[:, -1])
         first = (n == 0)[:, None, None] & (torch.arange(T, device=self.device) == 0)[None, :, None]
         x_RTD = torch.where(first, boi_RD[:, None].to(x_RTD.dtype), x_RTD)  # row's first pass: start at <boi>
         start = self.prefix + n
         if not self.prefilled:  # the first pass carries the prompt: no separate prefill pass
-            x_RTD = torch.cat([self.model.get_input_embeddings()(self.ids[:, : self.prefix]).to(x_RTD.dtype), x_RTD], 1)
+            x_RTD = torch.cat([embed(self.ids[:, : self.prefix]).to(x_RTD.dtype), x_RTD], 1)
             start = torch.zeros_like(start)
             self.prefilled = True
         L = x_RTD.shape[1]
@@ -74,8 +75,7 @@ class JanusBackend(CausalLMBackend):
         logits = self.janus.model.generation_head(h_RTD).float()
         if not self.use_cfg:
             return logits
-        cond, uncond = logits.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+        return cfg_combine(*logits.chunk(2), self.guidance_scale)
 
 
 class _JanusCheckpoint(DiffusionPipeline):
@@ -110,10 +110,10 @@ class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
         ip = processor.image_processor
         self.visual_tokenizer = JanusVQTokenizer(model.model.vqmodel, ip.image_mean, ip.image_std)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
-        vision = model.config.vision_config
-        if vision.num_image_tokens != vision.image_size // vision.patch_size * (vision.image_size // vision.patch_size):
-            raise ValueError(f"vision_config.num_image_tokens={vision.num_image_tokens} does not match its "
-                             f"{vision.image_size // vision.patch_size}^2 token grid")
+        h, w = self.visual_tokenizer.token_shape
+        if model.config.vision_config.num_image_tokens != h * w:  # generate() makes that many, the VQ decodes h*w
+            raise ValueError(f"vision_config.num_image_tokens={model.config.vision_config.num_image_tokens} does not "
+                             f"match the {h}x{w} token grid of vq_config")
         tokenizer, gen = processor.tokenizer, model.generation_config
         # the ids generate() reads from the generation config, else the tokenizer's
         self.boi_token_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
