@@ -1,0 +1,217 @@
+"""Janus / Janus-Pro text-to-image (Wu et al. 2024, arXiv 2410.13848; Chen et al. 2025, Janus-Pro, arXiv
+2501.17811) from a transformers checkpoint directory, sampled by mmgen's own loop.
+
+The directory is what `JanusForConditionalGeneration.save_pretrained` and `JanusProcessor.save_pretrained`
+write (the hub layout). Generation follows transformers' `generate(generation_mode="image")`: the prompt ends
+in the begin-of-image token; the unconditional rows of classifier-free guidance are the prompt with every token
+but BOS and begin-of-image replaced by pad; image tokens enter through the generation embeddings and aligner,
+logits come from the generation head over the VQ codebook. What is mmgen's: the sampling stages (CFG,
+temperature, top-k/top-p, the watermark), one generator per image, and speculative Jacobi decoding, all
+through one `JanusBackend` whose KV cache (`RowOffsetCache`) lets each row sit at its own length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+
+from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators
+from mmgen.sampling.hf_backend import CausalLMBackend
+from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
+from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
+from mmgen.watermark import WatermarkProcessor
+from tokenizers_vis.protocol import JanusVQTokenizer
+
+SAMPLERS = ("ar", "sjd")
+JANUS_GUIDANCE_SCALE = 5.0  # transformers' Janus generate uses 5 when the generation config sets none
+# what a saved directory needs beside config.json: one file of each group
+CHECKPOINT_FILES = {"weights": ("model.safetensors", "model.safetensors.index.json"),
+                    "tokenizer": ("tokenizer.json", "tokenizer.model"),
+                    "image processor config": ("preprocessor_config.json", "processor_config.json")}
+
+
+class JanusBackend(CausalLMBackend):
+    """`mmgen.sampling.sjd.JacobiBackend` for `JanusForConditionalGeneration`. Draft ids are VQ codebook ids.
+
+    prompts / uncond_prompts: token id lists ending in begin-of-image (the uncond ones as Janus builds them).
+    The prompt layout, cache, row dropping and left-pad positions are `CausalLMBackend`'s over the language
+    model; only the way in (text embeddings for the prompt, generation embeddings + aligner for image ids) and
+    the way out (the generation head) differ."""
+
+    def __init__(self, janus, prompts: Sequence[Sequence[int]], uncond_prompts: Sequence[Sequence[int]] | None,
+                 num_tokens: int, window: int, guidance_scale: float, pad_token_id: int):
+        super().__init__(janus.model.language_model, prompts, vocab_offset=0,
+                         vocab_size=janus.config.vq_config.num_embeddings, num_tokens=num_tokens, window=window,
+                         guidance_scale=guidance_scale, uncond_prompts=uncond_prompts, pad_token_id=pad_token_id)
+        self.janus = janus
+
+    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
+        A, T = window_AT.shape
+        codes, n = (torch.cat([window_AT, window_AT]), torch.cat([n_A, n_A])) if self.use_cfg else (window_AT, n_A)
+        embed = self.model.get_input_embeddings()
+        x_RTD = self.janus.prepare_embeddings_for_image_generation(codes)
+        boi_RD = embed(self.ids[:, -1])
+        first = (n == 0)[:, None, None] & (torch.arange(T, device=self.device) == 0)[None, :, None]
+        x_RTD = torch.where(first, boi_RD[:, None].to(x_RTD.dtype), x_RTD)  # row's first pass: start at <boi>
+        start = self.prefix + n
+        if not self.prefilled:  # the first pass carries the prompt: no separate prefill pass
+            x_RTD = torch.cat([embed(self.ids[:, : self.prefix]).to(x_RTD.dtype), x_RTD], 1)
+            start = torch.zeros_like(start)
+            self.prefilled = True
+        L = x_RTD.shape[1]
+        self.cache.set_window(start, L)
+        slots = start[:, None] + torch.arange(L, device=self.device)
+        allowed = window_mask(slots, self.key_valid[:, : self.cache.end])
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        positions = (slots - self.pads[:, None]).clamp_min(0)  # pads take no position, as in generate()
+        h_RTD = self.model(inputs_embeds=x_RTD, attention_mask=mask, position_ids=positions, cache=self.cache,
+                           use_cache=True).last_hidden_state[:, -T:]
+        logits = self.janus.model.generation_head(h_RTD).float()
+        if not self.use_cfg:
+            return logits
+        return cfg_combine(*logits.chunk(2), self.guidance_scale)
+
+
+class _JanusCheckpoint(DiffusionPipeline):
+    """Loading and saving in the transformers layout (no model_index.json)."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, dtype=torch.float32, **kwargs):
+        from transformers import JanusForConditionalGeneration, JanusProcessor
+
+        path = Path(pretrained_model_name_or_path)
+        missing = [f"{what} ({' or '.join(names)})" for what, names in CHECKPOINT_FILES.items()
+                   if not any((path / name).is_file() for name in names)]
+        if missing:
+            raise FileNotFoundError(f"{str(path)!r} is not a complete Janus checkpoint: missing {'; '.join(missing)} "
+                                    f"(save the model and its JanusProcessor with save_pretrained into one directory)")
+        model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs).eval()
+        return cls(model=model.requires_grad_(False), processor=JanusProcessor.from_pretrained(path))
+
+    def save_pretrained(self, save_directory, **kwargs):
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.processor.save_pretrained(save_directory)
+
+
+class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
+    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
+                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None}
+
+    def __init__(self, model, processor):
+        super().__init__()
+        self.register_modules(model=model, processor=processor)
+        ip = processor.image_processor
+        self.visual_tokenizer = JanusVQTokenizer(model.model.vqmodel, ip.image_mean, ip.image_std)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+        h, w = self.visual_tokenizer.token_shape
+        if model.config.vision_config.num_image_tokens != h * w:  # generate() makes that many, the VQ decodes h*w
+            raise ValueError(f"vision_config.num_image_tokens={model.config.vision_config.num_image_tokens} does not "
+                             f"match the {h}x{w} token grid of vq_config")
+        tokenizer, gen = processor.tokenizer, model.generation_config
+        # the ids generate() reads from the generation config, else the tokenizer's
+        self.boi_token_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
+        self.bos_token_id = gen.bos_token_id if gen.bos_token_id is not None else tokenizer.bos_token_id
+        self.pad_token_id = gen.pad_token_id if gen.pad_token_id is not None else tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the Janus checkpoint sets no pad token (generation_config.json or the tokenizer): "
+                             "classifier-free guidance needs it for its unconditional prompt")
+
+    @property
+    def default_guidance_scale(self) -> float:
+        scale = self.model.generation_config.guidance_scale
+        return JANUS_GUIDANCE_SCALE if scale is None else float(scale)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
+        """Conditional and unconditional token ids, as `processor(text=..., generation_mode="image")` gives them
+        (after the processor's chat template, when it has one) and as transformers' Janus `generate` masks them."""
+        if self.processor.chat_template is not None:
+            prompts = [self.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": p}]}],
+                                                          add_generation_prompt=True) for p in prompts]
+        batch = self.processor(text=list(prompts), generation_mode="image", padding=True)
+        cond = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        keep = (self.bos_token_id, self.boi_token_id)
+        uncond = [[t if t in keep else self.pad_token_id for t in ids] for ids in cond]
+        return cond, uncond
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        sampler: str = "ar",
+        sjd_window: int = 16,
+        sjd_init: str = "random",
+        sjd_coupled: bool = False,
+        watermark_key: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ):
+        """Generate images for `prompt` (see `NextTokenPipeline.__call__` for the shared options).
+
+        guidance_scale: default the checkpoint's generation config, else 5 (as transformers' Janus `generate`).
+        temperature 0 is greedy. height / width: Janus generates at its one trained size only; another raises."""
+        prompts = check_call(prompt, num_images_per_prompt, output_type)
+        size = self.visual_tokenizer.image_size
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != size:
+                raise ValueError(f"{name}={value}: this Janus checkpoint generates {size}x{size} images only")
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        sjd = SJDConfig(sjd_window, sjd_init, sjd_coupled) if sampler == "sjd" else None
+        processor = None if watermark_key is None else WatermarkProcessor(self.watermark_config(), watermark_key)
+        cond, uncond = self.encode_prompts(prompts)
+        cond = [ids for ids in cond for _ in range(num_images_per_prompt)]
+        uncond = [ids for ids in uncond for _ in range(num_images_per_prompt)]
+        gens = per_image_generators(generator, len(cond))
+
+        h, w = self.visual_tokenizer.token_shape
+        n_img = h * w
+        backend = JanusBackend(self.model, cond, uncond if guidance_scale != 1.0 else None, n_img,
+                               1 if sjd is None else sjd.window, guidance_scale, self.pad_token_id)
+        with self.progress_bar(total=n_img) as bar:
+            if sjd is None:
+                codes, passes = self._sample_ar(backend, n_img, sampling, gens, processor, bar.update), n_img
+                compression = accepted = 1.0
+            else:
+                codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w,
+                                             callback=lambda done: bar.update(done - bar.n), processor=processor)
+                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
+        codes = codes.view(len(cond), h, w)
+        images = self.visual_tokenizer.decode_tokens(codes)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        if not return_dict:
+            return images, codes, passes
+        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
+                                mean_accepted_length=accepted)
+
+    @staticmethod
+    def _sample_ar(backend: JanusBackend, n_img: int, sampling: SamplingConfig, gens, processor, step):
+        """Plain AR: one token per pass, each pass a one-token window (the first one carries the prompt)."""
+        B = backend.num_samples
+        codes = torch.zeros(B, n_img, dtype=torch.long, device=backend.device)
+        for i in range(n_img):
+            n = torch.full((B,), i, dtype=torch.long, device=backend.device)
+            logits = process_logits(backend.forward(codes[:, max(i - 1, 0), None], n)[:, 0], sampling)
+            if processor is not None:
+                logits = processor(logits, codes, n)
+            codes[:, i] = sample(logits, gens, greedy=sampling.temperature == 0)
+            step()
+        return codes
+
