@@ -239,3 +239,22 @@ def test_bad_init_dirs_are_rejected(janus_dir, folder, tmp_path):
         train.main(["paradigm=next_token", f"init_from={janus_dir}", "data.size=8", "train.steps=1",
                     f"train.out_dir={tmp_path / 'c'}", "tokenizer=" + str(ROOT / "mmgen/zoo/shapes-nexttoken/vq_model")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # rejected before the run starts
+
+
+def test_two_processes_take_the_steps_of_one(janus_dir, folder, tmp_path):
+    """`accelerate launch`, 2 CPU processes (gloo): each takes half of every global batch, the copies stay equal
+    (rank_spread 0) and the losses are one process's. No condition dropout: its draws are per process."""
+    import os
+
+    common = [a for a in args(janus_dir, folder, tmp_path, 3) if not a.startswith("train.out_dir")]
+    common += ["train.cond_drop_prob=0"]
+    run(*common, f"train.out_dir={tmp_path / 'one'}")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ROOT / "configs" / "accelerate" / "ddp_2proc.yaml"), "--main_process_port", "29671",
+                           str(ROOT / "scripts" / "train_generator.py"), *common, f"train.out_dir={tmp_path / 'two'}"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((tmp_path / "two" / "step-0000003" / "state.json").read_text())
+    assert state["extra"]["rank_spread"] == 0.0
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(two) == [0, 1, 2] and all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
