@@ -134,8 +134,8 @@ def finetune(cfg: GeneratorRunConfig) -> None:
     codes = encode_dataset(lambda imgs: trainer.encode_images(imgs.to(device)), dataset, out / "codes.safetensors",
                            key, batch_size=16, workers=cfg.train.data_workers)
     params = [(n, p) for n, p in trainer.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for n, p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
-                             {"params": [p for n, p in params if p.dim() < 2], "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+                             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.train.lr, betas=cfg.train.betas)
     run.resume(trainer.trained_modules())
     train_step, opt = run.prepare(trainer, {"opt": opt})

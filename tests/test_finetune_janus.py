@@ -124,8 +124,8 @@ def test_training_forward_reproduces_transformers_generate(janus_dir):
     trainer.eval()
     prompt = trainer.prompts(["a red circle on the left"])
     assert prompt[0][0] == 1 and prompt[0][-1] == 4  # BOS ... begin-of-image, as the processor writes it
-    text = trainer.processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "text", "text": "a red circle on the left"}]}], add_generation_prompt=True)
+    message = {"role": "user", "content": [{"type": "text", "text": "a red circle on the left"}]}
+    text = trainer.processor.apply_chat_template([message], add_generation_prompt=True)
     inputs = trainer.processor(text=[text], generation_mode="image")
     assert inputs["input_ids"][0].tolist() == prompt[0]
     scale = 3.0
@@ -237,7 +237,7 @@ def test_bad_init_dirs_are_rejected(janus_dir, folder, tmp_path):
         train.main(args(bare, folder, tmp_path / "b", 1))
     with pytest.raises(FileNotFoundError, match=r"set paradigm=janus"):  # a Janus dir given to a decoder run
         train.main(["paradigm=next_token", f"init_from={janus_dir}", "data.size=8", "train.steps=1",
-                    f"train.out_dir={tmp_path / 'c'}", "tokenizer=" + str(ROOT / "mmgen/zoo/shapes-nexttoken/vq_model")])
+                    f"train.out_dir={tmp_path / 'c'}", f"tokenizer={ROOT / 'mmgen/zoo/shapes-nexttoken/vq_model'}"])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # rejected before the run starts
 
 
