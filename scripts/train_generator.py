@@ -5,6 +5,7 @@
     python scripts/train_generator.py --config configs/flow_head_shapes.yaml    # paradigm: flow_head (MAR-style)
     python scripts/train_generator.py --config configs/flowar_shapes.yaml       # paradigm: flowar
     python scripts/train_generator.py --config configs/next_x_shapes.yaml flow.entity=cell   # paradigm: next_x (xAR)
+    python scripts/train_generator.py --config configs/janus_finetune.yaml init_from=<Janus dir> data.root=<folder>
     accelerate launch --config_file configs/accelerate/ddp_2proc.yaml scripts/train_generator.py --config ...
     accelerate launch --config_file configs/accelerate/ddp_2proc.yaml scripts/train_generator.py ... train.fsdp=true
 
@@ -18,6 +19,12 @@ sampler) and so the tokenizer kind that `tokenizer` must point at: next_token (V
 token_shuffle (VQGAN codes, s x s per position; also `next_token` with `model.shuffle_window` > 1), next_scale (MultiScaleVQGAN codes, one pass per scale), flow_head (AutoencoderKL latents, raster with a
 per-token flow-matching head), flowar (AutoencoderKL latent pyramid, per-scale flow module), next_x (AutoencoderKL
 latents grouped into `flow.entity` entities, the decoder regresses each entity by flow matching, xAR).
+
+`paradigm: janus` continues a public checkpoint instead (`mmgen.training.transformers_models`): `init_from` is a
+transformers `JanusForConditionalGeneration` directory with its processor; the language model and the generation
+embeddings, aligner and head train on the images' codes from its own frozen VQ-VAE (images resized to its
+generation size), captions prompted as its processor does; `<out_dir>/pipeline` is the fine-tuned model and
+processor in the transformers layout (`from_pretrained`). `tokenizer`, `model`, `flow` and `max_text_len` do not apply.
 
 Steps: train the word-level text tokenizer on the captions, encode every training image once with the frozen
 tokenizer (cached under the run directory), then the usual loop. Checkpoints every `train.ckpt_every` steps
@@ -41,10 +48,12 @@ from mmgen.alignment.targets import alignment_targets, cached_alignment_targets
 from mmgen.paradigms import next_token
 from mmgen.paradigms.protocol import FlowConfig, ModelConfig
 from mmgen.pipelines import PARADIGMS, load_visual_tokenizer, resolve_paradigm, save_pipeline
+from mmgen.pipelines.transformers_models import transformers_model_type
 from mmgen.text import UnifiedVocab, encode_prompts
 from mmgen.training.checkpoint import latest_checkpoint
 from mmgen.training.data import DataConfig, encode_dataset, image_fields, make_dataset, run_text_tokenizer
 from mmgen.training.loop import Run, cosine_lr, load_run_config
+from mmgen.training.transformers_models import FINETUNE, load_finetune
 from tokenizers_vis.protocol import as_visual_tokenizer
 
 
@@ -69,7 +78,7 @@ class TrainConfig:
 
 @dataclass
 class GeneratorRunConfig:
-    paradigm: str = "next_token"  # a name in mmgen.pipelines.PARADIGMS
+    paradigm: str = "next_token"  # a name in mmgen.pipelines.PARADIGMS, or a transformers model type to fine-tune
     tokenizer: str = "runs/vqgan/final"  # a saved visual tokenizer directory of the paradigm's kind
     max_text_len: int = 24
     # a saved pipeline to continue from (fine-tune / train longer under a new schedule): its decoder weights and
@@ -105,8 +114,59 @@ class TrainStep(torch.nn.Module):
         return ar_loss + align.weight * align_loss, ar_loss, align_loss
 
 
+def finetune(cfg: GeneratorRunConfig) -> None:
+    """Continue the image generation of a public transformers checkpoint (`init_from`, model type `paradigm`)."""
+    if cfg.init_from is None:
+        raise ValueError(f"paradigm {cfg.paradigm!r} needs init_from=<a transformers checkpoint directory>")
+    if cfg.alignment.type != "none" or cfg.train.fsdp:
+        raise ValueError(f"paradigm {cfg.paradigm!r} takes neither alignment.type nor train.fsdp (data-parallel "
+                         f"processes only)")
+    trainer = load_finetune(cfg.paradigm, cfg.init_from)  # the checkpoint as saved; a resume overwrites what trains
+    cfg.data.image_size = trainer.image_size  # the model's generation size (and the record in config.json)
+    run = Run(cfg, cfg.train, f"fine-tune {cfg.paradigm}")
+    out, device = run.out, run.device
+    trainer.to(device)
+    dataset = make_dataset(cfg.data)
+    captions = list(dataset.captions) if hasattr(dataset, "captions") else [d["caption"] for d in dataset]
+    prompts = trainer.prompts(captions)
+    key = hashlib.sha256(json.dumps([image_fields(cfg.data), str(Path(cfg.init_from).resolve()),
+                                     cfg.paradigm]).encode()).hexdigest()
+    codes = encode_dataset(lambda imgs: trainer.encode_images(imgs.to(device)), dataset, out / "codes.safetensors",
+                           key, batch_size=16, workers=cfg.train.data_workers)
+    params = [(n, p) for n, p in trainer.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
+                             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=cfg.train.lr, betas=cfg.train.betas)
+    run.resume(trainer.trained_modules())
+    train_step, opt = run.prepare(trainer, {"opt": opt})
+    run.print(f"trained parameters: {sum(p.numel() for _, p in params) / 1e6:.2f} M of "
+              f"{sum(p.numel() for p in trainer.parameters()) / 1e6:.2f} M; {codes.shape[1]} codes per image "
+              f"({trainer.image_size} px); {len(dataset)} images")
+
+    def step(i: int) -> dict:
+        idx = run.indices(i, len(dataset))
+        drop = torch.rand(len(idx)) < cfg.train.cond_drop_prob
+        batch = trainer.batch([prompts[k] for k in idx], codes[idx], drop)
+        lr = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = train_step(**{k: v.to(device) for k, v in batch.items()})
+        opt.zero_grad(set_to_none=True)
+        run.accelerator.backward(loss)
+        grad_norm = run.accelerator.clip_grad_norm_([p for _, p in params], cfg.train.grad_clip)
+        opt.step()
+        return {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm}
+
+    run.train(step, digits={"lr": None, "grad_norm": 4})
+    if run.is_main:
+        trainer.eval().cpu().save_pretrained(out / "pipeline")
+        run.print(f"saved model and processor to {out / 'pipeline'}")
+
+
 def main(argv=None):
     cfg = load_run_config(GeneratorRunConfig, __doc__, argv)
+    if cfg.paradigm in FINETUNE:
+        return finetune(cfg)
     run = Run(cfg, cfg.train, "train generator")
     out, device = run.out, run.device
 
@@ -121,7 +181,10 @@ def main(argv=None):
     if cfg.init_from is not None:
         init_dir = Path(cfg.init_from)
         if not (init_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
-            raise FileNotFoundError(f"init_from {cfg.init_from!r} is not a saved pipeline directory (no transformer/)")
+            hint = (f"; to fine-tune its {kind} checkpoint set paradigm={kind} (configs/{kind}_finetune.yaml)"
+                    if (kind := transformers_model_type(init_dir)) in FINETUNE else "")
+            raise FileNotFoundError(f"init_from {cfg.init_from!r} is not a saved pipeline directory "
+                                    f"(no transformer/){hint}")
         if run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
             shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
         run.accelerator.wait_for_everyone()
