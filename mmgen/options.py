@@ -74,7 +74,7 @@ SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temper
                   "--top-p": "top_p", "--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
                   "--sjd-coupled": "sjd_coupled", "--watermark-key": "watermark_key",
                   "--watermark-method": "watermark_method", "--watermark-delta": "watermark_delta",
-                  "--steps": "num_inference_steps",
+                  "--height": "height", "--width": "width", "--steps": "num_inference_steps",
                   "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule"}
 
 
@@ -110,6 +110,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
                                   "image's test detects far more often (detect with --method)")
         nexttok.add_argument("--watermark-delta", type=positive_float("--watermark-delta"), default=None,
                              help="strength of the kgw methods: logit bias of the green list (> 0)")
+    size = parser.add_argument_group("models that take an output size (Emu3)")
+    size.add_argument("--height", type=positive_int("--height"), default=None,
+                      help="image height in pixels, a multiple of the VQ factor (default: the processor's own)")
+    size.add_argument("--width", type=positive_int("--width"), default=None, help="image width in pixels")
     flow = parser.add_argument_group("continuous tokens (flow-head raster, FlowAR, next-X)")
     flow.add_argument("--steps", type=positive_int("--steps"), default=None,
                       help="flow ODE steps per token or scale (default 25)")
