@@ -74,3 +74,20 @@ def test_filtered_tokens_are_never_sampled():
 def test_invalid_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingConfig(**kwargs)
+
+
+def test_row_noise_equals_step_by_step_draws():
+    """Noise drawn ahead in blocks is the stream `sample` draws step by step: same tokens, same generator state."""
+    from mmgen.sampling.logits import RowNoise
+
+    steps, V = 7, 13
+    logits = torch.randn(steps, 3, V, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    step_by_step = torch.stack([sample(logits[i], gens) for i in range(steps)])
+    gens2 = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    noise = RowNoise(gens2, steps, V, "cpu", block_elems=2 * 3 * V)  # blocks of 2 steps, the last one of 1
+    ahead = torch.stack([sample(logits[i], None, noise_BV=noise.next()) for i in range(steps)])
+    assert torch.equal(step_by_step, ahead)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(gens, gens2))
+    with pytest.raises(ValueError, match="RowNoise"):
+        noise.next()

@@ -94,3 +94,19 @@ def test_adaln_zero_init_is_identity_and_save_load(tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match="n_heads"):
         Transformer(vocab_size=10, dim=30, n_heads=4)
+
+
+def test_inference_fast_path_is_bit_identical_and_follows_weight_updates():
+    """Under no_grad the projections run fused (q|k|v, w1|w3) and RMSNorm as one kernel: the logits must be the
+    very numbers of the training-path composite, and an in-place weight update must reach the fused copy."""
+    model = tiny()
+    tokens = torch.randint(0, 60, (3, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = model(tokens)
+    slow = model(tokens).detach()  # grad enabled: separate projections, composite norm
+    assert torch.equal(fast, slow)
+    with torch.no_grad():
+        model.layers[0].attn.wk.weight.mul_(1.5)
+        model.layers[1].mlp.w3.weight.add_(0.01)
+        fast = model(tokens)
+    assert torch.equal(fast, model(tokens).detach()) and not torch.equal(fast, slow)

@@ -33,6 +33,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            # one fused kernel at inference, bit-identical to the composite below (tested); training keeps the
+            # composite so its autograd graph and gradients stay as they were
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -102,6 +106,19 @@ def apply_rope(x_BHTD, cos_BTD, sin_BTD):
     return x_BHTD * cos_BTD.unsqueeze(1) + rotated * sin_BTD.unsqueeze(1)
 
 
+def _fused_weight(owner: nn.Module, name: str, linears) -> torch.Tensor:
+    """The weights of `linears` stacked along the output dimension, built once and rebuilt whenever one of them
+    is replaced or changed in place (optimizer steps, load_state_dict, .to()). One matmul then replaces several:
+    fewer kernel launches per decode step with the same output values (each output is its own dot product)."""
+    weights = [m.weight for m in linears]
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        cached = (key, torch.cat([w.detach() for w in weights]))
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
 class Attention(nn.Module):
     def __init__(self, dim, n_heads, n_kv_heads):
         super().__init__()
@@ -113,10 +130,16 @@ class Attention(nn.Module):
 
     def forward(self, x_BTC, cos, sin, mask, cache: KVCache | None, layer: int, start: int):
         B, T, _ = x_BTC.shape
-        q = self.wq(x_BTC).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BTC).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BTC).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if torch.is_grad_enabled():
+            q = self.wq(x_BTC).view(B, T, H, D).transpose(1, 2)
+            k = self.wk(x_BTC).view(B, T, K, D).transpose(1, 2)
+            v = self.wv(x_BTC).view(B, T, K, D).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # inference: one projection matmul, one rotary pass over the query and key heads together
+            qkv = F.linear(x_BTC, _fused_weight(self, "_qkv", (self.wq, self.wk, self.wv))).view(B, T, H + 2 * K, D)
+            qk = apply_rope(qkv[:, :, : H + K].transpose(1, 2), cos, sin)  # (B, H + K, T, D)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + K:].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(layer, start, k, v)  # (B, K, S, D)
         if self.n_kv_heads != self.n_heads:
@@ -138,7 +161,10 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = F.linear(x, _fused_weight(self, "_w13", (self.w1, self.w3))).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -220,6 +246,13 @@ class Transformer(ModelMixin, ConfigMixin):
         return KVCache(len(self.layers), batch_size, self.n_kv_heads, max_len, self.head_dim,
                        dtype=self.tok_emb.weight.dtype, device=self.tok_emb.weight.device)
 
+    def rope_cos_sin(self, positions: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary (cos, sin), each (B, T, D), for integer positions (B, T, 2) or (B, T)."""
+        angles = rope_angles(positions, self.head_dim, self.config.rope_theta, self.config.rope_2d)
+        angles = torch.cat([angles, angles], dim=-1)
+        dtype = dtype or self.tok_emb.weight.dtype
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def forward(
         self,
         tokens: torch.Tensor | None = None,
@@ -230,6 +263,7 @@ class Transformer(ModelMixin, ConfigMixin):
         inputs_embeds: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """Logits (B, T, V) for tokens (B, T) or inputs_embeds (B, T, C); with `logits_head=False` the final
         normed hidden states (B, T, C) instead.
@@ -239,6 +273,8 @@ class Transformer(ModelMixin, ConfigMixin):
         cache/start: write keys/values at [start, start + T) (default: cache.length) and attend to [0, start + T).
             `start` may be a (B,) LongTensor of per-row offsets; then `positions` and `mask` must be given and
             the mask spans S = max(start) + T keys.
+        rope: (cos, sin), each (B or 1, T, D), from `rope_cos_sin`, in place of `positions` (decode loops compute
+            the table once and index it every step).
         """
         x = self.tok_emb(tokens) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
@@ -250,13 +286,14 @@ class Transformer(ModelMixin, ConfigMixin):
             cache.row_end = end
         else:
             start = end = 0
-        if positions is None:
-            if torch.is_tensor(start):
-                raise ValueError("positions are required when start is a per-row tensor")
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        angles = rope_angles(positions, self.head_dim, self.config.rope_theta, self.config.rope_2d)
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        if rope is not None:
+            cos, sin = rope
+        else:
+            if positions is None:
+                if torch.is_tensor(start):
+                    raise ValueError("positions are required when start is a per-row tensor")
+                positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+            cos, sin = self.rope_cos_sin(positions, x.dtype)
         hiddens = []
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache, i, start, cond)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
+from mmgen.sampling.logits import RowNoise, SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.paradigms.sequence import IGNORE_INDEX, attention_mask, guided_text_block, text_block
 from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
 from mmgen.text import UnifiedVocab
@@ -155,11 +155,14 @@ def prefill(model: Transformer, tokens_BT, positions_BT2, key_valid_BT, cache: K
     return logits[:, -1]
 
 
-def decode_step(model: Transformer, token_B, position_B2, key_valid_BS, cache: KVCache) -> torch.Tensor:
-    """Feed one token per row at the cache end; returns its logits (B, V)."""
+def decode_step(model: Transformer, token_B, position_B2, key_valid_BS, cache: KVCache, rope=None) -> torch.Tensor:
+    """Feed one token per row at the cache end; returns its logits (B, V). `key_valid_BS` is bool (True = may
+    attend) or the same as an additive float mask (0 / -inf: what attention turns a bool mask into, so a loop
+    builds it once); `rope`: this step's (cos, sin) from `Transformer.rope_cos_sin`, in place of positions."""
     S = cache.length + 1
     mask = key_valid_BS[:, None, None, :S]
-    logits = model(token_B[:, None], positions=position_B2[:, None], mask=mask, cache=cache)
+    positions = None if rope is not None else position_B2[:, None]
+    logits = model(token_B[:, None], positions=positions, mask=mask, cache=cache, rope=rope)
     return logits[:, -1]
 
 
@@ -198,6 +201,13 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
     key_valid[:, :T0] = valid
     greedy = sampling.temperature == 0
     codes = torch.zeros(B, n_img, dtype=torch.long, device=device)
+    # built once instead of every step: the keys' additive mask, the rotary table, the rows' noise
+    key_bias = torch.zeros(key_valid.shape, device=device).masked_fill(~key_valid, float("-inf"))
+    cos, sin = model.rope_cos_sin(positions[:1])
+    noise = None if greedy or generators is None else RowNoise(generators, n_img, layout.vocab.image_vocab_size,
+                                                               device)
+    if generators is not None and len(generators) != B:
+        raise ValueError(f"need one generator per row: {B} rows, {len(generators)} generators")
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
     for i in range(n_img):
@@ -205,14 +215,15 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
         logits = process_logits(image_logits(layout, logits, guidance, use_cfg), sampling)
         if processor is not None:
             logits = processor(logits, codes, torch.full((B,), i, dtype=torch.long))
-        codes[:, i] = sample(logits, generators, greedy)
+        codes[:, i] = sample(logits, generators, greedy, noise.next() if noise is not None else None)
         if callback is not None:
             callback(i)
         if i + 1 == n_img:
             break
         token = layout.vocab.image_to_unified(codes[:, i])
         token = torch.cat([token, token]) if use_cfg else token
-        logits = decode_step(model, token, positions[:, T0 + i], key_valid, cache)
+        step = slice(T0 + i, T0 + i + 1)
+        logits = decode_step(model, token, None, key_bias, cache, rope=(cos[:, step], sin[:, step]))
     return codes.view(B, *layout.grid), GenerationCost(n_img)
 
 

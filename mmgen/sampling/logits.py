@@ -59,12 +59,16 @@ def process_logits(logits_BV: torch.Tensor, sampling: SamplingConfig) -> torch.T
     return logits_BV
 
 
-def sample(logits_BV: torch.Tensor, generators: Sequence[torch.Generator] | None, greedy: bool = False):
+def sample(logits_BV: torch.Tensor, generators: Sequence[torch.Generator] | None, greedy: bool = False,
+           noise_BV: torch.Tensor | None = None):
     """One token per row. Exponential-race sampling: argmax p / E with E ~ Exp(1) draws from p, and lets
-    every row use its own generator without a per-row multinomial call or a host sync."""
+    every row use its own generator without a per-row multinomial call or a host sync. `noise_BV`: this step's
+    Exp(1) draws when the caller drew them ahead (`RowNoise`), instead of drawing from `generators` here."""
     if greedy:
         return logits_BV.argmax(-1)
     probs = logits_BV.float().softmax(-1)
+    if noise_BV is not None:
+        return (probs / noise_BV).argmax(-1)
     if generators is None:
         noise = torch.empty_like(probs).exponential_()
     else:
@@ -75,3 +79,29 @@ def sample(logits_BV: torch.Tensor, generators: Sequence[torch.Generator] | None
         noise = torch.stack([torch.empty(probs.shape[-1], device=g.device).exponential_(generator=g)
                              for g in generators]).to(probs.device)
     return (probs / noise).argmax(-1)
+
+
+class RowNoise:
+    """The Exp(1) noise `sample` would draw over `steps` steps of (rows, V), drawn ahead in blocks of steps: one
+    call per row and block instead of one per row and step. A generator's stream comes out in the same order
+    either way (block of k steps == k single steps, tested), so tokens equal the step-by-step draws, and a
+    loop that runs all `steps` leaves every generator in the same state."""
+
+    def __init__(self, generators: Sequence[torch.Generator], steps: int, V: int, device, block_elems: int = 1 << 20):
+        self.generators, self.steps, self.V, self.device = generators, steps, V, device
+        self.block = max(1, min(steps, block_elems // max(1, V * len(generators))))
+        self.step, self.buffer, self.offset = 0, None, 0
+
+    def next(self) -> torch.Tensor:
+        """(rows, V) noise for the next step."""
+        if self.step >= self.steps:
+            raise ValueError(f"RowNoise drew all of its {self.steps} steps")
+        if self.buffer is None or self.offset == self.buffer.shape[1]:
+            k = min(self.block, self.steps - self.step)
+            self.buffer = torch.stack([torch.empty(k, self.V, device=g.device).exponential_(generator=g)
+                                       for g in self.generators]).to(self.device)
+            self.offset = 0
+        out = self.buffer[:, self.offset]
+        self.offset += 1
+        self.step += 1
+        return out
