@@ -18,7 +18,6 @@ code before it, so an image costs h * w decoder passes, the prompt pass included
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
 from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, check_image_mode, \
     per_image_generators
-from mmgen.sampling.hf_backend import RowOffsetCache
+from mmgen.sampling.hf_backend import CausalLMBackend, RowOffsetCache, window_attention
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
-from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
+from mmgen.sampling.sjd import SJDConfig, jacobi_sample
 from mmgen.watermark import WatermarkProcessor
 from tokenizers_vis.protocol import Emu3VQTokenizer
 
@@ -106,13 +105,8 @@ class Emu3Backend:
         if not self.prefilled:  # the first pass carries the prompt: no separate prefill pass
             ids, start = torch.cat([self.ids[:, : self.prefix], ids], 1), torch.zeros_like(start)
             self.prefilled = True
-        self.cache.set_window(start, ids.shape[1])
-        slots = start[:, None] + torch.arange(ids.shape[1], device=self.device)
-        allowed = window_mask(slots, self.key_valid[:, : self.cache.end])
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-        positions = (slots - self.pads[:, None]).clamp_min(0)
+        mask, positions = window_attention(self.cache, start, ids.shape[1], self.key_valid, self.pads,
+                                           self.model.dtype)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
                             use_cache=True, logits_to_keep=L).logits  # (R, L, vocab): the window's positions
         logits = logits[..., self.code_ids].float().gather(1, last[..., None].expand(R, T, self.vocab_size))
@@ -121,12 +115,7 @@ class Emu3Backend:
         cond, uncond = logits.chunk(2)
         return cfg_combine(cond, uncond, self.guidance_scale)
 
-    def keep(self, keep_A: torch.Tensor) -> None:
-        rows = keep_A.nonzero().squeeze(-1)
-        if self.use_cfg:
-            rows = torch.cat([rows, rows + len(keep_A)])
-        self.cache.reorder_cache(rows)
-        self.ids, self.key_valid, self.pads = self.ids[rows], self.key_valid[rows], self.pads[rows]
+    keep = CausalLMBackend.keep  # the same rows (cond, then uncond), cache and prompt state
 
 
 @torch.no_grad()

@@ -20,9 +20,9 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators
-from mmgen.sampling.hf_backend import CausalLMBackend
+from mmgen.sampling.hf_backend import CausalLMBackend, window_attention
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
-from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
+from mmgen.sampling.sjd import SJDConfig, jacobi_sample
 from mmgen.watermark import WatermarkProcessor
 from tokenizers_vis.protocol import JanusVQTokenizer
 
@@ -62,14 +62,8 @@ class JanusBackend(CausalLMBackend):
             x_RTD = torch.cat([embed(self.ids[:, : self.prefix]).to(x_RTD.dtype), x_RTD], 1)
             start = torch.zeros_like(start)
             self.prefilled = True
-        L = x_RTD.shape[1]
-        self.cache.set_window(start, L)
-        slots = start[:, None] + torch.arange(L, device=self.device)
-        allowed = window_mask(slots, self.key_valid[:, : self.cache.end])
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-        positions = (slots - self.pads[:, None]).clamp_min(0)  # pads take no position, as in generate()
+        mask, positions = window_attention(self.cache, start, x_RTD.shape[1], self.key_valid, self.pads,
+                                           self.model.dtype)
         h_RTD = self.model(inputs_embeds=x_RTD, attention_mask=mask, position_ids=positions, cache=self.cache,
                            use_cache=True).last_hidden_state[:, -T:]
         logits = self.janus.model.generation_head(h_RTD).float()

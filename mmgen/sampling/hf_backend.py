@@ -71,6 +71,19 @@ class RowOffsetCache(Cache):
         self.start, self.end = start, end
 
 
+def window_attention(cache: RowOffsetCache, start: torch.Tensor, length: int, key_valid: torch.Tensor,
+                     pads: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point `cache` at a window of `length` tokens written from each row's `start` slot; returns the additive
+    4-D attention mask (R, 1, length, keys) and the position ids (R, length), pads taking no position as in
+    transformers' generate()."""
+    cache.set_window(start, length)
+    slots = start[:, None] + torch.arange(length, device=start.device)
+    allowed = window_mask(slots, key_valid[:, : cache.end])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=start.device)
+    mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return mask, (slots - pads[:, None]).clamp_min(0)
+
+
 class CausalLMBackend:
     """`mmgen.sampling.sjd.JacobiBackend` for a transformers causal LM.
 
@@ -117,14 +130,8 @@ class CausalLMBackend:
         if not self.prefilled:  # the first pass carries the prompt: no separate prefill pass
             tokens, start = torch.cat([self.ids[:, : self.prefix], tokens], 1), torch.zeros_like(start)
             self.prefilled = True
-        L = tokens.shape[1]
-        self.cache.set_window(start, L)
-        slots = start[:, None] + torch.arange(L, device=self.device)
-        allowed = window_mask(slots, self.key_valid[:, : self.cache.end])
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-        positions = (slots - self.pads[:, None]).clamp_min(0)
+        mask, positions = window_attention(self.cache, start, tokens.shape[1], self.key_valid, self.pads,
+                                           self.model.dtype)
         logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                             past_key_values=self.cache, use_cache=True).logits[:, -T:]
         logits = logits[..., self.offset: self.offset + self.vocab_size].float()
