@@ -86,7 +86,8 @@ def cmd_generate(args) -> dict:
             "images": [str(p) for p in paths], "seed": args.seed, "sampler": kwargs.get("sampler", "ar"),
             "watermarked": args.watermark_key is not None, "nfe_per_image": result.decoder_passes,
             "step_compression": round(result.step_compression, 4),
-            "mean_accepted_length": round(result.mean_accepted_length, 4), "seconds": round(seconds, 3),
+            "mean_accepted_length": round(result.mean_accepted_length, 4), "lossless": result.lossless,
+            "seconds": round(seconds, 3),
             "seconds_per_image": round(seconds / n, 3)} | (
                 {"model_evals_per_image": result.model_evals} if result.model_evals is not None else {})
 

@@ -56,6 +56,16 @@ def positive_float(name: str):
     return parse
 
 
+def unit_interval(name: str):
+    """An argparse type: a number strictly between 0 and 1, its error naming `name`."""
+    def parse(s):
+        v = nonnegative_float(name)(s)
+        if not 0 < v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be a number in (0, 1), got {s!r}")
+        return v
+    return parse
+
+
 def seed(s):
     """An argparse type for --seed: an integer in [0, MAX_SEED]."""
     from mmgen.pipelines.base import MAX_SEED
@@ -72,7 +82,9 @@ def seed(s):
 # sampling flag -> the pipeline call option it sets (None on the command line = not given: the model's default)
 SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temperature", "--top-k": "top_k",
                   "--top-p": "top_p", "--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
-                  "--sjd-coupled": "sjd_coupled", "--watermark-key": "watermark_key",
+                  "--sjd-coupled": "sjd_coupled", "--sjd-adaptive": "sjd_adaptive",
+                  "--sjd-lantern-delta": "sjd_lantern_delta", "--sjd-lantern-k": "sjd_lantern_k",
+                  "--watermark-key": "watermark_key",
                   "--watermark-method": "watermark_method", "--watermark-delta": "watermark_delta",
                   "--height": "height", "--width": "width", "--steps": "num_inference_steps",
                   "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule"}
@@ -100,6 +112,15 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
     nexttok.add_argument("--sjd-coupled", action="store_true", default=None,
                          help="SJD: form the next drafts by maximal coupling with the old ones (lossless; drafts "
                               "stop churning where successive passes agree)")
+    nexttok.add_argument("--sjd-adaptive", action="store_true", default=None,
+                         help="SJD: choose each pass's window width (at most --sjd-window) from the images' "
+                              "acceptance rates and a pass-cost model (lossless; for batches)")
+    nexttok.add_argument("--sjd-lantern-delta", type=unit_interval("--sjd-lantern-delta"), default=None,
+                         help="LOSSY SJD (off by default): LANTERN's relaxed acceptance, a draft also takes the "
+                              "probability of its nearest codebook neighbours up to this total variation per token "
+                              "(0 < delta < 1); outputs say lossless: false")
+    nexttok.add_argument("--sjd-lantern-k", type=positive_int("--sjd-lantern-k"), default=None,
+                         help="codebook neighbours per draft for --sjd-lantern-delta (default 8)")
     if watermark:
         nexttok.add_argument("--watermark-key", default=None,
                              help="embed the distortion-free watermark under this secret key (detect with "

@@ -146,6 +146,15 @@ def test_config_validation_names_the_argument():
         SJDConfig(window=0)
     with pytest.raises(ValueError, match="init must be one of random, repeat, sample_left, above"):
         SJDConfig(init="diagonal")
+    with pytest.raises(ValueError, match="adaptive must be True or False"):
+        SJDConfig(adaptive=1)
+    with pytest.raises(ValueError, match="pass_overhead must be a number >= 0"):
+        SJDConfig(pass_overhead=-1)
+    with pytest.raises(ValueError, match=r"lantern_delta must be None \(exact\) or a number in \(0, 1\)"):
+        SJDConfig(lantern_delta=1.0)
+    with pytest.raises(ValueError, match="lantern_k must be an integer >= 1"):
+        SJDConfig(lantern_delta=0.1, lantern_k=0)
+    assert SJDConfig().lossless and not SJDConfig(lantern_delta=0.1).lossless
 
 
 # ---- transformers backend ---------------------------------------------------------------------------------
@@ -264,3 +273,105 @@ def test_coupled_greedy_equals_greedy_ar():
     ar, _ = generate(model, layout, [[3, 4, 5], [6]], cfg)
     sjd, _ = generate_sjd(model, layout, [[3, 4, 5], [6]], cfg, SJDConfig(6, "random", True))
     assert torch.equal(sjd, ar)
+
+
+def _spy_widths(monkeypatch):
+    import mmgen.sampling.sjd as sjd_module
+
+    widths, choose = [], sjd_module.choose_width
+
+    def spy(*args):
+        widths.append(choose(*args))
+        return widths[-1]
+
+    monkeypatch.setattr(sjd_module, "choose_width", spy)
+    return widths
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_adaptive_widths_sample_the_ar_distribution(config, monkeypatch):
+    """Widths chosen per pass from the samples' earlier acceptance (and drafts a narrow pass did not score carried
+    to the next one with their q) keep SJD exact. The overhead is set so the chosen width varies in this batch."""
+    widths = _spy_widths(monkeypatch)
+    cfg = CONFIGS[config]
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], cfg)
+    bound = tv_bound(target, N_SAMPLES)
+    for init, coupled in [("random", False), ("sample_left", True)]:
+        widths.clear()
+        torch.manual_seed(6)
+        sjd = SJDConfig(4, init, coupled, adaptive=True, pass_overhead=4.0 * N_SAMPLES * (2 if cfg.guidance_scale != 1 else 1))
+        codes, stats = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, cfg, sjd)
+        distance = tv(empirical(codes.flatten(1), 4), target)
+        assert distance < bound, f"init={init}: TV {distance:.4f} >= bound {bound:.4f}"
+        assert len(set(widths)) > 1 and 1 < max(widths) < 4, widths
+
+
+def test_a_wrong_carry_of_unscored_drafts_is_caught(monkeypatch):
+    """Carrying unscored drafts with the q of the neighbouring slot (off by one) breaks exactness: the enumeration
+    test sees it, so it would see a wrong adaptive window."""
+    import mmgen.sampling.sjd as sjd_module
+
+    carry = sjd_module._carry_unscored
+
+    def off_by_one(drafts, q, src, mask):
+        new_drafts, new_q = carry(drafts, q, src, mask)
+        return new_drafts, carry(drafts, q, (src + 1).clamp_max(drafts.shape[1] - 1), mask)[1]
+
+    monkeypatch.setattr(sjd_module, "_carry_unscored", off_by_one)
+    widths = _spy_widths(monkeypatch)
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], SamplingConfig())
+    torch.manual_seed(6)
+    sjd = SJDConfig(4, "sample_left", adaptive=True, pass_overhead=4.0 * N_SAMPLES)
+    codes, _ = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, SamplingConfig(), sjd)
+    assert len(set(widths)) > 1
+    assert tv(empirical(codes.flatten(1), 4), target) > tv_bound(target, N_SAMPLES)
+
+
+@pytest.mark.parametrize("init", ["random", "above"])
+def test_adaptive_greedy_equals_greedy_ar(init):
+    model, layout = peaked_model(seed=4, image_vocab=16, grid=(4, 5))
+    prompts = [[3, 4, 5], [6], [7, 8]]
+    cfg = SamplingConfig(guidance_scale=3.0, temperature=0)
+    ar, _ = generate(model, layout, prompts, cfg)
+    sjd, stats = generate_sjd(model, layout, prompts, cfg, SJDConfig(6, init, adaptive=True, pass_overhead=4.0))
+    assert torch.equal(sjd, ar) and stats.lossless
+
+
+def test_choose_width_follows_the_cost_model():
+    """One sample pays for a wide window on a pass with a high floor; many rows make the same width too dear, and
+    a sample near the image's end never gets more width than it has tokens left."""
+    from mmgen.sampling.sjd import choose_width
+
+    one, many = torch.tensor([0.6]), torch.full((16,), 0.6)
+    rem = torch.tensor([64])
+    assert choose_width(one, rem, 16, 2, 48.0) > 4
+    assert choose_width(many, rem.expand(16), 16, 32, 48.0) <= 2
+    assert choose_width(torch.zeros(16), rem.expand(16), 16, 32, 48.0) == 1  # no acceptance: plain AR
+    assert choose_width(one, torch.tensor([3]), 16, 2, 1e6) == 3
+
+
+def test_lantern_is_lossy_within_its_budget_and_labelled():
+    """LANTERN's relaxed acceptance moves probability between codebook neighbours: the enumeration test sees the
+    samples leave the exact distribution (it is lossy), by less than the per-token budget delta allows
+    (TV <= N * delta); a tiny delta moves nothing. Outputs carry lossless = False."""
+    from mmgen.sampling.sjd import codebook_neighbours
+
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], SamplingConfig())
+    bound = tv_bound(target, N_SAMPLES)
+    codebook = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    neighbours = codebook_neighbours(codebook, 3)
+    assert neighbours.shape == (4, 3) and not (neighbours == torch.arange(4)[:, None]).any()
+    results = {}
+    for delta in (1e-4, 0.3):
+        torch.manual_seed(7)
+        codes, stats = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, SamplingConfig(),
+                                    SJDConfig(4, "random", lantern_delta=delta, lantern_k=3), neighbours=neighbours)
+        results[delta] = tv(empirical(codes.flatten(1), 4), target)
+        assert stats.lossless is False and stats.as_dict()["lossless"] is False
+    assert results[1e-4] < bound
+    assert bound < results[0.3] < layout.num_image_tokens * 0.3
+    with pytest.raises(ValueError, match="neighbour"):
+        generate_sjd(model, layout, [PROMPTS[0]], SamplingConfig(), SJDConfig(4, lantern_delta=0.1))

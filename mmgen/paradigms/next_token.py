@@ -278,9 +278,12 @@ class NextTokenBackend:
 def generate_sjd(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]],
                  sampling: SamplingConfig, sjd: SJDConfig = SJDConfig(),
                  generators: Sequence[torch.Generator] | None = None,
-                 callback: Callable[[int], None] | None = None, processor: Callable | None = None):
-    """Like `generate`, with speculative Jacobi decoding. Returns codes (B, h, w) and `SJDStats`."""
+                 callback: Callable[[int], None] | None = None, processor: Callable | None = None,
+                 neighbours: torch.Tensor | None = None):
+    """Like `generate`, with speculative Jacobi decoding. Returns codes (B, h, w) and `SJDStats`. `neighbours`: the
+    codebook neighbour table of a lossy acceptance (`SJDConfig.lantern_delta`)."""
     backend = NextTokenBackend(model, layout, text_ids, sampling.guidance_scale, sjd.window)
     codes, stats = jacobi_sample(backend, layout.num_image_tokens, sampling, sjd, generators,
-                                 grid_width=layout.grid[1], callback=callback, processor=processor)
+                                 grid_width=layout.grid[1], callback=callback, processor=processor,
+                                 neighbours=neighbours)
     return codes.view(len(text_ids), *layout.grid), stats

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from mmgen.atomic import atomic_dir
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
+from mmgen.sampling.sjd import SJDConfig, codebook_neighbours
 from mmgen.text import UnifiedVocab
 from mmgen.watermark import WatermarkConfig, cluster_codebook, detect_tokens, detect_tokens_combined
 
@@ -35,11 +36,29 @@ class ARPipelineOutput(BaseOutput):
     step_compression: float = 1.0  # image tokens / decoder passes (plain AR: 1)
     mean_accepted_length: float = 1.0  # tokens committed per pass, averaged over images (plain AR: 1)
     model_evals: int | None = None  # every decoder evaluation, where the decoder also integrates a flow (xAR)
+    lossless: bool = True  # False when a lossy acceptance (sjd_lantern_delta) relaxed the sampling distribution
 
     @property
     def nfe(self) -> int:
         """Older name of `decoder_passes`, kept for callers written against it."""
         return self.decoder_passes
+
+
+def sjd_config(sampler: str, window: int, init: str, coupled: bool, adaptive: bool, lantern_delta: float | None,
+               lantern_k: int) -> SJDConfig | None:
+    """The `SJDConfig` of a call's sjd_* options (None for sampler "ar"); a lossy option without SJD is refused."""
+    if sampler != "sjd":
+        if lantern_delta is not None:
+            raise ValueError("sjd_lantern_delta needs sampler='sjd' (it relaxes SJD's acceptance)")
+        return None
+    return SJDConfig(window, init, coupled, adaptive, lantern_delta=lantern_delta, lantern_k=lantern_k)
+
+
+def sjd_neighbours(visual_tokenizer, sjd: SJDConfig | None) -> torch.Tensor | None:
+    """The codebook neighbour table a lossy SJD acceptance needs, else None."""
+    if sjd is None or sjd.lossless:
+        return None
+    return codebook_neighbours(visual_tokenizer.codebook, sjd.lantern_k)
 
 
 def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:

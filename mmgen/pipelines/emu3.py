@@ -28,10 +28,10 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
 from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, check_image_mode, \
-    per_image_generators
+    per_image_generators, sjd_config, sjd_neighbours
 from mmgen.sampling.hf_backend import CausalLMBackend, RowOffsetCache, window_attention
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
-from mmgen.sampling.sjd import SJDConfig, jacobi_sample
+from mmgen.sampling.sjd import jacobi_sample
 from mmgen.watermark import WatermarkProcessor
 from tokenizers_vis.protocol import Emu3VQTokenizer
 
@@ -179,7 +179,8 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "negative_prompt": None, "height": None, "width": None,
                     "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar", "sjd_window": 16,
-                    "sjd_init": "random", "sjd_coupled": False, "watermark_key": None}
+                    "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,
+                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "watermark_key": None}
 
     model_class, processor_class = Emu3ForConditionalGeneration, Emu3Processor
 
@@ -253,6 +254,9 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
         sjd_window: int = 16,
         sjd_init: str = "random",
         sjd_coupled: bool = False,
+        sjd_adaptive: bool = False,
+        sjd_lantern_delta: float | None = None,
+        sjd_lantern_k: int = 8,
         watermark_key: str | None = None,
     ):
         """Generate images for `prompt`.
@@ -276,7 +280,7 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
                              f" got {negative_prompt!r}")
         h, w = self._grid(height, width, image_size)
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
-        sjd = SJDConfig(sjd_window, sjd_init, sjd_coupled) if sampler == "sjd" else None
+        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k)
         processor = None if watermark_key is None else WatermarkProcessor(self.watermark_config(), watermark_key)
 
         repeat = lambda rows: [r for r in rows for _ in range(num_images_per_prompt)]  # noqa: E731
@@ -292,7 +296,8 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
                 passes, compression, accepted = n_img, 1.0, 1.0
             else:
                 codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w, processor=processor,
-                                             callback=lambda done: bar.update(done - bar.n))
+                                             callback=lambda done: bar.update(done - bar.n),
+                                             neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
                 passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
         codes = codes.view(-1, h, w)
         images = self.visual_tokenizer.decode_tokens(codes)
@@ -301,7 +306,7 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
         if not return_dict:
             return images, codes, passes
         return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
-                                mean_accepted_length=accepted)
+                                mean_accepted_length=accepted, lossless=sjd is None or sjd.lossless)
 
     @torch.no_grad()
     def retokenize(self, images) -> torch.Tensor:

@@ -19,10 +19,11 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
-from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators
+from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators, sjd_config, \
+    sjd_neighbours
 from mmgen.sampling.hf_backend import CausalLMBackend, window_attention
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
-from mmgen.sampling.sjd import SJDConfig, jacobi_sample
+from mmgen.sampling.sjd import jacobi_sample
 from mmgen.watermark import WatermarkProcessor
 from tokenizers_vis.protocol import JanusVQTokenizer
 
@@ -96,7 +97,8 @@ class _JanusCheckpoint(DiffusionPipeline):
 class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
-                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None}
+                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,
+                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "watermark_key": None}
 
     def __init__(self, model, processor):
         super().__init__()
@@ -150,6 +152,9 @@ class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
         sjd_window: int = 16,
         sjd_init: str = "random",
         sjd_coupled: bool = False,
+        sjd_adaptive: bool = False,
+        sjd_lantern_delta: float | None = None,
+        sjd_lantern_k: int = 8,
         watermark_key: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -167,7 +172,7 @@ class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
-        sjd = SJDConfig(sjd_window, sjd_init, sjd_coupled) if sampler == "sjd" else None
+        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k)
         processor = None if watermark_key is None else WatermarkProcessor(self.watermark_config(), watermark_key)
         cond, uncond = self.encode_prompts(prompts)
         cond = [ids for ids in cond for _ in range(num_images_per_prompt)]
@@ -184,7 +189,8 @@ class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
                 compression = accepted = 1.0
             else:
                 codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w,
-                                             callback=lambda done: bar.update(done - bar.n), processor=processor)
+                                             callback=lambda done: bar.update(done - bar.n), processor=processor,
+                                             neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
                 passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
         codes = codes.view(len(cond), h, w)
         images = self.visual_tokenizer.decode_tokens(codes)
@@ -193,7 +199,7 @@ class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
         if not return_dict:
             return images, codes, passes
         return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
-                                mean_accepted_length=accepted)
+                                mean_accepted_length=accepted, lossless=sjd is None or sjd.lossless)
 
     @staticmethod
     def _sample_ar(backend: JanusBackend, n_img: int, sampling: SamplingConfig, gens, processor, step):

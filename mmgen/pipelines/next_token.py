@@ -20,9 +20,8 @@ from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
 from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators, unified_vocab
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, sjd_config, sjd_neighbours
 from mmgen.sampling.logits import SamplingConfig
-from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import WatermarkProcessor
 from mmgen.text import encode_prompts
 from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
@@ -35,8 +34,8 @@ SAMPLERS = ("ar", "sjd")
 class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
-                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "watermark_key": None,
-                    "watermark_method": None, "watermark_delta": None,
+                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,
+                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "watermark_key": None, "watermark_method": None, "watermark_delta": None,
                     "cfg_schedule": "constant"}
 
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer | VQModel,
@@ -73,6 +72,9 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         sjd_window: int = 16,
         sjd_init: str = "random",
         sjd_coupled: bool = False,
+        sjd_adaptive: bool = False,
+        sjd_lantern_delta: float | None = None,
+        sjd_lantern_k: int = 8,
         watermark_key: str | None = None,
         watermark_method: str | None = None,
         watermark_delta: float | None = None,
@@ -83,9 +85,12 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
         distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
         random / repeat / sample_left / above; `sjd_coupled`: next drafts by maximal coupling with the old ones,
-        still exact). Image i of a call uses its own generator, so with a seed per
-        image the result does not depend on the batch size. `watermark_key`: embed the distortion-free
-        watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
+        still exact; `sjd_adaptive`: each pass's width (at most `sjd_window`) from the images' acceptance rates
+        and a pass-cost model, still exact, for batches). `sjd_lantern_delta` (LOSSY, off by default): LANTERN's
+        relaxed acceptance, a draft also takes the probability of its `sjd_lantern_k` nearest codebook neighbours
+        up to total variation delta per token; the output then says `lossless=False`. Image i of a call uses
+        its own generator, so with a seed per image the result does not depend on the batch size.
+        `watermark_key`: embed the distortion-free watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
         `detect_watermark`. `watermark_method` / `watermark_delta`: another method of `mmgen.watermark.METHODS`
         over the same cluster table, e.g. the distorting "kgw-cluster" at strength delta, which a per-image test
         detects far more reliably than the distortion-free default (detect with the same `method`).
@@ -109,7 +114,7 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
             raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                              f"spans many positions); use cfg_schedule='constant'")
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
-        sjd = SJDConfig(sjd_window, sjd_init, sjd_coupled) if sampler == "sjd" else None
+        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k)
         processor = None
         if watermark_key is not None:
             processor = WatermarkProcessor(self.watermark_config(watermark_method, watermark_delta), watermark_key)
@@ -130,12 +135,14 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
             else:
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
                                                        callback=lambda done: bar.update(done - bar.n),
-                                                       processor=processor)
+                                                       processor=processor,
+                                                       neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
                 passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
+        lossless = sjd is None or sjd.lossless
         images = self.visual_tokenizer.decode_tokens(codes)
         if output_type != "pt":
             images = self.image_processor.postprocess(images, output_type=output_type)
         if not return_dict:
             return images, codes, passes
         return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
-                                mean_accepted_length=accepted)
+                                mean_accepted_length=accepted, lossless=lossless)

@@ -25,6 +25,19 @@ Differences from the reference implementation, all keeping exactness:
   replaced by a draw from normalize(max(0, p - q)). The new draft is still distributed as this pass's p (so it
   is verified against q = p as before), but it stops churning where p and q agree, which plain Jacobi
   resampling does not.
+* ``adaptive=True`` chooses each pass's window width from a cost model instead of always using ``window``:
+  every sample keeps a running estimate alpha of its draft acceptance rate (decayed counts of accepted over
+  verified drafts), so a width t is expected to commit sum_{j<t} alpha^j tokens, and a pass over R backend rows
+  (two per sample with guidance) costs about ``pass_overhead + R * t`` row-tokens. The width with the most
+  expected tokens per cost is taken. Batches that lag (low acceptance, many rows) get narrow windows, a lone
+  sample in the background of an image a wide one. The width depends only on earlier passes, never on this
+  pass's random draws, so the output stays exact.
+* ``lantern_delta`` (lossy, off by default; LANTERN, Jang et al. ICLR 2025): a draft x is accepted against a
+  relaxed target that moves to x the probability of its nearest codebook neighbours (up to ``lantern_k`` of
+  them, nearest first, while the moved mass stays <= delta), i.e. with probability min(1, (p(x) + moved) / q(x));
+  a rejection resamples from the residual of that relaxed target. Each committed token's distribution is
+  within total variation delta of the exact conditional, not equal to it: ``SJDConfig.lossless`` is False and
+  every output says so. The neighbour table (``codebook_neighbours``) comes from the visual tokenizer.
 * Temperature 0 gives greedy Jacobi decoding: the accepted tokens are the greedy AR tokens, and a draft is
   kept exactly when it equals the current argmax (the deterministic convergence check).
 
@@ -34,6 +47,7 @@ decoder and `mmgen.sampling.hf_backend.CausalLMBackend` transformers' causal LMs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -50,6 +64,18 @@ class SJDConfig:
     window: int = 16  # draft tokens verified per forward pass (the paper's max_num_new_tokens)
     init: str = "random"
     coupled: bool = False  # next drafts by maximal coupling with the old ones instead of fresh draws
+    adaptive: bool = False  # width per pass from the samples' acceptance and the cost model (window = the most)
+    # cost of a forward pass with no tokens, in units of one backend row x one window position: the CPU floor of
+    # a pass (weights read, kernel launches, sampling), about 5 ms against 0.11 ms per row-token on 2 cores for
+    # the default model. A GPU's floor is far higher, which makes adaptive windows wide.
+    pass_overhead: float = 48.0
+    lantern_delta: float | None = None  # lossy: TV budget of the relaxed acceptance (None: exact)
+    lantern_k: int = 8  # codebook neighbours the relaxed acceptance may move to a draft
+
+    @property
+    def lossless(self) -> bool:
+        """True when the samples are distributed exactly as plain AR sampling."""
+        return self.lantern_delta is None
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or not 1 <= self.window <= 1024:
@@ -58,6 +84,16 @@ class SJDConfig:
             raise ValueError(f"sjd init must be one of {', '.join(INITS)}; got {self.init!r}")
         if not isinstance(self.coupled, bool):
             raise ValueError(f"sjd coupled must be True or False, got {self.coupled!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"sjd adaptive must be True or False, got {self.adaptive!r}")
+        if isinstance(self.pass_overhead, bool) or not isinstance(self.pass_overhead, (int, float)) \
+                or not self.pass_overhead >= 0:
+            raise ValueError(f"sjd pass_overhead must be a number >= 0, got {self.pass_overhead!r}")
+        if self.lantern_delta is not None and (isinstance(self.lantern_delta, bool) or not isinstance(
+                self.lantern_delta, (int, float)) or not 0 < self.lantern_delta < 1):
+            raise ValueError(f"sjd lantern_delta must be None (exact) or a number in (0, 1), got {self.lantern_delta!r}")
+        if isinstance(self.lantern_k, bool) or not isinstance(self.lantern_k, int) or not self.lantern_k >= 1:
+            raise ValueError(f"sjd lantern_k must be an integer >= 1, got {self.lantern_k!r}")
 
 
 @dataclass
@@ -68,6 +104,7 @@ class SJDStats:
     tokens: int  # tokens generated per sample
     decoder_passes: int
     passes: list[int]  # verification passes each sample needed
+    lossless: bool = True  # False under a lossy acceptance (lantern_delta)
 
     @property
     def nfe(self) -> int:
@@ -86,7 +123,7 @@ class SJDStats:
 
     def as_dict(self) -> dict:
         return {"nfe": self.decoder_passes, "tokens": self.tokens, "step_compression": round(self.step_compression, 4),
-                "mean_accepted_length": round(self.mean_accepted_length, 4)}
+                "mean_accepted_length": round(self.mean_accepted_length, 4), "lossless": self.lossless}
 
 
 class JacobiBackend(Protocol):
@@ -158,6 +195,57 @@ def _couple(x: torch.Tensor, q: torch.Tensor, p: torch.Tensor, u: torch.Tensor, 
     return torch.where(u < px / qx, x, _race(resid, noise, greedy))
 
 
+def codebook_neighbours(codebook: torch.Tensor, k: int) -> torch.Tensor:
+    """(V, k) ids of each code's k nearest other codes by cosine similarity, nearest first (in blocks of rows,
+    so a 16k-code codebook never holds a V x V matrix)."""
+    k = min(k, len(codebook) - 1)
+    unit = torch.nn.functional.normalize(codebook.detach().float(), dim=-1)
+    out = []
+    for start in range(0, len(unit), 1024):
+        sim = unit[start:start + 1024] @ unit.T
+        rows = torch.arange(len(sim))
+        sim[rows, rows + start] = -float("inf")
+        out.append(sim.topk(k, dim=-1).indices)
+    return torch.cat(out)
+
+
+def _relaxed(p: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor, delta: float):
+    """LANTERN's relaxed target for drafts x (...,) under p (..., V): x's nearest neighbours, nearest first, whose
+    summed probability stays <= delta give their mass to x. Returns (moved mass (...,), neighbour ids (..., k),
+    which of them moved (..., k))."""
+    nb = neighbours[x]
+    cum = p.gather(-1, nb).cumsum(-1)
+    moves = cum <= delta  # a prefix: cum never decreases
+    return torch.where(moves, cum, torch.zeros_like(cum)).amax(-1), nb, moves
+
+
+# adaptive widths: a sample at width t commits about 1 + slope * ln(t) tokens per pass in steady state (fits the
+# default model's mean accepted lengths 1.29 / 1.49 / 1.65 / 2.0 / 2.2 at t = 2 / 3 / 4 / 6 / 8 within 0.1,
+# and underestimates wider windows); each sample's slope is a decayed average of what its passes showed
+SLOPE_PRIOR, SLOPE_DECAY, WARMUP_PASSES = 0.45, 0.7, 2
+
+
+def choose_width(slope_A: torch.Tensor, remaining_A: torch.Tensor, max_width: int, rows: int,
+                 pass_overhead: float) -> int:
+    """The window width in [1, max_width] with the most expected committed tokens per unit of pass cost: sample
+    a is expected to commit min(remaining_a, 1 + slope_a ln t) tokens at width t, and a pass over `rows` backend
+    rows costs pass_overhead + rows * t."""
+    L = int(min(max_width, int(remaining_A.max())))
+    t = torch.arange(1, L + 1, dtype=torch.float64)
+    expected = (1 + slope_A.double()[:, None] * t.log()).minimum(remaining_A.double()[:, None])
+    rate = expected.sum(0) / (pass_overhead + rows * t)
+    return int(rate.argmax()) + 1
+
+
+def _carry_unscored(drafts: torch.Tensor, q: torch.Tensor, src: torch.Tensor, carry: torch.Tensor):
+    """Drafts (A, L) and their q (A, L, V) moved to their new window slots: slot j holds old slot src[a, j] where
+    `carry` is True (drafts a narrow pass did not score, still distributed as their q), zeros elsewhere."""
+    src = src.clamp_max(drafts.shape[1] - 1)
+    new_drafts = drafts.gather(1, src).masked_fill(~carry, 0)
+    new_q = q.gather(1, src[..., None].expand(-1, -1, q.shape[-1])) * carry[..., None]
+    return new_drafts, new_q
+
+
 def _one_hot(tokens: torch.Tensor, V: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(tokens, V).float()
 
@@ -208,14 +296,22 @@ def jacobi_sample(
     grid_width: int | None = None,
     callback: Callable[[int], None] | None = None,
     processor: Callable | None = None,
+    neighbours: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SJDStats]:
     """Sample (num_samples, num_tokens) tokens with speculative Jacobi decoding.
 
     `grid_width` is the image width in tokens (needed by the ``above`` initialization). `callback(n)` is
     called after each pass with the number of tokens every sample has committed. `processor(logits, prefix,
     lengths)` is the same extra stage plain AR takes (e.g. a watermark); it sees each window position's
-    prefix (committed tokens, then the drafts before it), so SJD samples the processed distribution."""
+    prefix (committed tokens, then the drafts before it), so SJD samples the processed distribution.
+    `neighbours` (V, k): each code's nearest codebook neighbours (`codebook_neighbours`), needed by the lossy
+    ``lantern_delta`` acceptance only."""
     B, V, N, L = backend.num_samples, backend.vocab_size, num_tokens, sjd.window
+    relax = sjd.lantern_delta is not None
+    if relax:
+        if neighbours is None:
+            raise ValueError("sjd lantern_delta needs the codebook neighbour table (neighbours=)")
+        neighbours = neighbours[:, : sjd.lantern_k].to(backend.device)
     device = backend.device
     rng = RowRandom(generators, B, device)
     greedy = sampling.temperature == 0
@@ -230,10 +326,15 @@ def jacobi_sample(
     _fill_drafts(drafts, q, torch.zeros_like(n), n, out, None, rng.uniform(active, L), sjd, grid_width, greedy)
 
     arange_L = torch.arange(L, device=device)
+    slope = torch.full((B,), SLOPE_PRIOR, dtype=torch.float64)  # adaptive widths: tokens per pass ~ 1 + slope ln t
+    rows_per_sample = 2 if getattr(backend, "use_cfg", False) else 1
     while len(active):
         A = len(active)
         n_a = n[active]
-        T = int(min(L, int((N - n_a).max())))
+        if sjd.adaptive:
+            T = choose_width(slope[active], (N - n_a).cpu(), L, rows_per_sample * A, sjd.pass_overhead)
+        else:
+            T = int(min(L, int((N - n_a).max())))
         last = out[active, (n_a - 1).clamp_min(0)]
         window = torch.cat([last[:, None], drafts[:, : T - 1]], 1)
         logits = backend.forward(window, n_a)
@@ -258,6 +359,9 @@ def jacobi_sample(
         x = drafts[:, :T]
         m = (N - n_a).clamp_max(T)  # positions inside the image
         px = p.gather(-1, x[..., None]).squeeze(-1)
+        if relax:  # lossy: x also takes its near neighbours' mass
+            moved, nb, moves = _relaxed(p, x, neighbours, sjd.lantern_delta)
+            px = px + moved
         qx = q[:, :T].gather(-1, x[..., None]).squeeze(-1).clamp_min(1e-30)
         accept = (u_accept < px / qx) & (arange_L[None, :T] < m[:, None])
         k = accept.long().cumprod(1).sum(1)  # leading accepted drafts
@@ -265,6 +369,9 @@ def jacobi_sample(
         kk = k.clamp_max(T - 1)
         rows = torch.arange(A, device=device)
         p_k, q_k = p[rows, kk], q[rows, kk]
+        if relax:  # the residual of the relaxed target at the rejected draft
+            p_k = p_k.scatter(-1, nb[rows, kk], p_k.gather(-1, nb[rows, kk]) * ~moves[rows, kk])
+            p_k = p_k.scatter_add(-1, x[rows, kk][:, None], moved[rows, kk][:, None])
         resid = (p_k - q_k).clamp_min(0)
         mass = resid.sum(-1, keepdim=True)
         resid = torch.where(mass > 1e-6, resid / mass.clamp_min(1e-30), p_k)  # mass 0 only up to rounding
@@ -272,6 +379,12 @@ def jacobi_sample(
         commit = x.clone()
         commit[rows, kk] = torch.where(rejected, y, commit[rows, kk])
         a = k + rejected.long()
+        # a one-token pass tells nothing (its draft was never refined), nor do the first passes of a call (every
+        # draft starts cold); a pass that ran into the image's end shows less than its width allowed
+        if sjd.adaptive and T > 1 and decoder_passes > WARMUP_PASSES:
+            seen = (a - 1).cpu().double() / math.log(T)
+            full = (N - n_a).cpu() > T
+            slope[active] = torch.where(full, SLOPE_DECAY * slope[active] + (1 - SLOPE_DECAY) * seen, slope[active])
         keep_pos = arange_L[None, :T] < a[:, None]
         r_idx = active.to(device)[:, None].expand(A, T)[keep_pos]
         c_idx = (n_a[:, None] + arange_L[None, :T])[keep_pos]
@@ -280,17 +393,17 @@ def jacobi_sample(
         # Jacobi update: unverified positions get drafts distributed as this pass's p (fresh draws, or the old
         # drafts maximally coupled to them); new slots are initialized
         fresh = _couple(x, q[:, :T], p, u_couple, e_fresh, greedy) if sjd.coupled else _race(p, e_fresh, greedy)
+        # drafts this pass did not score (a window narrower than L) stay as they were, with their q
         src = arange_L[None, :] + a[:, None]  # old window position of new slot j
-        from_pass = src < T
+        from_pass, from_old = src < T, (src >= T) & (src < L)
         src_c = src.clamp_max(T - 1)
-        new_drafts = torch.zeros_like(drafts)
-        new_q = torch.zeros_like(q)
+        new_drafts, new_q = _carry_unscored(drafts, q, src, from_old)
         new_drafts[from_pass] = fresh.gather(1, src_c)[from_pass]
         new_q[from_pass] = p[rows[:, None].expand(A, L), src_c][from_pass]
         n_new = n_a + a
         n[active] = n_new
         passes[active.cpu()] += 1
-        first_new = (T - a).clamp_min(0)
+        first_new = L - a
         _fill_drafts(new_drafts, new_q, first_new, n_new, out[active], p[:, T - 1], u_init, sjd, grid_width,
                      greedy)
         drafts, q = new_drafts, new_q
@@ -301,4 +414,4 @@ def jacobi_sample(
             active, drafts, q = active[running.cpu()], drafts[running], q[running]
         if callback is not None:
             callback(int(n.min()))
-    return out, SJDStats(tokens=N, decoder_passes=decoder_passes, passes=passes.tolist())
+    return out, SJDStats(tokens=N, decoder_passes=decoder_passes, passes=passes.tolist(), lossless=sjd.lossless)
