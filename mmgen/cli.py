@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mmgen.atomic import atomic_path, write_json_atomic
 from mmgen.options import (add_sampling_args, nonnegative_float, positive_float, positive_int, sampling_kwargs,
-                           seed)
+                           seed, unit_interval)
 from mmgen.watermark import METHODS
 from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_names
 
@@ -135,7 +135,6 @@ def cmd_bench(args) -> dict:
 
     suites = args.suite or list(bench.SUITES)
     model = _model_dir(args.model)
-    batch_sizes = tuple(args.batch_sizes)
     models = None
     if args.models:
         models = {}
@@ -144,9 +143,11 @@ def cmd_bench(args) -> dict:
             if not sep or not name or not Path(path).is_dir():
                 raise CLIError(f"--models takes NAME=DIR with an existing directory, got {item!r}")
             models[name] = path
-    return bench.run(suites, model_dir=model, progress=not args.json, batch_sizes=batch_sizes,
-                     guidance_scale=args.guidance_scale,
-                     window=args.sjd_window, repeats=args.repeats, eval_per_category=args.eval_per_category,
+    given = {k: v for k, v in (("batch_sizes", args.batch_sizes and tuple(args.batch_sizes)),
+                                ("repeats", args.repeats)) if v is not None}  # else each suite's own default
+    return bench.run(suites, model_dir=model, progress=not args.json, guidance_scale=args.guidance_scale,
+                     window=args.sjd_window, num_prompts=args.sjd_prompts, lantern_delta=args.sjd_lantern_delta,
+                     eval_per_category=args.eval_per_category, **given,
                      watermark_images=args.watermark_images, watermark_delta=args.watermark_delta,
                      watermark_fpr_images=args.watermark_fpr_images, eval_split=args.eval_split, device=args.device,
                      models=models, paradigm_eval_per_category=args.paradigm_eval_per_category,
@@ -267,10 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance-scale", type=nonnegative_float("--guidance-scale"), default=None,
                    help="classifier-free guidance scale of every suite (default: each model's own, see "
                         "`mmgen models`)")
-    b.add_argument("--batch-sizes", type=positive_int("--batch-sizes"), nargs="+", default=[1, 8],
-                   help="batch sizes for the latency table")
+    b.add_argument("--batch-sizes", type=positive_int("--batch-sizes"), nargs="+", default=None,
+                   help="batch sizes for the latency tables (default: sjd 1 8 32, the other suites 1 8)")
     b.add_argument("--sjd-window", type=positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
-    b.add_argument("--repeats", type=positive_int("--repeats"), default=5, help="timed calls per measurement")
+    b.add_argument("--sjd-prompts", type=positive_int("--sjd-prompts"), default=32,
+                   help="sjd suite: different held-out prompts behind every latency figure")
+    b.add_argument("--sjd-lantern-delta", type=unit_interval("--sjd-lantern-delta"), default=0.1,
+                   help="sjd suite: total-variation budget of the lossy LANTERN row (0 < delta < 1)")
+    b.add_argument("--repeats", type=positive_int("--repeats"), default=None,
+                   help="timed calls per measurement (default: sjd 2 passes over all its prompts, others 5)")
     b.add_argument("--eval-per-category", type=positive_int("--eval-per-category"), default=16,
                    help="held-out prompts per category for compositional accuracy")
     b.add_argument("--watermark-images", type=positive_int("--watermark-images"), default=100,

@@ -11,21 +11,30 @@ from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale
 
 
 def test_sjd_suite_report():
-    r = bench.bench_sjd(DEFAULT_MODEL, batch_sizes=(1, 2), inits=("above",), repeats=1, eval_per_category=1,
+    r = bench.bench_sjd(DEFAULT_MODEL, batch_sizes=(1, 2), repeats=1, num_prompts=2, eval_per_category=1,
                         sweep_windows=(4,), progress=False)
     n = r["tokens_per_image"]
-    assert n == 64
+    assert n == 64 and r["num_prompts"] == 2
     assert r["guidance_scale"] == default_guidance_scale(DEFAULT_MODEL) == 1.5  # the model's own, as generate
+    modes = {"ar", "sjd", "sjd_coupled", "sjd_adaptive", "sjd_lantern"}
     for b in ("batch_1", "batch_2"):
-        ar, sjd = r["latency"][b]["ar"], r["latency"][b]["sjd_above"]
-        assert ar["nfe"] == n and ar["step_compression"] == 1.0 and ar["latency_ratio"] == 1.0
-        assert 1 <= sjd["nfe"] <= n and sjd["step_compression"] == pytest.approx(n / sjd["nfe"], abs=1e-3)
-        assert sjd["speedup"] * sjd["latency_ratio"] == pytest.approx(1.0, abs=0.01)
-    assert set(r["accuracy"]) == {"ar", "sjd_above"} and r["accuracy"]["ar"]["n"] == 4
+        rows = r["latency"][b]
+        assert set(rows) == modes
+        assert rows["ar"]["passes_per_call"] == n and rows["ar"]["step_compression"] == 1.0
+        assert rows["ar"]["speedup"] == 1.0
+        for name, row in rows.items():  # every mode says whether it is exact; only LANTERN is not
+            assert row["lossless"] is (name != "sjd_lantern")
+            assert 1 <= row["passes_per_call"] <= n
+            assert row["step_compression"] == pytest.approx(n / row["passes_per_call"], abs=1e-3)
+        profile = r["pass_profile"][b]["sjd"]
+        assert 0 < profile["forward_share"] <= 1 and 1 <= profile["mean_width"] <= 16
+    assert set(r["accuracy"]) == modes and r["accuracy"]["ar"]["n"] == 4
+    assert r["accuracy"]["sjd_lantern"]["lossless"] is False
     assert r["window_sweep_batch_1"]["window_4"]["step_compression"] >= 1.0
     # transformers' generate() on the converted weights takes the same greedy path as mmgen's decode loop
     assert r["hf_generate"]["batch_1"]["greedy_tokens_identical"] is True
     assert r["hf_generate"]["batch_2"]["greedy_tokens_identical"] is True
+    assert len(set(r["hf_generate"]["prompts"])) == 3
 
 
 def test_bench_cli_rejects_bad_suite_and_model(tmp_path):

@@ -5,10 +5,12 @@ for the sampling stages, mmgen's own decode loop for transformers' `generate()`)
 between machines better than raw seconds. Latencies are medians over repeated calls after a warm-up call.
 
 Suites
-  sjd: plain AR vs speculative Jacobi decoding (each initialization) on a saved next-token pipeline:
-       forward passes, step compression, mean accepted length and latency for batch 1 and batch 8, and
-       compositional accuracy on held-out shapes prompts with the same seeds; then mmgen's AR decode
-       against transformers' `LlamaForCausalLM.generate()` on the same weights.
+  sjd: plain AR vs every speculative Jacobi decoding mode (plain, coupled drafts, adaptive widths, and the
+       lossy LANTERN acceptance, each row marked `lossless`) on a saved next-token pipeline over 32 different
+       held-out prompts per figure: forward passes, step compression, mean accepted length and speedup at
+       batch 1, 8 and 32; where one call's time goes (decoder passes vs the rest); a window sweep; compositional
+       accuracy with the same seeds; then mmgen's AR decode against transformers'
+       `LlamaForCausalLM.generate()` on the same weights.
   watermark: C-reweight vs token-reweight and KGW (token, cluster) under image attacks: TPR at 1% FPR,
        empirical FPR, AUC and re-tokenization match rates (`mmgen.bench.watermark.attack_suite`).
   paradigms: every saved model (default: the shipped zoo) against the raster next-token model on the same
@@ -61,19 +63,70 @@ def _guidance(pipe, guidance_scale: float | None) -> float:
     return pipe.config.default_guidance_scale if guidance_scale is None else guidance_scale
 
 
-def _samplers(inits, window):
-    out = {"ar": dict(sampler="ar")}
-    for init in inits:
-        out[f"sjd_{init}"] = dict(sampler="sjd", sjd_window=window, sjd_init=init)
-    return out
+def _sjd_modes(inits, window: int, lantern_delta: float) -> dict:
+    """Plain AR and every SJD mode the pipelines offer, with the call options that select it."""
+    sjd = dict(sampler="sjd", sjd_window=window)
+    modes = {"ar": dict(sampler="ar"), "sjd": sjd}
+    modes |= {f"sjd_{init}": sjd | dict(sjd_init=init) for init in inits if init != "random"}
+    modes["sjd_coupled"] = sjd | dict(sjd_coupled=True)
+    modes["sjd_adaptive"] = sjd | dict(sjd_coupled=True, sjd_adaptive=True)
+    modes["sjd_lantern"] = sjd | dict(sjd_coupled=True, sjd_lantern_delta=lantern_delta)
+    return modes
 
 
-def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_left", "above"), window: int = 16,
-              repeats: int = 5, eval_per_category: int = 16, guidance_scale: float | None = None, seed: int = 0,
-              sweep_windows=(4, 8, 16, 32), eval_split: str = "train", device: str = "cpu",
-              progress: bool = True) -> dict:
-    """Plain AR against SJD (each initialization in `inits`) on a saved next-token pipeline; `guidance_scale`
-    None: the model's own."""
+class _TimedBackend:
+    """A `JacobiBackend` that times its decoder passes and records their widths (the profile of a call)."""
+
+    def __init__(self, backend):
+        self.backend, self.seconds, self.widths = backend, 0.0, []
+        self.num_samples, self.vocab_size, self.device = backend.num_samples, backend.vocab_size, backend.device
+        self.use_cfg = backend.use_cfg
+
+    def forward(self, window, n):
+        t0 = time.perf_counter()
+        out = self.backend.forward(window, n)
+        self.seconds += time.perf_counter() - t0
+        self.widths.append(window.shape[1])
+        return out
+
+    def keep(self, keep):
+        self.backend.keep(keep)
+
+
+def sjd_pass_profile(pipe, prompts, sjd_kw: dict, guidance_scale: float, seed: int = 0) -> dict:
+    """Where one SJD call's time goes: the decoder's forward passes against everything else (drafting,
+    verification, sampling), with the passes' mean width and time per pass."""
+    from mmgen.paradigms.next_token import NextTokenBackend
+    from mmgen.pipelines.base import generators_from_seed, sjd_config, sjd_neighbours
+    from mmgen.sampling.logits import SamplingConfig
+    from mmgen.sampling.sjd import jacobi_sample
+    from mmgen.text import encode_prompts
+
+    layout = pipe.layout
+    sjd = sjd_config("sjd", sjd_kw.get("sjd_window", 16), sjd_kw.get("sjd_init", "random"),
+                     sjd_kw.get("sjd_coupled", False), sjd_kw.get("sjd_adaptive", False),
+                     sjd_kw.get("sjd_lantern_delta"), 8)
+    text = encode_prompts(pipe.tokenizer, prompts, layout.max_text_len)
+    backend = _TimedBackend(NextTokenBackend(pipe.transformer, layout, text, guidance_scale, sjd.window))
+    t0 = time.perf_counter()
+    _, stats = jacobi_sample(backend, layout.num_image_tokens, SamplingConfig(guidance_scale), sjd,
+                             generators_from_seed(seed, len(prompts)), grid_width=layout.grid[1],
+                             neighbours=sjd_neighbours(pipe.visual_tokenizer, sjd))
+    total = time.perf_counter() - t0
+    return {"passes": stats.decoder_passes, "mean_width": round(statistics.mean(backend.widths), 2),
+            "seconds": round(total, 4), "forward_seconds": round(backend.seconds, 4),
+            "forward_share": round(backend.seconds / total, 3),
+            "ms_per_pass": round(1000 * total / stats.decoder_passes, 3)}
+
+
+def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, repeats: int = 2,
+              num_prompts: int = 32, lantern_delta: float = 0.1, eval_per_category: int = 16,
+              guidance_scale: float | None = None, seed: int = 0, sweep_windows=(4, 8, 16, 32),
+              eval_split: str = "train", device: str = "cpu", progress: bool = True) -> dict:
+    """Plain AR against every SJD mode on a saved next-token pipeline, at its own guidance scale unless
+    `guidance_scale` is given. Each figure covers `num_prompts` different held-out prompts, generated in
+    batches of each size (one seed per image); latency is the median over `repeats` passes over all of them,
+    modes interleaved. `lossless` marks the exact modes; `sjd_lantern` is the lossy one (`lantern_delta`)."""
     from mmgen.data.shapes import CATEGORIES, heldout_prompts, train_prompts
     from mmgen.eval.compositional import evaluate
     from mmgen.pipelines import load_pipeline
@@ -82,70 +135,89 @@ def bench_sjd(model_dir, batch_sizes=(1, 8), inits=("random", "repeat", "sample_
     pipe = load_pipeline(model_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     guidance_scale = _guidance(pipe, guidance_scale)
-    samplers = _samplers(inits, window)
+    modes = _sjd_modes(inits, window, lantern_delta)
     n_img = pipe.layout.num_image_tokens
-    report = {"model": str(model_dir), "tokens_per_image": n_img, "window": window,
-              "guidance_scale": guidance_scale, "latency": {}, "accuracy": {}}
+    prompts = heldout_prompts(num_prompts, seed=seed)
+    if len(set(prompts)) < num_prompts:
+        raise ValueError(f"num_prompts={num_prompts}: only {len(set(prompts))} different held-out prompts")
+    report = {"model": str(model_dir), "tokens_per_image": n_img, "window": window, "num_prompts": num_prompts,
+              "guidance_scale": guidance_scale, "lantern_delta": lantern_delta, "latency": {}, "pass_profile": {},
+              "accuracy": {}}
 
-    bar = tqdm(total=len(batch_sizes) * len(samplers) + len(samplers), desc="bench sjd", disable=not progress)
+    def run(kw, b, r):
+        outs = []
+        for i in range(0, num_prompts, b):
+            chunk = prompts[i:i + b]
+            outs.append(pipe(prompt=chunk, guidance_scale=guidance_scale, output_type="pt",
+                             generator=generators_from_seed(seed + 1000 * r + i, len(chunk)), **kw))
+        return outs
+
+    bar = tqdm(total=len(batch_sizes) * len(modes) * (repeats + 1) + len(sweep_windows) + len(modes),
+               desc="bench sjd", disable=not progress)
     for b in batch_sizes:
-        prompts = heldout_prompts(b, seed=seed)
-        rows, ar_seconds = {}, None
-        for name, kw in samplers.items():
-            def call(r=0, kw=kw):
-                return pipe(prompt=prompts, guidance_scale=guidance_scale, output_type="pt",
-                            generator=generators_from_seed(seed + 1000 * r, b), **kw)
-            outs, seconds = _timed(call, repeats)
-            nfe = statistics.mean(o.decoder_passes for o in outs)
-            row = {"nfe": nfe, "step_compression": round(n_img / nfe, 3),
-                   "mean_accepted_length": round(statistics.mean(o.mean_accepted_length for o in outs), 3),
-                   "seconds_per_call": round(seconds, 4)}
-            if name == "ar":
-                ar_seconds = seconds
-            row["latency_ratio"] = round(seconds / ar_seconds, 3)  # < 1: faster than AR
-            row["speedup"] = round(ar_seconds / seconds, 3)
-            rows[name] = row
+        seconds = {name: [] for name in modes}
+        outs = {}
+        for name, kw in modes.items():  # warm-up
+            pipe(prompt=prompts[:b], guidance_scale=guidance_scale, output_type="pt", **kw)
             bar.update()
+        for r in range(repeats):
+            for name, kw in modes.items():
+                t0 = time.perf_counter()
+                outs[name] = run(kw, b, r)
+                seconds[name].append(time.perf_counter() - t0)
+                bar.update()
+        ar_seconds = statistics.median(seconds["ar"])
+        rows = {}
+        for name, kw in modes.items():
+            sec = statistics.median(seconds[name])
+            passes = statistics.mean(o.decoder_passes for o in outs[name])
+            rows[name] = {"lossless": all(o.lossless for o in outs[name]), "passes_per_call": round(passes, 2),
+                          "step_compression": round(n_img / passes, 3),
+                          "mean_accepted_length": round(statistics.mean(o.mean_accepted_length for o in outs[name]), 3),
+                          "seconds_per_image": round(sec / num_prompts, 4),
+                          "speedup": round(ar_seconds / sec, 3)}
         report["latency"][f"batch_{b}"] = rows
+        report["pass_profile"][f"batch_{b}"] = {
+            name: sjd_pass_profile(pipe, prompts[:b], modes[name], guidance_scale, seed)
+            for name in ("sjd", "sjd_adaptive")}
 
-    # window sweep at batch 1 with the paper's default initialization
-    prompts = heldout_prompts(1, seed=seed)
-    sweep = {}
+    # window sweep at batch 1 over the same prompts, coupled drafts
+    sweep, ar_b1 = {}, report["latency"].get("batch_1", {}).get("ar")
     for w in sweep_windows:
-        def call(r=0, w=w):
-            return pipe(prompt=prompts, guidance_scale=guidance_scale, output_type="pt", sampler="sjd",
-                        sjd_window=w, sjd_init="random", generator=generators_from_seed(seed + 1000 * r, 1))
-        outs, seconds = _timed(call, repeats)
-        ar_seconds = report["latency"].get("batch_1", {}).get("ar", {}).get("seconds_per_call")
-        sweep[f"window_{w}"] = {"step_compression": round(n_img / statistics.mean(o.decoder_passes for o in outs), 3),
-                                "seconds_per_call": round(seconds, 4),
-                                "speedup": round(ar_seconds / seconds, 3) if ar_seconds else None}
+        t0 = time.perf_counter()
+        outs = run(dict(sampler="sjd", sjd_window=w, sjd_coupled=True), 1, 0)
+        sec = time.perf_counter() - t0
+        sweep[f"window_{w}"] = {
+            "step_compression": round(n_img / statistics.mean(o.decoder_passes for o in outs), 3),
+            "seconds_per_image": round(sec / num_prompts, 4),
+            "speedup": round(ar_b1["seconds_per_image"] * num_prompts / sec, 3) if ar_b1 else None}
+        bar.update()
     report["window_sweep_batch_1"] = sweep
 
     make_prompts = {"heldout": heldout_prompts, "train": train_prompts}[eval_split]
-    prompts = [p for c in CATEGORIES for p in make_prompts(eval_per_category, seed=seed, category=c)]
+    eval_prompts = [p for c in CATEGORIES for p in make_prompts(eval_per_category, seed=seed, category=c)]
     report["accuracy_split"] = eval_split
-    for name, kw in samplers.items():
-        images, nfes = [], []
-        for i in range(0, len(prompts), 8):
-            chunk = prompts[i:i + 8]
-            out = pipe(prompt=chunk, guidance_scale=guidance_scale, generator=generators_from_seed(seed + i, len(chunk)),
-                       **kw)
-            images.extend(out.images)
-            nfes.append(out.decoder_passes)
-        scores = evaluate(images, prompts)
+    for name, kw in modes.items():
+        images = []
+        for i in range(0, len(eval_prompts), 8):
+            chunk = eval_prompts[i:i + 8]
+            images.extend(pipe(prompt=chunk, guidance_scale=guidance_scale,
+                               generator=generators_from_seed(seed + i, len(chunk)), **kw).images)
+        scores = evaluate(images, eval_prompts)
         report["accuracy"][name] = {"accuracy": scores["accuracy"], "n": scores["n"],
                                     "per_category": scores["per_category"],
-                                    "step_compression_batch_8": round(n_img / statistics.mean(nfes), 3)}
+                                    "lossless": report["latency"][f"batch_{batch_sizes[0]}"][name]["lossless"]}
         bar.update()
     bar.close()
-    report["hf_generate"] = bench_hf_generate(pipe, batch_sizes, repeats=repeats, seed=seed)
+    report["hf_generate"] = bench_hf_generate(pipe, batch_sizes, repeats=max(repeats, 3), seed=seed)
     return report
 
 
 def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0) -> dict:
     """mmgen's AR decode vs `LlamaForCausalLM.generate()` holding the same weights, without CFG (transformers'
-    own CFG runs a separate unconditional pass). Greedy tokens must agree; latency is for sampling."""
+    own CFG runs a separate unconditional pass). Each timed repeat takes the next held-out prompt (a batch holds
+    b images of it: the decode's cost does not depend on the words), the two interleaved; greedy tokens must
+    agree on every prompt; latency is for sampling, the median over repeats."""
     from mmgen.data.shapes import heldout_prompts
     from mmgen.models.hf_llama import to_llama
     from mmgen.paradigms import next_token
@@ -155,33 +227,39 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
 
     layout, vocab = pipe.layout, pipe.vocab
     hf = to_llama(pipe.transformer, grid_width=layout.grid[1])
-    prompt = heldout_prompts(1, seed=seed)[0]
-    text = encode_prompts(pipe.tokenizer, [prompt], layout.max_text_len)[0]
-    if hasattr(hf.model.rotary_emb, "prefix_len"):
-        hf.model.rotary_emb.prefix_len = len(text) + 1
+    prompts = heldout_prompts(repeats + 1, seed=seed)
+    texts = encode_prompts(pipe.tokenizer, prompts, layout.max_text_len)
     off, n_img = vocab.image_offset, layout.num_image_tokens
     suppress = [i for i in range(vocab.size) if not off <= i < off + vocab.image_vocab_size]
-    report = {"prompt": prompt}
-    for b in batch_sizes:
+
+    def hf_call(text, b, r, greedy=False):
         ids = torch.tensor([text + [vocab.boi]] * b, device=hf.device)
+        if hasattr(hf.model.rotary_emb, "prefix_len"):
+            hf.model.rotary_emb.prefix_len = len(text) + 1
+        torch.manual_seed(seed + r)
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_img,
+                              min_new_tokens=n_img, do_sample=not greedy, top_k=0, top_p=1.0, temperature=1.0,
+                              suppress_tokens=suppress, pad_token_id=vocab.pad)
+        return out[:, ids.shape[1]:] - off
 
-        def hf_call(r=0, greedy=False):
-            torch.manual_seed(seed + r)
-            with torch.no_grad():
-                out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_img,
-                                  min_new_tokens=n_img, do_sample=not greedy, top_k=0, top_p=1.0, temperature=1.0,
-                                  suppress_tokens=suppress, pad_token_id=vocab.pad)
-            return out[:, ids.shape[1]:] - off
+    def ours(text, b, r, greedy=False):
+        sampling = SamplingConfig(guidance_scale=1.0, temperature=0 if greedy else 1.0)
+        codes, _ = next_token.generate(pipe.transformer, layout, [text] * b, sampling,
+                                       generators_from_seed(seed + r, b))
+        return codes.flatten(1)
 
-        def ours(r=0, greedy=False):
-            sampling = SamplingConfig(guidance_scale=1.0, temperature=0 if greedy else 1.0)
-            codes, _ = next_token.generate(pipe.transformer, layout, [text] * b, sampling,
-                                           generators_from_seed(seed + r, b))
-            return codes.flatten(1)
-
-        same = torch.equal(hf_call(greedy=True), ours(greedy=True))
-        _, t_hf = _timed(hf_call, repeats)
-        _, t_ours = _timed(ours, repeats)
+    report = {"prompts": prompts[1:]}
+    for b in batch_sizes:
+        same = all(torch.equal(hf_call(t, b, 0, True), ours(t, b, 0, True)) for t in (texts[1], texts[-1]))
+        hf_call(texts[0], b, 0), ours(texts[0], b, 0)  # warm-up
+        t_hf, t_ours = [], []
+        for r, text in enumerate(texts[1:]):
+            for fn, times in ((hf_call, t_hf), (ours, t_ours)):
+                t0 = time.perf_counter()
+                fn(text, b, r)
+                times.append(time.perf_counter() - t0)
+        t_hf, t_ours = statistics.median(t_hf), statistics.median(t_ours)
         report[f"batch_{b}"] = {"greedy_tokens_identical": same, "mmgen_seconds": round(t_ours, 4),
                                 "transformers_generate_seconds": round(t_hf, 4),
                                 "generate_over_mmgen": round(t_hf / t_ours, 3)}
