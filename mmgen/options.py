@@ -33,6 +33,19 @@ def positive_int(name: str, maximum: int | None = None):
     return parse
 
 
+def nonnegative_int(name: str):
+    """An argparse type: an integer >= 0, its error naming `name`."""
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {v}")
+        return v
+    return parse
+
+
 def nonnegative_float(name: str):
     """An argparse type: a finite number >= 0, its error naming `name`."""
     def parse(s):
@@ -84,6 +97,7 @@ SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temper
                   "--top-p": "top_p", "--sampler": "sampler", "--sjd-window": "sjd_window", "--sjd-init": "sjd_init",
                   "--sjd-coupled": "sjd_coupled", "--sjd-adaptive": "sjd_adaptive",
                   "--sjd-lantern-delta": "sjd_lantern_delta", "--sjd-lantern-k": "sjd_lantern_k",
+                  "--sjd-tree-width": "sjd_tree_width", "--sjd-tree-depth": "sjd_tree_depth",
                   "--watermark-key": "watermark_key",
                   "--watermark-method": "watermark_method", "--watermark-delta": "watermark_delta",
                   "--height": "height", "--width": "width", "--steps": "num_inference_steps",
@@ -115,6 +129,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
     nexttok.add_argument("--sjd-adaptive", action="store_true", default=None,
                          help="SJD: choose each pass's window width (at most --sjd-window) from the images' "
                               "acceptance rates and a pass-cost model (lossless; for batches)")
+    nexttok.add_argument("--sjd-tree-width", type=nonnegative_int("--sjd-tree-width"), default=None,
+                         help="SJD: other candidates scored per window position as leaves of a token tree and tried "
+                              "by recursive rejection sampling (lossless; default 0: a chain)")
+    nexttok.add_argument("--sjd-tree-depth", type=positive_int("--sjd-tree-depth"), default=None,
+                         help="SJD: window positions that get --sjd-tree-width candidates (default 4)")
     nexttok.add_argument("--sjd-lantern-delta", type=unit_interval("--sjd-lantern-delta"), default=None,
                          help="LOSSY SJD (off by default): LANTERN's relaxed acceptance, a draft also takes the "
                               "probability of its nearest codebook neighbours up to this total variation per token "

@@ -154,6 +154,10 @@ def test_config_validation_names_the_argument():
         SJDConfig(lantern_delta=1.0)
     with pytest.raises(ValueError, match="lantern_k must be an integer >= 1"):
         SJDConfig(lantern_delta=0.1, lantern_k=0)
+    with pytest.raises(ValueError, match=r"tree_width must be an integer in \[0, 64\]"):
+        SJDConfig(tree_width=-1)
+    with pytest.raises(ValueError, match=r"tree_depth must be an integer in \[1, 64\]"):
+        SJDConfig(tree_depth=0)
     assert SJDConfig().lossless and not SJDConfig(lantern_delta=0.1).lossless
 
 
@@ -375,3 +379,66 @@ def test_lantern_is_lossy_within_its_budget_and_labelled():
     assert bound < results[0.3] < layout.num_image_tokens * 0.3
     with pytest.raises(ValueError, match="neighbour"):
         generate_sjd(model, layout, [PROMPTS[0]], SamplingConfig(), SJDConfig(4, lantern_delta=0.1))
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_token_tree_samples_the_ar_distribution(config):
+    """Leaves (other candidates at the first window positions, tried by recursive rejection sampling where the
+    chain's draft is rejected, an accepted leaf's output drawn as the next draft) keep SJD exact."""
+    cfg = CONFIGS[config]
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], cfg)
+    bound = tv_bound(target, N_SAMPLES)
+    for init, width, depth, coupled in [("random", 2, 2, False), ("sample_left", 1, 4, True)]:
+        torch.manual_seed(8)
+        sjd = SJDConfig(4, init, coupled, tree_width=width, tree_depth=depth)
+        codes, stats = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, cfg, sjd)
+        distance = tv(empirical(codes.flatten(1), 4), target)
+        assert distance < bound, f"init={init}: TV {distance:.4f} >= bound {bound:.4f}"
+        assert stats.lossless and stats.decoder_passes <= layout.num_image_tokens
+
+
+def test_a_wrong_tree_acceptance_is_caught(monkeypatch):
+    """Trying a leaf against the residual without removing the leaves already rejected (a common slip in
+    multi-draft verification) over-samples the candidates; the enumeration test sees it."""
+    import mmgen.sampling.sjd as sjd_module
+
+    def no_removal(resid, candidates, u, open_):
+        chosen = torch.full(open_.shape, -1, dtype=torch.long)
+        for i in range(candidates.shape[1]):
+            take = open_ & (u[:, i] < resid.gather(-1, candidates[:, i:i + 1]).squeeze(-1))
+            chosen, open_ = torch.where(take, i, chosen), open_ & ~take
+        return chosen, resid
+
+    monkeypatch.setattr(sjd_module, "_recursive_rejection", no_removal)
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], SamplingConfig())
+    torch.manual_seed(8)
+    codes, _ = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, SamplingConfig(),
+                            SJDConfig(4, "random", tree_width=2, tree_depth=2))
+    assert tv(empirical(codes.flatten(1), 4), target) > tv_bound(target, N_SAMPLES)
+
+
+def test_token_tree_greedy_equals_greedy_ar_and_its_leaves_see_the_right_prefix():
+    """Greedy tree decoding gives the greedy AR tokens; a leaf's output is the model's distribution after the
+    prefix, the drafts before its position and the leaf itself (checked against a plain window)."""
+    from mmgen.paradigms.next_token import NextTokenBackend
+
+    model, layout = peaked_model(seed=4, image_vocab=16, grid=(4, 5))
+    prompts = [[3, 4, 5], [6], [7, 8]]
+    cfg = SamplingConfig(guidance_scale=3.0, temperature=0)
+    ar, _ = generate(model, layout, prompts, cfg)
+    sjd, _ = generate_sjd(model, layout, prompts, cfg, SJDConfig(6, "random", tree_width=3, tree_depth=3))
+    assert torch.equal(sjd, ar)
+    window = torch.tensor([[0, 5, 7, 2], [0, 1, 1, 9], [0, 3, 4, 4]])
+    n = torch.zeros(3, dtype=torch.long)
+    leaves = torch.tensor([[8, 11], [2, 0], [15, 6]]), torch.tensor([1, 2])
+    tree = NextTokenBackend(model, layout, prompts, 3.0, 4, leaves=2).forward(window, n, leaves)
+    assert tree.shape == (3, 6, 16)
+    for m, depth in enumerate(leaves[1].tolist()):
+        chain = window.clone()[:, : depth + 2]
+        chain[:, depth + 1] = leaves[0][:, m]
+        plain = NextTokenBackend(model, layout, prompts, 3.0, 4).forward(chain, n)
+        torch.testing.assert_close(tree[:, 4 + m], plain[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tree[:, :4], NextTokenBackend(model, layout, prompts, 3.0, 4).forward(window, n),
+                               atol=1e-5, rtol=1e-5)

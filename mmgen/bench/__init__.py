@@ -63,6 +63,15 @@ def _guidance(pipe, guidance_scale: float | None) -> float:
     return pipe.config.default_guidance_scale if guidance_scale is None else guidance_scale
 
 
+def distinct_prompts(make, n: int, seed: int = 0) -> list[str]:
+    """The first n different prompts `make(k, seed)` draws (the caption generators can repeat a caption)."""
+    for k in (n, 2 * n, 8 * n, 64 * n):
+        unique = list(dict.fromkeys(make(k, seed=seed)))
+        if len(unique) >= n:
+            return unique[:n]
+    raise ValueError(f"asked for {n} different prompts; the split has only {len(unique)}")
+
+
 def _sjd_modes(inits, window: int, lantern_delta: float) -> dict:
     """Plain AR and every SJD mode the pipelines offer, with the call options that select it."""
     sjd = dict(sampler="sjd", sjd_window=window)
@@ -137,9 +146,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
     guidance_scale = _guidance(pipe, guidance_scale)
     modes = _sjd_modes(inits, window, lantern_delta)
     n_img = pipe.layout.num_image_tokens
-    prompts = heldout_prompts(num_prompts, seed=seed)
-    if len(set(prompts)) < num_prompts:
-        raise ValueError(f"num_prompts={num_prompts}: only {len(set(prompts))} different held-out prompts")
+    prompts = distinct_prompts(heldout_prompts, num_prompts, seed)
     report = {"model": str(model_dir), "tokens_per_image": n_img, "window": window, "num_prompts": num_prompts,
               "guidance_scale": guidance_scale, "lantern_delta": lantern_delta, "latency": {}, "pass_profile": {},
               "accuracy": {}}
@@ -227,7 +234,7 @@ def bench_hf_generate(pipe, batch_sizes=(1, 8), repeats: int = 5, seed: int = 0)
 
     layout, vocab = pipe.layout, pipe.vocab
     hf = to_llama(pipe.transformer, grid_width=layout.grid[1])
-    prompts = heldout_prompts(repeats + 1, seed=seed)
+    prompts = distinct_prompts(heldout_prompts, repeats + 1, seed)
     texts = encode_prompts(pipe.tokenizer, prompts, layout.max_text_len)
     off, n_img = vocab.image_offset, layout.num_image_tokens
     suppress = [i for i in range(vocab.size) if not off <= i < off + vocab.image_vocab_size]

@@ -59,10 +59,11 @@ class _Meter:
     passes: int = 0
     evals: int = 0
     has_evals: bool = False
+    lossless: bool = True  # False once any call sampled with a lossy acceptance (SJD's lantern_delta)
 
     def as_dict(self) -> dict:
         out = {"images": self.images, "seconds_per_image": round(self.seconds / self.images, 4),
-               "nfe_per_image": round(self.passes / self.images, 2)}
+               "nfe_per_image": round(self.passes / self.images, 2), "lossless": self.lossless}
         if self.has_evals:
             out["model_evals_per_image"] = round(self.evals / self.images, 2)
         return out
@@ -81,6 +82,7 @@ def _generate(pipe, prompts: list[str], batch_size: int, seed: int, meter: _Mete
         seconds += time.perf_counter() - t0
         images.extend(out.images)
         meter.passes += out.decoder_passes * len(chunk)
+        meter.lossless &= getattr(out, "lossless", True)
         if out.model_evals is not None:
             meter.evals += out.model_evals * len(chunk)
             meter.has_evals = True

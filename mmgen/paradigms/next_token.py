@@ -232,8 +232,10 @@ class NextTokenBackend:
     window together; every later pass writes its window at per-row cache offsets (row a's window starts at
     the slot of its last committed image token) and sees its own committed prefix only."""
 
+    supports_leaves = True  # forward(..., leaves=) scores a token tree (SJDConfig.tree_width)
+
     def __init__(self, model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]],
-                 guidance_scale: float, window: int):
+                 guidance_scale: float, window: int, leaves: int = 0):
         self.model, self.layout, self.guidance_scale = model, layout, guidance_scale
         self.num_samples, self.vocab_size = len(text_ids), layout.vocab.image_vocab_size
         self.device = model.device
@@ -241,7 +243,7 @@ class NextTokenBackend:
         text, valid = guided_text_block(layout, text_ids, self.use_cfg, self.device)
         self.text, self.prefix = text, text.shape[1] - 1  # text slots before <boi>
         R, n_img = text.shape[0], layout.num_image_tokens
-        self.capacity = self.prefix + n_img + window
+        self.capacity = self.prefix + n_img + window + leaves
         self.key_valid = torch.ones(R, self.capacity, dtype=torch.bool, device=self.device)
         self.key_valid[:, : self.prefix] = valid[:, : self.prefix]
         pos = layout.positions(1, self.device)[0]  # (seq_len, 2): slot -> 2-D position
@@ -249,22 +251,40 @@ class NextTokenBackend:
         self.cache = model.new_cache(R, self.capacity)
         self.prefilled = False
 
-    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
+    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor,
+                leaves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`leaves` (tokens (A, M), depth (M,)): extra candidates scored in the same pass (a token tree). Leaf m is
+        a candidate for the token at window position depth[m]: it sits at that token's position, sees the
+        committed prefix and the window's drafts before it, and its output (appended after the window's T)
+        is the distribution of the token after it."""
         A, T = window_AT.shape
         tokens = self.layout.vocab.image_to_unified(window_AT)
         tokens[:, 0] = torch.where(n_A == 0, self.layout.vocab.boi, tokens[:, 0])
+        M = 0 if leaves is None else leaves[0].shape[1]
+        if M:
+            tokens = torch.cat([tokens, self.layout.vocab.image_to_unified(leaves[0])], 1)
         start = self.prefix + n_A  # slot of row a's last committed token (<boi> is slot prefix)
         if self.use_cfg:
             tokens, start = torch.cat([tokens, tokens]), torch.cat([start, start])
+        lead = 0
         if not self.prefilled:  # the first pass carries the prompt: no separate prefill pass
             tokens, start = torch.cat([self.text[:, : self.prefix], tokens], 1), torch.zeros_like(start)
-            self.prefilled = True
+            lead, self.prefilled = self.prefix, True
         slots = start[:, None] + torch.arange(tokens.shape[1], device=self.device)
         S = int(start.max()) + tokens.shape[1]
-        mask = window_mask(slots, self.key_valid[:, :S])
-        logits = self.model(tokens, positions=self.slot_positions[slots], mask=mask.unsqueeze(1),
-                            cache=self.cache, start=start)[:, -T:]
-        return image_logits(self.layout, logits.flatten(0, 1), self.guidance_scale).view(A, T, -1)
+        if not M:
+            mask = window_mask(slots, self.key_valid[:, :S])
+            positions = self.slot_positions[slots]
+        else:  # a leaf sees keys up to its parent's slot, and itself; it takes its own token's position
+            seen = slots.clone()
+            seen[:, lead + T:] = slots[:, lead:lead + 1] + leaves[1].to(self.device)[None, :]
+            keys = torch.arange(S, device=self.device)[None, None, :]
+            mask = ((keys <= seen[:, :, None]) & self.key_valid[:, None, :S]) | (keys == slots[:, :, None])
+            positions = self.slot_positions[seen.clone()]
+            positions[:, lead + T:] = self.slot_positions[seen[:, lead + T:] + 1]
+        logits = self.model(tokens, positions=positions, mask=mask.unsqueeze(1),
+                            cache=self.cache, start=start)[:, -(T + M):]
+        return image_logits(self.layout, logits.flatten(0, 1), self.guidance_scale).view(A, T + M, -1)
 
     def keep(self, keep_A: torch.Tensor) -> None:
         rows = keep_A.nonzero().squeeze(-1)
@@ -282,7 +302,8 @@ def generate_sjd(model: Transformer, layout: NextTokenLayout, text_ids: Sequence
                  neighbours: torch.Tensor | None = None):
     """Like `generate`, with speculative Jacobi decoding. Returns codes (B, h, w) and `SJDStats`. `neighbours`: the
     codebook neighbour table of a lossy acceptance (`SJDConfig.lantern_delta`)."""
-    backend = NextTokenBackend(model, layout, text_ids, sampling.guidance_scale, sjd.window)
+    backend = NextTokenBackend(model, layout, text_ids, sampling.guidance_scale, sjd.window,
+                               leaves=sjd.tree_depth * sjd.tree_width)
     codes, stats = jacobi_sample(backend, layout.num_image_tokens, sampling, sjd, generators,
                                  grid_width=layout.grid[1], callback=callback, processor=processor,
                                  neighbours=neighbours)

@@ -35,7 +35,8 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
                     "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,
-                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "watermark_key": None, "watermark_method": None, "watermark_delta": None,
+                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "sjd_tree_width": 0, "sjd_tree_depth": 4,
+                    "watermark_key": None, "watermark_method": None, "watermark_delta": None,
                     "cfg_schedule": "constant"}
 
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer | VQModel,
@@ -75,6 +76,8 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         sjd_adaptive: bool = False,
         sjd_lantern_delta: float | None = None,
         sjd_lantern_k: int = 8,
+        sjd_tree_width: int = 0,
+        sjd_tree_depth: int = 4,
         watermark_key: str | None = None,
         watermark_method: str | None = None,
         watermark_delta: float | None = None,
@@ -86,8 +89,10 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
         random / repeat / sample_left / above; `sjd_coupled`: next drafts by maximal coupling with the old ones,
         still exact; `sjd_adaptive`: each pass's width (at most `sjd_window`) from the images' acceptance rates
-        and a pass-cost model, still exact, for batches). `sjd_lantern_delta` (LOSSY, off by default): LANTERN's
-        relaxed acceptance, a draft also takes the probability of its `sjd_lantern_k` nearest codebook neighbours
+        and a pass-cost model, still exact, for batches; `sjd_tree_width` c > 0: the first `sjd_tree_depth` window
+        positions also score c other candidates, tried by recursive rejection sampling, still exact).
+        `sjd_lantern_delta` (LOSSY, off by default): LANTERN's relaxed acceptance, a draft also takes the
+        probability of its `sjd_lantern_k` nearest codebook neighbours
         up to total variation delta per token; the output then says `lossless=False`. Image i of a call uses
         its own generator, so with a seed per image the result does not depend on the batch size.
         `watermark_key`: embed the distortion-free watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
@@ -114,7 +119,8 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
             raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                              f"spans many positions); use cfg_schedule='constant'")
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
-        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k)
+        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k,
+                         sjd_tree_width, sjd_tree_depth)
         processor = None
         if watermark_key is not None:
             processor = WatermarkProcessor(self.watermark_config(watermark_method, watermark_delta), watermark_key)

@@ -26,18 +26,29 @@ Differences from the reference implementation, all keeping exactness:
   is verified against q = p as before), but it stops churning where p and q agree, which plain Jacobi
   resampling does not.
 * ``adaptive=True`` chooses each pass's window width from a cost model instead of always using ``window``:
-  every sample keeps a running estimate alpha of its draft acceptance rate (decayed counts of accepted over
-  verified drafts), so a width t is expected to commit sum_{j<t} alpha^j tokens, and a pass over R backend rows
-  (two per sample with guidance) costs about ``pass_overhead + R * t`` row-tokens. The width with the most
+  a sample is expected to commit 1 + slope * ln t tokens per pass at width t, its slope a decayed average of
+  what its own passes showed, and a pass over R backend rows (two per sample with guidance) costs about
+  ``pass_overhead + R * t`` row-tokens. The width with the most
   expected tokens per cost is taken. Batches that lag (low acceptance, many rows) get narrow windows, a lone
   sample in the background of an image a wide one. The width depends only on earlier passes, never on this
-  pass's random draws, so the output stays exact.
+  pass's random draws, so the output stays exact; it does depend on the batch, so with adaptive widths a
+  sample's tokens are no longer independent of its batch mates.
 * ``lantern_delta`` (lossy, off by default; LANTERN, Jang et al. ICLR 2025): a draft x is accepted against a
   relaxed target that moves to x the probability of its nearest codebook neighbours (up to ``lantern_k`` of
   them, nearest first, while the moved mass stays <= delta), i.e. with probability min(1, (p(x) + moved) / q(x));
   a rejection resamples from the residual of that relaxed target. Each committed token's distribution is
   within total variation delta of the exact conditional, not equal to it: ``SJDConfig.lossless`` is False and
   every output says so. The neighbour table (``codebook_neighbours``) comes from the visual tokenizer.
+* ``tree_width=c`` scores a small token tree in the same pass: at each of the first ``tree_depth`` window
+  positions, the c most likely tokens of the draft's q other than the draft become leaves (the backend takes them
+  as ``forward(window, n, leaves=(tokens, depth))``: a leaf sees the prefix and the drafts before its position,
+  and its output is the distribution of the token after it). Where the chain's draft is rejected, the leaves are
+  tried one after another against the running residual (recursive rejection sampling over distinct
+  deterministic candidates: leaf y is accepted with probability r(y), else removed from r and r renormalized;
+  if none is accepted the token is drawn from the last r), which keeps the committed token's distribution exact.
+  An accepted leaf also hands over its output: the next pass's first draft is drawn from it with that
+  distribution as its q, so it is accepted with probability one (no KV entry has to move: the leaf is then the
+  last committed token, whose keys and values every pass recomputes).
 * Temperature 0 gives greedy Jacobi decoding: the accepted tokens are the greedy AR tokens, and a draft is
   kept exactly when it equals the current argmax (the deterministic convergence check).
 
@@ -71,6 +82,8 @@ class SJDConfig:
     pass_overhead: float = 48.0
     lantern_delta: float | None = None  # lossy: TV budget of the relaxed acceptance (None: exact)
     lantern_k: int = 8  # codebook neighbours the relaxed acceptance may move to a draft
+    tree_width: int = 0  # extra candidates per window position, scored as leaves of a token tree (0: a chain)
+    tree_depth: int = 4  # the first tree_depth window positions get them
 
     @property
     def lossless(self) -> bool:
@@ -94,6 +107,10 @@ class SJDConfig:
             raise ValueError(f"sjd lantern_delta must be None (exact) or a number in (0, 1), got {self.lantern_delta!r}")
         if isinstance(self.lantern_k, bool) or not isinstance(self.lantern_k, int) or not self.lantern_k >= 1:
             raise ValueError(f"sjd lantern_k must be an integer >= 1, got {self.lantern_k!r}")
+        for name, low in (("tree_width", 0), ("tree_depth", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 64:
+                raise ValueError(f"sjd {name} must be an integer in [{low}, 64], got {value!r}")
 
 
 @dataclass
@@ -246,6 +263,23 @@ def _carry_unscored(drafts: torch.Tensor, q: torch.Tensor, src: torch.Tensor, ca
     return new_drafts, new_q
 
 
+def _recursive_rejection(resid: torch.Tensor, candidates: torch.Tensor, u: torch.Tensor, open_: torch.Tensor):
+    """Try distinct deterministic candidates (A, c) one after another against the residual r (A, V) where `open_`:
+    candidate i is accepted with probability r(y_i), else removed from r and r renormalized. Returns the index of
+    the accepted candidate (-1: none) and the final r, from which a row with none accepted draws its token; the
+    token is then distributed exactly as the incoming r."""
+    chosen = torch.full(open_.shape, -1, dtype=torch.long, device=resid.device)
+    for i in range(candidates.shape[1]):
+        y = candidates[:, i:i + 1]
+        take = open_ & (u[:, i] < resid.gather(-1, y).squeeze(-1))
+        chosen = torch.where(take, i, chosen)
+        open_ = open_ & ~take
+        rest = resid.scatter(-1, y, 0.0)
+        mass = rest.sum(-1, keepdim=True)
+        resid = torch.where(open_[:, None] & (mass > 1e-12), rest / mass.clamp_min(1e-30), resid)
+    return chosen, resid
+
+
 def _one_hot(tokens: torch.Tensor, V: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(tokens, V).float()
 
@@ -254,10 +288,8 @@ def _fill_drafts(drafts, q, first_new, n, out, left_dist, u, sjd: SJDConfig, gri
     """Initialize window slots j >= first_new[a] (token index n[a] + j) in place, left to right."""
     A, L, V = q.shape
     rows = torch.arange(A, device=drafts.device)
-    for j in range(L):
+    for j in range(int(first_new.min()), L):
         new = j >= first_new
-        if not bool(new.any()):
-            continue
         random_tok = (u[:, j] * V).long().clamp_max(V - 1)
         if j > 0:
             left = drafts[:, j - 1]
@@ -308,6 +340,14 @@ def jacobi_sample(
     ``lantern_delta`` acceptance only."""
     B, V, N, L = backend.num_samples, backend.vocab_size, num_tokens, sjd.window
     relax = sjd.lantern_delta is not None
+    tree, c = sjd.tree_width > 0, sjd.tree_width
+    if tree and not getattr(backend, "supports_leaves", False):
+        raise ValueError(f"sjd tree_width > 0 needs a backend that scores leaves; {type(backend).__name__} does not")
+    if tree and c >= V:
+        raise ValueError(f"sjd tree_width must be below the vocabulary size {V}, got {c}")
+    if tree and processor is not None:
+        raise ValueError("sjd tree_width > 0 does not take a processor (e.g. a watermark) yet: the leaves' "
+                         "prefixes are not passed to it; use tree_width=0")
     if relax:
         if neighbours is None:
             raise ValueError("sjd lantern_delta needs the codebook neighbour table (neighbours=)")
@@ -337,7 +377,17 @@ def jacobi_sample(
             T = int(min(L, int((N - n_a).max())))
         last = out[active, (n_a - 1).clamp_min(0)]
         window = torch.cat([last[:, None], drafts[:, : T - 1]], 1)
-        logits = backend.forward(window, n_a)
+        if tree:  # leaves: the most likely other tokens of each draft's q at the first D positions
+            D = min(sjd.tree_depth, T)
+            q_other = q[:, :D].scatter(-1, drafts[:, :D, None], -1.0)
+            cand = q_other.topk(c, dim=-1).indices  # (A, D, c), distinct, never the draft
+            depth = torch.arange(D, device=device).repeat_interleave(c)
+            logits = backend.forward(window, n_a, leaves=(cand.reshape(A, D * c), depth))
+            leaf_logits, logits = logits[:, T:], logits[:, :T]
+            leaf_logits = process_logits(leaf_logits.reshape(A * D * c, V).float(), sampling).view(A, D, c, V)
+            leaf_p = _one_hot(leaf_logits.argmax(-1), V) if greedy else leaf_logits.softmax(-1)
+        else:
+            logits = backend.forward(window, n_a)
         decoder_passes += 1
         logits = process_logits(logits.reshape(A * T, V).float(), sampling)
         if processor is not None:
@@ -350,10 +400,14 @@ def jacobi_sample(
 
         # draw this pass's randomness first, a fixed amount per sample
         u_accept = rng.uniform(active, L)[:, :T]
-        e_fresh = rng.exponential(active, L, V)[:, :T]
+        # adaptive widths already tie a sample's draws to its batch (the widths depend on it), so they draw only
+        # what this pass uses; fixed windows draw the same amounts every pass
+        e_fresh = rng.exponential(active, T if sjd.adaptive else L, V)[:, :T]
         e_resid = rng.exponential(active, V)
         u_init = rng.uniform(active, L)
         u_couple = rng.uniform(active, L)[:, :T] if sjd.coupled else None
+        if tree:
+            u_leaf, e_leaf = rng.uniform(active, c), rng.exponential(active, V)
 
         # verify drafts left to right
         x = drafts[:, :T]
@@ -375,14 +429,23 @@ def jacobi_sample(
         resid = (p_k - q_k).clamp_min(0)
         mass = resid.sum(-1, keepdim=True)
         resid = torch.where(mass > 1e-6, resid / mass.clamp_min(1e-30), p_k)  # mass 0 only up to rounding
-        y = _race(resid, e_resid, greedy)
+        if tree:  # the rejected draft's leaves, one after another against the running residual
+            kd = kk.clamp_max(D - 1)
+            chosen, resid = _recursive_rejection(resid, cand[rows, kd], u_leaf, rejected & (kk < D))
+            by_leaf = chosen >= 0
+            y = torch.where(by_leaf, cand[rows, kd, chosen.clamp_min(0)], _race(resid, e_resid, greedy))
+            after_leaf = leaf_p[rows, kd, chosen.clamp_min(0)]  # distribution of the token after the leaf
+        else:
+            y = _race(resid, e_resid, greedy)
         commit = x.clone()
         commit[rows, kk] = torch.where(rejected, y, commit[rows, kk])
         a = k + rejected.long()
         # a one-token pass tells nothing (its draft was never refined), nor do the first passes of a call (every
-        # draft starts cold); a pass that ran into the image's end shows less than its width allowed
-        if sjd.adaptive and T > 1 and decoder_passes > WARMUP_PASSES:
-            seen = (a - 1).cpu().double() / math.log(T)
+        # draft starts cold): the estimate drifts back to the prior, so a run of rejections never pins a sample
+        # to width 1; a pass that ran into the image's end shows less than its width allowed
+        if sjd.adaptive:
+            evidence = T > 1 and decoder_passes > WARMUP_PASSES
+            seen = (a - 1).cpu().double() / math.log(T) if evidence else torch.full((A,), SLOPE_PRIOR).double()
             full = (N - n_a).cpu() > T
             slope[active] = torch.where(full, SLOPE_DECAY * slope[active] + (1 - SLOPE_DECAY) * seen, slope[active])
         keep_pos = arange_L[None, :T] < a[:, None]
@@ -403,6 +466,9 @@ def jacobi_sample(
         n_new = n_a + a
         n[active] = n_new
         passes[active.cpu()] += 1
+        if tree:  # an accepted leaf's output is exactly the next token's distribution: draw the next draft from it
+            new_drafts[:, 0] = torch.where(by_leaf, _race(after_leaf, e_leaf, greedy), new_drafts[:, 0])
+            new_q[:, 0] = torch.where(by_leaf[:, None], after_leaf, new_q[:, 0])
         first_new = L - a
         _fill_drafts(new_drafts, new_q, first_new, n_new, out[active], p[:, T - 1], u_init, sjd, grid_width,
                      greedy)
