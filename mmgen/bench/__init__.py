@@ -5,12 +5,12 @@ for the sampling stages, mmgen's own decode loop for transformers' `generate()`)
 between machines better than raw seconds. Latencies are medians over repeated calls after a warm-up call.
 
 Suites
-  sjd: plain AR vs every speculative Jacobi decoding mode (plain, coupled drafts, adaptive widths, and the
-       lossy LANTERN acceptance, each row marked `lossless`) on a saved next-token pipeline over 32 different
-       held-out prompts per figure: forward passes, step compression, mean accepted length and speedup at
-       batch 1, 8 and 32; where one call's time goes (decoder passes vs the rest); a window sweep; compositional
-       accuracy with the same seeds; then mmgen's AR decode against transformers'
-       `LlamaForCausalLM.generate()` on the same weights.
+  sjd: plain AR vs every speculative Jacobi decoding mode (plain, coupled drafts, adaptive widths, token
+       trees, and the lossy LANTERN acceptance, each row marked `lossless`) on a saved next-token pipeline,
+       over 32 different held-out prompts per figure: forward passes, step compression, mean accepted length
+       and speedup at batch 1, 8 and 32; where one call's time goes (decoder passes vs the rest); window and
+       tree-width sweeps; compositional accuracy with the same seeds; then mmgen's AR decode against
+       transformers' `LlamaForCausalLM.generate()` on the same weights.
   watermark: C-reweight vs token-reweight and KGW (token, cluster) under image attacks: TPR at 1% FPR,
        empirical FPR, AUC and re-tokenization match rates (`mmgen.bench.watermark.attack_suite`).
   paradigms: every saved model (default: the shipped zoo) against the raster next-token model on the same
@@ -79,6 +79,8 @@ def _sjd_modes(inits, window: int, lantern_delta: float) -> dict:
     modes |= {f"sjd_{init}": sjd | dict(sjd_init=init) for init in inits if init != "random"}
     modes["sjd_coupled"] = sjd | dict(sjd_coupled=True)
     modes["sjd_adaptive"] = sjd | dict(sjd_coupled=True, sjd_adaptive=True)
+    modes["sjd_tree"] = sjd | dict(sjd_coupled=True, sjd_tree_width=3, sjd_tree_depth=4)
+    modes["sjd_tree_adaptive"] = modes["sjd_tree"] | dict(sjd_adaptive=True)
     modes["sjd_lantern"] = sjd | dict(sjd_coupled=True, sjd_lantern_delta=lantern_delta)
     return modes
 
@@ -89,11 +91,11 @@ class _TimedBackend:
     def __init__(self, backend):
         self.backend, self.seconds, self.widths = backend, 0.0, []
         self.num_samples, self.vocab_size, self.device = backend.num_samples, backend.vocab_size, backend.device
-        self.use_cfg = backend.use_cfg
+        self.use_cfg, self.supports_leaves = backend.use_cfg, getattr(backend, "supports_leaves", False)
 
-    def forward(self, window, n):
+    def forward(self, window, n, **leaves):
         t0 = time.perf_counter()
-        out = self.backend.forward(window, n)
+        out = self.backend.forward(window, n, **leaves)
         self.seconds += time.perf_counter() - t0
         self.widths.append(window.shape[1])
         return out
@@ -114,9 +116,11 @@ def sjd_pass_profile(pipe, prompts, sjd_kw: dict, guidance_scale: float, seed: i
     layout = pipe.layout
     sjd = sjd_config("sjd", sjd_kw.get("sjd_window", 16), sjd_kw.get("sjd_init", "random"),
                      sjd_kw.get("sjd_coupled", False), sjd_kw.get("sjd_adaptive", False),
-                     sjd_kw.get("sjd_lantern_delta"), 8)
+                     sjd_kw.get("sjd_lantern_delta"), 8, sjd_kw.get("sjd_tree_width", 0),
+                     sjd_kw.get("sjd_tree_depth", 4))
     text = encode_prompts(pipe.tokenizer, prompts, layout.max_text_len)
-    backend = _TimedBackend(NextTokenBackend(pipe.transformer, layout, text, guidance_scale, sjd.window))
+    backend = _TimedBackend(NextTokenBackend(pipe.transformer, layout, text, guidance_scale, sjd.window,
+                                             leaves=sjd.tree_width * sjd.tree_depth))
     t0 = time.perf_counter()
     _, stats = jacobi_sample(backend, layout.num_image_tokens, SamplingConfig(guidance_scale), sjd,
                              generators_from_seed(seed, len(prompts)), grid_width=layout.grid[1],
@@ -131,7 +135,8 @@ def sjd_pass_profile(pipe, prompts, sjd_kw: dict, guidance_scale: float, seed: i
 def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, repeats: int = 2,
               num_prompts: int = 32, lantern_delta: float = 0.1, eval_per_category: int = 16,
               guidance_scale: float | None = None, seed: int = 0, sweep_windows=(4, 8, 16, 32),
-              eval_split: str = "train", device: str = "cpu", progress: bool = True) -> dict:
+              tree_widths=(0, 1, 3, 7), eval_split: str = "train", device: str = "cpu",
+              progress: bool = True) -> dict:
     """Plain AR against every SJD mode on a saved next-token pipeline, at its own guidance scale unless
     `guidance_scale` is given. Each figure covers `num_prompts` different held-out prompts, generated in
     batches of each size (one seed per image); latency is the median over `repeats` passes over all of them,
@@ -159,8 +164,8 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
                              generator=generators_from_seed(seed + 1000 * r + i, len(chunk)), **kw))
         return outs
 
-    bar = tqdm(total=len(batch_sizes) * len(modes) * (repeats + 1) + len(sweep_windows) + len(modes),
-               desc="bench sjd", disable=not progress)
+    steps = len(batch_sizes) * len(modes) * (repeats + 1) + len(sweep_windows) + len(tree_widths) + len(modes)
+    bar = tqdm(total=steps, desc="bench sjd", disable=not progress)
     for b in batch_sizes:
         seconds = {name: [] for name in modes}
         outs = {}
@@ -186,7 +191,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
         report["latency"][f"batch_{b}"] = rows
         report["pass_profile"][f"batch_{b}"] = {
             name: sjd_pass_profile(pipe, prompts[:b], modes[name], guidance_scale, seed)
-            for name in ("sjd", "sjd_adaptive")}
+            for name in ("sjd", "sjd_adaptive", "sjd_tree")}
 
     # window sweep at batch 1 over the same prompts, coupled drafts
     sweep, ar_b1 = {}, report["latency"].get("batch_1", {}).get("ar")
@@ -200,6 +205,22 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
             "speedup": round(ar_b1["seconds_per_image"] * num_prompts / sec, 3) if ar_b1 else None}
         bar.update()
     report["window_sweep_batch_1"] = sweep
+
+    # token trees at batch 1: what each extra candidate per position buys against what it costs
+    trees, chain = {}, None
+    for width in tree_widths:
+        t0 = time.perf_counter()
+        outs = run(dict(sampler="sjd", sjd_window=window, sjd_coupled=True, sjd_tree_width=width, sjd_tree_depth=4),
+                   1, 0)
+        sec = time.perf_counter() - t0
+        row = {"step_compression": round(n_img / statistics.mean(o.decoder_passes for o in outs), 3),
+               "seconds_per_image": round(sec / num_prompts, 4)}
+        chain = chain or row
+        row["compression_gain"] = round(row["step_compression"] / chain["step_compression"], 3)
+        row["time_ratio"] = round(row["seconds_per_image"] / chain["seconds_per_image"], 3)
+        trees[f"tree_width_{width}"] = row
+        bar.update()
+    report["tree_sweep_batch_1"] = trees
 
     make_prompts = {"heldout": heldout_prompts, "train": train_prompts}[eval_split]
     eval_prompts = [p for c in CATEGORIES for p in make_prompts(eval_per_category, seed=seed, category=c)]

@@ -243,14 +243,15 @@ SLOPE_PRIOR, SLOPE_DECAY, WARMUP_PASSES = 0.45, 0.7, 2
 
 
 def choose_width(slope_A: torch.Tensor, remaining_A: torch.Tensor, max_width: int, rows: int,
-                 pass_overhead: float) -> int:
+                 pass_overhead: float, leaves: tuple[int, int] = (0, 4)) -> int:
     """The window width in [1, max_width] with the most expected committed tokens per unit of pass cost: sample
     a is expected to commit min(remaining_a, 1 + slope_a ln t) tokens at width t, and a pass over `rows` backend
-    rows costs pass_overhead + rows * t."""
+    rows costs pass_overhead + rows * t, plus the leaves of a token tree (`leaves` = (width, depth): width more
+    positions for each of the first depth ones)."""
     L = int(min(max_width, int(remaining_A.max())))
     t = torch.arange(1, L + 1, dtype=torch.float64)
     expected = (1 + slope_A.double()[:, None] * t.log()).minimum(remaining_A.double()[:, None])
-    rate = expected.sum(0) / (pass_overhead + rows * t)
+    rate = expected.sum(0) / (pass_overhead + rows * (t + leaves[0] * t.clamp_max(leaves[1])))
     return int(rate.argmax()) + 1
 
 
@@ -372,7 +373,8 @@ def jacobi_sample(
         A = len(active)
         n_a = n[active]
         if sjd.adaptive:
-            T = choose_width(slope[active], (N - n_a).cpu(), L, rows_per_sample * A, sjd.pass_overhead)
+            T = choose_width(slope[active], (N - n_a).cpu(), L, rows_per_sample * A, sjd.pass_overhead,
+                             (sjd.tree_width, sjd.tree_depth))
         else:
             T = int(min(L, int((N - n_a).max())))
         last = out[active, (n_a - 1).clamp_min(0)]
