@@ -19,13 +19,17 @@ class OptionError(ValueError):
     """A flag that does not fit the chosen model; the commands print it on one line and exit with code 2."""
 
 
+def _integer(name: str, s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+
+
 def positive_int(name: str, maximum: int | None = None):
     """An argparse type: an integer >= 1 (and <= maximum), its error naming `name`."""
     def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        v = _integer(name, s)
         if v < 1 or (maximum is not None and v > maximum):
             raise argparse.ArgumentTypeError(f"{name} must be >= 1{f' and <= {maximum}' if maximum else ''}, "
                                              f"got {v}")
@@ -36,10 +40,7 @@ def positive_int(name: str, maximum: int | None = None):
 def nonnegative_int(name: str):
     """An argparse type: an integer >= 0, its error naming `name`."""
     def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        v = _integer(name, s)
         if v < 0:
             raise argparse.ArgumentTypeError(f"{name} must be an integer >= 0, got {v}")
         return v

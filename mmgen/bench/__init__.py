@@ -114,10 +114,9 @@ def sjd_pass_profile(pipe, prompts, sjd_kw: dict, guidance_scale: float, seed: i
     from mmgen.text import encode_prompts
 
     layout = pipe.layout
-    sjd = sjd_config("sjd", sjd_kw.get("sjd_window", 16), sjd_kw.get("sjd_init", "random"),
-                     sjd_kw.get("sjd_coupled", False), sjd_kw.get("sjd_adaptive", False),
-                     sjd_kw.get("sjd_lantern_delta"), 8, sjd_kw.get("sjd_tree_width", 0),
-                     sjd_kw.get("sjd_tree_depth", 4))
+    opts = pipe.call_options | sjd_kw  # the pipeline's own defaults for what the mode leaves out
+    sjd = sjd_config("sjd", *(opts[f"sjd_{k}"] for k in ("window", "init", "coupled", "adaptive", "lantern_delta",
+                                                          "lantern_k", "tree_width", "tree_depth")))
     text = encode_prompts(pipe.tokenizer, prompts, layout.max_text_len)
     backend = _TimedBackend(NextTokenBackend(pipe.transformer, layout, text, guidance_scale, sjd.window,
                                              leaves=sjd.tree_width * sjd.tree_depth))
