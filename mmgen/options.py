@@ -102,7 +102,8 @@ SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temper
                   "--watermark-key": "watermark_key",
                   "--watermark-method": "watermark_method", "--watermark-delta": "watermark_delta",
                   "--height": "height", "--width": "width", "--steps": "num_inference_steps",
-                  "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule"}
+                  "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule",
+                  "--compile": "compile_decode"}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) -> None:
@@ -120,6 +121,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
     nexttok.add_argument("--sampler", choices=("ar", "sjd"), default=None,
                          help="ar (default): one token per forward pass; sjd: speculative Jacobi decoding (same "
                               "distribution, fewer passes)")
+    nexttok.add_argument("--compile", action="store_true", default=None,
+                         help="sampler ar: decode through a torch.compile'd one-token step (compiles once per batch "
+                              "size, tens of seconds; then 2-4x faster per image on CPU)")
     nexttok.add_argument("--sjd-window", type=positive_int("--sjd-window"), default=None,
                          help="SJD draft tokens per pass (default 16)")
     nexttok.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mmgen.models.compiled_decode import compiled_decode_step
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.sampling.logits import RowNoise, SamplingConfig, cfg_combine, guidance_at, process_logits, sample
@@ -181,13 +182,17 @@ def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scal
 @torch.no_grad()
 def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
              generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
-             callback: Callable[[int], None] | None = None, processor: Callable | None = None):
+             callback: Callable[[int], None] | None = None, processor: Callable | None = None,
+             compile: bool = False):
     """Sample image codes (B, h, w) for B tokenized prompts. Returns codes and their `GenerationCost`.
     `sampling.cfg_schedule`: guidance constant (default), or ramped linearly from 1 at the first token to
     `sampling.guidance_scale`.
 
     `processor(logits (B, V), prefix (B, L), lengths (B,))` runs after the standard processors on the final
-    sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`)."""
+    sampling distribution (e.g. `mmgen.watermark.WatermarkProcessor`).
+
+    `compile`: decode through `mmgen.models.compiled_decode` (torch.compile of the one-token step, compiled once
+    per batch size and kept on the model; the same values up to float rounding)."""
     cfg_schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     B = len(text_ids)
     use_cfg = sampling.guidance_scale != 1.0
@@ -210,6 +215,9 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
         raise ValueError(f"need one generator per row: {B} rows, {len(generators)} generators")
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
+    step = compiled_decode_step(model) if compile else None
+    if step is not None:
+        key_bias[:, T0:] = float("-inf")  # the compiled step attends every slot: image slots open as written
     for i in range(n_img):
         guidance = guidance_at(sampling.guidance_scale, i, n_img, cfg_schedule) if use_cfg else 1.0
         logits = process_logits(image_logits(layout, logits, guidance, use_cfg), sampling)
@@ -222,8 +230,12 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
             break
         token = layout.vocab.image_to_unified(codes[:, i])
         token = torch.cat([token, token]) if use_cfg else token
-        step = slice(T0 + i, T0 + i + 1)
-        logits = decode_step(model, token, None, key_bias, cache, rope=(cos[:, step], sin[:, step]))
+        slot = slice(T0 + i, T0 + i + 1)
+        if step is not None:
+            logits = step(token, cos[0, slot], sin[0, slot], key_bias, cache)
+            key_bias[:, slot] = 0.0
+        else:
+            logits = decode_step(model, token, None, key_bias, cache, rope=(cos[:, slot], sin[:, slot]))
     return codes.view(B, *layout.grid), GenerationCost(n_img)
 
 
