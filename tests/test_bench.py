@@ -12,7 +12,7 @@ from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale
 
 def test_sjd_suite_report():
     r = bench.bench_sjd(DEFAULT_MODEL, batch_sizes=(1, 2), repeats=1, num_prompts=2, eval_per_category=1,
-                        sweep_windows=(4,), tree_widths=(0, 1), progress=False)
+                        sweep_windows=(4,), tree_widths=(0, 1), compiled=False, progress=False)
     n = r["tokens_per_image"]
     assert n == 64 and r["num_prompts"] == 2
     assert r["guidance_scale"] == default_guidance_scale(DEFAULT_MODEL) == 1.5  # the model's own, as generate
@@ -36,6 +36,12 @@ def test_sjd_suite_report():
     # transformers' generate() on the converted weights takes the same greedy path as mmgen's decode loop
     assert r["hf_generate"]["batch_1"]["greedy_tokens_identical"] is True
     assert r["hf_generate"]["batch_2"]["greedy_tokens_identical"] is True
+    # and so does the compiled decode step (compiled for one and for two rows), timed apart from its compile
+    for b in ("batch_1", "batch_2"):
+        row = r["hf_generate"][b]
+        assert row["compiled_greedy_tokens_identical"] is True and row["compile_seconds"] >= 0
+        assert row["generate_over_mmgen_compiled"] == pytest.approx(
+            row["transformers_generate_seconds"] / row["mmgen_compiled_seconds"], rel=0.01)
     assert len(set(r["hf_generate"]["prompts"])) == 3
 
 
