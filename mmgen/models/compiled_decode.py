@@ -16,7 +16,7 @@ the weights (30 MB a step for the default model). On CUDA the step compiles with
 mode="reduce-overhead" (CUDA graphs) over `F.linear`, with the cache at a static address.
 
 Compiled outputs equal the eager forward's up to float rounding (reductions run in another order), so
-greedy tokens agree except at exact near-ties; `tests/test_transformer.py` checks logits and tokens.
+greedy tokens agree except at exact near-ties; `tests/test_compiled_decode.py` checks logits and tokens.
 If compilation fails (no C++ compiler, an unsupported op), `DecodeStep` warns once and runs `decode_one`
 eagerly, which gives the same values.
 
