@@ -34,6 +34,7 @@ is saved to `<out_dir>/pipeline`, loadable with `mmgen generate --model`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -74,6 +75,9 @@ class TrainConfig:
     seed: int = 0
     data_workers: int = 0  # processes that load (render) images for the one encoding pass
     fsdp: bool = False  # 2+ processes: shard the decoder with torch's fully_shard (per Block, then the root), CPU too
+    # steps after which the whole pipeline is also saved, to <out_dir>/snapshots/step-XXXXXXX (training curves:
+    # each snapshot can be evaluated like the final pipeline)
+    snapshots: tuple = ()
 
 
 @dataclass
@@ -234,6 +238,16 @@ def main(argv=None):
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")
 
+    snapshots = {int(k) for k in cfg.train.snapshots}
+    if snapshots and (run.sharded or min(snapshots) < 1 or max(snapshots) > cfg.train.steps):
+        raise ValueError(f"train.snapshots={sorted(snapshots)} must be steps in 1..train.steps={cfg.train.steps}, "
+                         f"in an unsharded run (train.fsdp=false)")
+
+    def save(decoder, directory: Path) -> None:
+        pipe = entry.pipeline(transformer=decoder.eval().cpu(), tokenizer=text_tokenizer,
+                              max_text_len=cfg.max_text_len, **{entry.component: vq.cpu()})
+        save_pipeline(pipe, directory)  # atomic, with checksums.json
+
     # plain next-token: every text block padded once, on the device (a step then only gathers rows)
     text_table = next_token.TextTable(layout, text_ids, device) if name == "next_token" else None
 
@@ -256,6 +270,9 @@ def main(argv=None):
         grad_norm = run.accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
                                                     cfg.train.grad_clip)
         opt.step()
+        if i + 1 in snapshots and run.is_main:
+            save(copy.deepcopy(run.accelerator.unwrap_model(model)), out / "snapshots" / f"step-{i + 1:07d}")
+            vq.to(device)
         logs = {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm}
         return logs if align_loss is None else logs | {"ar_loss": ar_loss.detach(), "align_loss": align_loss.detach()}
 
@@ -264,9 +281,7 @@ def main(argv=None):
         if run.sharded:  # parameters are shards: rebuild the decoder from the last checkpoint's whole weights
             model = type(model).from_config(model.config)
             model.load_state_dict(load_file(latest_checkpoint(out) / "model.safetensors"))
-        pipe = entry.pipeline(transformer=model.eval().cpu(), tokenizer=text_tokenizer,
-                              max_text_len=cfg.max_text_len, **{entry.component: vq.cpu()})
-        save_pipeline(pipe, out / "pipeline")  # atomic, with checksums.json
+        save(model, out / "pipeline")
         run.print(f"saved pipeline to {out / 'pipeline'}")
 
 

@@ -17,13 +17,18 @@ decode(tokens) back to those tokens:
    output in the quantizer's lookup space towards the vectors of the original codes ("hard to soft": a squared
    distance on the l2-normalised vectors, not a token cross-entropy);
 3. only the encoder and the lookup projection train; codebook, decoder and generator stay as they are, so
-   generation is unchanged.
+   generation is unchanged. Or, with `train.tune_decoder: true`, the decoder (and its projection out of the
+   lookup space) trains too, as in the paper: each step decodes the generated codes with it and passes the
+   gradient back through the distortions (rounding and JPEG straight through), while `train.fidelity_weight`
+   holds its drawings to the original decoder's and to the real images. Generated tokens are unchanged, their
+   pixels move (the report's `generated_psnr_tuned_vs_original`).
 
 Checkpoints every `train.ckpt_every` steps; re-running the same command resumes. At the end the tuned tensors are
-written to `<out_dir>/final/<watermark_encoder>` with a report (`final/metrics.json`: token match after
+written to `<out_dir>/final/<watermark_encoder>` (with a tuned decoder: the whole VQGAN, `final/vq_model`) with a report (`final/metrics.json`: token match after
 decode -> encode, clean and distorted, original vs tuned encoder, on held-out generated codes; held-out PSNR of
 real images through each encoder). `install: true` also copies the encoder into the pipeline directory and points
-its watermark.json at it (`encoder`), which is how the shipped default model got its detection encoder.
+its watermark.json at it (`encoder`); with a tuned decoder it replaces the pipeline's VQGAN instead (in the dtype
+its files had) and detection reads with that.
 """
 
 from __future__ import annotations
@@ -38,16 +43,17 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from mmgen.atomic import save_file_atomic, write_json_atomic
+from mmgen.atomic import atomic_dir, save_file_atomic, write_json_atomic
 from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import WATERMARK_FILE, generators_from_seed, save_detection_encoder
-from mmgen.training.augment import DISTORTIONS, distort
+from mmgen.training.augment import DISTORTIONS, distort, distort_differentiable
 from mmgen.training.data import DataConfig, make_dataset
 from mmgen.training.loop import Run, cosine_lr, load_run_config
 from mmgen.watermark import WatermarkConfig
 from mmgen.zoo import resolve_model
 
 TUNED = ("encoder.", "quantizer.proj_in.")  # what trains: the encoder and its projection into the lookup space
+DECODER = ("quantizer.proj_out.", "decoder.")  # and with train.tune_decoder, the way back to pixels
 
 
 @dataclass
@@ -71,6 +77,11 @@ class TrainConfig:
     ckpt_every: int = 500
     log_every: int = 50
     seed: int = 0
+    # also tune the decoder (Jovanovic et al. 2025 tune both): codes that the original decoder draws alike get
+    # told apart by small differences it learns to draw, which changes generated pixels; fidelity_weight holds the
+    # new decoder to the old one's drawings of the generated codes and to the real images
+    tune_decoder: bool = False
+    fidelity_weight: float = 100.0
 
 
 @dataclass
@@ -168,11 +179,20 @@ def psnr(vq, images: torch.Tensor) -> float:
     return round(float((-10 * torch.log10(mse.clamp_min(1e-10))).mean()), 3)
 
 
+def fidelity_loss(vq, codes: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared error, on the [0, 1] scale, of `vq`'s decoding of `codes` against `target` (uint8); and the
+    decoding itself in [0, 1]."""
+    x01 = (vq.decoder(vq.quantizer.lookup(codes)).clamp(-1, 1) + 1) / 2
+    return (x01 - target.float() / 255).pow(2).mean(), x01
+
+
 def main(argv=None) -> None:
     cfg = load_run_config(RCCConfig, __doc__, argv)
     t = cfg.train
     if not 0 <= t.real_share < 1:
         raise SystemExit(f"train.real_share must be in [0, 1), got {t.real_share}")
+    if t.fidelity_weight < 0:
+        raise SystemExit(f"train.fidelity_weight must be >= 0, got {t.fidelity_weight}")
     unknown = [d for d in t.distortions if d not in DISTORTIONS]
     if unknown or not t.distortions:
         raise SystemExit(f"train.distortions must be a non-empty subset of {', '.join(DISTORTIONS)}; got "
@@ -188,8 +208,9 @@ def main(argv=None) -> None:
         data = build_data(cfg, pipe, run.out)  # the other ranks read the cache rank 0 wrote
     original = pipe.vq_model.eval().requires_grad_(False)
     vq = copy.deepcopy(original)
+    tuned_prefixes = TUNED + DECODER if t.tune_decoder else TUNED
     for name, p in vq.named_parameters():
-        p.requires_grad_(name.startswith(TUNED))
+        p.requires_grad_(name.startswith(tuned_prefixes))
     run.resume({"vq": vq})
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=0.0)
@@ -205,30 +226,76 @@ def main(argv=None) -> None:
         gi = torch.randint(len(data["codes"]), (t.batch_size - n_real,), generator=g)
         ri = torch.randint(len(data["real_codes"]), (n_real,), generator=g)
         images = torch.cat([data["images"][gi], data["real_images"][ri]])
-        codes = torch.cat([data["codes"][gi], data["real_codes"][ri]])
-        x = to_float(distort(images, g, tuple(t.distortions))).to(run.device)
-        loss, match = rcc_loss(run.accelerator.unwrap_model(model), x, codes.to(run.device))
+        codes = torch.cat([data["codes"][gi], data["real_codes"][ri]]).to(run.device)
+        vq_now = run.accelerator.unwrap_model(model)
+        if not t.tune_decoder:
+            x = to_float(distort(images, g, tuple(t.distortions))).to(run.device)
+            loss, match = rcc_loss(vq_now, x, codes)
+            logs = {}
+        else:
+            # generated codes are drawn by the decoder being tuned (its drawing is what detection will read),
+            # real images are read as they are; both through the distortions, with gradients
+            fid_gen, drawn = fidelity_loss(vq_now, codes[:len(gi)], images[:len(gi)].to(run.device))
+            fid_real = fidelity_loss(vq_now, codes[len(gi):], images[len(gi):].to(run.device))[0] if n_real else 0.0
+            x01 = torch.cat([drawn, images[len(gi):].to(run.device).float() / 255])
+            cycle, match = rcc_loss(vq_now, distort_differentiable(x01, g, tuple(t.distortions)) * 2 - 1, codes)
+            loss = cycle + t.fidelity_weight * (fid_gen + fid_real)
+            logs = {"cycle": cycle.detach(), "fid_gen": fid_gen.detach()}
         opt.zero_grad(set_to_none=True)
         run.accelerator.backward(loss)
         opt.step()
-        return {"loss": loss.detach(), "match": match, "lr": lr}
+        return {"loss": loss.detach(), "match": match, "lr": lr, **logs}
 
     run.train(step, digits={"lr": None}, show=("loss", "match"))
     if not run.is_main:
         return
     tuned = run.accelerator.unwrap_model(model).eval()
-    report = {"heldout_generated_images": len(data["heldout_codes"]),
-              "token_match": {"original": match_report(original, data["heldout_images"], data["heldout_codes"], 1),
-                              "tuned": match_report(tuned, data["heldout_images"], data["heldout_codes"], 1)},
+    heldout = data["heldout_images"]
+    if t.tune_decoder:  # detection reads what the tuned decoder draws
+        tuned_heldout = decode_to_uint8(tuned, data["heldout_codes"])
+        drift = ((tuned_heldout.float() - heldout.float()) / 255).pow(2).flatten(1).mean(1)
+    report = {"heldout_generated_images": len(data["heldout_codes"]), "tune_decoder": t.tune_decoder,
+              "token_match": {"original": match_report(original, heldout, data["heldout_codes"], 1),
+                              "tuned": match_report(tuned, tuned_heldout if t.tune_decoder else heldout,
+                                                    data["heldout_codes"], 1)},
               "real_psnr": {"original": psnr(original, data["real_images"][:256]),
                             "tuned": psnr(tuned, data["real_images"][:256])}}
+    if t.tune_decoder:  # how far generated images move: tuned against original drawing of the same codes
+        report["generated_psnr_tuned_vs_original"] = round(float((-10 * torch.log10(drift.clamp_min(1e-10))).mean()), 3)
     final = run.out / "final"
-    save_detection_encoder(tuned, final / cfg.watermark_encoder, TUNED,
-                           {"steps": t.steps, "trained_by": "scripts/train_rcc.py", "model": cfg.model})
+    info = {"steps": t.steps, "trained_by": "scripts/train_rcc.py", "model": cfg.model}
+    if t.tune_decoder:
+        with atomic_dir(final / "vq_model") as tmp:
+            tuned.save_pretrained(tmp)
+    else:
+        save_detection_encoder(tuned, final / cfg.watermark_encoder, TUNED, info)
     write_json_atomic(final / "metrics.json", report)
     print(json.dumps(report))
     if cfg.install:
-        install(resolve_model(cfg.model), final / cfg.watermark_encoder, cfg.watermark_encoder)
+        if t.tune_decoder:
+            install_tokenizer(resolve_model(cfg.model), final / "vq_model")
+        else:
+            install(resolve_model(cfg.model), final / cfg.watermark_encoder, cfg.watermark_encoder)
+
+
+def install_tokenizer(pipe_dir: Path, tokenizer_dir: Path) -> None:
+    """Replace the pipeline's VQGAN (encoder and decoder tuned together) in the dtype its files had, and let
+    detection read with it: watermark.json's separate detection encoder, if any, is dropped."""
+    from mmgen.safe_save import write_checksums
+
+    pipe = load_pipeline(pipe_dir)
+    stored = next(iter(load_file(next((pipe_dir / "vq_model").glob("*.safetensors"))).values()))
+    tuned = type(pipe.vq_model).from_pretrained(tokenizer_dir, torch_dtype=stored.dtype)  # float16 in the zoo
+    with atomic_dir(pipe_dir / "vq_model") as tmp:
+        tuned.save_pretrained(tmp)
+    path = pipe_dir / WATERMARK_FILE
+    if path.is_file():
+        config = WatermarkConfig.load(path)
+        if config.encoder is not None:
+            shutil.rmtree(pipe_dir / config.encoder, ignore_errors=True)
+            config.encoder = None
+            config.save(path)
+    write_checksums(pipe_dir)
 
 
 def install(pipe_dir: Path, encoder_dir: Path, name: str) -> None:

@@ -67,7 +67,7 @@ def _script(name: str):
 def _losses(run_dir: Path) -> list[dict]:
     """The logged losses of a run (every key but step, lr and wall-clock)."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "step_time_s")} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("elapsed_s", "cpu_s", "step_time_s")} for r in records]
 
 
 TOK_DATA = ["data.size=32", "train.batch_size=8", "train.eval_images=8", "train.log_every=1", "train.steps=4",

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     run("train_tokenizer.py", *TOK, f"train.out_dir={d / 'vq'}", "train.steps=6", "train.ckpt_every=3")
     gen = [*GEN, f"tokenizer={d / 'vq' / 'final'}", f"train.out_dir={d / 'gen'}", "train.ckpt_every=20"]
-    run("train_generator.py", *gen, "train.steps=20")
+    run("train_generator.py", *gen, "train.steps=20", "train.snapshots=[7,20]")
     first = [json.loads(l) for l in (d / "gen" / "log.jsonl").read_text().splitlines()]
     resumed = run("train_generator.py", *gen, "train.steps=40")
     return d, first, resumed
@@ -50,6 +51,23 @@ def test_generator_loss_falls_and_resume_continues(trained):
     assert "resumed from" in resumed.stdout + resumed.stderr and "step 20" in resumed.stdout + resumed.stderr
     log = [json.loads(l) for l in (d / "gen" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(40))
+    # wall and CPU time run on across the resume (a training curve against compute reads one axis)
+    for key in ("elapsed_s", "cpu_s"):
+        assert all(a[key] <= b[key] for a, b in zip(log, log[1:])), [r[key] for r in log]
+
+
+def test_snapshots_hold_the_weights_after_their_step(trained):
+    from safetensors.torch import load_file
+
+    d, _, _ = trained
+    snaps = d / "gen" / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-0000007", "step-0000020"]
+    at20 = load_file(snaps / "step-0000020" / "transformer" / "diffusion_pytorch_model.safetensors")
+    ckpt = load_file(d / "gen" / "step-0000020" / "model.safetensors")
+    assert at20.keys() == ckpt.keys() and all(torch.equal(at20[k].float(), ckpt[k]) for k in ckpt)
+    at7 = load_file(snaps / "step-0000007" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(at7[k], at20[k]) for k in at20)
+    assert (snaps / "step-0000007" / "checksums.json").is_file()
 
 
 def test_trained_pipeline_generates_from_cli(trained, tmp_path):
@@ -84,3 +102,19 @@ def test_generator_with_arra_alignment(trained):
     assert ckpt and all(load_file(f) for f in ckpt)
     pipe_files = [p.name for p in (out / "pipeline").rglob("*")]
     assert not any("align" in n for n in pipe_files)
+
+
+def test_compare_paradigms_sizes_runs_by_cpu_time():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_paradigms", ROOT / "scripts" / "compare_paradigms.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    # 3 slow warm-up steps, then 0.5 CPU seconds a step: the warm-up is not counted
+    log = [{"step": i, "cpu_s": 4.0 * i if i <= 3 else 12.0 + 0.5 * (i - 3)} for i in range(12)]
+    assert module.cpu_seconds_per_step(log, skip=3) == 0.5
+    assert module.snapshot_steps(100, 3) == [33, 67, 100]
+    assert module.snapshot_steps(2, 4) == [1, 2]
+    with pytest.raises(ValueError, match="skip=3"):
+        module.cpu_seconds_per_step(log[:4], skip=3)

@@ -72,3 +72,49 @@ def distort(images: torch.Tensor, generator: torch.Generator, names: tuple[str, 
         name = names[int(torch.randint(len(names), (), generator=generator))]
         out.append(distort_one(image, name, _uniform(*DISTORTIONS[name], generator), generator))
     return torch.stack(out)
+
+
+def _straight_through(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`y`'s values with `x`'s gradient (for rounding and JPEG, which have none)."""
+    return x + (y - x).detach()
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats rounded to the 256 levels of an 8-bit image, with a straight-through gradient."""
+    return _straight_through(x, (x.clamp(0, 1) * 255).round() / 255)
+
+
+def distort_differentiable(x: torch.Tensor, generator: torch.Generator,
+                           names: tuple[str, ...] = tuple(DISTORTIONS)) -> torch.Tensor:
+    """`distort` for float images (B, 3, H, W) in [0, 1] that a network produced, keeping the gradient: the image
+    is rounded to 8 bits, goes through one distortion drawn per image as `distort` draws it, and is rounded
+    again. Noise, blur, brightness and rescaling are differentiable as they are; rounding and JPEG pass the
+    gradient straight through (Bengio et al. 2013), as watermark decoders trained through JPEG usually do."""
+    if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        raise ValueError(f"x must be float (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    unknown = [n for n in names if n not in DISTORTIONS]
+    if unknown or not names:
+        raise ValueError(f"distortions must be a non-empty subset of {', '.join(DISTORTIONS)}; got {names!r}")
+    x = quantize_8bit(x)
+    out = []
+    for image in x:
+        name = names[int(torch.randint(len(names), (), generator=generator))]
+        strength = _uniform(*DISTORTIONS[name], generator)
+        if name == "jpeg":
+            u8 = (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            y = _straight_through(image, distort_one(u8, name, strength, generator).to(image.device).float() / 255)
+        elif name == "noise":
+            y = image + strength * torch.randn(image.shape, generator=generator).to(image.device)
+        elif name == "blur":
+            y = gaussian_blur(image[None], kernel_size=2 * int(3 * strength + 0.5) + 1, sigma=strength)[0]
+        elif name == "brightness":
+            y = image * strength
+        elif name == "resize":
+            size = image.shape[-2:]
+            small = [max(1, round(s * strength)) for s in size]
+            y = F.interpolate(image[None], size=small, mode="bicubic", align_corners=False, antialias=True)
+            y = F.interpolate(y, size=size, mode="bicubic", align_corners=False)[0]
+        else:
+            y = image
+        out.append(quantize_8bit(y))
+    return torch.stack(out)

@@ -60,14 +60,16 @@ class JsonlLogger:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def rewind(self, step: int) -> None:
+    def rewind(self, step: int) -> dict:
         """Drop the records of steps >= `step`: a run killed after its last checkpoint logged steps that the
-        resumed run repeats, and the log should read as one uninterrupted run."""
+        resumed run repeats, and the log should read as one uninterrupted run. Returns the last record kept
+        (empty if none): a resumed run counts its time on from there."""
         if not (self.enabled and self.path.is_file()):
-            return
+            return {}
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] < step]
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+        return json.loads(kept[-1]) if kept else {}
 
 
 def make_accelerator():
@@ -276,14 +278,17 @@ class Run:
         scalars (numbers or 0-d tensors) to log, rounded to `digits[name]` places (default 5, None: as is)."""
         t, acc = self.train_cfg, self.accelerator
         logger = JsonlLogger(self.out, self.is_main)
-        logger.rewind(self.start)
+        last = logger.rewind(self.start)
         stop = StopRequest(acc)
         if self.is_main:
             write_json_atomic(self.out / "config.json", asdict(self.cfg))
         digits = digits or {}
         bar = tqdm(range(self.start, t.steps), initial=self.start, total=t.steps, desc=self.desc,
                    disable=not self.is_main)
-        t0 = time.time()
+        # elapsed_s / cpu_s run on from the resumed log's last record (the steps a killed run took after that
+        # record and before its checkpoint are not counted twice, nor at all)
+        t0 = time.time() - last.get("elapsed_s", 0.0)
+        c0 = time.process_time() - last.get("cpu_s", 0.0)
         for step in bar:
             values = step_fn(step)
             if step % t.log_every == 0 or step + 1 == t.steps:
@@ -293,6 +298,7 @@ class Run:
                     d = digits.get(k, 5)
                     record[k] = float(v) if d is None else round(float(v), d)
                 record["elapsed_s"] = round(time.time() - t0, 1)
+                record["cpu_s"] = round(time.process_time() - c0, 1)  # this process's CPU time, all threads
                 logger.log(record)
                 bar.set_postfix({k: record[k] for k in show if k in record})
             signum = stop.requested()
