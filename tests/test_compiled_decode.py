@@ -107,3 +107,20 @@ def test_refuses_conditioned_decoders_and_sjd(tiny_pipe_dir):
     pipe = load_pipeline(tiny_pipe_dir)
     with pytest.raises(ValueError, match="compile_decode .*sampler='sjd'"):
         pipe("a red circle", sampler="sjd", compile_decode=True)
+
+
+@torch.no_grad()
+def test_head_rows_returns_the_image_slice_of_the_logits():
+    model = tiny().eval()
+    full_cache, bias, positions, _ = _cached_prefix(model, 3)
+    part_cache, _, _, _ = _cached_prefix(model, 3)
+    cos, sin = model.rope_cos_sin(positions[:1])
+    step = DecodeStep(model, compile=False)
+    tokens, slot = torch.tensor([30, 41, 53]), slice(7, 8)
+    full = step(tokens, cos[0, slot], sin[0, slot], bias, full_cache)
+    part = step(tokens, cos[0, slot], sin[0, slot], bias, part_cache, head_rows=(LAYOUT.vocab.image_offset, 24))
+    assert full.shape == (3, model.config.vocab_size) and part.shape == (3, 24)
+    off = LAYOUT.vocab.image_offset
+    torch.testing.assert_close(part, full[:, off: off + 24], atol=1e-6, rtol=0)
+    assert not torch.allclose(part, full[:, off - 1: off + 23])  # an off-by-one slice would not pass
+    assert torch.equal(part_cache.k, full_cache.k) and part_cache.length == full_cache.length == 8

@@ -120,11 +120,15 @@ class DecodeStep:
             self.fn = torch.compile(decode_one, fullgraph=True, dynamic=False,
                                     mode="reduce-overhead" if self.cuda else None)
 
-    def _run(self, *args, form):
-        return self.fn(decode_weights(self.model), *args, n_heads=self.n_heads, eps=self.eps,
-                       form=form)
+    def _run(self, *args, form, head_rows):
+        weights = decode_weights(self.model)
+        if head_rows is not None:  # only the logits the caller samples from (the image ids): fewer weights read
+            weights = (*weights[:3], weights[3][head_rows[0]: head_rows[0] + head_rows[1]])
+        return self.fn(weights, *args, n_heads=self.n_heads, eps=self.eps, form=form)
 
-    def __call__(self, tokens_R, cos_1D, sin_1D, key_bias_RS, cache) -> torch.Tensor:
+    def __call__(self, tokens_R, cos_1D, sin_1D, key_bias_RS, cache, head_rows: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+        """`head_rows=(start, n)`: return only logits start .. start + n - 1, (R, n)."""
         form = projection_form(tokens_R.shape[0], tokens_R.device)
         if self.compiled and self.cuda and not getattr(cache, "static_address", False):
             # CUDA graphs then read the cache where it lives instead of copying it into the graph's inputs
@@ -133,14 +137,14 @@ class DecodeStep:
             cache.static_address = True
         args = (tokens_R, cos_1D, sin_1D, key_bias_RS, cache.k, cache.v)
         try:
-            logits, new_kv = self._run(*args, form=form)
+            logits, new_kv = self._run(*args, form=form, head_rows=head_rows)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same function, eager
             if not self.compiled:
                 raise
             warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}: {err}); decoding "
                           f"eagerly", RuntimeWarning, stacklevel=2)
             self.fn, self.compiled = decode_one, False
-            logits, new_kv = self._run(*args, form=form)
+            logits, new_kv = self._run(*args, form=form, head_rows=head_rows)
         slot = cache.length
         cache.k[:, :, :, slot] = new_kv[:, 0]
         cache.v[:, :, :, slot] = new_kv[:, 1]

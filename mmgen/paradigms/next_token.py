@@ -172,7 +172,12 @@ def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scal
     """Restrict to image ids and apply CFG; the batch is [cond rows; uncond rows] when guidance is on (`use_cfg`,
     by default guidance_scale != 1; a ramp may pass scale 1 at its first step with the rows still doubled)."""
     off = layout.vocab.image_offset
-    logits = logits_BV[:, off: off + layout.vocab.image_vocab_size].float()
+    return guided_logits(logits_BV[:, off: off + layout.vocab.image_vocab_size], guidance_scale, use_cfg)
+
+
+def guided_logits(logits_BV: torch.Tensor, guidance_scale: float, use_cfg: bool | None = None) -> torch.Tensor:
+    """`image_logits` for logits already restricted to the image ids."""
+    logits = logits_BV.float()
     if not (guidance_scale != 1.0 if use_cfg is None else use_cfg):
         return logits
     cond, uncond = logits.chunk(2)
@@ -214,13 +219,14 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
     if generators is not None and len(generators) != B:
         raise ValueError(f"need one generator per row: {B} rows, {len(generators)} generators")
 
-    logits = prefill(model, text, positions[:, :T0], valid, cache)
+    image_rows = (layout.vocab.image_offset, layout.vocab.image_vocab_size)
+    logits = prefill(model, text, positions[:, :T0], valid, cache)[:, image_rows[0]: sum(image_rows)]
     step = compiled_decode_step(model) if compile else None
     if step is not None:
         key_bias[:, T0:] = float("-inf")  # the compiled step attends every slot: image slots open as written
     for i in range(n_img):
         guidance = guidance_at(sampling.guidance_scale, i, n_img, cfg_schedule) if use_cfg else 1.0
-        logits = process_logits(image_logits(layout, logits, guidance, use_cfg), sampling)
+        logits = process_logits(guided_logits(logits, guidance, use_cfg), sampling)
         if processor is not None:
             logits = processor(logits, codes, torch.full((B,), i, dtype=torch.long))
         codes[:, i] = sample(logits, generators, greedy, noise.next() if noise is not None else None)
@@ -232,10 +238,11 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
         token = torch.cat([token, token]) if use_cfg else token
         slot = slice(T0 + i, T0 + i + 1)
         if step is not None:
-            logits = step(token, cos[0, slot], sin[0, slot], key_bias, cache)
+            logits = step(token, cos[0, slot], sin[0, slot], key_bias, cache, head_rows=image_rows)
             key_bias[:, slot] = 0.0
         else:
             logits = decode_step(model, token, None, key_bias, cache, rope=(cos[:, slot], sin[:, slot]))
+            logits = logits[:, image_rows[0]: sum(image_rows)]
     return codes.view(B, *layout.grid), GenerationCost(n_img)
 
 
