@@ -172,7 +172,7 @@ def plot(rows: list[dict], budget_min: float, path: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
+        raise SystemExit("--plot needs matplotlib: pip install -e '.[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -188,7 +188,7 @@ def plot(rows: list[dict], budget_min: float, path: Path) -> None:
                 title="training loss (each paradigm's own loss)")
     ax_acc.set(xlabel="CPU thread-minutes", ylabel="train-split compositional accuracy (%)",
                title=f"accuracy at the same CPU budget ({budget_min:g} thread-min each)")
-    ax_acc.legend(fontsize=8)
+    ax_loss.legend(fontsize=8)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -25,15 +25,17 @@ PROMPTS = ["a large red circle", "a small blue square in the top left", "two gre
            "a yellow star left of a purple circle", "three orange squares", "a blue circle above a red star"]
 
 
-def grid(models: list[str], prompts: list[str], seed: int, steps: int, scale: int, label_width: int = 150):
+def grid(models: list[str], prompts: list[str], seed: int, steps: int, scale: int, label_width: int = 150,
+         labels: list[str] | None = None):
     rows = []
-    for name in tqdm(models, desc="models"):
+    for k, name in enumerate(tqdm(models, desc="models")):
         pipe = load_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
         takes_steps = "num_inference_steps" in pipe.call_options  # flow models
         kw = {"num_inference_steps": steps} if takes_steps else {}
         out = pipe(prompt=prompts, generator=generators_from_seed(seed, len(prompts)), **kw)
-        rows.append((Path(name).name if Path(name).is_dir() else name, out.images))
+        label = labels[k] if labels else Path(name).name if Path(name).is_dir() else name
+        rows.append((label, out.images))
     side = rows[0][1][0].size[0] * scale
     canvas = Image.new("RGB", (label_width + side * len(prompts), 14 + side * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -53,11 +55,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="column j uses seed + j")
     p.add_argument("--steps", type=int, default=25, help="flow models: Euler steps")
     p.add_argument("--scale", type=int, default=2, help="pixel upscaling of each image")
+    p.add_argument("--labels", nargs="+", default=None, help="row labels, one per model (default: the names)")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     args = p.parse_args(argv)
+    if args.labels is not None and (args.models is None or len(args.labels) != len(args.models)):
+        p.error(f"--labels needs one label per --models entry: got {len(args.labels)} labels for "
+                f"{len(args.models or [])} models")
     if args.out.suffix.lower() != ".png":
         p.error(f"--out must end in .png, got {str(args.out)!r}")
-    image = grid(args.models or zoo_names(), args.prompts, args.seed, args.steps, args.scale)
+    image = grid(args.models or zoo_names(), args.prompts, args.seed, args.steps, args.scale, labels=args.labels)
     with atomic_path(args.out) as tmp:
         image.save(tmp)
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]})")
