@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
                        description="Benchmarks (see mmgen/bench/): each figure is a ratio against a baseline run "
                                    "in the same process.")
-    b.add_argument("--suite", action="append", choices=("sjd", "watermark", "paradigms", "shuffle", "memory"),
+    b.add_argument("--suite", action="append",
+                   choices=("sjd", "decode", "watermark", "paradigms", "shuffle", "memory"),
                    help="suite to run (repeatable; default: all)")
     b.add_argument("--model", default=str(DEFAULT_MODEL),
                    help=f"saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale of every suite (default: each model's own, see "
                         "`mmgen models`)")
     b.add_argument("--batch-sizes", type=positive_int("--batch-sizes"), nargs="+", default=None,
-                   help="batch sizes for the latency tables (default: sjd 1 8 32, the other suites 1 8)")
+                   help="batch sizes for the latency tables (default: sjd and decode 1 8 32, the other suites 1 8)")
     b.add_argument("--sjd-window", type=positive_int("--sjd-window"), default=16, help="SJD draft tokens per pass")
     b.add_argument("--sjd-prompts", type=positive_int("--sjd-prompts"), default=32,
                    help="sjd suite: different held-out prompts behind every latency figure")

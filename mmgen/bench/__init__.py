@@ -11,6 +11,8 @@ Suites
        and speedup at batch 1, 8 and 32; where one call's time goes (decoder passes vs the rest); window and
        tree-width sweeps; compositional accuracy with the same seeds; then mmgen's AR decode against
        transformers' `LlamaForCausalLM.generate()` on the same weights.
+  decode: that last comparison alone (mmgen's AR decode, eager and compiled, against `generate()`; batch sizes
+       default 1 8 32, 8 repeats each, a different held-out prompt per repeat).
   watermark: C-reweight vs token-reweight and KGW (token, cluster) under image attacks: TPR at 1% FPR,
        empirical FPR, AUC and re-tokenization match rates (`mmgen.bench.watermark.attack_suite`).
   paradigms: every saved model (default: the shipped zoo) against the raster next-token model on the same
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mmgen.zoo import DEFAULT_MODEL, zoo_models
 
-SUITES = ("sjd", "watermark", "paradigms", "shuffle", "memory")
+SUITES = ("sjd", "decode", "watermark", "paradigms", "shuffle", "memory")
 
 
 def _timed(fn, repeats: int):
@@ -565,6 +567,11 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
         sjd_kw = {k: v for k, v in kw.items() if k != "paradigm_eval_per_category"}
         report["sjd"] = bench_sjd(model_dir or DEFAULT_MODEL, progress=progress, guidance_scale=guidance_scale,
                                   **sjd_kw)
+    if "decode" in suites:
+        from mmgen.pipelines import load_pipeline
+
+        report["decode"] = bench_hf_generate(load_pipeline(model_dir or DEFAULT_MODEL).to(device),
+                                             kw.get("batch_sizes", (1, 8, 32)), repeats=kw.get("repeats", 8))
     if "watermark" in suites:
         from mmgen.bench.watermark import attack_suite, clean_fpr
         from mmgen.pipelines import load_pipeline
