@@ -168,6 +168,21 @@ def summarise(name: str, out: Path) -> dict | None:
     return row
 
 
+def markdown(rows: list[dict]) -> str:
+    """The comparison table as Markdown (the README's)."""
+    head = ("| paradigm | decoder params | steps (samples seen) | CPU thread-min | samples / CPU-s | train / held-out "
+            "accuracy | colour (train) | FD-ENL0 | passes / image | s / image |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        params = f"{r['parameters'] / 1e6:.2f} M" if "parameters" in r else "—"
+        lines.append(f"| {r['label']} | {params} | {r['steps']} ({r['samples_seen'] // 1000}k) "
+                     f"| {r['cpu_s'] / 60:.1f} | {r['samples_per_cpu_s']} | {pct(r.get('train_accuracy'))} / "
+                     f"{pct(r.get('heldout_accuracy'))} | {pct(r.get('color_check_train'))} | {r.get('fd_enl0', '—')} "
+                     f"| {r.get('decoder_passes_per_image', '—')} | {r.get('seconds_per_image', '—')} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], budget_min: float, path: Path) -> None:
     try:
         import matplotlib
@@ -210,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true", help="train nothing; collect what exists")
     p.add_argument("--report", type=Path, default=None, help="JSON report (default: <out>/report.json)")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the loss and accuracy curves")
+    p.add_argument("--markdown", action="store_true", help="print the comparison table as Markdown")
     p.add_argument("--json", action="store_true", help="print the JSON report")
     args = p.parse_args(argv)
     for flag in ("budget_cpu_min", "threads", "calibration_steps", "snapshots", "per_category"):
@@ -235,6 +251,8 @@ def main(argv=None) -> int:
     write_json_atomic(args.report or args.out / "report.json", report)
     if args.plot:
         plot(rows, args.budget_cpu_min, args.plot)
+    if args.markdown:
+        print(markdown(rows))
     if args.json:
         print(json.dumps({**report, "rows": [{k: v for k, v in r.items() if k != "curve"} for r in rows]}, indent=1))
     return 0
