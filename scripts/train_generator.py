@@ -20,6 +20,10 @@ token_shuffle (VQGAN codes, s x s per position; also `next_token` with `model.sh
 per-token flow-matching head), flowar (AutoencoderKL latent pyramid, per-scale flow module), next_x (AutoencoderKL
 latents grouped into `flow.entity` entities, the decoder regresses each entity by flow matching, xAR).
 
+`init_backbone_from=<pipeline dir>` starts the decoder's trunk from another paradigm's trained decoder of the same
+width (e.g. Token-Shuffle from the default next-token model: its layers, norms and text embeddings) and keeps that
+pipeline's caption tokenizer; what does not match (the heads, Token-Shuffle's merge/split) starts fresh.
+
 `paradigm: janus` continues a public checkpoint instead (`mmgen.training.transformers_models`): `init_from` is a
 transformers `JanusForConditionalGeneration` directory with its processor; the language model and the generation
 embeddings, aligner and head train on the images' codes from its own frozen VQ-VAE (images resized to its
@@ -51,7 +55,7 @@ from mmgen.paradigms.protocol import FlowConfig, ModelConfig
 from mmgen.pipelines import PARADIGMS, load_visual_tokenizer, resolve_paradigm, save_pipeline
 from mmgen.pipelines.transformers_models import transformers_model_type
 from mmgen.text import UnifiedVocab, encode_prompts
-from mmgen.training.checkpoint import latest_checkpoint
+from mmgen.training.checkpoint import init_backbone, latest_checkpoint
 from mmgen.training.data import DataConfig, encode_dataset, image_fields, make_dataset, run_text_tokenizer
 from mmgen.training.loop import Run, cosine_lr, load_run_config
 from mmgen.training.transformers_models import FINETUNE, load_finetune
@@ -88,6 +92,10 @@ class GeneratorRunConfig:
     # a saved pipeline to continue from (fine-tune / train longer under a new schedule): its decoder weights and
     # caption tokenizer start the run, the optimizer starts fresh; the decoder config must match
     init_from: str | None = None
+    # a saved pipeline of any paradigm whose decoder trunk starts this run's (`mmgen.training.checkpoint.
+    # init_backbone`: layers, norms and embeddings that match in name and shape; heads and paradigm parts start
+    # fresh) and whose caption tokenizer is kept, so its word embeddings mean the same words
+    init_backbone_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,12 +190,16 @@ def main(argv=None):
     dataset = make_dataset(cfg.data)
     captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
         else list(dataset.captions)
-    if cfg.init_from is not None:
-        init_dir = Path(cfg.init_from)
+    if cfg.init_from is not None and cfg.init_backbone_from is not None:
+        raise ValueError("set init_from (the same decoder, continued) or init_backbone_from (another decoder's "
+                         "trunk), not both")
+    init_arg = "init_from" if cfg.init_from is not None else "init_backbone_from"
+    if (init := cfg.init_from or cfg.init_backbone_from) is not None:
+        init_dir = Path(init)
         if not (init_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
             hint = (f"; to fine-tune its {kind} checkpoint set paradigm={kind} (configs/{kind}_finetune.yaml)"
                     if (kind := transformers_model_type(init_dir)) in FINETUNE else "")
-            raise FileNotFoundError(f"init_from {cfg.init_from!r} is not a saved pipeline directory "
+            raise FileNotFoundError(f"{init_arg} {init!r} is not a saved pipeline directory "
                                     f"(no transformer/){hint}")
         if run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
             shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
@@ -234,6 +246,11 @@ def main(argv=None):
         weights = load_file(Path(cfg.init_from) / "transformer" / "diffusion_pytorch_model.safetensors")
         model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
         run.print(f"decoder initialised from {cfg.init_from}")
+    if run.ckpt is None and cfg.init_backbone_from is not None:
+        weights = load_file(Path(cfg.init_backbone_from) / "transformer" / "diffusion_pytorch_model.safetensors")
+        copied, fresh = init_backbone(model, weights)
+        run.print(f"decoder trunk initialised from {cfg.init_backbone_from}: {len(copied)} tensors copied, "
+                  f"{len(fresh)} fresh ({', '.join(fresh) or 'none'})")
     train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt})
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")

@@ -343,3 +343,32 @@ def test_bench_cli_shuffle_suite(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "--suite", "shuffle", "--shuffle-grid", "6", "--json"])
     assert e.value.code == 2 and "not divisible by the shuffle window s=4" in capsys.readouterr().err
+
+
+def test_trunk_starts_from_a_next_token_decoder():
+    """`init_backbone_from` (train_generator): a Token-Shuffle decoder's trunk takes a next-token decoder's
+    layers and embeddings by name; its merge/split and heads keep their own initialisation."""
+    from conftest import tiny_transformer
+    from mmgen.training.checkpoint import init_backbone
+
+    source = tiny_transformer(40, 32, seed=1)
+    target = TokenShuffleTransformer(vocab_size=40, image_vocab_size=16, shuffle_window=2, dim=32, n_layers=2,
+                                     n_heads=4, max_seq_len=32)
+    heads_before = {k: v.clone() for k, v in target.state_dict().items() if not k.startswith("transformer.")}
+    copied, fresh = init_backbone(target, source.state_dict())
+    assert "layers.1.mlp.w2.weight" in copied and "tok_emb.weight" in copied
+    assert fresh == []  # the trunk has no logits head of its own: every tensor of it came from the source
+    for name in copied:
+        assert torch.equal(target.transformer.state_dict()[name], source.state_dict()[name])
+    for k, v in target.state_dict().items():
+        if k in heads_before:
+            assert torch.equal(v, heads_before[k])
+    # and from another Token-Shuffle decoder, whose trunk sits under its `transformer.` prefix
+    other = TokenShuffleTransformer(vocab_size=40, image_vocab_size=16, shuffle_window=2, dim=32, n_layers=2,
+                                    n_heads=4, max_seq_len=32)
+    assert init_backbone(other, target.state_dict())[0] == copied
+    assert torch.equal(other.transformer.tok_emb.weight, source.tok_emb.weight)
+    # a trunk of another width shares nothing: refused by name rather than trained from scratch unnoticed
+    with pytest.raises(ValueError, match="init_backbone_from"):
+        init_backbone(TokenShuffleTransformer(vocab_size=40, image_vocab_size=16, dim=48, n_layers=2, n_heads=4,
+                                              max_seq_len=32), source.state_dict())

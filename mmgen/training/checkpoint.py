@@ -168,3 +168,32 @@ def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int
     states = states[None] if states.dim() == 1 else states  # checkpoints written before per-rank states
     torch.set_rng_state(states[rank % len(states)].clone())  # a row view crashes set_rng_state (rank > 0)
     return {"step": meta["step"], "extra": meta["extra"]}
+
+
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder's `Transformer` trunk: the model itself, or the one a wrapper holds (`.transformer`, e.g.
+    Token-Shuffle's merge/split around it)."""
+    inner = getattr(model, "transformer", None)
+    return inner if isinstance(inner, torch.nn.Module) else model
+
+
+def init_backbone(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Start `model`'s trunk from another decoder's saved weights (`weights`, a pipeline's transformer state
+    dict, of any paradigm): every tensor whose name (after the other trunk's wrapper prefix) and shape match is
+    copied; the rest keeps its fresh initialisation. Returns (copied, fresh) names of the trunk. Refuses a
+    source with nothing in common."""
+    source = {k.removeprefix("transformer."): v for k, v in weights.items()}
+    trunk = backbone(model)
+    copied, fresh = [], []
+    with torch.no_grad():
+        for name, param in trunk.state_dict(keep_vars=True).items():
+            src = source.get(name)
+            if src is not None and src.shape == param.shape:
+                param.copy_(src.to(param.dtype))
+                copied.append(name)
+            else:
+                fresh.append(name)
+    if not copied:
+        raise ValueError("init_backbone_from: no decoder weight matches this model's trunk in name and shape "
+                         f"(the trunk has {', '.join(fresh[:4])}, ...); use a pipeline with the same width")
+    return copied, fresh
