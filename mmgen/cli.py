@@ -19,7 +19,7 @@ from mmgen.atomic import atomic_path, write_json_atomic
 from mmgen.options import (add_sampling_args, nonnegative_float, positive_float, positive_int, sampling_kwargs,
                            seed, unit_interval)
 from mmgen.watermark import METHODS
-from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_names
+from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_mb, zoo_names
 
 
 class CLIError(Exception):
@@ -171,7 +171,7 @@ def cmd_serve(args) -> dict:
 def cmd_models(args) -> dict:
     rows = [zoo_card(name) | {"default": name == DEFAULT_MODEL_NAME} for name in zoo_names()]
     if args.json:
-        return {"models": rows, "total_mb": round(sum(r["size_mb"] for r in rows), 1)}
+        return {"models": rows, "total_mb": round(zoo_mb(), 1)}  # shared files counted once
     for r in rows:
         res = r.get("results", {})
         acc = (f"acc {res['heldout_accuracy']:.0%}/{res['train_accuracy']:.0%}"

@@ -8,12 +8,18 @@ each); diffusers casts the weights back to each model's float32 parameters when 
 shipped model computes in float32 from float16-rounded weights. Its `eval.json` must be measured on the
 packaged model (`mmgen eval --model <name> --out mmgen/zoo/<name>/eval.json`), not copied from the run.
 The directory is assembled under a temporary name and renamed into place.
+
+A weights file that another zoo model already ships byte for byte (a decoder trained on the default model's
+tokenizer) is stored once: the new model's file becomes a relative symbolic link to it. A model's size
+(`MAX_MODEL_MB`) counts what loading it reads, shared files included; the zoo's (`MAX_ZOO_MB`) counts each
+distinct file once (`mmgen.zoo.zoo_mb`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,14 +27,53 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from mmgen.atomic import atomic_dir
-from mmgen.safe_save import CARD_FILE, verify, write_checksums
-from mmgen.zoo import ZOO_DIR
+from mmgen.safe_save import CARD_FILE, file_sha256, verify, write_checksums
+from mmgen.zoo import ZOO_DIR, model_mb
 
 MAX_MODEL_MB, MAX_ZOO_MB = 25, 100
 
 
 def dir_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
+    return model_mb(path)
+
+
+def shipped_weights(zoo: Path, exclude: str) -> dict[str, Path]:
+    """sha256 -> a weights file stored (not linked) in another zoo model."""
+    return {file_sha256(f): f for d in sorted(zoo.iterdir()) if (d / "model_index.json").is_file()
+            and d.name != exclude for f in d.rglob("*.safetensors") if not f.is_symlink()}
+
+
+def other_files(zoo: Path, name: str) -> dict[Path, Path]:
+    """Every file the other zoo models read (resolved path -> the path as listed, a link or the file itself)."""
+    return {f.resolve(): f for d in sorted(zoo.iterdir()) if (d / "model_index.json").is_file() and d.name != name
+            for f in d.rglob("*") if f.is_file()}
+
+
+def check_shared_kept(tmp: Path, target: Path, zoo: Path) -> None:
+    """A file of `target` that another model links to must stay, byte for byte, in the new `target`."""
+    if not target.is_dir():
+        return
+    root = target.resolve()
+    for resolved, link in other_files(zoo, target.name).items():
+        if root in resolved.parents:
+            rel = resolved.relative_to(root)
+            if not (tmp / rel).is_file() or file_sha256(tmp / rel) != file_sha256(resolved):
+                raise ValueError(f"{link} links to {target.name}/{rel}, which the new {target.name} would not keep "
+                                 f"as it is; package {link.relative_to(zoo).parts[0]} again after it")
+
+
+def share_duplicates(tmp: Path, target: Path, zoo: Path) -> list[str]:
+    """Replace each weights file of `tmp` (to become `target`) that another zoo model ships byte for byte with a
+    relative link to that file, written as seen from `target`. Returns the shared paths (relative to `tmp`)."""
+    shipped, shared = shipped_weights(zoo, target.name), []
+    for f in sorted(tmp.rglob("*.safetensors")):
+        other = shipped.get(file_sha256(f))
+        if other is not None:
+            rel = f.relative_to(tmp)
+            f.unlink()
+            f.symlink_to(os.path.relpath(other, (target / rel).parent))
+            shared.append(str(rel))
+    return shared
 
 
 def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO_DIR) -> Path:
@@ -45,12 +90,18 @@ def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO_DIR) -> Path:
         size = dir_mb(tmp)
         if size > MAX_MODEL_MB:
             raise ValueError(f"{name}: {size:.1f} MB packaged, over the {MAX_MODEL_MB} MB a zoo model may take")
-        others = sum(dir_mb(d) for d in zoo.iterdir()  # the other models (not mmgen.zoo's own __pycache__)
-                     if (d / "model_index.json").is_file() and d.name != name)
-        if others + size > MAX_ZOO_MB:
-            raise ValueError(f"the zoo would hold {others + size:.1f} MB with {name}, over {MAX_ZOO_MB} MB")
         write_checksums(tmp)
         verify(tmp)
+        check_shared_kept(tmp, target, zoo)
+        shared = share_duplicates(tmp, target, zoo)  # links that resolve once tmp is renamed to target
+        new = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
+        root = target.resolve()
+        others = sum(f.stat().st_size for f in other_files(zoo, name) if root not in f.parents) / 2**20
+        if others + new > MAX_ZOO_MB:
+            raise ValueError(f"the zoo would hold {others + new:.1f} MB with {name}, over {MAX_ZOO_MB} MB")
+    verify(target)
+    if shared:
+        print(f"{name}: shares {', '.join(shared)} with another zoo model (linked, stored once)")
     return target
 
 

@@ -250,7 +250,8 @@ def main(argv=None):
         weights = load_file(Path(cfg.init_backbone_from) / "transformer" / "diffusion_pytorch_model.safetensors")
         copied, fresh = init_backbone(model, weights)
         run.print(f"decoder trunk initialised from {cfg.init_backbone_from}: {len(copied)} tensors copied, "
-                  f"{len(fresh)} fresh ({', '.join(fresh) or 'none'})")
+                  f"{len(fresh)} fresh ({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its "
+                  f"{len(weights)} not used")
     train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt})
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")

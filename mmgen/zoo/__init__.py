@@ -22,6 +22,20 @@ DEFAULT_MODEL_NAME = "shapes-emoji"
 DEFAULT_MODEL = ZOO_DIR / DEFAULT_MODEL_NAME
 
 
+def model_mb(directory: Path) -> float:
+    """What loading a model reads: every file of its directory, shared ones included (see `zoo_mb`)."""
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) / 2**20
+
+
+def zoo_mb(zoo: Path | None = None) -> float:
+    """What the zoo stores: each distinct file once. A component that two models ship byte for byte (one
+    tokenizer under two decoders) is kept in one model's directory and linked from the other's
+    (`scripts/package_zoo.py`)."""
+    models = [d for d in sorted((zoo or ZOO_DIR).iterdir()) if (d / "model_index.json").is_file()]
+    files = {f.resolve() for d in models for f in d.rglob("*") if f.is_file()}
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
 def zoo_models() -> dict[str, Path]:
     """The shipped models: name -> directory, by name."""
     return {d.name: d for d in sorted(ZOO_DIR.iterdir()) if (d / "model_index.json").is_file()}
@@ -53,7 +67,7 @@ def default_guidance_scale(directory: str | Path) -> float:
 
 def zoo_card(name: str) -> dict:
     """What `mmgen models` shows of a shipped model: its card (paradigm, data, training commands), pipeline
-    class, size, parameter counts (read from the safetensors headers, nothing loaded) and headline results
+    class, size (`model_mb`), parameter counts (read from the safetensors headers, nothing loaded) and headline results
     from its eval.json (held-out / train compositional accuracy, FD-ENL0, decoder passes per image)."""
     d = resolve_model(name)
     card = json.loads((d / "card.json").read_text()) if (d / "card.json").is_file() else {}
@@ -63,7 +77,7 @@ def zoo_card(name: str) -> dict:
             params[f.parent.name] = sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     row = {"name": d.name, "pipeline": json.loads((d / "model_index.json").read_text())["_class_name"], **card,
            "guidance_scale": default_guidance_scale(d), "parameters": params,
-           "size_mb": round(sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20, 1)}
+           "size_mb": round(model_mb(d), 1)}
     if (d / "eval.json").is_file():
         ev = json.loads((d / "eval.json").read_text())
         splits = ev.get("splits", {})
