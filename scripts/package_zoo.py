@@ -28,25 +28,20 @@ from safetensors.torch import load_file, save_file
 
 from mmgen.atomic import atomic_dir
 from mmgen.safe_save import CARD_FILE, file_sha256, verify, write_checksums
-from mmgen.zoo import ZOO_DIR, model_mb
+from mmgen.zoo import ZOO_DIR, model_mb, zoo_models
 
 MAX_MODEL_MB, MAX_ZOO_MB = 25, 100
 
 
-def dir_mb(path: Path) -> float:
-    return model_mb(path)
-
-
 def shipped_weights(zoo: Path, exclude: str) -> dict[str, Path]:
     """sha256 -> a weights file stored (not linked) in another zoo model."""
-    return {file_sha256(f): f for d in sorted(zoo.iterdir()) if (d / "model_index.json").is_file()
-            and d.name != exclude for f in d.rglob("*.safetensors") if not f.is_symlink()}
+    return {file_sha256(f): f for n, d in zoo_models(zoo).items() if n != exclude
+            for f in d.rglob("*.safetensors") if not f.is_symlink()}
 
 
 def other_files(zoo: Path, name: str) -> dict[Path, Path]:
     """Every file the other zoo models read (resolved path -> the path as listed, a link or the file itself)."""
-    return {f.resolve(): f for d in sorted(zoo.iterdir()) if (d / "model_index.json").is_file() and d.name != name
-            for f in d.rglob("*") if f.is_file()}
+    return {f.resolve(): f for n, d in zoo_models(zoo).items() if n != name for f in d.rglob("*") if f.is_file()}
 
 
 def check_shared_kept(tmp: Path, target: Path, zoo: Path) -> None:
@@ -87,7 +82,7 @@ def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO_DIR) -> Path:
             tensors = load_file(f)
             save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, f)
         (tmp / CARD_FILE).write_text(json.dumps({**card, "weights": "float16"}, indent=1) + "\n")
-        size = dir_mb(tmp)
+        size = model_mb(tmp)
         if size > MAX_MODEL_MB:
             raise ValueError(f"{name}: {size:.1f} MB packaged, over the {MAX_MODEL_MB} MB a zoo model may take")
         write_checksums(tmp)
@@ -121,7 +116,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"packaged {out} ({dir_mb(out):.1f} MB)")
+    print(f"packaged {out} ({model_mb(out):.1f} MB)")
     return 0
 
 

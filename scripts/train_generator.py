@@ -242,16 +242,15 @@ def main(argv=None):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=cfg.train.betas)
     run.resume({"model": model, "align": head})
-    if run.ckpt is None and cfg.init_from is not None:
-        weights = load_file(Path(cfg.init_from) / "transformer" / "diffusion_pytorch_model.safetensors")
-        model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
-        run.print(f"decoder initialised from {cfg.init_from}")
-    if run.ckpt is None and cfg.init_backbone_from is not None:
-        weights = load_file(Path(cfg.init_backbone_from) / "transformer" / "diffusion_pytorch_model.safetensors")
-        copied, fresh = init_backbone(model, weights)
-        run.print(f"decoder trunk initialised from {cfg.init_backbone_from}: {len(copied)} tensors copied, "
-                  f"{len(fresh)} fresh ({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its "
-                  f"{len(weights)} not used")
+    if run.ckpt is None and init is not None:
+        weights = load_file(init_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+        if cfg.init_from is not None:
+            model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
+            run.print(f"decoder initialised from {init}")
+        else:
+            copied, fresh = init_backbone(model, weights)
+            run.print(f"decoder trunk initialised from {init}: {len(copied)} tensors copied, {len(fresh)} fresh "
+                      f"({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its {len(weights)} not used")
     train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt})
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")

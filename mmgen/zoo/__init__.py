@@ -31,14 +31,13 @@ def zoo_mb(zoo: Path | None = None) -> float:
     """What the zoo stores: each distinct file once. A component that two models ship byte for byte (one
     tokenizer under two decoders) is kept in one model's directory and linked from the other's
     (`scripts/package_zoo.py`)."""
-    models = [d for d in sorted((zoo or ZOO_DIR).iterdir()) if (d / "model_index.json").is_file()]
-    files = {f.resolve() for d in models for f in d.rglob("*") if f.is_file()}
+    files = {f.resolve() for d in zoo_models(zoo).values() for f in d.rglob("*") if f.is_file()}
     return sum(f.stat().st_size for f in files) / 2**20
 
 
-def zoo_models() -> dict[str, Path]:
-    """The shipped models: name -> directory, by name."""
-    return {d.name: d for d in sorted(ZOO_DIR.iterdir()) if (d / "model_index.json").is_file()}
+def zoo_models(zoo: Path | None = None) -> dict[str, Path]:
+    """The shipped models (or those of another zoo directory): name -> directory, by name."""
+    return {d.name: d for d in sorted((zoo or ZOO_DIR).iterdir()) if (d / "model_index.json").is_file()}
 
 
 def zoo_names() -> list[str]:
