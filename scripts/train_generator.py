@@ -22,7 +22,9 @@ latents grouped into `flow.entity` entities, the decoder regresses each entity b
 
 `init_backbone_from=<pipeline dir>` starts the decoder's trunk from another paradigm's trained decoder of the same
 width (e.g. Token-Shuffle from the default next-token model: its layers, norms and text embeddings) and keeps that
-pipeline's caption tokenizer; what does not match (the heads, Token-Shuffle's merge/split) starts fresh.
+pipeline's caption tokenizer; what does not match (the heads, Token-Shuffle's merge/split, VAR's scale inputs)
+starts fresh. Over another image codebook (next-scale from the default), the embedding and logits rows of the text
+and special ids are copied and the image rows start fresh.
 
 `paradigm: janus` continues a public checkpoint instead (`mmgen.training.transformers_models`): `init_from` is a
 transformers `JanusForConditionalGeneration` directory with its processor; the language model and the generation
@@ -248,7 +250,7 @@ def main(argv=None):
             model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
             run.print(f"decoder initialised from {init}")
         else:
-            copied, fresh = init_backbone(model, weights)
+            copied, fresh = init_backbone(model, weights, shared_rows=vocab.image_offset)  # same caption ids
             run.print(f"decoder trunk initialised from {init}: {len(copied)} tensors copied, {len(fresh)} fresh "
                       f"({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its {len(weights)} not used")
     train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt})

@@ -222,3 +222,31 @@ def test_bad_input(layout, vq):
         model(batch.text, batch.scale_inputs, batch.positions, batch.mask)
     with pytest.raises(ValueError, match="feature_dim must be a positive int"):
         NextScaleModel(layout.vocab.size, 0, SCALES)
+
+
+def test_trunk_starts_from_a_next_token_decoder_over_another_codebook():
+    """`init_backbone_from` across codebooks (train_generator passes `shared_rows=vocab.image_offset`): a
+    next-scale decoder over 9 image codes takes a next-token decoder's (16 codes) layers, its text and special
+    rows of the embedding table and logits head, and keeps fresh image rows and VAR input side."""
+    from conftest import tiny_transformer
+    from mmgen.training.checkpoint import init_backbone
+
+    vocab_src, vocab_dst = UnifiedVocab(12, 16), UnifiedVocab(12, 9)
+    source = tiny_transformer(vocab_src.size, 48, seed=1, rope_2d=True)
+    torch.manual_seed(2)
+    target = NextScaleModel(vocab_dst.size, feature_dim=4, scales=(1, 2), dim=32, n_layers=2, n_heads=4,
+                            max_seq_len=48)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    rows = vocab_dst.image_offset
+    copied, fresh = init_backbone(target, source.state_dict(), shared_rows=rows)
+    assert f"tok_emb.weight[:{rows}]" in copied and f"head.proj.weight[:{rows}]" in copied
+    assert "layers.1.attn.wq.weight" in copied and fresh == []
+    trunk, src = target.transformer.state_dict(), source.state_dict()
+    for name in ("tok_emb.weight", "head.proj.weight"):
+        assert torch.equal(trunk[name][:rows], src[name][:rows])  # the caption ids mean the same words
+        assert torch.equal(trunk[name][rows:], before["transformer." + name][rows:])  # image rows stay fresh
+    for name in ("word_embed.weight", "level_emb.weight"):
+        assert torch.equal(target.state_dict()[name], before[name])
+    # without shared rows the vocabulary tensors (different sizes) stay fresh, as before
+    other = NextScaleModel(vocab_dst.size, feature_dim=4, scales=(1, 2), dim=32, n_layers=2, n_heads=4, max_seq_len=48)
+    assert set(init_backbone(other, source.state_dict())[1]) == {"tok_emb.weight", "head.proj.weight"}

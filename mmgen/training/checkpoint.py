@@ -170,6 +170,9 @@ def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int
     return {"step": meta["step"], "extra": meta["extra"]}
 
 
+VOCAB_TENSORS = ("tok_emb.weight", "head.proj.weight")  # a decoder trunk's tensors indexed by vocabulary id
+
+
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder's `Transformer` trunk: the model itself, or the one a wrapper holds (`.transformer`, e.g.
     Token-Shuffle's merge/split around it)."""
@@ -177,11 +180,17 @@ def backbone(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) else model
 
 
-def init_backbone(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+def init_backbone(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                  shared_rows: int | None = None) -> tuple[list[str], list[str]]:
     """Start `model`'s trunk from another decoder's saved weights (`weights`, a pipeline's transformer state
     dict, of any paradigm): every tensor whose name (after the other trunk's wrapper prefix) and shape match is
     copied; the rest keeps its fresh initialisation. Returns (copied, fresh) names of the trunk. Refuses a
-    source with nothing in common."""
+    source with nothing in common.
+
+    `shared_rows`: the leading ids of the unified vocabulary that mean the same in both decoders (text and
+    special ids, `UnifiedVocab.image_offset`, when the source's caption tokenizer is kept). The vocabulary-indexed
+    tensors (`tok_emb.weight`, `head.proj.weight`) of decoders over different image codebooks then take those
+    rows, reported as `name[:rows]` in copied; their image rows stay fresh."""
     source = {k.removeprefix("transformer."): v for k, v in weights.items()}
     trunk = backbone(model)
     copied, fresh = [], []
@@ -191,6 +200,10 @@ def init_backbone(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> t
             if src is not None and src.shape == param.shape:
                 param.copy_(src.to(param.dtype))
                 copied.append(name)
+            elif (shared_rows and src is not None and name in VOCAB_TENSORS and src.shape[1:] == param.shape[1:]
+                  and min(len(src), len(param)) >= shared_rows):
+                param[:shared_rows] = src[:shared_rows].to(param.dtype)
+                copied.append(f"{name}[:{shared_rows}]")
             else:
                 fresh.append(name)
     if not copied:
