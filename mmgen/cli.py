@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mmgen.atomic import atomic_path, write_json_atomic
-from mmgen.options import (add_sampling_args, nonnegative_float, positive_float, positive_int, sampling_kwargs,
+from mmgen.options import (add_sampling_args, nonnegative_float, nonnegative_int, positive_float, positive_int, sampling_kwargs,
                            seed, unit_interval)
 from mmgen.watermark import METHODS
 from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_mb, zoo_names
@@ -147,6 +147,7 @@ def cmd_bench(args) -> dict:
                                 ("repeats", args.repeats)) if v is not None}  # else each suite's own default
     return bench.run(suites, model_dir=model, progress=not args.json, guidance_scale=args.guidance_scale,
                      window=args.sjd_window, num_prompts=args.sjd_prompts, lantern_delta=args.sjd_lantern_delta,
+                     tree_widths=tuple(args.sjd_tree_widths), tree_depth=args.sjd_tree_depth,
                      eval_per_category=args.eval_per_category, **given,
                      watermark_images=args.watermark_images, watermark_delta=args.watermark_delta,
                      watermark_fpr_images=args.watermark_fpr_images, eval_split=args.eval_split, device=args.device,
@@ -276,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sjd suite: different held-out prompts behind every latency figure")
     b.add_argument("--sjd-lantern-delta", type=unit_interval("--sjd-lantern-delta"), default=0.1,
                    help="sjd suite: total-variation budget of the lossy LANTERN row (0 < delta < 1)")
+    b.add_argument("--sjd-tree-widths", type=nonnegative_int("--sjd-tree-widths"), nargs="+", default=[0, 1, 3, 7],
+                   help="sjd suite: extra candidates per position of the batch-1 token-tree sweep (0: the chain, "
+                        "always run first as its baseline)")
+    b.add_argument("--sjd-tree-depth", type=positive_int("--sjd-tree-depth"), default=4,
+                   help="sjd suite: window positions that get the tree's extra candidates, in the sweep and the "
+                        "sjd_tree row")
     b.add_argument("--repeats", type=positive_int("--repeats"), default=None,
                    help="timed calls per measurement (default: sjd 2 passes over all its prompts, others 5)")
     b.add_argument("--eval-per-category", type=positive_int("--eval-per-category"), default=16,

@@ -12,7 +12,7 @@ from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale
 
 def test_sjd_suite_report():
     r = bench.bench_sjd(DEFAULT_MODEL, batch_sizes=(1, 2), repeats=1, num_prompts=2, eval_per_category=1,
-                        sweep_windows=(4,), tree_widths=(0, 1), compiled=False, progress=False)
+                        sweep_windows=(4,), tree_widths=(1,), tree_depth=2, compiled=False, progress=False)
     n = r["tokens_per_image"]
     assert n == 64 and r["num_prompts"] == 2
     assert r["guidance_scale"] == default_guidance_scale(DEFAULT_MODEL) == 1.5  # the model's own, as generate
@@ -31,6 +31,8 @@ def test_sjd_suite_report():
     assert set(r["accuracy"]) == modes and r["accuracy"]["ar"]["n"] == 4
     assert r["accuracy"]["sjd_lantern"]["lossless"] is False
     assert r["window_sweep_batch_1"]["window_4"]["step_compression"] >= 1.0
+    # the chain runs first as the tree sweep's baseline, also when not asked for
+    assert list(r["tree_sweep_batch_1"]) == ["tree_width_0", "tree_width_1"] and r["tree_depth"] == 2
     assert r["tree_sweep_batch_1"]["tree_width_0"]["compression_gain"] == 1.0
     assert r["pass_profile"]["batch_1"]["sjd_tree"]["passes"] <= n
     # transformers' generate() on the converted weights takes the same greedy path as mmgen's decode loop

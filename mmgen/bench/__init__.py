@@ -74,7 +74,7 @@ def distinct_prompts(make, n: int, seed: int = 0) -> list[str]:
     raise ValueError(f"asked for {n} different prompts; the split has only {len(unique)}")
 
 
-def _sjd_modes(inits, window: int, lantern_delta: float, compiled: bool = True) -> dict:
+def _sjd_modes(inits, window: int, lantern_delta: float, compiled: bool = True, tree_depth: int = 4) -> dict:
     """Plain AR (eager, and compiled with `compiled`) and every SJD mode the pipelines offer, with the call
     options that select it."""
     sjd = dict(sampler="sjd", sjd_window=window)
@@ -85,7 +85,7 @@ def _sjd_modes(inits, window: int, lantern_delta: float, compiled: bool = True) 
     modes |= {f"sjd_{init}": sjd | dict(sjd_init=init) for init in inits if init != "random"}
     modes["sjd_coupled"] = sjd | dict(sjd_coupled=True)
     modes["sjd_adaptive"] = sjd | dict(sjd_coupled=True, sjd_adaptive=True)
-    modes["sjd_tree"] = sjd | dict(sjd_coupled=True, sjd_tree_width=3, sjd_tree_depth=4)
+    modes["sjd_tree"] = sjd | dict(sjd_coupled=True, sjd_tree_width=3, sjd_tree_depth=tree_depth)
     modes["sjd_tree_adaptive"] = modes["sjd_tree"] | dict(sjd_adaptive=True)
     modes["sjd_lantern"] = sjd | dict(sjd_coupled=True, sjd_lantern_delta=lantern_delta)
     return modes
@@ -140,7 +140,7 @@ def sjd_pass_profile(pipe, prompts, sjd_kw: dict, guidance_scale: float, seed: i
 def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, repeats: int = 2,
               num_prompts: int = 32, lantern_delta: float = 0.1, eval_per_category: int = 16,
               guidance_scale: float | None = None, seed: int = 0, sweep_windows=(4, 8, 16, 32),
-              tree_widths=(0, 1, 3, 7), eval_split: str = "train", device: str = "cpu",
+              tree_widths=(0, 1, 3, 7), tree_depth: int = 4, eval_split: str = "train", device: str = "cpu",
               compiled: bool = True, progress: bool = True) -> dict:
     """Plain AR against every SJD mode on a saved next-token pipeline, at its own guidance scale unless
     `guidance_scale` is given. Each figure covers `num_prompts` different held-out prompts, generated in
@@ -156,7 +156,8 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
     pipe = load_pipeline(model_dir).to(device)
     pipe.set_progress_bar_config(disable=True)
     guidance_scale = _guidance(pipe, guidance_scale)
-    modes = _sjd_modes(inits, window, lantern_delta, compiled)
+    modes = _sjd_modes(inits, window, lantern_delta, compiled, tree_depth)
+    tree_widths = (0,) + tuple(w for w in dict.fromkeys(tree_widths) if w)  # the chain first: the sweep's baseline
     n_img = pipe.layout.num_image_tokens
     prompts = distinct_prompts(heldout_prompts, num_prompts, seed)
     report = {"model": str(model_dir), "tokens_per_image": n_img, "window": window, "num_prompts": num_prompts,
@@ -218,7 +219,8 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
     trees, chain = {}, None
     for width in tree_widths:
         t0 = time.perf_counter()
-        outs = run(dict(sampler="sjd", sjd_window=window, sjd_coupled=True, sjd_tree_width=width, sjd_tree_depth=4),
+        outs = run(dict(sampler="sjd", sjd_window=window, sjd_coupled=True, sjd_tree_width=width,
+                        sjd_tree_depth=tree_depth),
                    1, 0)
         sec = time.perf_counter() - t0
         row = {"step_compression": round(n_img / statistics.mean(o.decoder_passes for o in outs), 3),
@@ -229,6 +231,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
         trees[f"tree_width_{width}"] = row
         bar.update()
     report["tree_sweep_batch_1"] = trees
+    report["tree_depth"] = tree_depth
 
     make_prompts = {"heldout": heldout_prompts, "train": train_prompts}[eval_split]
     eval_prompts = [p for c in CATEGORIES for p in make_prompts(eval_per_category, seed=seed, category=c)]
