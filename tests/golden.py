@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -51,8 +52,11 @@ def zoo_outputs(names=None) -> dict:
         pipe = load_pipeline(name)
         for call in ZOO_CALLS[name]:
             res = pipe(PROMPT, num_images_per_prompt=2, generator=generators_from_seed(SEED, 2), **CALL_ARGS[call])
+            # continuous tokens (latents) are hashed at 4 decimals: their last float bits differ between CPUs;
+            # integer codes are unchanged by the rounding
+            tokens = torch.round(res.tokens.float(), decimals=4) + 0.0  # + 0.0: -0.0 -> 0.0
             out[f"{name}/{call}"] = {"png_sha256": [png_sha256(im) for im in res.images],
-                                     "tokens_sha256": hashlib.sha256(res.tokens.float().numpy().tobytes()).hexdigest()}
+                                     "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
     return out
 
 
@@ -103,9 +107,9 @@ GENERATOR_RUNS = {  # paradigm runs on the shipped tokenizers (no tokenizer trai
     "next_token_arra": ["paradigm=next_token", f"tokenizer={ZOO / 'shapes-nexttoken' / 'vq_model'}",
                         "alignment.type=arra", "alignment.encoder=tokenizer", "alignment.layer=1"],
     "next_scale": ["paradigm=next_scale", f"tokenizer={ZOO / 'shapes-nextscale' / 'vq_model'}"],
-    "flow_head": ["paradigm=flow_head", f"tokenizer={ZOO / 'shapes-flowar' / 'vae'}"],
-    "flowar": ["paradigm=flowar", f"tokenizer={ZOO / 'shapes-flowar' / 'vae'}"],
-    "next_x": ["paradigm=next_x", f"tokenizer={ZOO / 'shapes-flowar' / 'vae'}"],
+    "flow_head": ["paradigm=flow_head", f"tokenizer={ZOO / 'shapes-nextx' / 'vae'}"],
+    "flowar": ["paradigm=flowar", f"tokenizer={ZOO / 'shapes-nextx' / 'vae'}"],
+    "next_x": ["paradigm=next_x", f"tokenizer={ZOO / 'shapes-nextx' / 'vae'}"],
 }
 
 
@@ -134,11 +138,24 @@ def compute() -> dict:
     return {"zoo": zoo_outputs(), "training": training_losses()}
 
 
+def same(expected, actual) -> bool:
+    """Equal, except for logged floats within 0.5%: the same seeded run differs in its last float bits on
+    different CPUs, and a GAN tokenizer's adaptive weight (a ratio of two gradient norms of a tiny model)
+    magnifies that to 0.3% by its fourth step (0.83037 against 0.83235). PNG bytes and integer codes stay exact."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        return expected.keys() == actual.keys() and all(same(expected[k], actual[k]) for k in expected)
+    if isinstance(expected, list) and isinstance(actual, list):
+        return len(expected) == len(actual) and all(same(e, a) for e, a in zip(expected, actual))
+    if isinstance(expected, float) and isinstance(actual, float):
+        return math.isclose(expected, actual, rel_tol=5e-3, abs_tol=1e-4)
+    return expected == actual
+
+
 def diff(expected: dict, actual: dict) -> list[str]:
     bad = []
     for part in ("zoo", "training"):
         for k in sorted(set(expected[part]) | set(actual[part])):
-            if expected[part].get(k) != actual[part].get(k):
+            if not same(expected[part].get(k), actual[part].get(k)):
                 bad.append(f"{part}/{k}")
     return bad
 
