@@ -1,0 +1,304 @@
+"""LlamaGen class-to-image and text-to-image (Sun et al. 2024, arXiv 2406.06525) from a converted checkpoint
+(`mmgen convert llamagen`), sampled as LlamaGen's own `generate` samples.
+
+Classifier-free guidance doubles the batch, conditional rows first, null condition second (the null class, or
+the learned null caption under the caption's own padding mask); with guidance_scale > 1 the logits are
+u + (c - u) * scale, otherwise the conditional logits alone and no doubled batch. `cfg_interval` >= 0 keeps
+guidance up to token cfg_interval + 1 and uses the conditional logits after it, as LlamaGen counts.
+Then temperature, top-k, top-p and a multinomial draw per image from that image's own generator: for one
+image, `generator=[torch.Generator().manual_seed(s)]` draws what LlamaGen draws after `torch.manual_seed(s)`.
+
+t2i prompts go through the frozen T5 encoder saved with the pipeline (`text_encoder`, `tokenizer`): lower-cased
+and stripped (LlamaGen's further caption cleaning is not reproduced), padded to the condition length, and
+left-padded as LlamaGen's sample scripts do (valid tokens moved to the end, padding zeroed and masked as keys).
+`prompt_embeds` / `prompt_attention_mask` take T5 features directly, right-padded as T5 returns them.
+
+The loop runs through `LlamaGenBackend`, a `mmgen.sampling.sjd.JacobiBackend`: plain AR is the one-token window
+(the first pass carries the condition prefix), and speculative Jacobi decoding runs through the same backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+
+from mmgen.models.llamagen import LlamaGenGPT
+from mmgen.pipelines.base import (MAX_IMAGES_PER_CALL, OUTPUT_TYPES, ARPipelineOutput, per_image_generators,
+                                  sjd_config)
+from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits
+from mmgen.sampling.sjd import jacobi_sample, window_mask
+from tokenizers_vis.llamagen_vq import LlamaGenVQ
+
+SAMPLERS = ("ar", "sjd")
+# LlamaGen's sample scripts: c2i cfg 4.0 top-k 2000, t2i cfg 7.5 top-k 1000 (temperature 1, top-p 1)
+DEFAULTS = {"c2i": {"guidance_scale": 4.0, "top_k": 2000}, "t2i": {"guidance_scale": 7.5, "top_k": 1000}}
+
+
+class LlamaGenBackend:
+    """`mmgen.sampling.sjd.JacobiBackend` over a `LlamaGenGPT`. Draft ids are codebook ids.
+
+    cond_RTC: the condition prefix embeddings of every backend row (R = 2A with guidance: conditional rows, then
+    null rows); cond_valid_RT: which condition slots are real (False: caption padding, masked as keys). The
+    last condition slot plays the start token: a row's first window starts there."""
+
+    def __init__(self, model: LlamaGenGPT, cond_RTC: torch.Tensor, cond_valid_RT: torch.Tensor,
+                 guidance_scale: float, cfg_interval: int = -1, window: int = 1):
+        self.model, self.guidance_scale, self.cfg_interval = model, guidance_scale, cfg_interval
+        self.use_cfg = guidance_scale > 1.0
+        R, T_cond, _ = cond_RTC.shape
+        self.num_samples = R // 2 if self.use_cfg else R
+        self.vocab_size, self.device = model.config.vocab_size, cond_RTC.device
+        self.cond, self.prefix = cond_RTC, T_cond - 1
+        capacity = T_cond + model.num_image_tokens + window  # a row near the end still writes a whole window
+        self.key_valid = torch.ones(R, capacity, dtype=torch.bool, device=self.device)
+        self.key_valid[:, :T_cond] = cond_valid_RT
+        self.cache = model.new_cache(R, capacity)
+        self.prefilled = False
+
+    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
+        A, T = window_AT.shape
+        ids, n = (torch.cat([window_AT, window_AT]), torch.cat([n_A, n_A])) if self.use_cfg else (window_AT, n_A)
+        x_RTC = self.model.tok_embeddings(ids)
+        first = (n == 0)[:, None, None] & (torch.arange(T, device=self.device) == 0)[None, :, None]
+        x_RTC = torch.where(first, self.cond[:, -1:].to(x_RTC.dtype), x_RTC)  # a row's first window: the start
+        start = self.prefix + n
+        if not self.prefilled:  # the first pass carries the condition prefix: no separate prefill pass
+            x_RTC, start = torch.cat([self.cond[:, : self.prefix], x_RTC], 1), torch.zeros_like(start)
+            self.prefilled = True
+        slots = start[:, None] + torch.arange(x_RTC.shape[1], device=self.device)
+        mask = window_mask(slots, self.key_valid[:, : int(slots.max()) + 1]).unsqueeze(1)
+        logits = self.model(x_RTC, slots, mask, self.cache, start)[:, -T:]
+        if not self.use_cfg:
+            return logits
+        cond, uncond = logits.chunk(2)
+        guided = cfg_combine(cond, uncond, self.guidance_scale)
+        if self.cfg_interval < 0:
+            return guided
+        index = n_A[:, None] + torch.arange(T, device=self.device)  # token index of each output
+        return torch.where((index > self.cfg_interval + 1)[..., None], cond, guided)
+
+    def keep(self, keep_A: torch.Tensor) -> None:
+        rows = keep_A.nonzero().squeeze(-1)
+        if self.use_cfg:
+            rows = torch.cat([rows, rows + len(keep_A)])
+        self.cache.reorder(rows)
+        self.key_valid, self.cond = self.key_valid[rows], self.cond[rows]
+
+
+def multinomial(logits_BV: torch.Tensor, generators: Sequence[torch.Generator], greedy: bool) -> torch.Tensor:
+    """One token per row, row r drawn by `torch.multinomial` with its own generator (LlamaGen's draw, so one
+    image with a seeded generator reproduces LlamaGen's tokens under the same global seed)."""
+    if greedy:
+        return logits_BV.argmax(-1)
+    probs = logits_BV.float().softmax(-1)
+    return torch.cat([torch.multinomial(probs[r:r + 1], 1, generator=g)[:, 0] for r, g in enumerate(generators)])
+
+
+class LlamaGenPipeline(DiffusionPipeline):
+    # the keyword options of `__call__` beyond the condition, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "cfg_interval": -1,
+                    "sampler": "ar", "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False,
+                    "sjd_adaptive": False}
+
+    _optional_components = ["text_encoder", "tokenizer"]  # t2i only
+
+    def __init__(self, transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder=None, tokenizer=None,
+                 default_guidance_scale: float | None = None, default_top_k: int | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, vq_model=vq_model, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
+        kind = transformer.config.model_type
+        defaults = DEFAULTS[kind]
+        self.register_to_config(
+            default_guidance_scale=defaults["guidance_scale"] if default_guidance_scale is None
+            else default_guidance_scale,
+            default_top_k=defaults["top_k"] if default_top_k is None else default_top_k)
+        check_parts(transformer, vq_model, text_encoder, tokenizer)
+        self.visual_tokenizer = vq_model
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @property
+    def model_type(self) -> str:
+        return self.transformer.config.model_type
+
+    @property
+    def default_guidance_scale(self) -> float:
+        return self.config.default_guidance_scale
+
+    def class_condition(self, class_labels) -> torch.Tensor:
+        labels = [class_labels] if isinstance(class_labels, int) else class_labels
+        n = self.transformer.config.num_classes
+        if not isinstance(labels, (list, tuple)) or not labels or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in labels):
+            raise ValueError(f"class_labels must be an int or a non-empty list of ints in [0, {n - 1}], got "
+                             f"{class_labels!r}")
+        bad = [c for c in labels if not 0 <= c < n]
+        if bad:
+            raise ValueError(f"class_labels {bad} out of range: this model has {n} classes (0 to {n - 1})")
+        return torch.tensor(labels, dtype=torch.long, device=self.transformer.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 features (B, cls_token_num, caption_dim) and their mask (B, cls_token_num), right-padded."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("prompt= needs a text encoder: this t2i pipeline was converted without one "
+                             "(mmgen convert llamagen --text-encoder DIR); pass prompt_embeds= instead")
+        batch = self.tokenizer([p.strip().lower() for p in prompts], max_length=self.transformer.config.cls_token_num,
+                               padding="max_length", truncation=True, return_attention_mask=True,
+                               add_special_tokens=True, return_tensors="pt")
+        device = self.text_encoder.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        feats = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        return feats.to(self.transformer.dtype), mask
+
+    def caption_condition(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded features and mask -> LlamaGen's left-padded features (padding zeroed) and mask."""
+        c = self.transformer.config
+        if embeds.dim() != 3 or embeds.shape[1:] != (c.cls_token_num, c.caption_dim):
+            raise ValueError(f"prompt_embeds must have shape (B, {c.cls_token_num}, {c.caption_dim}), got "
+                             f"{tuple(embeds.shape)}")
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        if mask.shape != embeds.shape[:2]:
+            raise ValueError(f"prompt_attention_mask must have shape {tuple(embeds.shape[:2])}, got "
+                             f"{tuple(mask.shape)}")
+        mask = mask.to(embeds.device).long()
+        valid = mask.sum(1)
+        # row b: the last valid[b] slots hold the valid features, in order
+        T = c.cls_token_num
+        src = (torch.arange(T, device=embeds.device)[None, :] + valid[:, None]) % T
+        left = embeds.gather(1, src[..., None].expand_as(embeds))
+        left_mask = mask.flip(-1)
+        return left * left_mask[..., None], left_mask.bool()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | None = None,
+        prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_interval: int = -1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        sampler: str = "ar",
+        sjd_window: int = 16,
+        sjd_init: str = "random",
+        sjd_coupled: bool = False,
+        sjd_adaptive: bool = False,
+    ):
+        """Generate images for `class_labels` (c2i) or `prompt` / `prompt_embeds` (t2i).
+
+        guidance_scale: default the converted model's (LlamaGen's sample scripts: 4.0 c2i, 7.5 t2i); <= 1 means no
+        guidance. top_k: default the model's (2000 c2i, 1000 t2i); temperature 0 is greedy. generator: one per
+        image, or one that seeds them. sampler "sjd": speculative Jacobi decoding (exact in distribution)."""
+        model = self.transformer
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        top_k = self.config.default_top_k if top_k is None else top_k
+        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
+        if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int) or cfg_interval < -1:
+            raise ValueError(f"cfg_interval must be -1 (guidance on every token) or an integer >= 0, got "
+                             f"{cfg_interval!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, None, 8)
+
+        if self.model_type == "c2i":
+            if prompt is not None or prompt_embeds is not None:
+                raise ValueError("prompt / prompt_embeds: this LlamaGen model is class-conditional (c2i); pass "
+                                 "class_labels= instead")
+            if class_labels is None:
+                raise ValueError("class_labels is required for a class-conditional (c2i) LlamaGen model")
+            labels = self.class_condition(class_labels)
+        else:
+            if class_labels is not None:
+                raise ValueError("class_labels: this LlamaGen model is text-conditional (t2i); pass prompt= or "
+                                 "prompt_embeds= instead")
+            if (prompt is None) == (prompt_embeds is None):
+                raise ValueError("pass exactly one of prompt= and prompt_embeds= to a text-conditional (t2i) model")
+            if prompt is not None:
+                prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) \
+                    else None
+                if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                    raise ValueError(f"prompt must be a non-empty string or list of non-empty strings, got {prompt!r}")
+                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
+            feats, cond_valid = self.caption_condition(prompt_embeds.to(model.device, model.dtype),
+                                                       prompt_attention_mask)
+        count = len(labels) if self.model_type == "c2i" else len(feats)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or not 1 <= num_images_per_prompt * count <= MAX_IMAGES_PER_CALL:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
+                             f"images per call, got {num_images_per_prompt} for {count} condition(s)")
+        k = num_images_per_prompt
+        if self.model_type == "c2i":
+            cond = labels.repeat_interleave(k)
+            null, cond_valid = torch.full_like(cond, model.null_class), torch.ones(len(cond), 1, dtype=torch.bool)
+        else:
+            cond, cond_valid = feats.repeat_interleave(k, 0), cond_valid.repeat_interleave(k, 0)
+            null = model.cls_embedding.uncond_embedding.expand_as(cond)  # unmasked; keys masked as the caption's
+        rows, cond_valid = cond, cond_valid.to(model.device)
+        if sampling.guidance_scale > 1:
+            rows, cond_valid = torch.cat([cond, null]), torch.cat([cond_valid, cond_valid])
+        B = count * k
+        gens = per_image_generators(generator, B)
+
+        backend = LlamaGenBackend(model, model.embed_condition(rows), cond_valid, sampling.guidance_scale,
+                                  cfg_interval, window=1 if sjd is None else sjd.window)
+        h, w = self.vq_model.token_shape
+        n_img = h * w
+        with self.progress_bar(total=n_img) as bar:
+            if sjd is None:
+                codes = self._sample_ar(backend, n_img, sampling, gens, bar.update)
+                passes, compression, accepted = n_img, 1.0, 1.0
+            else:
+                codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w,
+                                             callback=lambda done: bar.update(done - bar.n))
+                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
+        codes = codes.view(B, h, w)
+        images = self.vq_model.decode_tokens(codes)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        if not return_dict:
+            return images, codes, passes
+        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
+                                mean_accepted_length=accepted)
+
+    @staticmethod
+    def _sample_ar(backend: LlamaGenBackend, n_img: int, sampling: SamplingConfig, gens, step) -> torch.Tensor:
+        """Plain AR, one token per pass (the first pass carries the condition prefix), as LlamaGen's `generate`."""
+        B = backend.num_samples
+        codes = torch.zeros(B, n_img, dtype=torch.long, device=backend.device)
+        for i in range(n_img):
+            n = torch.full((B,), i, dtype=torch.long, device=backend.device)
+            logits = process_logits(backend.forward(codes[:, max(i - 1, 0), None], n)[:, 0], sampling)
+            codes[:, i] = multinomial(logits, gens, greedy=sampling.temperature == 0)
+            step()
+        return codes
+
+
+def check_parts(transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder, tokenizer) -> None:
+    """The components fit each other: codebook size, token grid, and a T5 of the caption width (t2i)."""
+    c = transformer.config
+    if vq_model.vocab_size != c.vocab_size:
+        raise ValueError(f"the VQ codebook has {vq_model.vocab_size} entries but the GPT predicts {c.vocab_size} codes")
+    if vq_model.token_shape != (c.grid_size, c.grid_size):
+        raise ValueError(f"the VQ's token grid {vq_model.token_shape} at {vq_model.image_size} px does not match the "
+                         f"GPT's {c.grid_size}x{c.grid_size} grid")
+    if c.model_type == "c2i" and (text_encoder is not None or tokenizer is not None):
+        raise ValueError("a class-conditional (c2i) LlamaGen model takes no text encoder")
+    if (text_encoder is None) != (tokenizer is None):
+        raise ValueError("text_encoder and tokenizer come together (a T5 encoder directory holds both)")
+    if text_encoder is not None and text_encoder.config.d_model != c.caption_dim:
+        raise ValueError(f"the text encoder's width {text_encoder.config.d_model} does not match the GPT's caption "
+                         f"width {c.caption_dim} (LlamaGen t2i uses FLAN-T5-XL, 2048)")
