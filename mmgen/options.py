@@ -1,6 +1,6 @@
 """Command-line options that several commands share, defined once: argument types whose errors name the flag,
-the sampling flags of `mmgen generate`, `mmgen eval` and `scripts/evaluate.py` (one name each), and the map
-from parsed flags to a pipeline's call options.
+the sampling flags of `mmgen generate`, `mmgen eval` and `scripts/evaluate.py` (one name each), the map
+from parsed flags to a pipeline's call options, and the condition of `mmgen generate` (PROMPT or --class-label).
 
 A pipeline class declares the keyword options its `__call__` takes (`call_options`: name -> default); a flag
 whose option the model's pipeline does not take is refused with an error that names the flag and the flags
@@ -10,6 +10,7 @@ the model does take, never passed on or silently dropped.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 
 from mmgen.watermark import METHODS
@@ -188,3 +189,55 @@ def sampling_kwargs(pipeline, args: argparse.Namespace, model=None) -> dict:
                               f"{', '.join(takes) or 'none'}")
         kwargs[name] = value
     return kwargs
+
+
+def class_label(s: str) -> int | str:
+    """An argparse type for --class-label: an integer, else a class name (checked against the model later)."""
+    try:
+        return int(s)
+    except ValueError:
+        if not s.strip():
+            raise argparse.ArgumentTypeError("--class-label must be an integer or a class name, got ''") from None
+        return s
+
+
+def add_condition_args(parser: argparse.ArgumentParser) -> None:
+    """--class-label, for class-conditional models (the positional PROMPT serves caption models)."""
+    parser.add_argument("--class-label", dest="class_label", action="append", type=class_label, default=None,
+                        metavar="N_OR_NAME",
+                        help="class-conditional models: the class to draw, an integer or a class name (repeatable: "
+                             "--num-images images of each); `mmgen models` shows each model's conditioning")
+
+
+def condition_kwargs(pipeline, prompt: str | None, class_labels: list | None, model=None) -> dict:
+    """The condition a `mmgen generate` call passes: {"prompt": ...} or {"class_labels": [...]}, checked against
+    the model's conditioning (`pipeline.condition`, `mmgen.conditioning`) or, for pipelines without one, against
+    whether its `__call__` takes `class_labels`. Misuse raises `OptionError` naming the argument."""
+    cls = type(pipeline)
+    where = f" (model {str(model)!r})" if model is not None else ""
+    params = inspect.signature(cls.__call__).parameters
+    cond = getattr(pipeline, "condition", None)
+    kind = cond.kind if cond is not None else ("class" if "prompt" not in params else "caption")
+    if class_labels is not None:
+        if "class_labels" not in params or (cond is not None and kind != "class"):
+            on = "text; give a PROMPT" if kind == "caption" else "nothing; give neither PROMPT nor --class-label"
+            raise OptionError(f"--class-label does not apply to {cls.__name__}{where}: it is conditioned on {on}")
+        if prompt is not None:
+            raise OptionError(f"PROMPT does not apply with --class-label: {cls.__name__}{where} is class-conditional")
+        if cond is not None:
+            try:
+                cond.labels(class_labels)
+            except ValueError as e:
+                raise OptionError(f"--class-label: {e}") from None
+        return {"class_labels": list(class_labels)}
+    if kind == "class":
+        accepted = f"; it takes {cond.accepted()}" if cond is not None else ""
+        raise OptionError(f"--class-label is required: {cls.__name__}{where} is class-conditional, PROMPT does not "
+                          f"apply{accepted}")
+    if kind == "unconditional":
+        if prompt is not None:
+            raise OptionError(f"PROMPT does not apply: {cls.__name__}{where} is unconditional (give no PROMPT)")
+        return {}
+    if prompt is None or not prompt.strip():
+        raise OptionError("PROMPT must be a non-empty string, e.g. \"a red circle\"")
+    return {"prompt": prompt}

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # lowest first; a module may import from its own layer or any earlier one
 LAYERS = [
     ("tokenizers_vis", "mmgen="),  # "name=": that module only, not its submodules
-    ("mmgen.atomic", "mmgen.config", "mmgen.text", "mmgen.data"),
+    ("mmgen.atomic", "mmgen.config", "mmgen.text", "mmgen.conditioning", "mmgen.data"),
     ("mmgen.models",),
     ("mmgen.sampling",),
     ("mmgen.paradigms", "mmgen.alignment", "mmgen.watermark"),

@@ -14,6 +14,7 @@ from diffusers.utils import BaseOutput
 from safetensors.torch import load_file
 
 from mmgen.atomic import atomic_dir
+from mmgen.conditioning import Conditioning, make_conditioning
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
 from mmgen.sampling.sjd import SJDConfig, codebook_neighbours
 from mmgen.text import UnifiedVocab
@@ -85,13 +86,33 @@ def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def unified_vocab(transformer, tokenizer, image_vocab_size: int) -> UnifiedVocab:
-    """The vocabulary a pipeline's parts imply, checked against the decoder's embedding size."""
-    vocab = UnifiedVocab(text_vocab_size=len(tokenizer), image_vocab_size=image_vocab_size)
+def unified_vocab(transformer, conditioning: Conditioning, image_vocab_size: int) -> UnifiedVocab:
+    """The vocabulary a pipeline's parts imply (the conditioning's rows, the specials, the image codes), checked
+    against the decoder's embedding size."""
+    vocab = UnifiedVocab(text_vocab_size=conditioning.vocab_size, image_vocab_size=image_vocab_size)
     if transformer.config.vocab_size != vocab.size:
-        raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match text "
-                         f"({len(tokenizer)}) + special + image ({image_vocab_size}) = {vocab.size}")
+        what = "text" if conditioning.kind == "caption" else f"{conditioning.kind} conditioning"
+        raise ValueError(f"transformer.vocab_size={transformer.config.vocab_size} does not match {what} "
+                         f"({conditioning.vocab_size}) + special + image ({image_vocab_size}) = {vocab.size}")
     return vocab
+
+
+def pipeline_conditioning(tokenizer, conditioning: dict | None, max_text_len: int) -> Conditioning:
+    """A pipeline's `Conditioning` from its constructor arguments, its prefix length checked."""
+    cond = make_conditioning(conditioning, tokenizer, max_text_len)
+    if cond.max_len != max_text_len:
+        raise ValueError(f"max_text_len={max_text_len} does not fit a {cond.kind} model (one prefix token); "
+                         f"pass max_text_len={cond.max_len}")
+    return cond
+
+
+def _check_count(num_images_per_prompt, conditions: int, output_type, what: str = "prompt(s)") -> None:
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+            or not 1 <= num_images_per_prompt * conditions <= MAX_IMAGES_PER_CALL:
+        raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
+                         f"images per call, got {num_images_per_prompt} for {conditions} {what}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
 
 
 def check_call(prompt, num_images_per_prompt, output_type) -> list[str]:
@@ -100,13 +121,31 @@ def check_call(prompt, num_images_per_prompt, output_type) -> list[str]:
     if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError(f"prompt must be a non-empty string or a non-empty list of non-empty strings, got "
                          f"{prompt!r}")
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-            or not 1 <= num_images_per_prompt * len(prompts) <= MAX_IMAGES_PER_CALL:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
-                         f"images per call, got {num_images_per_prompt} for {len(prompts)} prompt(s)")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+    _check_count(num_images_per_prompt, len(prompts), output_type)
     return prompts
+
+
+def condition_rows(conditioning: Conditioning, prompt, class_labels, num_images_per_prompt,
+                   output_type) -> list[list[int]]:
+    """Validate a call's condition (`prompt=` or `class_labels=`, whichever the model's conditioning takes), count
+    and output type; returns the condition ids of every image, each condition `num_images_per_prompt` times."""
+    if conditioning.kind == "caption" and class_labels is None:
+        check_call(prompt, num_images_per_prompt, output_type)  # caption models check in the order they always did
+    ids = conditioning.condition_ids(prompt, class_labels)
+    what = {"caption": "prompt(s)", "class": "class label(s)", "unconditional": "condition(s)"}[conditioning.kind]
+    _check_count(num_images_per_prompt, len(ids), output_type, what)
+    return [row for row in ids for _ in range(num_images_per_prompt)]
+
+
+def call_guidance(conditioning: Conditioning, guidance_scale: float | None, default: float) -> float:
+    """The guidance scale of a call: the model's own default when None; an unconditional model has nothing to
+    guide by and takes only 1."""
+    if conditioning.kind == "unconditional":
+        if guidance_scale is not None and guidance_scale != 1:
+            raise ValueError(f"guidance_scale must be 1 (or None) for an unconditional model: it has no condition "
+                             f"to guide by; got {guidance_scale}")
+        return 1.0
+    return default if guidance_scale is None else guidance_scale
 
 
 # 8-bit modes that convert to RGB without loss of meaning; 16-bit / float / CMYK would be clipped or recoloured

@@ -19,10 +19,10 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import flow_head, flowar, next_x
-from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
+from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
+                                  pipeline_conditioning, unified_vocab)
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.logits import SamplingConfig
-from mmgen.text import encode_prompts
 from tokenizers_vis.protocol import as_visual_tokenizer
 
 
@@ -34,21 +34,27 @@ class _LatentFlowPipeline(DiffusionPipeline):
     call_options = {"guidance_scale": None, "temperature": 1.0, "num_inference_steps": 25, "flow_sampler": "euler",
                     "cfg_schedule": None}
 
-    def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
-                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
+    _optional_components = ["tokenizer"]  # class-conditional and unconditional models have no text tokenizer
+
+    def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast | None,
+                 max_text_len: int = 32, default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+                 conditioning: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
+        if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
+            self.register_to_config(conditioning=conditioning)
+        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len)
         self.visual_tokenizer = as_visual_tokenizer(vae)
-        self.vocab = unified_vocab(transformer, tokenizer, 0)
+        self.vocab = unified_vocab(transformer, self.condition, 0)
         self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
         temperature: float = 1.0,
@@ -58,20 +64,20 @@ class _LatentFlowPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: int | str | list[int | str] | None = None,
     ):
-        """Generate images for `prompt`.
+        """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
+        a class name, or a list of them); an unconditional model takes neither.
 
         num_inference_steps: flow ODE steps per token (raster), per scale (FlowAR) or per entity (xAR);
         flow_sampler: "euler" or "heun"; temperature scales the initial noise; guidance acts on the velocity,
         constant or ramped linearly over tokens / scales / entities (`cfg_schedule`; FlowAR and xAR default to
         "linear"). `tokens` in the output are the sampled latents (N, C, h, w); `decoder_passes` counts AR steps and
         `model_evals` every decoder evaluation where the decoder integrates the flow itself (xAR)."""
-        prompts = check_call(prompt, num_images_per_prompt, output_type)
-        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        text_ids = condition_rows(self.condition, prompt, class_labels, num_images_per_prompt, output_type)
+        guidance_scale = call_guidance(self.condition, guidance_scale, self.config.default_guidance_scale)
         sampling = SamplingConfig(guidance_scale, temperature, cfg_schedule=cfg_schedule,
                                   num_inference_steps=num_inference_steps, flow_sampler=flow_sampler)
-        text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
-        text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
         with self.progress_bar(total=self._steps_per_image()) as bar:
             latents, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,

@@ -14,10 +14,10 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import next_scale
 from mmgen.paradigms.next_scale import NextScaleModel
-from mmgen.pipelines.base import ARPipelineOutput, check_call, per_image_generators, unified_vocab
+from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
+                                  pipeline_conditioning, unified_vocab)
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
 from mmgen.sampling.logits import SamplingConfig
-from mmgen.text import encode_prompts
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.protocol import as_visual_tokenizer
 
@@ -29,21 +29,27 @@ class NextScalePipeline(DiffusionPipeline):
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None,
                     "cfg_schedule": "constant"}
 
-    def __init__(self, transformer: NextScaleModel, vq_model: MultiScaleVQGAN, tokenizer: PreTrainedTokenizerFast,
-                 max_text_len: int = 32, default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
+    _optional_components = ["tokenizer"]  # class-conditional and unconditional models have no text tokenizer
+
+    def __init__(self, transformer: NextScaleModel, vq_model: MultiScaleVQGAN,
+                 tokenizer: PreTrainedTokenizerFast | None, max_text_len: int = 32,
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
+        if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
+            self.register_to_config(conditioning=conditioning)
+        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len)
         self.visual_tokenizer = as_visual_tokenizer(vq_model)
-        self.vocab = unified_vocab(transformer, tokenizer, self.visual_tokenizer.vocab_size)
+        self.vocab = unified_vocab(transformer, self.condition, self.visual_tokenizer.vocab_size)
         self.layout = next_scale.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
         temperature: float = 1.0,
@@ -53,17 +59,17 @@ class NextScalePipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: int | str | list[int | str] | None = None,
     ):
-        """Generate images for `prompt`, one decoder pass per scale.
+        """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
+        a class name, or a list of them), one decoder pass per scale; an unconditional model takes neither.
 
         cfg_schedule: "constant" (guidance_scale at every scale) or "linear" (VAR's ramp from 1 at the
         first scale to guidance_scale at the last). `tokens` in the output are all scales' codes, flattened
         raster and concatenated coarse to fine (N, sum of s_k^2)."""
-        prompts = check_call(prompt, num_images_per_prompt, output_type)
-        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        text_ids = condition_rows(self.condition, prompt, class_labels, num_images_per_prompt, output_type)
+        guidance_scale = call_guidance(self.condition, guidance_scale, self.config.default_guidance_scale)
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
-        text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
-        text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
         with self.progress_bar(total=len(self.layout.scales)) as bar:
             tokens, cost = next_scale.generate(self.transformer, self.layout, text_ids, sampling, gens,

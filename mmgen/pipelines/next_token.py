@@ -19,11 +19,11 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
-from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators, unified_vocab
+from mmgen.pipelines.base import (ARPipelineOutput, WatermarkDetection, call_guidance, condition_rows,
+                                  per_image_generators, pipeline_conditioning, unified_vocab)
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, sjd_config, sjd_neighbours
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.watermark import WatermarkProcessor
-from mmgen.text import encode_prompts
 from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
 from tokenizers_vis.protocol import as_visual_tokenizer
 from tokenizers_vis.vqgan import VQGAN
@@ -39,15 +39,20 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
                     "watermark_key": None, "watermark_method": None, "watermark_delta": None,
                     "cfg_schedule": "constant", "compile_decode": False}
 
+    _optional_components = ["tokenizer"]  # class-conditional and unconditional models have no text tokenizer
+
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer | VQModel,
-                 tokenizer: PreTrainedTokenizerFast, max_text_len: int = 32,
-                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE):
+                 tokenizer: PreTrainedTokenizerFast | None, max_text_len: int = 32,
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
+        if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
+            self.register_to_config(conditioning=conditioning)
+        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len)
         self.visual_tokenizer = as_visual_tokenizer(vq_model)
-        self.vocab = unified_vocab(transformer, tokenizer, self.visual_tokenizer.vocab_size)
+        self.vocab = unified_vocab(transformer, self.condition, self.visual_tokenizer.vocab_size)
         self.paradigm = token_shuffle if self.shuffle else next_token
         self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
@@ -60,7 +65,7 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
         guidance_scale: float | None = None,
         temperature: float = 1.0,
@@ -83,8 +88,11 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         watermark_delta: float | None = None,
         cfg_schedule: str = "constant",
         compile_decode: bool = False,
+        class_labels: int | str | list[int | str] | None = None,
     ):
-        """Generate images for `prompt`.
+        """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
+        a class name, or a list of them; `num_images_per_prompt` images each); an unconditional model takes
+        neither (`mmgen.conditioning`).
 
         sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
         distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
@@ -110,8 +118,8 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
         compiled on the first call per batch size (tens of seconds) and reused after; the same tokens up to float
         rounding, 2-4x faster per image on CPU. Falls back to eager, with a warning, where compilation fails.
         """
-        prompts = check_call(prompt, num_images_per_prompt, output_type)
-        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        text_ids = condition_rows(self.condition, prompt, class_labels, num_images_per_prompt, output_type)
+        guidance_scale = call_guidance(self.condition, guidance_scale, self.config.default_guidance_scale)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         if self.shuffle and sampler != "ar":
@@ -134,8 +142,6 @@ class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
             processor = WatermarkProcessor(self.watermark_config(watermark_method, watermark_delta), watermark_key)
         elif watermark_method is not None or watermark_delta is not None:
             raise ValueError("watermark_method and watermark_delta need a watermark_key")
-        text_ids = encode_prompts(self.tokenizer, prompts, self.layout.max_text_len)
-        text_ids = [ids for ids in text_ids for _ in range(num_images_per_prompt)]
         gens = per_image_generators(generator, len(text_ids))
 
         n_img = self.layout.num_image_tokens

@@ -1,12 +1,15 @@
 """The paradigm registry: one plain dict from a paradigm's name to its module (the paradigm protocol,
-`mmgen.paradigms.protocol`), its pipeline class and the name the pipeline gives its visual tokenizer component.
-Training, the pipelines, the CLI, the demo, the eval harness and the benchmarks look paradigms up here."""
+`mmgen.paradigms.protocol`), its pipeline class, the name the pipeline gives its visual tokenizer component and the
+conditioning kinds it takes (`mmgen.conditioning`: every paradigm reads condition ids through the shared text
+block, so each takes captions, class labels and none). Training, the pipelines, the CLI, the demo, the eval harness
+and the benchmarks look paradigms up here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
 
+from mmgen.conditioning import KINDS as CONDITION_KINDS
 from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
 from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.pipelines.next_scale import NextScalePipeline
@@ -20,6 +23,7 @@ class ParadigmEntry:
     pipeline: type
     component: str  # the pipeline's visual tokenizer argument: "vq_model" or "vae"
     alignable: bool = False  # provides loss_and_image_hidden (REPA / ARRA alignment losses)
+    conditions: tuple[str, ...] = CONDITION_KINDS  # the `mmgen.conditioning` kinds its pipeline and training take
 
 
 PARADIGMS = {
@@ -36,6 +40,13 @@ def get_paradigm(name: str) -> ParadigmEntry:
     if name not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {', '.join(PARADIGMS)}; got {name!r}")
     return PARADIGMS[name]
+
+
+def check_condition(paradigm: str, kind: str) -> None:
+    """Refuse a conditioning kind the paradigm does not take, naming those it does."""
+    takes = get_paradigm(paradigm).conditions
+    if kind not in takes:
+        raise ValueError(f"condition.kind must be one of {', '.join(takes)} for paradigm {paradigm!r}; got {kind!r}")
 
 
 def paradigm_name(pipe) -> str:

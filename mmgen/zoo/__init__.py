@@ -64,17 +64,23 @@ def default_guidance_scale(directory: str | Path) -> float:
     return float(index.get("default_guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
 
+def conditioning_kind(index: dict) -> str:
+    """A saved pipeline's conditioning kind from its model_index.json (`mmgen.conditioning`; none saved: caption)."""
+    return (index.get("conditioning") or {}).get("kind", "caption")
+
+
 def zoo_card(name: str) -> dict:
     """What `mmgen models` shows of a shipped model: its card (paradigm, data, training commands), pipeline
-    class, size (`model_mb`), parameter counts (read from the safetensors headers, nothing loaded) and headline results
-    from its eval.json (held-out / train compositional accuracy, FD-ENL0, decoder passes per image)."""
+    class, conditioning kind, size (`model_mb`), parameter counts (read from the safetensors headers, nothing loaded)
+    and headline results from its eval.json (held-out / train compositional accuracy, FD-ENL0, decoder passes per image)."""
     d = resolve_model(name)
     card = json.loads((d / "card.json").read_text()) if (d / "card.json").is_file() else {}
     params = {}
     for f in sorted(d.glob("*/*.safetensors")):
         with safe_open(f, "pt") as st:
             params[f.parent.name] = sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    row = {"name": d.name, "pipeline": json.loads((d / "model_index.json").read_text())["_class_name"], **card,
+    index = json.loads((d / "model_index.json").read_text())
+    row = {"name": d.name, "pipeline": index["_class_name"], **card, "conditioning": conditioning_kind(index),
            "guidance_scale": default_guidance_scale(d), "parameters": params,
            "size_mb": round(model_mb(d), 1)}
     if (d / "eval.json").is_file():
@@ -88,4 +94,4 @@ def zoo_card(name: str) -> dict:
     return row
 
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_NAME", "ZOO_DIR", "default_guidance_scale", "resolve_model", "zoo_card", "zoo_models", "zoo_names"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_NAME", "ZOO_DIR", "conditioning_kind", "default_guidance_scale", "resolve_model", "zoo_card", "zoo_models", "zoo_names"]
