@@ -1,6 +1,6 @@
 """Datasets: procedural captioned shapes (with a compositional held-out split), Fashion-MNIST, Twemoji, country
-flags, named icons, and an image folder + captions. Every item is {"image": float (3, S, S) in [-1, 1],
-"caption": str, ...}."""
+flags, named icons, an image folder + captions and an ImageNet-style class folder. Every item is
+{"image": float (3, S, S) in [-1, 1], "caption": str, ...}."""
 
 import torch
 
@@ -8,7 +8,7 @@ from mmgen.data.emoji import Twemoji
 from mmgen.data.fashion_mnist import CLASSES as FASHION_CLASSES
 from mmgen.data.fashion_mnist import FashionMNIST
 from mmgen.data.flags import Flags
-from mmgen.data.folder import ImageCaptionFolder
+from mmgen.data.folder import ImageCaptionFolder, ImageClassFolder
 from mmgen.data.icons import Icons
 from mmgen.data.shapes import (CATEGORIES, COLORS, HELDOUT_PAIRS, SHAPES, SIZES, ObjectSpec, Scene,
                                ShapesDataset, all_caption_words, heldout_prompts, render, sample_scene,
@@ -25,6 +25,7 @@ class ConcatCaptions(torch.utils.data.ConcatDataset):
 
 __all__ = [
     "CATEGORIES", "COLORS", "FASHION_CLASSES", "HELDOUT_PAIRS", "SHAPES", "SIZES", "ConcatCaptions", "FashionMNIST",
-    "Flags", "Icons", "ImageCaptionFolder", "ObjectSpec", "Scene", "ShapesDataset", "Twemoji", "all_caption_words",
+    "Flags", "Icons", "ImageCaptionFolder", "ImageClassFolder", "ObjectSpec", "Scene", "ShapesDataset", "Twemoji",
+    "all_caption_words",
     "heldout_prompts", "render", "sample_scene", "train_prompts",
 ]

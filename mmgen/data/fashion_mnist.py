@@ -108,6 +108,11 @@ class FashionMNIST(torch.utils.data.Dataset):
         return len(self.labels)
 
     @property
+    def classes(self) -> tuple[str, ...]:
+        """The class names, label order (class-conditional training reads `labels` and `classes`)."""
+        return CLASSES
+
+    @property
     def captions(self) -> list[str]:
         """All captions, without converting any image."""
         names = [caption_for(k, self.caption_mode) for k in range(len(CLASSES))]

@@ -1,8 +1,13 @@
-"""A user's own images: a folder plus `captions.jsonl` holding one {"file": ..., "caption": ...} per line.
+"""A user's own images, in the field's two layouts:
 
-Items match `ShapesDataset`: {"image": float tensor (3, S, S) in [-1, 1], "caption": str}. Images are converted
-to RGB, resized so the shorter side is S, and center-cropped to S x S (the usual text-to-image preprocessing).
-The index is read and every listed file checked at construction, so a typo fails before training starts.
+- `ImageCaptionFolder`: a folder plus `captions.jsonl` holding one {"file": ..., "caption": ...} per line;
+- `ImageClassFolder`: ImageNet's (torchvision `ImageFolder`'s) `root/train/<class>/*.JPEG|png`, one directory per
+  class, labels numbered in the sorted order of the class directories.
+
+Items match `ShapesDataset`: {"image": float tensor (3, S, S) in [-1, 1], "caption": str} (+ "label" for class
+folders, whose caption is the class name). Images are converted to RGB, resized so the shorter side is S, and
+center-cropped to S x S (the usual preprocessing). The index is read and every listed file checked at
+construction, so a typo fails before training starts.
 """
 
 from __future__ import annotations
@@ -67,3 +72,51 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         with Image.open(path) as img:
             img = resize_center_crop(img.convert("RGB"), self.image_size)
         return {"image": to_tensor(img), "caption": caption}
+
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".webp", ".bmp")
+
+
+class ImageClassFolder(torch.utils.data.Dataset):
+    """`root/<split>/<class>/<image>` (or `root/<class>/<image>` when `root` has no `<split>` directory)."""
+
+    def __init__(self, root: str | Path, image_size: int = 64, split: str = "train"):
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"root {str(root)!r} is not a directory")
+        if not (root / split).is_dir() and (root / "train").is_dir():
+            raise FileNotFoundError(f"{str(root)!r} has no {split!r} split directory")
+        self.root = root / split if (root / split).is_dir() else root
+        self.image_size = image_size
+        class_dirs = sorted(d for d in self.root.iterdir() if d.is_dir())
+        if not class_dirs:
+            raise ValueError(f"{str(self.root)!r} has no class directories (expected <class>/<image> files, "
+                             f"e.g. {self.root}/n01440764/x.JPEG)")
+        self.classes = tuple(d.name for d in class_dirs)
+        self.items: list[tuple[Path, int]] = []
+        for label, d in enumerate(class_dirs):
+            files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"class directory {str(d)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            self.items += [(f, label) for f in files]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def labels(self) -> list[int]:
+        return [c for _, c in self.items]
+
+    @property
+    def captions(self) -> list[str]:
+        """Each image's class name as its caption (`_` read as a space), for caption-conditioned training."""
+        names = [n.replace("_", " ") for n in self.classes]
+        return [names[c] for _, c in self.items]
+
+    def __getitem__(self, i: int) -> dict:
+        path, label = self.items[i]
+        with Image.open(path) as img:
+            img = resize_center_crop(img.convert("RGB"), self.image_size)
+        return {"image": to_tensor(img), "caption": self.classes[label].replace("_", " "), "label": label}

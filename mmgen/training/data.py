@@ -65,7 +65,7 @@ def all_images(dataset, batch_size: int = 256, workers: int = 0):
     return iter(loader)
 
 
-DATASET_NAMES = ("shapes", "folder", "fashion_mnist", "emoji", "shapes+emoji", "flags", "icons")
+DATASET_NAMES = ("shapes", "folder", "imagefolder", "fashion_mnist", "emoji", "shapes+emoji", "flags", "icons")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class DataConfig:
     size: int = 20000  # shapes: scenes per split; fashion_mnist: a seeded subset of at most this many per split
     seed: int = 0
     image_size: int = 64
-    root: str | None = None  # folder dataset: directory with captions.jsonl
+    root: str | None = None  # folder: directory with captions.jsonl; imagefolder: root/train/<class>/<image>
     caption_mode: str = "caption"  # fashion_mnist: "caption" ("a photo of a sneaker") or "class" ("sneaker")
     include_flags: bool = False  # emoji, shapes+emoji: keep the flag emoji too
     emoji_repeat: int = 1  # shapes+emoji: the Twemoji set appears this many times, to set its share of the mix
@@ -94,7 +94,8 @@ def image_fields(cfg: DataConfig) -> dict:
 def make_dataset(cfg: DataConfig, split: str = "train"):
     """The run's data set; `split` "heldout" is the evaluation side: shapes' held-out (color, shape) pairs, the
     Fashion-MNIST test set, the Twemoji, flag and icon test names (the folder data set has one split)."""
-    from mmgen.data import ConcatCaptions, FashionMNIST, Flags, Icons, ImageCaptionFolder, ShapesDataset, Twemoji
+    from mmgen.data import (ConcatCaptions, FashionMNIST, Flags, Icons, ImageCaptionFolder, ImageClassFolder,
+                            ShapesDataset, Twemoji)
 
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -105,6 +106,11 @@ def make_dataset(cfg: DataConfig, split: str = "train"):
         if not cfg.root:
             raise ValueError("data.root must name a directory with captions.jsonl when data.name is 'folder'")
         return ImageCaptionFolder(cfg.root, image_size=cfg.image_size)
+    if cfg.name == "imagefolder":
+        if not cfg.root:
+            raise ValueError("data.root must name an ImageNet-style folder (root/train/<class>/<image>) when "
+                             "data.name is 'imagefolder'")
+        return ImageClassFolder(cfg.root, image_size=cfg.image_size, split="train" if split == "train" else "val")
     if cfg.name == "fashion_mnist":
         from mmgen.data.fashion_mnist import load_split
         available = len(load_split(real_split)[1])
