@@ -32,6 +32,15 @@ embeddings, aligner and head train on the images' codes from its own frozen VQ-V
 generation size), captions prompted as its processor does; `<out_dir>/pipeline` is the fine-tuned model and
 processor in the transformers layout (`from_pretrained`). `tokenizer`, `model`, `flow` and `max_text_len` do not apply.
 
+`condition.kind` (`mmgen.conditioning`) is what the decoder is conditioned on, with any paradigm: `caption` (the
+default: the data's captions through a word-level tokenizer), `class` (the data's class labels: one prefix token per
+image, whatever `max_text_len` says, and <null> for CFG; needs labelled data: `data.name=imagefolder
+data.root=DIR` for an ImageNet-style `DIR/train/<class>/*.JPEG|png` folder, or `data.name=fashion_mnist`) or
+`unconditional`:
+
+    python scripts/train_generator.py --config configs/generator_shapes.yaml data.name=imagefolder \
+        data.root=data/fashion-folder condition.kind=class
+
 Steps: train the word-level text tokenizer on the captions, encode every training image once with the frozen
 tokenizer (cached under the run directory), then the usual loop. Checkpoints every `train.ckpt_every` steps
 (safetensors + JSON); a re-run of the same command resumes from the last one. At the end the whole pipeline
@@ -52,11 +61,13 @@ from safetensors.torch import load_file
 
 from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.targets import alignment_targets, cached_alignment_targets
+from mmgen.conditioning import ConditionConfig, check_kind, run_conditioning
 from mmgen.paradigms import next_token
 from mmgen.paradigms.protocol import FlowConfig, ModelConfig
 from mmgen.pipelines import PARADIGMS, load_visual_tokenizer, resolve_paradigm, save_pipeline
+from mmgen.pipelines.registry import check_condition
 from mmgen.pipelines.transformers_models import transformers_model_type
-from mmgen.text import UnifiedVocab, encode_prompts
+from mmgen.text import UnifiedVocab
 from mmgen.training.checkpoint import init_backbone, latest_checkpoint
 from mmgen.training.data import DataConfig, encode_dataset, image_fields, make_dataset, run_text_tokenizer
 from mmgen.training.loop import Run, cosine_lr, load_run_config
@@ -100,6 +111,7 @@ class GeneratorRunConfig:
     init_backbone_from: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
@@ -189,9 +201,9 @@ def main(argv=None):
     paradigm = entry.module
     vq = load_visual_tokenizer(name, cfg.tokenizer).to(device)  # the pipeline's component, float32 and frozen
     tok = as_visual_tokenizer(vq)  # its protocol view: encode_tokens, token_shape, vocab_size
+    kind = check_kind(cfg.condition.kind)
+    check_condition(name, kind)
     dataset = make_dataset(cfg.data)
-    captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
-        else list(dataset.captions)
     if cfg.init_from is not None and cfg.init_backbone_from is not None:
         raise ValueError("set init_from (the same decoder, continued) or init_backbone_from (another decoder's "
                          "trunk), not both")
@@ -203,18 +215,23 @@ def main(argv=None):
                     if (kind := transformers_model_type(init_dir)) in FINETUNE else "")
             raise FileNotFoundError(f"{init_arg} {init!r} is not a saved pipeline directory "
                                     f"(no transformer/){hint}")
-        if run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
+        if kind == "caption" and run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
             shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
         run.accelerator.wait_for_everyone()
-    text_tokenizer = run_text_tokenizer(cfg.data, captions, out, run.is_main)
-    text_ids = encode_prompts(text_tokenizer, captions, cfg.max_text_len)
+    text_tokenizer = captions = None
+    if kind == "caption":
+        captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
+            else list(dataset.captions)
+        text_tokenizer = run_text_tokenizer(cfg.data, captions, out, run.is_main)
+    # condition ids per image: caption words, [1 + class], or [] (<null>), in the vocabulary's first rows
+    conditioning, text_ids = run_conditioning(cfg.condition, dataset, captions, text_tokenizer, cfg.max_text_len)
 
     encoding = tok.kind  # paradigms reading the same kind of tokens share the cache
     key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
     codes = encode_dataset(lambda imgs: tok.encode_tokens(imgs.to(device)), dataset,
                            out / "codes.safetensors", key, workers=cfg.train.data_workers)
-    vocab = UnifiedVocab(text_vocab_size=len(text_tokenizer), image_vocab_size=tok.vocab_size)
-    layout = paradigm.make_layout(tok, vocab, cfg.max_text_len, cfg.model, cfg.flow)
+    vocab = UnifiedVocab(text_vocab_size=conditioning.vocab_size, image_vocab_size=tok.vocab_size)
+    layout = paradigm.make_layout(tok, vocab, conditioning.max_len, cfg.model, cfg.flow)
     model = paradigm.make_model(layout, cfg.model, cfg.flow)
     align = cfg.alignment
     align.validate(cfg.model.n_layers)
@@ -250,7 +267,8 @@ def main(argv=None):
             model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
             run.print(f"decoder initialised from {init}")
         else:
-            copied, fresh = init_backbone(model, weights, shared_rows=vocab.image_offset)  # same caption ids
+            # the same caption ids; class rows and the specials after them start fresh
+            copied, fresh = init_backbone(model, weights, shared_rows=vocab.image_offset if kind == "caption" else 0)
             run.print(f"decoder trunk initialised from {init}: {len(copied)} tensors copied, {len(fresh)} fresh "
                       f"({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its {len(weights)} not used")
     train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt})
@@ -263,8 +281,11 @@ def main(argv=None):
                          f"in an unsharded run (train.fsdp=false)")
 
     def save(decoder, directory: Path) -> None:
+        extra = {"conditioning": conditioning.config()} if kind != "caption" else {}
+        if kind == "unconditional":
+            extra["default_guidance_scale"] = 1.0  # nothing to guide by
         pipe = entry.pipeline(transformer=decoder.eval().cpu(), tokenizer=text_tokenizer,
-                              max_text_len=cfg.max_text_len, **{entry.component: vq.cpu()})
+                              max_text_len=conditioning.max_len, **{entry.component: vq.cpu()}, **extra)
         save_pipeline(pipe, directory)  # atomic, with checksums.json
 
     # plain next-token: every text block padded once, on the device (a step then only gathers rows)
