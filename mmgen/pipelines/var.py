@@ -1,0 +1,155 @@
+"""Class-conditional next-scale sampling with VAR's released models (Tian et al., 2024, arXiv 2404.02905), as a
+diffusers pipeline: `VARTransformer` + `VARVQVAE`, usually written by `mmgen convert var`.
+
+The loop is VAR's `autoregressive_infer_cfg`, step for step: the class embeddings (conditional rows, then the null
+class) start the sequence; per scale k of K one cached pass gives logits, guided as (1 + t) c - t u with
+t = (guidance_scale - 1) k / (K - 1) (VAR's ramp; its `cfg` is guidance_scale - 1), filtered by top-k then top-p,
+sampled; the chosen codes' embeddings enter the VQ's f_hat (bicubic upsampling, phi) and f_hat at the next
+scale's size is the next input. f_hat is decoded at the end.
+
+Draws: VAR's `torch.multinomial` over the filtered probabilities is, for one sample per row, the race
+argmax(p / E) with E ~ Exp(1) from its generator; here each image races with its own generator, so an image does
+not depend on its batch, and `generator=[torch.Generator().manual_seed(s)]` for one image draws exactly what VAR
+draws with `g_seed=s` (`mmgen generate --seed s`: image i is VAR's batch of one with seed s + i). Greedy and
+seeded samples equal VAR's own code token for token (`tests/test_var_convert.py`).
+
+It is not the `next_scale` paradigm: VAR conditions on classes through AdaLN with absolute positions, where that
+paradigm's decoder reads text through RoPE.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+
+from mmgen.conditioning import ClassConditioning
+from mmgen.models.var import VARTransformer
+from mmgen.pipelines.base import (MAX_IMAGES_PER_CALL, OUTPUT_TYPES, ARPipelineOutput, SavedDirectory,
+                                  per_image_generators)
+from mmgen.sampling.logits import SamplingConfig, sample, top_k_filter
+from tokenizers_vis.var_vqvae import VARVQVAE
+
+VAR_GUIDANCE_SCALE = 2.5  # VAR's FID setting cfg 1.5, in mmgen's convention (1 = no guidance)
+
+
+def guidance_ramp(guidance_scale: float, k: int, K: int, schedule: str) -> float:
+    """VAR's t at scale k: the weight on (c - u) beyond the conditional logits. "linear" ramps it from 0 to
+    guidance_scale - 1 over the scales, as VAR does; "constant" keeps it at guidance_scale - 1."""
+    cfg = guidance_scale - 1
+    return cfg * (k / (K - 1)) if schedule == "linear" else cfg
+
+
+def var_top_p_filter(logits_BlV: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering in VAR's arithmetic: a token goes when the probability mass of the tokens at or below it
+    (an ascending cumulative sum) is at most 1 - p; the most likely token always stays. The same rule as
+    `mmgen.sampling.logits.top_p_filter`, summed from the other end, so the boundary rounds as in VAR."""
+    sorted_logits, order = logits_BlV.sort(dim=-1, descending=False)
+    drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - p
+    drop[..., -1] = False
+    return logits_BlV.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+class VARPipeline(SavedDirectory, DiffusionPipeline):
+    # the keyword options of `__call__` beyond the labels, count, generator and output, with their defaults
+    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": 900, "top_p": 0.96, "cfg_schedule": "linear"}
+
+    def __init__(self, transformer: VARTransformer, vq_model: VARVQVAE,
+                 default_guidance_scale: float = VAR_GUIDANCE_SCALE):
+        super().__init__()
+        if tuple(transformer.config.patch_nums) != tuple(vq_model.config.patch_nums):
+            raise ValueError(f"transformer patch_nums {tuple(transformer.config.patch_nums)} differ from the VQVAE's "
+                             f"{tuple(vq_model.config.patch_nums)}")
+        if (transformer.config.vocab_size, transformer.config.vae_dim) != (vq_model.vocab_size,
+                                                                           vq_model.feature_dim):
+            raise ValueError(f"transformer (vocab {transformer.config.vocab_size}, code width "
+                             f"{transformer.config.vae_dim}) does not fit the VQVAE (vocab {vq_model.vocab_size}, "
+                             f"code width {vq_model.feature_dim})")
+        self.register_modules(transformer=transformer, vq_model=vq_model)
+        self.register_to_config(default_guidance_scale=default_guidance_scale)
+        self.condition = ClassConditioning(transformer.config.num_classes)  # VAR's null class is num_classes
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @property
+    def visual_tokenizer(self) -> VARVQVAE:
+        return self.vq_model
+
+    def check_labels(self, class_labels, num_images_per_prompt: int) -> list[int]:
+        labels = self.condition.labels(class_labels.tolist() if torch.is_tensor(class_labels) else class_labels)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or not 1 <= num_images_per_prompt * len(labels) <= MAX_IMAGES_PER_CALL:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
+                             f"images per call, got {num_images_per_prompt} for {len(labels)} class label(s)")
+        return [c for c in labels for _ in range(num_images_per_prompt)]
+
+    def sample_scale(self, logits_BlV: torch.Tensor, sampling: SamplingConfig, generators) -> torch.Tensor:
+        """One scale's ids (B, l): temperature (VAR has none: 1), top-k, top-p, then one Exp(1) race per image
+        from its own generator; temperature 0 is greedy."""
+        B, l, V = logits_BlV.shape
+        if sampling.temperature == 0:
+            return logits_BlV.argmax(-1)
+        logits = logits_BlV if sampling.temperature == 1 else logits_BlV / sampling.temperature
+        if sampling.top_k is not None:
+            logits = top_k_filter(logits, sampling.top_k)
+        if sampling.top_p is not None:
+            logits = var_top_p_filter(logits, sampling.top_p)
+        noise = torch.stack([torch.empty(l, V, device=g.device).exponential_(generator=g) for g in generators])
+        return sample(logits.reshape(B * l, V), None, noise_BV=noise.to(logits.device).reshape(B * l, V)).view(B, l)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int],
+        num_images_per_prompt: int = 1,
+        guidance_scale: float | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = 900,
+        top_p: float | None = 0.96,
+        cfg_schedule: str = "linear",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Generate images of `class_labels` (ints in [0, num_classes)), one decoder pass per scale.
+
+        guidance_scale: 1 is no guidance; VAR's `cfg` c is guidance_scale = 1 + c (default: the saved
+        `default_guidance_scale`, 2.5 = VAR's cfg 1.5). cfg_schedule "linear" is VAR's ramp over the scales,
+        "constant" guides every scale fully. top_k / top_p default to VAR's FID settings (900, 0.96); None turns
+        one off. `tokens` in the output are all scales' codes, raster, concatenated coarse to fine (N, L)."""
+        labels = self.check_labels(class_labels, num_images_per_prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
+        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
+        schedule = sampling.schedule("linear")
+        B, model, vq = len(labels), self.transformer, self.vq_model
+        gens = per_image_generators(generator, B)
+        guided = guidance_scale != 1
+        label_R = torch.tensor(labels + [model.null_class] * B * guided, device=model.device)
+        cond_RD = model.class_emb(label_R)
+        x_RlC, cache, f_hat, tokens = model.start_input(cond_RD), model.new_cache(), None, []
+        K = len(model.patch_nums)
+        with self.progress_bar(total=K) as bar:
+            for k, s in enumerate(model.patch_nums):
+                logits_RlV = model(x_RlC, cond_RD, cache=cache)
+                if guided:
+                    t = guidance_ramp(guidance_scale, k, K, schedule)
+                    # VAR's own arithmetic, (1 + t) c - t u, so greedy ties fall as in its code
+                    logits_BlV = (1 + t) * logits_RlV[:B] - t * logits_RlV[B:]
+                else:
+                    logits_BlV = logits_RlV
+                ids_Bl = self.sample_scale(logits_BlV, sampling, gens)
+                tokens.append(ids_Bl)
+                f_hat, f_next = vq.next_input(f_hat, ids_Bl.view(B, s, s), k)
+                if f_next is not None:
+                    x_RlC = model.scale_input(f_next, k + 1).repeat(1 + guided, 1, 1)
+                bar.update()
+        tokens = torch.cat(tokens, 1)
+        images = vq.fhat_to_img(f_hat)
+        if output_type != "pt":
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        L = tokens.shape[1]
+        if not return_dict:
+            return images, tokens, K
+        return ARPipelineOutput(images=images, tokens=tokens, decoder_passes=K, step_compression=L / K,
+                                mean_accepted_length=L / K)
