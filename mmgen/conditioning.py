@@ -128,8 +128,12 @@ class ClassConditioning:
             if clean_class_name(value) in cleaned:
                 return cleaned.index(clean_class_name(value))
         elif not isinstance(value, (bool, str, float)) and hasattr(value, "__index__"):  # int, numpy / torch ints
-            if 0 <= value.__index__() < self.num_classes:
-                return value.__index__()
+            try:
+                index = value.__index__()
+            except TypeError:  # a float tensor, a tensor of several values
+                index = -1
+            if 0 <= index < self.num_classes:
+                return index
         raise ValueError(f"class_labels entries must be {self.accepted()}; got {value!r}")
 
     def labels(self, class_labels) -> list[int]:
@@ -137,6 +141,8 @@ class ClassConditioning:
         if class_labels is None:
             raise ValueError(f"class_labels is required: this model is class-conditional; pass "
                              f"{self.accepted()}, or a list of them")
+        if getattr(class_labels, "ndim", 0) == 1:  # a 1-d numpy array or torch tensor of labels
+            class_labels = class_labels.tolist()
         items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
         if not items:
             raise ValueError("class_labels must not be an empty list")

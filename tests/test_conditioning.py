@@ -58,6 +58,7 @@ def test_each_kind_maps_a_call_to_condition_ids():
     assert (cls.vocab_size, cls.max_len) == (4, 1)
     assert cls.condition_ids(class_labels=[0, "Ankle_Boot", 1]) == [[1], [3], [2]]
     assert cls.condition_ids(class_labels=2) == [[3]] and cls.condition_ids(class_labels=torch.tensor(1)) == [[2]]
+    assert cls.condition_ids(class_labels=torch.tensor([2, 0])) == [[3], [1]]
     assert ClassConditioning(5).condition_ids(class_labels=[4]) == [[5]]
     assert Unconditional().condition_ids() == [[]] and Unconditional().vocab_size == 1
     tok = train_text_tokenizer(["a red circle"])
@@ -73,7 +74,7 @@ def test_each_kind_maps_a_call_to_condition_ids():
 
 def test_bad_conditioning_is_refused_by_name():
     cls = ClassConditioning(3, NAMES)
-    for bad in (3, -1, True, 1.0, "cow", None, [0, 7]):
+    for bad in (3, -1, True, 1.0, "cow", None, [0, 7], torch.tensor(0.0), torch.tensor([0.0, 1.0])):
         with pytest.raises(ValueError, match=r"class_labels .*integer in \[0, 2\] or a class name \('cat'"):
             cls.condition_ids(class_labels=bad)
     with pytest.raises(ValueError, match="class_labels must not be an empty list"):
