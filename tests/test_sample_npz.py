@@ -151,3 +151,34 @@ def test_bad_flags_exit_2_with_the_flag_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample_npz.main(["--help"])
     assert e.value.code == 0 and "accelerate launch" in capsys.readouterr().out
+
+
+def test_a_class_conditional_pipeline_is_sampled_by_class_labels_into_arr_1(tmp_path, capsys):
+    """A real (tiny) class-conditional NextTokenPipeline through the script: the classes come from its conditioning,
+    each image from `class_labels=` with its own seed, the labels in `arr_1`."""
+    from conftest import BACKBONE, tiny_vqgan
+    from mmgen.conditioning import ClassConditioning
+    from mmgen.models.transformer import Transformer
+    from mmgen.pipelines import NextTokenPipeline, save_pipeline
+    from mmgen.pipelines.base import generators_from_seed
+    from mmgen.text import UnifiedVocab
+
+    cond, vq = ClassConditioning(3), tiny_vqgan()
+    vocab = UnifiedVocab(text_vocab_size=cond.vocab_size, image_vocab_size=vq.vocab_size)
+    decoder = Transformer(vocab_size=vocab.size, max_seq_len=32, **BACKBONE)
+    pipe = NextTokenPipeline(transformer=decoder.eval(), vq_model=vq.eval(), tokenizer=None, max_text_len=1,
+                             conditioning=cond.config())
+    save_pipeline(pipe, tmp_path / "model")
+    out = tmp_path / "c2i.npz"
+    assert sample_npz.main(["--model", str(tmp_path / "model"), "--out", str(out), "--per-class", "2",
+                            "--batch-size", "1", "--shard-size", "2", "--seed", "3", "--json"],
+                           state=sample_npz.SingleProcess()) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["kind"] == "class" and report["conditions"] == "class ids 0..2"
+    with np.load(out) as d:
+        assert d["arr_1"].tolist() == [0, 0, 1, 1, 2, 2] and d["arr_0"].shape == (6, 16, 16, 3)
+        pipe.set_progress_bar_config(disable=True)
+        for i in (1, 4):
+            image = pipe(class_labels=[i // 2], generator=generators_from_seed(3 + i, 1)).images[0]
+            assert np.array_equal(d["arr_0"][i], np.asarray(image.convert("RGB")))
+        assert not np.array_equal(d["arr_0"][0], d["arr_0"][1])
