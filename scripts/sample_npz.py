@@ -44,6 +44,7 @@ from mmgen.zoo import resolve_model
 
 KINDS = ("caption", "class")
 MANIFEST = "manifest.json"
+POLL_SECONDS = 2.0  # process 0 checks this often for the other processes' shards
 
 
 class SingleProcess:
@@ -187,15 +188,24 @@ def sample_to_npz(pipe, conditions: list, per: int, out: str | Path, kind: str |
             with atomic_path(shard_path(out, k)) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **arrays)
     seconds = time.perf_counter() - t0
-    state.wait_for_everyone()
     part = {"process": state.process_index, "shards": len(mine), "generated_shards": len(todo),
             "seconds": round(seconds, 2)}
     if not state.is_main_process:
         return part
-
+    # the shard files are the synchronisation: a collective barrier would time out (30 min) while a process
+    # that resumed with fewer shards waits for the others; a failed process stops the whole launch anyway
+    missing = [k for k in range(len(shards)) if not shard_path(out, k).is_file()]
+    with tqdm(total=len(shards), initial=len(shards) - len(missing), desc="waiting for the other processes",
+              unit="shard", disable=not (progress and missing)) as bar:
+        while missing:
+            time.sleep(POLL_SECONDS)
+            done = [k for k in missing if shard_path(out, k).is_file()]
+            bar.update(len(done))
+            missing = [k for k in missing if k not in done]
     for k, items in enumerate(shards):
         if not _shard_done(shard_path(out, k), items):
-            raise RuntimeError(f"shard {k} ({str(shard_path(out, k))!r}) is missing after every process finished")
+            raise RuntimeError(f"shard {k} ({str(shard_path(out, k))!r}) does not hold images {items.start}.."
+                               f"{items.stop - 1}; delete it and run again")
     with np.load(shard_path(out, 0)) as d:
         h, w, c = d[IMAGES].shape[1:]
 
@@ -295,6 +305,8 @@ def main(argv=None, state=None) -> int:
                                model=args.model, keep_shards=args.keep_shards, progress=not args.json, state=state)
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"sample_npz.py: error: {e}\n")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if state.is_main_process:
         print(json.dumps(report, indent=2) if args.json else f"wrote {report['out']}: {report['shape']}")
     return 0

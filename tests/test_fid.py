@@ -248,3 +248,33 @@ def test_fid_inception_file_gives_torchmetrics_features_and_never_downloads(rand
         expected = theirs(torch.from_numpy(a).permute(0, 3, 1, 2))
     assert torch.allclose(pool, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
     assert pool.std() > 0.05  # features that carry something (He-initialised), not a collapsed network
+
+
+def test_images_to_npz_packs_class_folders_with_adm_center_crops(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "images_to_npz.py"
+    spec = importlib.util.spec_from_file_location("images_to_npz_script", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from PIL import Image
+
+    wide = np.zeros((16, 48, 3), np.uint8)
+    wide[:, :] = (255, 0, 0)
+    wide[:, 16:32] = (0, 255, 0)  # the center third: what a center crop keeps
+    for rel, arr in (("cat/a.png", wide), ("cat/b.png", np.full((40, 40, 3), 9, np.uint8)),
+                     ("dog/c.jpg", np.full((8, 8, 3), 200, np.uint8))):
+        (tmp_path / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(tmp_path / "data" / rel)
+    out = tmp_path / "ref.npz"
+    assert mod.main([str(tmp_path / "data"), "--out", str(out), "--size", "8", "--labels", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["classes"] == ["cat", "dog"]
+    with np.load(out) as d:
+        assert d["arr_0"].shape == (3, 8, 8, 3) and d["arr_1"].tolist() == [0, 0, 1]
+        assert (d["arr_0"][0, :, 2:6, 1] > 200).all() and (d["arr_0"][0, :, 2:6, 0] < 50).all()
+        assert (d["arr_0"][1] == 9).all()
+    with pytest.raises(SystemExit) as e:
+        mod.main([str(tmp_path / "data" / "cat"), "--out", str(tmp_path / "x.npz"), "--labels"])
+    assert e.value.code == 2 and "--labels needs ImageNet-style class folders" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
