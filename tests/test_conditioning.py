@@ -278,3 +278,29 @@ def test_class_conditional_training_on_a_labelled_folder_then_generate(tmp_path,
     with pytest.raises(SystemExit) as exit_:
         cli.main(["generate", "--class-label", "1", "--out", str(out)])  # the default model is a caption model
     assert exit_.value.code == 2 and "--class-label does not apply" in capsys.readouterr().err
+
+
+def test_fashion_class_accuracy_draws_a_class_model_by_class_name():
+    """`mmgen eval --data fashion_mnist` on a class-conditional model asks for each Fashion-MNIST class by name (a
+    folder's "ankle_boot" is "ankle boot"); a judge that always answers class 0 scores exactly 1/10."""
+    from mmgen.data.fashion_mnist import CLASSES
+    from mmgen.eval.harness import evaluate_pipeline
+
+    names = tuple(sorted(n.replace(" ", "_") for n in CLASSES))  # as make_imagefolder writes them
+    cond = ClassConditioning(10, names)
+    entry, component, _, _, model = parts("next_token", cond)
+    pipe = entry.pipeline(transformer=model.eval(), tokenizer=None, max_text_len=1, conditioning=cond.config(),
+                          vq_model=component)
+    asked = []
+    call = type(pipe).__call__
+    pipe.__class__ = type("Spy", (type(pipe),), {"__call__": lambda self, **kw: asked.extend(kw["class_labels"])
+                                                 or call(self, **kw)})
+
+    class Zero:
+        def predict(self, x):
+            return torch.zeros(len(x), dtype=torch.long)
+
+    result = evaluate_pipeline(pipe, data="fashion_mnist", per_category=1, classifier=Zero(), progress=False)
+    assert asked == list(CLASSES)
+    acc = result["class_accuracy"]
+    assert acc["n"] == 10 and acc["accuracy"] == 0.1 and acc["per_class"]["t-shirt"] == 1.0

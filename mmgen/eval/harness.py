@@ -69,16 +69,17 @@ class _Meter:
         return out
 
 
-def _generate(pipe, prompts: list[str], batch_size: int, seed: int, meter: _Meter, progress: bool, desc: str,
-              sampling: dict) -> tuple[list, float]:
-    """Images for `prompts` (image i seeded seed + i) and the seconds they took."""
+def _generate(pipe, prompts: list, batch_size: int, seed: int, meter: _Meter, progress: bool, desc: str,
+              sampling: dict, condition: str = "prompt") -> tuple[list, float]:
+    """Images for `prompts` (image i seeded seed + i) and the seconds they took; `condition`: the call argument they
+    go to ("class_labels" for a class-conditional model)."""
     from mmgen.pipelines.base import generators_from_seed
 
     images, seconds = [], 0.0
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False, disable=not progress):
         chunk = prompts[i:i + batch_size]
         t0 = time.perf_counter()
-        out = pipe(prompt=chunk, generator=generators_from_seed(seed + i, len(chunk)), **sampling)
+        out = pipe(**{condition: chunk}, generator=generators_from_seed(seed + i, len(chunk)), **sampling)
         seconds += time.perf_counter() - t0
         images.extend(out.images)
         meter.passes += out.decoder_passes * len(chunk)
@@ -168,8 +169,12 @@ def _class_accuracy(pipe, per_category: int, batch_size: int, seed: int, device,
     if isinstance(classifier, torch.nn.Module):
         classifier = classifier.to(device).eval()
     labels = [c for c in range(len(CLASSES)) for _ in range(per_category)]
-    images, seconds = _generate(pipe, [caption_for(c) for c in labels], batch_size, seed, meter,
-                                progress, "fashion_mnist", sampling)
+    if getattr(getattr(pipe, "condition", None), "kind", None) == "class":  # `mmgen.conditioning`: by class name
+        conditions, condition = [CLASSES[c] for c in labels], "class_labels"
+    else:
+        conditions, condition = [caption_for(c) for c in labels], "prompt"
+    images, seconds = _generate(pipe, conditions, batch_size, seed, meter, progress, "fashion_mnist", sampling,
+                                condition)
     side = getattr(getattr(classifier, "config", None), "image_size", None)
     if side is not None and images[0].size != (side, side):
         # a model of another resolution is judged at the classifier's (bicubic, as `retokenize` resizes)
@@ -191,7 +196,8 @@ def evaluate_pipeline(pipe, data: str = "shapes", per_category: int = 50, splits
 
     shapes: compositional accuracy per split in `splits` ({"accuracy", "n", "per_category", "per_check",
     "seconds_per_image"} under "splits"), `per_category` prompts per category and split. fashion_mnist:
-    "class_accuracy" over `per_category` images per class, judged by `classifier` (anything with
+    "class_accuracy" over `per_category` images per class (drawn from the class captions, or by class name from a
+    class-conditional model, whose names must be Fashion-MNIST's), judged by `classifier` (anything with
     `predict(images (B, 3, H, W) in [-1, 1]) -> class ids`; default: the shipped Fashion-MNIST classifier).
     emoji: FD-ENL0 only, so `fd` must be >= 2. With `fd` > 0, "fd_enl0" compares `fd` real training images of the
     data set with images generated from their captions. "speed" sums every generated image: seconds and decoder
