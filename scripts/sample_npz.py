@@ -63,8 +63,8 @@ def _conditioning(pipe):
 
 
 def condition_kind(pipe, asked: str | None = None) -> str:
-    """"class" or "caption": the pipeline's conditioning kind (`pipe.condition.kind`), else what its `__call__` takes (`class_labels=`,
-    `prompt=`), else, where it takes both, `asked` (what the flags given imply)."""
+    """"class" or "caption": the pipeline's conditioning kind (`pipe.condition.kind`), else what its `__call__`
+    takes (`class_labels=`, `prompt=`), else, where it takes both, `asked` (what the flags given imply)."""
     kind = getattr(_conditioning(pipe), "kind", None)
     if kind in KINDS:
         return kind
