@@ -9,8 +9,8 @@ The checkout is imported from where it lies (its `GPT_models`, `VQ_models`, `gen
 copied here. Tiny random configurations are built with its classes, saved as released checkpoints are
 (`torch.save({"model": state_dict})`, float16 to keep the files small; the models run on exactly those
 values), sampled with its `generate` and decoded with its VQ, and the tokens and uint8 pixels (its sample
-scripts' conversion: clamp(127.5 x + 128, 0, 255) -> uint8) are written to reference.npz, the settings of
-every run to reference.json. `tests/test_llamagen.py` converts the checkpoints with `mmgen convert llamagen`
+scripts' conversion: clamp(127.5 x + 128, 0, 255) -> uint8) are written to reference.npz with the VQ's codes
+of two random images, the settings of every run to reference.json. `tests/test_llamagen.py` converts the checkpoints with `mmgen convert llamagen`
 and checks mmgen's pipeline against these files.
 """
 
@@ -142,6 +142,10 @@ def main(argv=None) -> int:
             arrays[f"{key}_pixels"] = pixels(images)
             runs.append({"key": key, "family": family, "batch": batch, **run})
             print(key, tokens.tolist())
+    # the VQ's encoder and codebook lookup: codes of random images in [-1, 1]
+    probe = torch.rand(2, 3, image_size, image_size, generator=g) * 2 - 1
+    _, _, (_, _, codes) = vq.encode(probe)
+    arrays["vq_probe_images"], arrays["vq_probe_codes"] = probe.numpy(), codes.view(2, GRID, GRID).numpy()
     np.savez_compressed(out / "reference.npz", **arrays)
     meta = {"source": "FoundationVision/LlamaGen", "commit": commit, "image_size": image_size, "grid": GRID,
             "gpt": GPT, "num_classes": NUM_CLASSES, "caption_dim": CAPTION_DIM, "caption_tokens": CAPTION_TOKENS,

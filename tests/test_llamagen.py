@@ -7,6 +7,7 @@ the same pixels (mean absolute difference <= 1/255); a variant with the wrong ro
 slots must not.
 """
 
+import argparse
 import itertools
 import json
 import math
@@ -124,11 +125,11 @@ def test_converted_directory(pipes, tmp_path):
     assert c2i.vq_model.token_shape == (META["grid"], META["grid"])
     assert "quantize.codebook_used" not in c2i.vq_model.state_dict()
     assert (c2i.config.default_guidance_scale, t2i.config.default_guidance_scale) == (4.0, 7.5)
-    # the VQ follows the protocol: decode(encode(decode(codes))) is stable for its own decodings
-    codes = torch.from_numpy(REF["c2i_greedy_cfg4_tokens"]).view(-1, META["grid"], META["grid"])
+    # the VQ's encoder gives LlamaGen's codes, and decodes to the protocol's images in [-1, 1]
+    codes = c2i.vq_model.encode_tokens(torch.from_numpy(REF["vq_probe_images"]))
+    np.testing.assert_array_equal(codes.numpy(), REF["vq_probe_codes"])
     images = c2i.vq_model.decode_tokens(codes)
     assert images.shape == (2, 3, META["image_size"], META["image_size"]) and images.abs().max() <= 1
-    assert c2i.vq_model.encode_tokens(images).shape == codes.shape
 
 
 def test_prompt_through_the_text_encoder(pipes):
@@ -202,17 +203,27 @@ def test_swapped_files_and_unsafe_pickles_are_refused(tmp_path, capsys):
     gpt, vq = argv.index("--gpt") + 1, argv.index("--vq") + 1
     argv[gpt], argv[vq] = argv[vq], argv[gpt]
     assert "pass it as --gpt" in cli_error(capsys, argv)
-    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse_namespace()}, tmp_path / "pickled.pt")
+    torch.save({"model": {"w": torch.zeros(2)}, "hook": Unsafe()}, tmp_path / "pickled.pt")
     argv = convert_args("c2i", tmp_path / "out")
     argv[argv.index("--gpt") + 1] = str(tmp_path / "pickled.pt")
     assert "weights_only=True" in cli_error(capsys, argv)
     assert not (tmp_path / "out").exists()
 
 
-def argparse_namespace():
-    import argparse
+class Unsafe:
+    """An arbitrary pickled class: weights_only loading must refuse to rebuild it."""
 
-    return argparse.Namespace(lr=1e-4)  # what training scripts often pickle beside the weights
+
+def test_training_checkpoints_with_their_arguments_convert(tmp_path):
+    """LlamaGen's training scripts save {"model", "optimizer", "steps", "args" (argparse.Namespace), "ema"}."""
+    sd = torch.load(FIXTURES / "gpt_c2i.pt", weights_only=True)["model"]
+    ckpt = {"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}, "optimizer": {"state": {}},
+            "steps": 5000, "args": argparse.Namespace(gpt_model="GPT-B", lr=1e-4), "ema": {"x": torch.zeros(1)}}
+    torch.save(ckpt, tmp_path / "0005000.pt")
+    argv = convert_args("c2i", tmp_path / "out")
+    argv[argv.index("--gpt") + 1] = str(tmp_path / "0005000.pt")
+    assert main(argv) == 0
+    assert torch.equal(load_pipeline(tmp_path / "out").transformer.output.weight, sd["output.weight"].float())
 
 
 def test_t2i_needs_a_text_encoder_and_out_must_be_new(tmp_path, capsys):
@@ -227,23 +238,26 @@ def test_t2i_needs_a_text_encoder_and_out_must_be_new(tmp_path, capsys):
 
 def test_call_errors_name_the_argument(pipes):
     c2i, t2i = pipes["c2i"], pipes["t2i"]
-    with pytest.raises(ValueError, match=r"class_labels \[10\] out of range.*10 classes \(0 to 9\)"):
-        c2i(class_labels=10)
+    with pytest.raises(ValueError, match=r"class_labels entries must be an integer in \[0, 9\]; got 10"):
+        c2i(class_labels=[3, 10])
+    with pytest.raises(ValueError, match="class_labels is required"):
+        c2i()
     with pytest.raises(ValueError, match="class-conditional .*class_labels="):
         c2i(prompt="a red cat")
     with pytest.raises(ValueError, match="text-conditional"):
         t2i(class_labels=3)
     with pytest.raises(ValueError, match="cfg_interval"):
         c2i(class_labels=3, cfg_interval=-2)
-    with pytest.raises(ValueError, match="prompt_embeds must have shape"):
+    with pytest.raises(ValueError, match=r"prompt_embeds must be a tensor of shape \(B, 120, 32\)"):
         t2i(prompt_embeds=torch.zeros(1, 7, META["caption_dim"]))
 
 
-def test_generate_cli_with_a_class_label(converted, tmp_path):
+def test_generate_cli_with_a_class_label(converted, tmp_path, capsys):
     out = tmp_path / "img.png"
     assert main(["generate", "--model", str(converted / "c2i"), "--class-label", "3", "--top-k", "1", "--out", str(out),
                  "--json"]) == 0
     assert out.is_file()
+    assert "--class-label is required" in cli_error(capsys, ["generate", "--model", str(converted / "c2i"), "a cat"])
 
 
 # --- speculative Jacobi decoding through LlamaGenBackend: exact in distribution ---

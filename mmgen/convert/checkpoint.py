@@ -3,6 +3,7 @@ trainers of this field put them."""
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import torch
 
 WEIGHT_KEYS = ("model", "module", "state_dict")  # DDP, DeepSpeed, Lightning-style; else the top level (FSDP)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers left in parameter names
+# training scripts (LlamaGen's, VAR's) save their argparse arguments beside the weights: a plain attribute holder,
+# safe to rebuild, so it is the one class allowed besides weights_only's tensors and containers
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 def load_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
@@ -18,7 +22,8 @@ def load_state_dict(path: str | Path, option: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"{option} {str(path)!r} is not a file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{option} {str(path)!r} is not a checkpoint torch.load can read with weights_only=True "

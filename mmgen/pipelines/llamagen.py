@@ -25,6 +25,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
+from mmgen.conditioning import ClassConditioning
 from mmgen.models.llamagen import LlamaGenGPT
 from mmgen.pipelines.base import (MAX_IMAGES_PER_CALL, OUTPUT_TYPES, ARPipelineOutput, per_image_generators,
                                   sjd_config)
@@ -100,8 +101,8 @@ def multinomial(logits_BV: torch.Tensor, generators: Sequence[torch.Generator], 
 class LlamaGenPipeline(DiffusionPipeline):
     # the keyword options of `__call__` beyond the condition, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "cfg_interval": -1,
-                    "sampler": "ar", "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False,
-                    "sjd_adaptive": False}
+                    "prompt_embeds": None, "prompt_attention_mask": None, "sampler": "ar", "sjd_window": 16,
+                    "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False}
 
     _optional_components = ["text_encoder", "tokenizer"]  # t2i only
 
@@ -117,6 +118,9 @@ class LlamaGenPipeline(DiffusionPipeline):
             else default_guidance_scale,
             default_top_k=defaults["top_k"] if default_top_k is None else default_top_k)
         check_parts(transformer, vq_model, text_encoder, tokenizer)
+        # c2i: the shared class conditioning (checks labels, tells `mmgen generate` it takes --class-label); t2i
+        # prompts go through T5, which the word-level caption conditioning does not cover
+        self.condition = ClassConditioning(transformer.config.num_classes) if kind == "c2i" else None
         self.visual_tokenizer = vq_model
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
@@ -127,18 +131,6 @@ class LlamaGenPipeline(DiffusionPipeline):
     @property
     def default_guidance_scale(self) -> float:
         return self.config.default_guidance_scale
-
-    def class_condition(self, class_labels) -> torch.Tensor:
-        labels = [class_labels] if isinstance(class_labels, int) else class_labels
-        n = self.transformer.config.num_classes
-        if not isinstance(labels, (list, tuple)) or not labels or not all(
-                isinstance(c, int) and not isinstance(c, bool) for c in labels):
-            raise ValueError(f"class_labels must be an int or a non-empty list of ints in [0, {n - 1}], got "
-                             f"{class_labels!r}")
-        bad = [c for c in labels if not 0 <= c < n]
-        if bad:
-            raise ValueError(f"class_labels {bad} out of range: this model has {n} classes (0 to {n - 1})")
-        return torch.tensor(labels, dtype=torch.long, device=self.transformer.device)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,14 +149,15 @@ class LlamaGenPipeline(DiffusionPipeline):
     def caption_condition(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded features and mask -> LlamaGen's left-padded features (padding zeroed) and mask."""
         c = self.transformer.config
-        if embeds.dim() != 3 or embeds.shape[1:] != (c.cls_token_num, c.caption_dim):
-            raise ValueError(f"prompt_embeds must have shape (B, {c.cls_token_num}, {c.caption_dim}), got "
-                             f"{tuple(embeds.shape)}")
+        if not torch.is_tensor(embeds) or embeds.dim() != 3 or embeds.shape[1:] != (c.cls_token_num, c.caption_dim):
+            raise ValueError(f"prompt_embeds must be a tensor of shape (B, {c.cls_token_num}, {c.caption_dim}), got "
+                             f"{tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__}")
+        embeds = embeds.to(self.transformer.device, self.transformer.dtype)
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-        if mask.shape != embeds.shape[:2]:
-            raise ValueError(f"prompt_attention_mask must have shape {tuple(embeds.shape[:2])}, got "
-                             f"{tuple(mask.shape)}")
+        if not torch.is_tensor(mask) or mask.shape != embeds.shape[:2]:
+            raise ValueError(f"prompt_attention_mask must be a tensor of shape {tuple(embeds.shape[:2])}, got "
+                             f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}")
         mask = mask.to(embeds.device).long()
         valid = mask.sum(1)
         # row b: the last valid[b] slots hold the valid features, in order
@@ -173,6 +166,39 @@ class LlamaGenPipeline(DiffusionPipeline):
         left = embeds.gather(1, src[..., None].expand_as(embeds))
         left_mask = mask.flip(-1)
         return left * left_mask[..., None], left_mask.bool()
+
+    def condition_rows(self, class_labels, prompt, prompt_embeds, prompt_attention_mask, k: int, guided: bool):
+        """The condition of every backend row (labels (R,) or caption features (R, T, E); R = 2B when guided:
+        conditional rows, then null rows), which condition slots are real (R, T), and the image count B."""
+        model = self.transformer
+        if self.model_type == "c2i":
+            if prompt is not None or prompt_embeds is not None:
+                raise ValueError("prompt / prompt_embeds: this LlamaGen model is class-conditional (c2i); pass "
+                                 "class_labels= instead")
+            cond = torch.tensor(self.condition.labels(class_labels), device=model.device).repeat_interleave(k)
+            null, valid = torch.full_like(cond, model.null_class), torch.ones(len(cond), 1, dtype=torch.bool)
+        else:
+            if class_labels is not None:
+                raise ValueError("class_labels: this LlamaGen model is text-conditional (t2i); pass prompt= or "
+                                 "prompt_embeds= instead")
+            if (prompt is None) == (prompt_embeds is None):
+                raise ValueError("pass exactly one of prompt= and prompt_embeds= to a text-conditional (t2i) model")
+            if prompt is not None:
+                prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) \
+                    else None
+                if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+                    raise ValueError(f"prompt must be a non-empty string or list of non-empty strings, got {prompt!r}")
+                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
+            feats, valid = self.caption_condition(prompt_embeds, prompt_attention_mask)
+            cond, valid = feats.repeat_interleave(k, 0), valid.repeat_interleave(k, 0)
+            null = model.cls_embedding.uncond_embedding.expand_as(cond)  # unmasked; keys masked as the caption's
+        if len(cond) > MAX_IMAGES_PER_CALL:
+            raise ValueError(f"num_images_per_prompt x conditions gives {len(cond)} images; at most "
+                             f"{MAX_IMAGES_PER_CALL} per call")
+        valid = valid.to(model.device)
+        if not guided:
+            return cond, valid, len(cond)
+        return torch.cat([cond, null]), torch.cat([valid, valid]), len(cond)
 
     @torch.no_grad()
     def __call__(
@@ -213,44 +239,11 @@ class LlamaGenPipeline(DiffusionPipeline):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
         sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, None, 8)
-
-        if self.model_type == "c2i":
-            if prompt is not None or prompt_embeds is not None:
-                raise ValueError("prompt / prompt_embeds: this LlamaGen model is class-conditional (c2i); pass "
-                                 "class_labels= instead")
-            if class_labels is None:
-                raise ValueError("class_labels is required for a class-conditional (c2i) LlamaGen model")
-            labels = self.class_condition(class_labels)
-        else:
-            if class_labels is not None:
-                raise ValueError("class_labels: this LlamaGen model is text-conditional (t2i); pass prompt= or "
-                                 "prompt_embeds= instead")
-            if (prompt is None) == (prompt_embeds is None):
-                raise ValueError("pass exactly one of prompt= and prompt_embeds= to a text-conditional (t2i) model")
-            if prompt is not None:
-                prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) \
-                    else None
-                if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-                    raise ValueError(f"prompt must be a non-empty string or list of non-empty strings, got {prompt!r}")
-                prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
-            feats, cond_valid = self.caption_condition(prompt_embeds.to(model.device, model.dtype),
-                                                       prompt_attention_mask)
-        count = len(labels) if self.model_type == "c2i" else len(feats)
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or not 1 <= num_images_per_prompt * count <= MAX_IMAGES_PER_CALL:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
-                             f"images per call, got {num_images_per_prompt} for {count} condition(s)")
-        k = num_images_per_prompt
-        if self.model_type == "c2i":
-            cond = labels.repeat_interleave(k)
-            null, cond_valid = torch.full_like(cond, model.null_class), torch.ones(len(cond), 1, dtype=torch.bool)
-        else:
-            cond, cond_valid = feats.repeat_interleave(k, 0), cond_valid.repeat_interleave(k, 0)
-            null = model.cls_embedding.uncond_embedding.expand_as(cond)  # unmasked; keys masked as the caption's
-        rows, cond_valid = cond, cond_valid.to(model.device)
-        if sampling.guidance_scale > 1:
-            rows, cond_valid = torch.cat([cond, null]), torch.cat([cond_valid, cond_valid])
-        B = count * k
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
+        rows, cond_valid, B = self.condition_rows(class_labels, prompt, prompt_embeds, prompt_attention_mask,
+                                                  num_images_per_prompt, guided=sampling.guidance_scale > 1)
         gens = per_image_generators(generator, B)
 
         backend = LlamaGenBackend(model, model.embed_condition(rows), cond_valid, sampling.guidance_scale,
