@@ -95,7 +95,9 @@ def multinomial(logits_BV: torch.Tensor, generators: Sequence[torch.Generator], 
     if greedy:
         return logits_BV.argmax(-1)
     probs = logits_BV.float().softmax(-1)
-    return torch.cat([torch.multinomial(probs[r:r + 1], 1, generator=g)[:, 0] for r, g in enumerate(generators)])
+    # each draw on its generator's device (CPU generators drive GPU sampling too: a seed draws the same anywhere)
+    return torch.cat([torch.multinomial(probs[r:r + 1].to(g.device), 1, generator=g)[:, 0].to(probs.device)
+                      for r, g in enumerate(generators)])
 
 
 class LlamaGenPipeline(DiffusionPipeline):
