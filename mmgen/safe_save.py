@@ -166,3 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+def pipeline_class_name(index: dict) -> str | None:
+    """The pipeline class a model_index.json names (`"Class"`, or `["pipeline", "Class"]` as mmgen saves it)."""
+    name = index.get("_class_name")
+    return name[1] if isinstance(name, list) and len(name) == 2 else name

@@ -25,6 +25,7 @@ import gradio as gr
 
 from mmgen.pipelines import PIPELINES, load_pipeline
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, generators_from_seed
+from mmgen.safe_save import pipeline_class_name
 from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale, zoo_models
 
 SAMPLER_CHOICES = [("AR", "ar"), ("SJD", "sjd")]  # (label, value): values are the pipeline's `sampler`
@@ -38,7 +39,7 @@ def pipeline_class(model_dir: Path) -> type:
     index = Path(model_dir) / "model_index.json"
     if not index.is_file():
         raise ValueError(f"model directory {str(model_dir)!r} is not a saved pipeline: it has no model_index.json")
-    name = json.loads(index.read_text()).get("_class_name")
+    name = pipeline_class_name(json.loads(index.read_text()))
     if name not in PIPELINES:
         raise ValueError(f"{str(index)!r} names pipeline {name!r}; accepted: {', '.join(PIPELINES)}")
     return PIPELINES[name]

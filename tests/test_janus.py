@@ -102,8 +102,7 @@ def test_loads_from_the_hub_layout(janus_dir, pipe, tmp_path):
     chat = JanusPipeline(pipe.model, tiny_processor(16, 16, chat_template=template))
     assert chat.encode_prompts(["dog"]) == ([[BOS, 11, 9, BOI]], [[BOS, PAD, PAD, BOI]])
 
-    pipe.watermark = None
-    config = pipe.watermark_config()
+    pipe.watermark = config = pipe.watermark_config()  # held, so saved (a watermarked call alone saves none)
     pipe.save_pretrained(tmp_path / "again")
     pipe.watermark = None
     again = load_pipeline(tmp_path / "again")  # the transformers layout back, with watermark.json

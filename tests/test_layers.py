@@ -15,7 +15,7 @@ LAYERS = [
     ("mmgen.paradigms", "mmgen.alignment", "mmgen.watermark"),
     ("mmgen.safe_save", "mmgen.zoo"),
     ("mmgen.pipelines",),
-    ("mmgen.training",),
+    ("mmgen.training", "mmgen.convert"),
     ("mmgen.eval",),
     ("mmgen.options", "mmgen.bench", "mmgen.serve"),
     ("mmgen.cli", "mmgen.__main__"),
@@ -58,7 +58,10 @@ def imports(path: Path) -> set[str]:
 
 
 def project_modules() -> dict[str, Path]:
-    files = [p for d in ("mmgen", "tokenizers_vis") for p in (ROOT / d).rglob("*.py")]
+    # a shipped model's pipeline.py (mmgen/zoo/<name>/, not importable: the name has a hyphen) is data for
+    # diffusers' custom-pipeline loading, not a module of the package
+    files = [p for d in ("mmgen", "tokenizers_vis") for p in (ROOT / d).rglob("*.py")
+             if all(part.isidentifier() for part in p.relative_to(ROOT).with_suffix("").parts)]
     return {module_name(p): p for p in files}
 
 

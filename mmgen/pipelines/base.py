@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
+from huggingface_hub import create_repo
 from safetensors.torch import load_file
 
 from mmgen.atomic import atomic_dir
+from mmgen.safe_save import pipeline_class_name
 from mmgen.conditioning import Conditioning, make_conditioning
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
 from mmgen.sampling.sjd import SJDConfig, codebook_neighbours
@@ -164,32 +167,78 @@ class WatermarkDetection:
     A pipeline using it sets `visual_tokenizer` (codes kind, with `codebook` and `device`) and an
     `image_processor` (a diffusers `VaeImageProcessor` with normalisation to [-1, 1])."""
 
-    watermark: WatermarkConfig | None = None
-    detection_tokenizer = None  # the tokenizer with its tuned detection encoder, when watermark.json names one
+    _watermark: WatermarkConfig | None = None
+    _detection_tokenizer = None
+    _watermark_read_from = None  # the directory watermark.json was read from (or the caller's choice stands)
+    _default_watermark: WatermarkConfig | None = None  # k-means table of a model saved without one (never saved)
+
+    def _source(self) -> str | None:
+        return getattr(self.config, "_name_or_path", None) if hasattr(self, "config") else None
+
+    def _read_saved_watermark(self) -> None:
+        """watermark.json (and the detection encoder it names) of the directory this pipeline was loaded from, read
+        on first use. Lazy, so every loader gets it: `load_pipeline`, `DiffusionPipeline.from_pretrained`,
+        `custom_pipeline=` (diffusers records the directory as `name_or_path` after building any pipeline)."""
+        source = self._source()
+        if source is None or self._watermark_read_from == source:
+            return
+        self._watermark_read_from = source
+        path = Path(source) / WATERMARK_FILE
+        if self._watermark is None and path.is_file():
+            self._watermark = WatermarkConfig.load(path)
+            if self._watermark.encoder is not None:
+                self._detection_tokenizer = load_detection_encoder(self.visual_tokenizer,
+                                                                   Path(source) / self._watermark.encoder)
+
+    @property
+    def watermark(self) -> WatermarkConfig | None:
+        """The model's own watermark config: its directory's watermark.json, or one the caller set; None when
+        neither (calls then use the k-means default of `watermark_config`, which is never saved)."""
+        self._read_saved_watermark()
+        return self._watermark
+
+    @watermark.setter
+    def watermark(self, value: WatermarkConfig | None) -> None:
+        self._read_saved_watermark()
+        self._watermark = value
+
+    @property
+    def detection_tokenizer(self):
+        """The tokenizer with its tuned detection encoder, when watermark.json names one (else None)."""
+        self._read_saved_watermark()
+        return self._detection_tokenizer
+
+    @detection_tokenizer.setter
+    def detection_tokenizer(self, value) -> None:
+        self._read_saved_watermark()
+        self._detection_tokenizer = value
 
     def watermark_config(self, method: str | None = None, delta: float | None = None) -> WatermarkConfig:
         """The saved watermark config (`watermark.json`), or the default C-reweight clustering of this
         tokenizer's codebook (deterministic k-means) when the model was saved without one; `method` / `delta`
         choose another method or KGW strength over the same cluster table (`WatermarkConfig.variant`)."""
+        if self.watermark is not None:
+            return self.watermark.variant(method, delta)
+        if self._default_watermark is None:
+            self._default_watermark = WatermarkConfig(clusters=cluster_codebook(self.visual_tokenizer.codebook, 16))
+        return self._default_watermark.variant(method, delta)
+
+    def save_extras(self, save_directory) -> None:
+        """watermark.json, only when the pipeline was loaded or built with one (a k-means default is recomputed
+        from the codebook, never written), with the detection encoder directory it names."""
         if self.watermark is None:
-            self.watermark = WatermarkConfig(clusters=cluster_codebook(self.visual_tokenizer.codebook, 16))
-        return self.watermark.variant(method, delta)
+            return
+        self.watermark.save(Path(save_directory) / WATERMARK_FILE)
+        if self.watermark.encoder is not None and self._watermark_read_from is not None:
+            source, target = Path(self._watermark_read_from) / self.watermark.encoder, \
+                Path(save_directory) / self.watermark.encoder
+            if source.is_dir() and source.resolve() != target.resolve():
+                shutil.copytree(source, target, dirs_exist_ok=True)
 
     def save_pretrained(self, save_directory, **kwargs):
         super().save_pretrained(save_directory, **kwargs)
-        if self.watermark is not None:
-            self.watermark.save(Path(save_directory) / WATERMARK_FILE)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        path = Path(pretrained_model_name_or_path) / WATERMARK_FILE
-        if path.is_file():
-            pipe.watermark = WatermarkConfig.load(path)
-            if pipe.watermark.encoder is not None:
-                pipe.detection_tokenizer = load_detection_encoder(
-                    pipe.visual_tokenizer, Path(pretrained_model_name_or_path) / pipe.watermark.encoder)
-        return pipe
+        if not isinstance(self, SavedDirectory):  # SavedDirectory calls save_extras before any upload
+            self.save_extras(save_directory)
 
     @torch.no_grad()
     def retokenize(self, images) -> torch.Tensor:
@@ -264,3 +313,56 @@ def load_detection_encoder(tokenizer, directory: str | Path):
         raise ValueError(f"detection encoder {str(weights)!r} does not fit this tokenizer: {bad[:5]}")
     tuned.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=False)
     return tuned.eval().requires_grad_(False)
+
+
+PIPELINE_SHIM = "pipeline.py"  # makes a saved directory loadable by DiffusionPipeline.from_pretrained
+HUB_KWARGS = ("commit_message", "private", "create_pr", "token", "repo_id")
+
+
+class SavedDirectory:
+    """The directory layout every mmgen pipeline saves (mixed in before `DiffusionPipeline`): diffusers'
+    components + `model_index.json`, plus the pipeline's extras (`save_extras`, e.g. watermark.json), no machine
+    paths in any config, and diffusers' mechanism for pipelines defined outside diffusers: `_class_name` names
+    `["pipeline", "<Class>"]` and `pipeline.py` imports the class from mmgen, so
+    `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` builds the mmgen class. With
+    `push_to_hub=True` the finished directory, extras included, is what gets uploaded."""
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' config loading, with `["pipeline", "<Class>"]` read as the class itself: loading through an
+        mmgen class never runs the directory's `pipeline.py` (only `DiffusionPipeline` needs it)."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        config["_class_name"] = pipeline_class_name(config)
+        return out
+
+    def save_extras(self, save_directory) -> None:
+        """Files beside the components that the pipeline needs (none by default)."""
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        super().save_pretrained(save_directory, **kwargs)
+        directory = Path(save_directory)
+        self.save_extras(directory)
+        _finish_directory(type(self), directory)
+        if push_to_hub:
+            repo_id = create_repo(hub.get("repo_id", directory.name), exist_ok=True, private=hub.get("private"),
+                                  token=hub.get("token")).repo_id
+            self._upload_folder(str(directory), repo_id, token=hub.get("token"),
+                                commit_message=hub.get("commit_message"), create_pr=hub.get("create_pr", False))
+
+
+def _finish_directory(cls: type, directory: Path) -> None:
+    index_path = directory / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index.pop("_name_or_path", None)
+    index["_class_name"] = [Path(PIPELINE_SHIM).stem, cls.__name__]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for config_path in directory.glob("*/config.json"):
+        config = json.loads(config_path.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (directory / PIPELINE_SHIM).write_text(
+        f'"""Loads this directory with diffusers: DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)."""\n\n'
+        f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n")
+

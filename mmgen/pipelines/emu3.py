@@ -161,7 +161,9 @@ class _TransformersLayout(DiffusionPipeline):
                                     f" (save the {cls.processor_class.__name__} beside the model with "
                                     f"processor.save_pretrained)")
         model = cls.model_class.from_pretrained(str(path), dtype=dtype, **kwargs).eval().requires_grad_(False)
-        return cls(model=model, processor=cls.processor_class.from_pretrained(str(path)))
+        pipe = cls(model=model, processor=cls.processor_class.from_pretrained(str(path)))
+        pipe.register_to_config(_name_or_path=str(path))  # where watermark.json is read from, as diffusers records it
+        return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
         self.model.save_pretrained(save_directory, **kwargs)

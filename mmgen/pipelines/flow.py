@@ -21,12 +21,12 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.paradigms import flow_head, flowar, next_x
 from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
                                   pipeline_conditioning, unified_vocab)
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory
 from mmgen.sampling.logits import SamplingConfig
 from tokenizers_vis.protocol import as_visual_tokenizer
 
 
-class _LatentFlowPipeline(DiffusionPipeline):
+class _LatentFlowPipeline(SavedDirectory, DiffusionPipeline):
     """The loop the flow pipelines share; a subclass names its paradigm module and builds its layout."""
 
     paradigm = None

@@ -87,7 +87,9 @@ class _JanusCheckpoint(DiffusionPipeline):
             raise FileNotFoundError(f"{str(path)!r} is not a complete Janus checkpoint: missing {'; '.join(missing)} "
                                     f"(save the model and its JanusProcessor with save_pretrained into one directory)")
         model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs).eval()
-        return cls(model=model.requires_grad_(False), processor=JanusProcessor.from_pretrained(path))
+        pipe = cls(model=model.requires_grad_(False), processor=JanusProcessor.from_pretrained(path))
+        pipe.register_to_config(_name_or_path=str(path))  # where watermark.json is read from, as diffusers records it
+        return pipe
 
     def save_pretrained(self, save_directory, **kwargs):
         self.model.save_pretrained(save_directory, **kwargs)

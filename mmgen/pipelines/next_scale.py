@@ -16,13 +16,13 @@ from mmgen.paradigms import next_scale
 from mmgen.paradigms.next_scale import NextScaleModel
 from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
                                   pipeline_conditioning, unified_vocab)
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory
 from mmgen.sampling.logits import SamplingConfig
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.protocol import as_visual_tokenizer
 
 
-class NextScalePipeline(DiffusionPipeline):
+class NextScalePipeline(SavedDirectory, DiffusionPipeline):
     paradigm = next_scale
 
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults

@@ -21,7 +21,7 @@ from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
 from mmgen.pipelines.base import (ARPipelineOutput, WatermarkDetection, call_guidance, condition_rows,
                                   per_image_generators, pipeline_conditioning, unified_vocab)
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, sjd_config, sjd_neighbours
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, sjd_config, sjd_neighbours
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.watermark import WatermarkProcessor
 from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
@@ -31,7 +31,7 @@ from tokenizers_vis.vqgan import VQGAN
 SAMPLERS = ("ar", "sjd")
 
 
-class NextTokenPipeline(WatermarkDetection, DiffusionPipeline):
+class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
     # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
                     "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,

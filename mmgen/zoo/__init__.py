@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from mmgen.safe_save import pipeline_class_name
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE
 
 ZOO_DIR = Path(__file__).resolve().parent
@@ -80,7 +81,7 @@ def zoo_card(name: str) -> dict:
         with safe_open(f, "pt") as st:
             params[f.parent.name] = sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     index = json.loads((d / "model_index.json").read_text())
-    row = {"name": d.name, "pipeline": index["_class_name"], **card, "conditioning": conditioning_kind(index),
+    row = {"name": d.name, "pipeline": pipeline_class_name(index), **card, "conditioning": conditioning_kind(index),
            "guidance_scale": default_guidance_scale(d), "parameters": params,
            "size_mb": round(model_mb(d), 1)}
     if (d / "eval.json").is_file():

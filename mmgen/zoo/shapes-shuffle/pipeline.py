@@ -1,0 +1,3 @@
+"""Loads this directory with diffusers: DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)."""
+
+from mmgen.pipelines.next_token import NextTokenPipeline  # noqa: F401

@@ -1,0 +1,79 @@
+"""A saved mmgen directory behaves as diffusers users expect: `DiffusionPipeline.from_pretrained` builds the mmgen
+class (diffusers' custom-pipeline mechanism), every loader reads watermark.json, `save_pretrained` writes only what
+the pipeline was loaded or built with, `push_to_hub` uploads every file, and no config carries a machine path."""
+
+import json
+from pathlib import Path
+
+import diffusers.utils.hub_utils
+import pytest
+import torch
+from conftest import tiny_next_token_pipeline, tiny_text_tokenizer
+from diffusers import DiffusionPipeline
+
+import mmgen.pipelines.base
+from mmgen.pipelines import PIPELINES, load_pipeline, save_pipeline
+from mmgen.zoo import ZOO_DIR, zoo_names
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_diffusion_pipeline_from_pretrained_loads_every_zoo_model(name):
+    path = ZOO_DIR / name
+    pipe = DiffusionPipeline.from_pretrained(str(path), trust_remote_code=True)
+    ours = load_pipeline(name)
+    assert type(pipe) is type(ours) and type(pipe) in PIPELINES.values()
+    if (path / "watermark.json").is_file():  # the shipped confusion-cluster table, not a k-means stand-in
+        assert pipe.watermark_config() == ours.watermark_config()
+        assert pipe.watermark_config().clustering == json.loads((path / "watermark.json").read_text())["clustering"]
+
+
+def test_shipped_configs_carry_no_machine_paths():
+    for config in ZOO_DIR.glob("*/**/*.json"):
+        assert "_name_or_path" not in json.loads(config.read_text()), config
+
+
+def test_mmgen_loaders_never_run_the_directory_code(tmp_path):
+    load_pipeline("shapes-nextscale").save_pretrained(tmp_path / "m")  # no checksums.json: it would refuse the edit
+    (tmp_path / "m" / "pipeline.py").write_text("raise RuntimeError('directory code ran')\n")
+    load_pipeline(tmp_path / "m")  # the class comes from mmgen, not from the file
+    with pytest.raises(RuntimeError, match="directory code ran"):  # only DiffusionPipeline, when trusted, runs it
+        DiffusionPipeline.from_pretrained(str(tmp_path / "m"), trust_remote_code=True)
+
+
+def test_save_writes_only_what_the_pipeline_was_loaded_with(tmp_path):
+    torch.manual_seed(0)
+    pipe = tiny_next_token_pipeline(tiny_text_tokenizer())
+    pipe("a red circle", watermark_key="k", generator=torch.Generator().manual_seed(0))  # k-means table, cached
+    pipe.save_pretrained(tmp_path / "built")
+    assert not (tmp_path / "built" / "watermark.json").exists()
+    assert sorted(p.name for p in (tmp_path / "built").iterdir()) == [
+        "model_index.json", "pipeline.py", "tokenizer", "transformer", "vq_model"]
+
+    shipped = ZOO_DIR / "shapes-emoji" / "watermark.json"
+    save_pipeline(load_pipeline("shapes-emoji"), tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "watermark.json").read_text()) == {**json.loads(shipped.read_text()),
+                                                                          "encoder": None}
+
+
+def test_push_to_hub_uploads_the_finished_directory(tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+
+    def fake_create_repo(repo_id, **kwargs):
+        return type("Repo", (), {"repo_id": f"user/{repo_id}"})()
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):  # a local stand-in for the hub: copy what is sent
+        for f in Path(folder_path).rglob("*"):
+            if f.is_file():
+                target = hub / repo_id / f.relative_to(folder_path)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(f.read_bytes())
+
+    monkeypatch.setattr(mmgen.pipelines.base, "create_repo", fake_create_repo)
+    monkeypatch.setattr(diffusers.utils.hub_utils, "upload_folder", fake_upload_folder)
+    load_pipeline("shapes-emoji").save_pretrained(tmp_path / "emoji", push_to_hub=True)
+    uploaded = {p.relative_to(hub / "user" / "emoji").as_posix() for p in (hub / "user" / "emoji").rglob("*")
+                if p.is_file()}
+    saved = {p.relative_to(tmp_path / "emoji").as_posix() for p in (tmp_path / "emoji").rglob("*") if p.is_file()}
+    assert uploaded == saved and {"watermark.json", "pipeline.py", "model_index.json"} <= uploaded
+    assert json.loads((hub / "user" / "emoji" / "model_index.json").read_text())["_class_name"] == [
+        "pipeline", "NextTokenPipeline"]
