@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, VQModel
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import decode_latents, encode_latents, latent_channels, vae_grid
+from tokenizers_vis.var_vqvae import VARVQVAE
 from tokenizers_vis.vqgan import VQGAN
 
 KINDS = ("codes", "scale_codes", "latents")
@@ -215,9 +216,10 @@ def as_visual_tokenizer(component) -> VisualTokenizer:
 
 
 # saved tokenizer directories name their class in config.json's `_class_name`
-TOKENIZER_CLASSES = {cls.__name__: cls for cls in (VQGAN, MultiScaleVQGAN, SEEDTokenizer, AutoencoderKL, VQModel)}
+TOKENIZER_CLASSES = {cls.__name__: cls for cls in (VQGAN, MultiScaleVQGAN, SEEDTokenizer, AutoencoderKL, VQModel,
+                                                   VARVQVAE)}
 CLASS_KINDS = {"VQGAN": "codes", "SEEDTokenizer": "codes", "MultiScaleVQGAN": "scale_codes", "AutoencoderKL": "latents",
-               "VQModel": "codes"}
+               "VQModel": "codes", "VARVQVAE": "scale_codes"}
 
 
 def tokenizer_class_name(directory: str | Path) -> str:
