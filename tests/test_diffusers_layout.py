@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import diffusers.utils.hub_utils
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_next_token_pipeline, tiny_text_tokenizer
@@ -77,3 +78,27 @@ def test_push_to_hub_uploads_the_finished_directory(tmp_path, monkeypatch):
     assert uploaded == saved and {"watermark.json", "pipeline.py", "model_index.json"} <= uploaded
     assert json.loads((hub / "user" / "emoji" / "model_index.json").read_text())["_class_name"] == [
         "pipeline", "NextTokenPipeline"]
+
+
+@pytest.mark.parametrize("name", ["shapes-emoji", "shapes-flowar"])
+def test_output_types_agree_and_pt_is_in_0_1_as_in_diffusers(name):
+    pipe = load_pipeline(name)
+    outs = {t: pipe("a red circle", generator=torch.Generator().manual_seed(3), output_type=t).images
+            for t in ("pt", "np", "pil")}
+    pt, arr, pil = outs["pt"], outs["np"], outs["pil"]
+    assert pt.shape == (1, 3, 64, 64) and pt.min() >= 0 and pt.max() <= 1 and pt.min() < 0.1 and pt.max() > 0.9
+    assert torch.equal(pt.permute(0, 2, 3, 1), torch.from_numpy(arr))
+    assert torch.equal((pt[0].permute(1, 2, 0) * 255).round().to(torch.uint8),
+                       torch.from_numpy(np.array(pil[0])))
+
+
+@pytest.mark.parametrize("name", ["shapes-emoji", "shapes-nextx"])
+def test_load_pipeline_takes_torch_dtype_and_device(name):
+    pipe = load_pipeline(name, torch_dtype=torch.bfloat16, device="cpu")
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.device == torch.device("cpu")
+    out = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt")
+    assert out.images.shape == (1, 3, 64, 64) and 0 <= out.images.min() and out.images.max() <= 1
+    with pytest.raises(ValueError, match="torch_dtype must be a floating torch.dtype"):
+        load_pipeline(name, torch_dtype="bf16")
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        load_pipeline(name, device="gpu0")

@@ -77,7 +77,7 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     if latents.dim() != 4 or latents.shape[1] != latent_channels(vae):
         raise ValueError(f"latents must have shape (B, {latent_channels(vae)}, h, w), got {tuple(latents.shape)}")
     z = latents / vae.config.scaling_factor + _shift(vae)
-    return vae.decode(z).sample.clamp(-1, 1)
+    return vae.decode(z.to(vae.dtype)).sample.float().clamp(-1, 1)  # a bf16 / fp16 VAE returns float32 images
 
 
 @torch.no_grad()

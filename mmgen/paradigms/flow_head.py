@@ -94,7 +94,7 @@ class RasterFlowModel(ModelMixin, ConfigMixin):
         if text_tokens is not None:
             parts.append(self.transformer.tok_emb(text_tokens))
         if image_tokens is not None:
-            parts.append(self.in_proj(image_tokens))
+            parts.append(self.in_proj(image_tokens.to(self.in_proj.weight.dtype)))
         if not parts:
             raise ValueError("forward needs text_tokens, image_tokens or both")
         x_BTC = torch.cat(parts, 1)

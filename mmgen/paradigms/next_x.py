@@ -250,7 +250,7 @@ class NextXModel(ModelMixin, ConfigMixin):
             embeds.append(self.transformer.tok_emb(text_tokens))
             times.append(torch.zeros(text_tokens.shape, device=text_tokens.device))
         if x_BnC is not None:
-            embeds.append(self.in_proj(x_BnC))
+            embeds.append(self.in_proj(x_BnC.to(self.in_proj.weight.dtype)))
             times.append(t_Bn.to(x_BnC.dtype))
         if not embeds:
             raise ValueError("forward needs text_tokens, latent tokens or both")

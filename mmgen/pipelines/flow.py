@@ -84,8 +84,7 @@ class _LatentFlowPipeline(SavedDirectory, DiffusionPipeline):
                                                    callback=lambda i: bar.update())
         passes = cost.decoder_passes
         images = self.visual_tokenizer.decode_tokens(latents)
-        if output_type != "pt":
-            images = self.image_processor.postprocess(images, output_type=output_type)
+        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
         compression = self.layout.num_image_tokens / passes
         if not return_dict:
             return images, latents, passes

@@ -262,8 +262,7 @@ class LlamaGenPipeline(DiffusionPipeline):
                 passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
         codes = codes.view(B, h, w)
         images = self.vq_model.decode_tokens(codes)
-        if output_type != "pt":
-            images = self.image_processor.postprocess(images, output_type=output_type)
+        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
         if not return_dict:
             return images, codes, passes
         return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,

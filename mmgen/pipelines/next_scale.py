@@ -76,8 +76,7 @@ class NextScalePipeline(SavedDirectory, DiffusionPipeline):
                                                tokenizer=self.visual_tokenizer, callback=lambda k: bar.update())
         passes = cost.decoder_passes
         images = self.visual_tokenizer.decode_tokens(tokens)
-        if output_type != "pt":
-            images = self.image_processor.postprocess(images, output_type=output_type)
+        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
         compression = self.layout.num_image_tokens / passes
         if not return_dict:
             return images, tokens, passes

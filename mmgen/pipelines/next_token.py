@@ -162,8 +162,7 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
                 passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
         lossless = sjd is None or sjd.lossless
         images = self.visual_tokenizer.decode_tokens(codes)
-        if output_type != "pt":
-            images = self.image_processor.postprocess(images, output_type=output_type)
+        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
         if not return_dict:
             return images, codes, passes
         return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,

@@ -31,6 +31,7 @@ def transformers_pipeline_class(model_type: str | None, model_dir: str | Path):
     return getattr(importlib.import_module(module), name)
 
 
-def load_transformers_pipeline(model_dir: str | Path):
+def load_transformers_pipeline(model_dir: str | Path, dtype=None):
     """The pipeline for a transformers checkpoint directory (model + processor), chosen by `model_type`."""
-    return transformers_pipeline_class(transformers_model_type(model_dir), model_dir).from_pretrained(model_dir)
+    cls = transformers_pipeline_class(transformers_model_type(model_dir), model_dir)
+    return cls.from_pretrained(model_dir) if dtype is None else cls.from_pretrained(model_dir, dtype=dtype)

@@ -146,8 +146,7 @@ class VARPipeline(SavedDirectory, DiffusionPipeline):
                 bar.update()
         tokens = torch.cat(tokens, 1)
         images = vq.fhat_to_img(f_hat)
-        if output_type != "pt":
-            images = self.image_processor.postprocess(images, output_type=output_type)
+        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
         L = tokens.shape[1]
         if not return_dict:
             return images, tokens, K
