@@ -102,3 +102,10 @@ def test_load_pipeline_takes_torch_dtype_and_device(name):
         load_pipeline(name, torch_dtype="bf16")
     with pytest.raises(ValueError, match="device must be a torch device"):
         load_pipeline(name, device="gpu0")
+
+
+def test_cpu_offload_is_refused_with_the_reason():
+    pipe = load_pipeline("shapes-nextscale")
+    for method in (pipe.enable_model_cpu_offload, pipe.enable_sequential_cpu_offload):
+        with pytest.raises(NotImplementedError, match="does not support enable_model_cpu_offload: the sampling loop"):
+            method()

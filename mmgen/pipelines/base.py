@@ -339,6 +339,17 @@ class SavedDirectory:
     def save_extras(self, save_directory) -> None:
         """Files beside the components that the pipeline needs (none by default)."""
 
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        """Refused: accelerate's offload hooks move a component when its `forward` runs, but the sampling loops
+        call components through other methods (the tokenizer's `decode_tokens`, the KV-cached decode step), so
+        a component would be used where it does not sit. Keep the pipeline on one device (`.to("cuda")`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not support enable_model_cpu_offload: the sampling loop calls its components "
+            f"through methods other than forward (decode_tokens, the cached decode step), which accelerate's offload "
+            f"hooks do not see; move the whole pipeline with .to(device) instead")
+
+    enable_sequential_cpu_offload = enable_model_cpu_offload
+
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
         super().save_pretrained(save_directory, **kwargs)
