@@ -1,7 +1,6 @@
 """The Fashion-MNIST classifier: shipped weights, save/load, a short training run."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -57,18 +56,23 @@ def test_bad_inputs_are_rejected_by_name():
         FashionClassifier(image_size=40)
 
 
-def test_short_training_run_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
+def test_short_training_run_lowers_the_loss_and_saves_a_loadable_model(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    # the script's main in this process (no second torch import): its parsing, training, scoring and saving
+    spec = importlib.util.spec_from_file_location("classifier_train_script", ROOT / "scripts" / "train_classifier.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)
+    spec.loader.exec_module(script)
     out = tmp_path / "clf"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_classifier.py"), "--out", str(out),
-                           "--train-size", "1024", "--eval-size", "500", "--epochs", "2", "--batch-size", "32",
-                           "--image-size", "32", "--threads", "1", "--json"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
+    script.main(["--out", str(out), "--train-size", "1024", "--eval-size", "500", "--epochs", "2", "--batch-size",
+                 "32", "--image-size", "32", "--json"])
+    result = json.loads(capsys.readouterr().out)
     assert result["steps"] == 64 and result["train_images"] == 1024 and result["test_images"] == 500
     assert result["final_loss"] < result["first_loss"] - 1.0, result
     assert result["test_accuracy"] > 0.5, result  # ten classes: chance is 0.1
     loaded = FashionClassifier.from_pretrained(out)
     assert loaded.config.image_size == 32
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_classifier.py"), "--epochs", "0"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "--epochs must be >= 1, got 0" in bad.stderr
+    with pytest.raises(SystemExit) as bad:
+        script.main(["--epochs", "0"])
+    assert bad.value.code == 2 and "--epochs must be >= 1, got 0" in capsys.readouterr().err
