@@ -5,7 +5,6 @@ behind."""
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -269,13 +268,20 @@ def test_config_unknown_keys(tmp_path, monkeypatch):
         load_config(GeneratorRunConfig, bad)
 
 
-def test_train_script_rejects_unknown_key_before_writing(tmp_path):
+def test_train_script_rejects_unknown_key_before_writing(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bad_input_train_generator", ROOT / "scripts" / "train_generator.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "--config",
-                           str(ROOT / "configs" / "generator_shapes.yaml"), f"train.out_dir={out}", "train.stepz=3"],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode != 0 and "unknown config key(s) ['stepz'] in train" in proc.stderr
-    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:  # the script's main, in-process: a usage error (exit 2)
+        script.main(["--config", str(ROOT / "configs" / "generator_shapes.yaml"), f"train.out_dir={out}",
+                     "train.stepz=3"])
+    assert exc.value.code == 2 and "unknown config key(s) ['stepz'] in train" in capsys.readouterr().err
+    assert not out.exists() and not any(tmp_path.iterdir())
 
 
 # ---- saved models: atomic save, checksums, verification ----------------------------------------------------------
