@@ -64,6 +64,8 @@ class TrainConfig:
     eval_images: int = 512
     seed: int = 0
     data_workers: int = 0  # processes that load (render) training batches ahead of the step; 0: in the loop
+    report_to: str = "none"  # none | tensorboard | wandb, beside log.jsonl (pip install 'mmgen[track]')
+    resume: str = "latest"  # latest | none | a checkpoint or run directory (also --resume)
 
 
 @dataclass

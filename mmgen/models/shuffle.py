@@ -140,6 +140,8 @@ class ShuffleSplit(nn.Module):
 class TokenShuffleTransformer(ModelMixin, ConfigMixin):
     """Decoder over the unified vocabulary whose image positions are s x s windows. Forward only."""
 
+    _no_split_modules = ["Block", "ResidualMLP"]  # FSDP units: the trunk's blocks and Token-Shuffle's own
+
     @register_to_config
     def __init__(
         self,

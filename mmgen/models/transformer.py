@@ -195,6 +195,11 @@ class Block(nn.Module):
 class Transformer(ModelMixin, ConfigMixin):
     """LLaMA-style decoder over a unified vocabulary; forward only."""
 
+    # diffusers' names: `enable_gradient_checkpointing()` recomputes each Block in the backward pass (training
+    # only, never with a KV cache); FSDP (and Accelerate's auto-wrap) takes one unit per Block
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+
     @register_to_config
     def __init__(
         self,
@@ -225,6 +230,7 @@ class Transformer(ModelMixin, ConfigMixin):
         self.norm = RMSNorm(dim, norm_eps)
         # continuous paradigms (flow heads) read the normed hidden states and have no use for logits
         self.head = LogitsHead(dim, vocab_size) if logits_head else None
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("wo.weight") or name.endswith("w2.weight"):
@@ -295,8 +301,12 @@ class Transformer(ModelMixin, ConfigMixin):
                 positions = torch.arange(start, start + T, device=x.device).expand(B, T)
             cos, sin = self.rope_cos_sin(positions, x.dtype)
         hiddens = []
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i, start, cond)
+            if recompute:
+                x = self._gradient_checkpointing_func(layer, x, cos, sin, mask, cache, i, start, cond)
+            else:
+                x = layer(x, cos, sin, mask, cache, i, start, cond)
             if output_hidden_states:
                 hiddens.append(x)
         if cache is not None:

@@ -8,6 +8,12 @@ also unshards FSDP and strips DDP's wrapper, so a checkpoint does not depend on 
 or how they were sharded; `restore_optimizer` puts such a state back into a prepared (wrapped or sharded)
 optimizer. It is written into a temporary directory and renamed into place, so a killed run never leaves a
 half-written checkpoint behind; `latest` names the newest complete one.
+
+A sharded run may instead write a sharded checkpoint (`train.fsdp_state_dict=sharded`, Accelerate's
+SHARDED_STATE_DICT): `save_sharded_checkpoint` has every rank write its own shards through
+`torch.distributed.checkpoint` in the safetensors layout of its `HuggingFaceStorageWriter` (`<name>/shard-*.safetensors`
+per module and per optimizer), so no rank ever holds the whole state. Readers take either layout: `read_tensors`
+reassembles whole tensors from the shards (any number of processes wrote them, any number reads them).
 """
 
 from __future__ import annotations
@@ -46,6 +52,36 @@ def gather_training_state(module: torch.nn.Module, optimizers: dict) -> tuple[di
     return get_model_state_dict(module, options=_full(distributed)), states
 
 
+def gather_sharded_state(module: torch.nn.Module, optimizers: dict) -> tuple[dict, dict]:
+    """As `gather_training_state`, but each rank keeps its own shards (DTensors): the model state dict and, per
+    optimizer, its tensors flattened by name (`fqn::key`) plus its non-tensor structure. A collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    optims = {}
+    for name, opt in optimizers.items():
+        inner = getattr(opt, "optimizer", opt)
+        if not inner.state:
+            raise ValueError(f"optimizer {name!r} has not stepped: a sharded checkpoint holds stepped optimizers only")
+        optims[name] = _optimizer_to_flat(get_optimizer_state_dict(module, inner))
+    return get_model_state_dict(module), optims
+
+
+def read_tensors(ckpt: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """Whole tensors of file `name` of checkpoint `ckpt` (e.g. "model", "opt.optim"): `<name>.safetensors`, or the
+    shards of a sharded checkpoint's `<name>/` reassembled by `torch.distributed.checkpoint` (read by this
+    process alone, in or outside a distributed run)."""
+    ckpt = Path(ckpt)
+    if (ckpt / f"{name}.safetensors").is_file():
+        return load_file(ckpt / f"{name}.safetensors")
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.HuggingFaceStorageReader(str(ckpt / name))
+    meta = reader.read_metadata().state_dict_metadata
+    tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / name)), no_dist=True)
+    return tensors
+
+
 def restore_optimizer(ckpt: str | Path, name: str, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load optimizer `name` of checkpoint `ckpt` into a prepared optimizer (after `accelerator.prepare`, so
     FSDP can shard the state as it shards the parameters). Every rank reads the whole state from the file."""
@@ -53,7 +89,7 @@ def restore_optimizer(ckpt: str | Path, name: str, module: torch.nn.Module, opti
 
     ckpt = Path(ckpt)
     meta = json.loads((ckpt / "state.json").read_text())["optimizers"][name]
-    tensors = load_file(ckpt / f"{name}.optim.safetensors")
+    tensors = read_tensors(ckpt, f"{name}.optim")
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps the torch one
     if meta.get("format") != "by_name":  # written by an older version: state keyed by parameter index
         _optimizer_from_flat(inner, tensors, meta)
@@ -136,6 +172,45 @@ def _write_checkpoint(tmp: Path, step: int, modules: dict, optimizers: dict, ext
     (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
 
+def save_sharded_checkpoint(run_dir: str | Path, step: int, modules: dict, optimizers: dict, rank: int,
+                            extra: dict | None = None, keep: int = 2, rng_states: torch.Tensor | None = None) -> Path:
+    """Every rank calls this (a collective): `modules` name -> sharded state dict, `optimizers` name -> (tensors,
+    structure) from `gather_sharded_state`. Each rank writes its shards with `torch.distributed.checkpoint`
+    into a staging directory that rank 0 then completes (state.json with every file's sha256) and renames into
+    place, as `save_checkpoint` does."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    run_dir = Path(run_dir)
+    final, staging = run_dir / f"step-{step:07d}", run_dir / f".step-{step:07d}.sharded"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed mid-write
+        staging.mkdir(parents=True)
+    dist.barrier()
+    for name, state in modules.items():
+        dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(staging / name), save_distributed=True))
+    for name, (tensors, _) in optimizers.items():
+        dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(staging / f"{name}.optim"),
+                                                                      save_distributed=True))
+    dist.barrier()
+    if rank == 0:
+        meta = {"step": step, "extra": extra or {}, "format": "sharded", "files": {},
+                "optimizers": {name: structure for name, (_, structure) in optimizers.items()}}
+        states = torch.get_rng_state()[None] if rng_states is None else rng_states.cpu().contiguous()
+        save_file({"torch_cpu": states}, staging / "rng.safetensors")
+        for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+            meta["files"][str(f.relative_to(staging))] = file_sha256(f)
+        (staging / "state.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        staging.rename(final)
+        write_text_atomic(run_dir / "latest", final.name)
+        for old in sorted(p for p in run_dir.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / "latest"
     if not pointer.is_file():
@@ -161,7 +236,7 @@ def load_checkpoint(ckpt: str | Path, modules: dict, optimizers: dict, rank: int
         if not f.is_file() or file_sha256(f) != digest:
             raise ValueError(f"checkpoint file {str(f)!r} is missing or corrupt (checksum mismatch)")
     for name, module in modules.items():
-        module.load_state_dict(load_file(ckpt / f"{name}.safetensors"))
+        module.load_state_dict(read_tensors(ckpt, name))
     for name, opt in optimizers.items():
         _optimizer_from_flat(opt, load_file(ckpt / f"{name}.optim.safetensors"), meta["optimizers"][name])
     states = load_file(ckpt / "rng.safetensors")["torch_cpu"]

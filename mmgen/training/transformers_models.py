@@ -36,6 +36,9 @@ class JanusTrainer(torch.nn.Module):
     def __init__(self, model, processor):
         super().__init__()
         self.model, self.processor = model, processor
+        # FSDP units (`mmgen.training.memory.shard_classes`): the language model's decoder layers, not the
+        # vision encoder layers the whole model names (frozen and unused by image generation)
+        self._no_split_modules = list(model.model.language_model._no_split_modules)
         model.requires_grad_(False).eval()
         for name in self.TRAINED:  # a tied text head trains with the input embeddings
             getattr(model.model, name).requires_grad_(True).train()
