@@ -109,3 +109,20 @@ def test_cpu_offload_is_refused_with_the_reason():
     for method in (pipe.enable_model_cpu_offload, pipe.enable_sequential_cpu_offload):
         with pytest.raises(NotImplementedError, match="does not support enable_model_cpu_offload: the sampling loop"):
             method()
+
+
+@pytest.mark.parametrize("name, kwargs, passes", [("shapes-emoji", {}, 64), ("shapes-nextscale", {}, 6),
+                                                  ("shapes-flowar", {}, 4), ("shapes-emoji", {"sampler": "sjd"}, None)])
+def test_callback_on_step_end_runs_after_every_decoder_pass(name, kwargs, passes):
+    calls = []
+
+    def callback(pipe, step, timestep, callback_kwargs):
+        calls.append((type(pipe).__name__, step, timestep, callback_kwargs))
+        return callback_kwargs
+
+    pipe = load_pipeline(name)
+    out = pipe("a red circle", generator=torch.Generator().manual_seed(0), callback_on_step_end=callback, **kwargs)
+    assert out.decoder_passes == (passes or out.decoder_passes) and (passes or out.decoder_passes < 64)
+    assert calls == [(type(pipe).__name__, i, None, {}) for i in range(out.decoder_passes)]
+    with pytest.raises(ValueError, match="callback_on_step_end must be callable"):
+        pipe("a red circle", callback_on_step_end="print")

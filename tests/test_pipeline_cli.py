@@ -151,7 +151,7 @@ def test_declared_call_options_are_the_call_parameters():
     from mmgen.pipelines import PIPELINES
 
     common = {"self", "prompt", "class_labels", "num_images_per_prompt", "generator", "output_type",
-              "return_dict"}
+              "return_dict", "callback_on_step_end"}
     for name, cls in PIPELINES.items():
         params = inspect.signature(cls.__call__).parameters
         assert cls.call_options == {k: p.default for k, p in params.items() if k not in common}, name

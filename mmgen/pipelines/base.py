@@ -4,6 +4,7 @@ common arguments. Each paradigm's pipeline (one file each) owns its own visible 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import shutil
 from dataclasses import dataclass
@@ -64,6 +65,19 @@ def sjd_neighbours(visual_tokenizer, sjd: SJDConfig | None) -> torch.Tensor | No
     if sjd is None or sjd.lossless:
         return None
     return codebook_neighbours(visual_tokenizer.codebook, sjd.lantern_k)
+
+
+def step_hook(pipe, callback_on_step_end):
+    """diffusers' `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, called after every decoder pass:
+    `step` counts the passes from 0, `timestep` is None (autoregressive decoding has no noise schedule) and
+    `callback_kwargs` is empty (the loop keeps no latents between passes to hand out). A no-op without one."""
+    if callback_on_step_end is None:
+        return lambda: None
+    if not callable(callback_on_step_end):
+        raise ValueError(f"callback_on_step_end must be callable as f(pipe, step, timestep, callback_kwargs), got "
+                         f"{callback_on_step_end!r}")
+    steps = itertools.count()
+    return lambda: callback_on_step_end(pipe, next(steps), None, {})
 
 
 def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.paradigms import flow_head, flowar, next_x
 from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
                                   pipeline_conditioning, unified_vocab)
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, step_hook
 from mmgen.sampling.logits import SamplingConfig
 from tokenizers_vis.protocol import as_visual_tokenizer
 
@@ -64,10 +64,12 @@ class _LatentFlowPipeline(SavedDirectory, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
         class_labels: int | str | list[int | str] | None = None,
     ):
         """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
-        a class name, or a list of them); an unconditional model takes neither.
+        a class name, or a list of them); an unconditional model takes neither. `callback_on_step_end(pipe, step,
+        timestep, callback_kwargs)` runs after every decoder pass (`pipelines.base.step_hook`).
 
         num_inference_steps: flow ODE steps per token (raster), per scale (FlowAR) or per entity (xAR);
         flow_sampler: "euler" or "heun"; temperature scales the initial noise; guidance acts on the velocity,
@@ -79,9 +81,10 @@ class _LatentFlowPipeline(SavedDirectory, DiffusionPipeline):
         sampling = SamplingConfig(guidance_scale, temperature, cfg_schedule=cfg_schedule,
                                   num_inference_steps=num_inference_steps, flow_sampler=flow_sampler)
         gens = per_image_generators(generator, len(text_ids))
+        hook = step_hook(self, callback_on_step_end)
         with self.progress_bar(total=self._steps_per_image()) as bar:
             latents, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
-                                                   callback=lambda i: bar.update())
+                                                   callback=lambda i: (bar.update(), hook()))
         passes = cost.decoder_passes
         images = self.visual_tokenizer.decode_tokens(latents)
         images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers

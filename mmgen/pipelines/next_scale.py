@@ -16,7 +16,7 @@ from mmgen.paradigms import next_scale
 from mmgen.paradigms.next_scale import NextScaleModel
 from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
                                   pipeline_conditioning, unified_vocab)
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, step_hook
 from mmgen.sampling.logits import SamplingConfig
 from tokenizers_vis.multiscale import MultiScaleVQGAN
 from tokenizers_vis.protocol import as_visual_tokenizer
@@ -59,6 +59,7 @@ class NextScalePipeline(SavedDirectory, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
         class_labels: int | str | list[int | str] | None = None,
     ):
         """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
@@ -66,14 +67,16 @@ class NextScalePipeline(SavedDirectory, DiffusionPipeline):
 
         cfg_schedule: "constant" (guidance_scale at every scale) or "linear" (VAR's ramp from 1 at the
         first scale to guidance_scale at the last). `tokens` in the output are all scales' codes, flattened
-        raster and concatenated coarse to fine (N, sum of s_k^2)."""
+        raster and concatenated coarse to fine (N, sum of s_k^2). `callback_on_step_end(pipe, step, timestep,
+        callback_kwargs)` runs after every decoder pass (`pipelines.base.step_hook`)."""
         text_ids = condition_rows(self.condition, prompt, class_labels, num_images_per_prompt, output_type)
         guidance_scale = call_guidance(self.condition, guidance_scale, self.config.default_guidance_scale)
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         gens = per_image_generators(generator, len(text_ids))
+        hook = step_hook(self, callback_on_step_end)
         with self.progress_bar(total=len(self.layout.scales)) as bar:
             tokens, cost = next_scale.generate(self.transformer, self.layout, text_ids, sampling, gens,
-                                               tokenizer=self.visual_tokenizer, callback=lambda k: bar.update())
+                                               tokenizer=self.visual_tokenizer, callback=lambda k: (bar.update(), hook()))
         passes = cost.decoder_passes
         images = self.visual_tokenizer.decode_tokens(tokens)
         images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers

@@ -21,7 +21,7 @@ from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
 from mmgen.pipelines.base import (ARPipelineOutput, WatermarkDetection, call_guidance, condition_rows,
                                   per_image_generators, pipeline_conditioning, unified_vocab)
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, sjd_config, sjd_neighbours
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, sjd_config, sjd_neighbours, step_hook
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.watermark import WatermarkProcessor
 from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
@@ -74,6 +74,7 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
         sampler: str = "ar",
         sjd_window: int = 16,
         sjd_init: str = "random",
@@ -92,7 +93,8 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
     ):
         """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
         a class name, or a list of them; `num_images_per_prompt` images each); an unconditional model takes
-        neither (`mmgen.conditioning`).
+        neither (`mmgen.conditioning`). `callback_on_step_end(pipe, step, timestep, callback_kwargs)` runs after every
+        decoder pass, AR or SJD (`pipelines.base.step_hook`).
 
         sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
         distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
@@ -144,6 +146,7 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
             raise ValueError("watermark_method and watermark_delta need a watermark_key")
         gens = per_image_generators(generator, len(text_ids))
 
+        hook = step_hook(self, callback_on_step_end)
         n_img = self.layout.num_image_tokens
         with self.progress_bar(total=n_img) as bar:
             if sjd is None:
@@ -151,12 +154,12 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
                 if compile_decode:
                     stage["compile"] = True
                 codes, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
-                                                     callback=lambda i: bar.update(), **stage)
+                                                     callback=lambda i: (bar.update(), hook()), **stage)
                 passes = cost.decoder_passes
                 compression = accepted = math.prod(self.visual_tokenizer.token_shape) / passes  # Token-Shuffle: s^2
             else:
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
-                                                       callback=lambda done: bar.update(done - bar.n),
+                                                       callback=lambda done: (bar.update(done - bar.n), hook()),
                                                        processor=processor,
                                                        neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
                 passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
