@@ -8,6 +8,7 @@ error never leaves a half-written image behind.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -16,8 +17,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from mmgen.atomic import atomic_path, write_json_atomic
-from mmgen.options import (add_sampling_args, nonnegative_float, nonnegative_int, positive_float, positive_int, sampling_kwargs,
-                           seed, unit_interval)
+from mmgen.convert import CONVERTERS
+from mmgen.options import (add_condition_args, add_sampling_args, condition_kwargs, nonnegative_float, nonnegative_int,
+                           positive_float, positive_int, sampling_kwargs, seed, unit_interval)
 from mmgen.watermark import METHODS
 from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_mb, zoo_names
 
@@ -69,26 +71,31 @@ def cmd_generate(args) -> dict:
     from mmgen.pipelines import load_pipeline
     from mmgen.pipelines.base import generators_from_seed
 
-    if not args.prompt.strip():
+    if args.prompt is not None and not args.prompt.strip():
         raise CLIError("PROMPT must be a non-empty string, e.g. \"a red circle\"")
     n = args.num_images
-    paths = _output_paths(Path(args.out), n)
+    n_images = n * len(args.class_label or [None])  # --num-images of each --class-label
+    if n_images > MAX_CLI_IMAGES:
+        raise CLIError(f"--num-images x --class-label gives {n_images} images; at most {MAX_CLI_IMAGES}")
+    paths = _output_paths(Path(args.out), n_images)
     pipe = load_pipeline(_model_dir(args.model))
+    condition = condition_kwargs(pipe, args.prompt, args.class_label, args.model)
     kwargs = sampling_kwargs(pipe, args, args.model)
     if args.json:
         pipe.set_progress_bar_config(disable=True)
     t0 = time.perf_counter()
-    result = pipe(prompt=args.prompt, num_images_per_prompt=n, generator=generators_from_seed(args.seed, n),
+    result = pipe(**condition, num_images_per_prompt=n, generator=generators_from_seed(args.seed, n_images),
                   **kwargs)
     seconds = time.perf_counter() - t0
     _save_atomic(result.images, paths)
-    return {"prompt": args.prompt, "model": str(args.model), "pipeline": type(pipe).__name__,
+    return {"prompt": args.prompt, **({"class_labels": args.class_label} if args.class_label else {}),
+            "model": str(args.model), "pipeline": type(pipe).__name__,
             "images": [str(p) for p in paths], "seed": args.seed, "sampler": kwargs.get("sampler", "ar"),
             "watermarked": args.watermark_key is not None, "nfe_per_image": result.decoder_passes,
             "step_compression": round(result.step_compression, 4),
             "mean_accepted_length": round(result.mean_accepted_length, 4), "lossless": result.lossless,
             "seconds": round(seconds, 3),
-            "seconds_per_image": round(seconds / n, 3)} | (
+            "seconds_per_image": round(seconds / n_images, 3)} | (
                 {"model_evals_per_image": result.model_evals} if result.model_evals is not None else {})
 
 
@@ -179,7 +186,8 @@ def cmd_models(args) -> dict:
                if "heldout_accuracy" in res and "train_accuracy" in res else "acc -")
         fd = f"FD-ENL0 {res['fd_enl0']:.0f}" if "fd_enl0" in res else "FD-ENL0 -"
         print(f"{r['name'] + (' (default)' if r['default'] else ''):28s} {r['pipeline']:18s} "
-              f"{r.get('paradigm', '?'):13s} {sum(r['parameters'].values()) / 1e6:5.1f} M {r['size_mb']:5.1f} MB  "
+              f"{r.get('paradigm', '?'):13s} {r['conditioning']:13s} "
+              f"{sum(r['parameters'].values()) / 1e6:5.1f} M {r['size_mb']:5.1f} MB  "
               f"cfg {r['guidance_scale']:g}  {acc}  {fd}  {r.get('description', '')}")
     print("cfg: the model's default guidance scale; acc: held-out / train compositional accuracy (mmgen eval) at "
           "that scale; train commands: mmgen models --json")
@@ -199,35 +207,78 @@ def _count_or_off(name):
     return parse
 
 
-def cmd_eval(args) -> dict:
-    from mmgen.eval.harness import evaluate_model
-    from mmgen.pipelines import load_pipeline
+def _eval_out(value: str | None) -> Path | None:
+    """--out, checked before the run, so a long evaluation is never lost to a bad path."""
+    if value is None:
+        return None
+    out = Path(value)
+    if out.suffix.lower() != ".json":
+        raise CLIError(f"--out must end in .json, got {str(out)!r}")
+    existing = next(p for p in (out.absolute().parent, *out.absolute().parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--out {str(out)!r} cannot be written: {str(existing)!r} is not a writable directory")
+    return out
 
-    out = Path(args.out) if args.out else None
-    if out is not None:  # checked before the run, so a long evaluation is never lost to a bad path
-        if out.suffix.lower() != ".json":
-            raise CLIError(f"--out must end in .json, got {str(out)!r}")
-        existing = next(p for p in (out.absolute().parent, *out.absolute().parent.parents) if p.exists())
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise CLIError(f"--out {str(out)!r} cannot be written: {str(existing)!r} is not a writable directory")
-    model = _model_dir(args.model)
-    pipe = load_pipeline(model)
-    kwargs = sampling_kwargs(pipe, args, args.model)
-    result = evaluate_model(model, data=args.data, per_category=args.per_category, splits=args.splits, fd=args.fd,
-                            tokenizer_images=args.tokenizer_images, batch_size=args.batch_size, seed=args.seed,
-                            device=args.device, progress=not args.json, pipeline=pipe, **kwargs)
+
+def _eval_samples(args) -> dict:
+    """FID / IS / precision-recall of an ADM sample batch (`mmgen.eval.fid`)."""
+    from mmgen.eval.fid import evaluate_npz
+
+    if args.model is not None:
+        raise CLIError("--samples scores an existing sample batch and takes no --model (write one with "
+                       "scripts/sample_npz.py --model ...)")
+    if args.inception_weights is None:
+        raise CLIError("--samples needs --inception-weights FILE: the FID Inception weights (e.g. "
+                       "pt_inception-2015-12-05-6726825d.pth); nothing is downloaded")
+    try:
+        return evaluate_npz(args.samples, args.reference, args.inception_weights, metrics=args.metrics,
+                            reference_stats=args.reference_stats, batch_size=args.batch_size or 100,
+                            is_splits=args.is_splits, device=args.device, progress=not args.json)
+    except ImportError as e:  # the optional extra
+        raise CLIError(str(e)) from None
+
+
+def cmd_eval(args) -> dict:
+    out = _eval_out(args.out)
+    if args.samples is not None:
+        result = _eval_samples(args)
+    else:
+        from mmgen.eval.harness import evaluate_model
+        from mmgen.pipelines import load_pipeline
+
+        given = [f for f, v in (("--reference", args.reference), ("--inception-weights", args.inception_weights),
+                                ("--metrics", args.metrics)) if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} score a sample batch: pass --samples NPZ (and no --model)")
+        if args.model is None:
+            raise CLIError("one of --model (evaluate a saved model) or --samples (FID / IS of an ADM .npz batch) "
+                           "is required")
+        model = _model_dir(args.model)
+        pipe = load_pipeline(model)
+        kwargs = sampling_kwargs(pipe, args, args.model)
+        result = evaluate_model(model, data=args.data, per_category=args.per_category, splits=args.splits,
+                                fd=args.fd, tokenizer_images=args.tokenizer_images,
+                                batch_size=args.batch_size or 25, seed=args.seed, device=args.device,
+                                progress=not args.json, pipeline=pipe, **kwargs)
     if out is not None:
         write_json_atomic(out, result, indent=2)
     return result
 
 
+def cmd_convert(args) -> dict:
+    return args.convert(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmgen", description="Autoregressive visual generation.")
+    parser.add_argument("--version", action="version", version=f"mmgen {importlib.metadata.version('mmgen')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="generate images from a text prompt",
-                       description="Generate images from a text prompt with a saved pipeline.")
-    g.add_argument("prompt", help='text prompt, e.g. "a red circle above a blue square"')
+    g = sub.add_parser("generate", help="generate images from a text prompt or a class label",
+                       description="Generate images with a saved pipeline: from a text PROMPT (caption models), "
+                                   "--class-label (class-conditional models) or neither (unconditional models).")
+    g.add_argument("prompt", nargs="?", default=None,
+                   help='text prompt, e.g. "a red circle above a blue square" (caption models)')
     g.add_argument("--model", default=str(DEFAULT_MODEL),
                    help=f"saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
                         f"{DEFAULT_MODEL_NAME})")
@@ -236,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images to generate (1 to {MAX_CLI_IMAGES})")
     g.add_argument("--seed", type=seed, default=0, help="seed of the first image; image i uses seed+i (>= 0), so "
                    "an image's tokens do not depend on --num-images")
+    add_condition_args(g)
     add_sampling_args(g, watermark=True)
     g.add_argument("--json", action="store_true", help="print a JSON result instead of text")
     g.set_defaults(func=cmd_generate)
@@ -310,14 +362,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench)
 
-    e = sub.add_parser("eval", help="evaluate a saved model: generation quality, tokenizer, speed",
-                       description="Evaluate a saved model (see mmgen/eval/harness.py). shapes: compositional "
-                                   "accuracy per category on the held-out and train splits; fashion_mnist: class "
-                                   "accuracy by the shipped classifier; emoji, flags, icons: FD-ENL0 only. "
-                                   "FD-ENL0 is a Frechet distance on EfficientNet-Lite0 features, not Inception "
-                                   "FID. The tokenizer is "
-                                   "scored by PSNR, SSIM, rFD-ENL0 and codebook usage on held-out images.")
-    e.add_argument("--model", required=True, help="saved pipeline directory or shipped model name")
+    e = sub.add_parser("eval", help="evaluate a saved model, or FID / IS of a sample batch",
+                       description="Evaluate a saved model (--model; see mmgen/eval/harness.py). shapes: "
+                                   "compositional accuracy per category on the held-out and train splits; "
+                                   "fashion_mnist: class accuracy by the shipped classifier; emoji, flags, icons: "
+                                   "FD-ENL0 only. FD-ENL0 is a Frechet distance on EfficientNet-Lite0 features, not "
+                                   "Inception FID. The tokenizer is scored by PSNR, SSIM, rFD-ENL0 and codebook "
+                                   "usage on held-out images. "
+                                   "Or score a sample batch in ADM's .npz format (--samples, written by "
+                                   "scripts/sample_npz.py) against a reference batch (--reference, e.g. ADM's "
+                                   "VIRTUAL_imagenet256_labeled.npz): FID, Inception Score and precision / recall "
+                                   "by torch-fidelity's FID Inception on the weights file given by "
+                                   "--inception-weights (see mmgen/eval/fid.py; pip install 'mmgen[fid]'). A torch "
+                                   "port: close to ADM's TensorFlow numbers, not identical.")
+    e.add_argument("--model", default=None, help="saved pipeline directory or shipped model name")
     e.add_argument("--data", choices=("shapes", "fashion_mnist", "emoji", "flags", "icons"), default=None,
                    help="what to evaluate on (default: the data the model directory records, else shapes)")
     e.add_argument("--per-category", type=positive_int("--per-category"), default=50,
@@ -329,11 +387,29 @@ def build_parser() -> argparse.ArgumentParser:
                         "emoji needs it)")
     e.add_argument("--tokenizer-images", type=_count_or_off("--tokenizer-images"), default=256, metavar="N",
                    help="held-out images for the tokenizer's PSNR / SSIM / rFD-ENL0 (0: skip)")
-    e.add_argument("--batch-size", type=positive_int("--batch-size"), default=25, help="images per pipeline call")
+    e.add_argument("--batch-size", type=positive_int("--batch-size"), default=None,
+                   help="images per pipeline call (default 25); with --samples: images per Inception batch "
+                        "(default 100)")
     e.add_argument("--seed", type=seed, default=0, help="image i of each prompt list uses seed+i")
     add_sampling_args(e, watermark=True)  # the watermark's quality cost: eval with and without
     # the name before the sampling flags were shared with `mmgen generate`; kept so old commands still run
     e.add_argument("--cfg", dest="guidance_scale", type=nonnegative_float("--cfg"), help=argparse.SUPPRESS)
+    fid = e.add_argument_group("FID / IS / precision-recall of a sample batch (ADM .npz)")
+    fid.add_argument("--samples", default=None, metavar="NPZ",
+                     help="sample batch: arr_0 = uint8 images (N, H, W, 3) (scripts/sample_npz.py writes one)")
+    fid.add_argument("--reference", default=None, metavar="NPZ",
+                     help="reference batch in ADM's format: arr_0 images and/or stored mu / sigma")
+    fid.add_argument("--inception-weights", default=None, metavar="FILE",
+                     help="FID Inception weights (e.g. pt_inception-2015-12-05-6726825d.pth, as torch-fidelity and "
+                          "torchmetrics load it); never downloaded")
+    fid.add_argument("--metrics", nargs="+", choices=("fid", "is", "pr"), default=None,
+                     help="what to compute (default: fid and is, and pr when the reference holds images; 'is' "
+                          "alone needs no --reference)")
+    fid.add_argument("--reference-stats", choices=("auto", "stored", "images"), default="auto",
+                     help="FID's reference mu / sigma: stored in the .npz (ADM's were made by the TensorFlow graph), "
+                          "computed from its images, or auto (stored when present)")
+    fid.add_argument("--is-splits", type=positive_int("--is-splits"), default=10,
+                     help="Inception Score splits (default 10, as the field reports it)")
     e.add_argument("--device", default="cpu", help="torch device to run on (cpu, cuda, ...)")
     e.add_argument("--out", default=None, help="also write the JSON report to this .json file")
     e.add_argument("--json", action="store_true", help="print the JSON report")
@@ -345,6 +421,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "train each one.")
     m.add_argument("--json", action="store_true", help="print the list as JSON")
     m.set_defaults(func=cmd_models)
+
+    c = sub.add_parser("convert", help="convert another project's released checkpoint into a pipeline directory",
+                       description="Convert released checkpoints of projects that are not in transformers "
+                                   "(read with weights_only=True) into an mmgen pipeline directory.")
+    families = c.add_subparsers(dest="family", required=True, metavar="FAMILY")
+    for family, (add_args, run) in CONVERTERS.items():
+        doc = sys.modules[run.__module__].__doc__ or family
+        f = families.add_parser(family, help=doc.splitlines()[0], description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_args(f)
+        f.add_argument("--out", required=True, metavar="DIR",
+                       help="pipeline directory to write (new, or a saved pipeline to replace)")
+        f.add_argument("--json", action="store_true", help="print what was written as JSON")
+        f.set_defaults(func=cmd_convert, convert=run)
 
     s = sub.add_parser("serve", help="web demo (Gradio) in the browser",
                        description="Serve a web demo: prompt, model/paradigm, sampler (AR/SJD), seed, guidance, "

@@ -68,7 +68,7 @@ from mmgen.pipelines import PARADIGMS, load_visual_tokenizer, resolve_paradigm, 
 from mmgen.pipelines.registry import check_condition
 from mmgen.pipelines.transformers_models import transformers_model_type
 from mmgen.text import UnifiedVocab
-from mmgen.training.checkpoint import init_backbone, latest_checkpoint
+from mmgen.training.checkpoint import init_backbone, latest_checkpoint, read_tensors
 from mmgen.training.data import DataConfig, encode_dataset, image_fields, make_dataset, run_text_tokenizer
 from mmgen.training.loop import Run, cosine_lr, load_run_config
 from mmgen.training.transformers_models import FINETUNE, load_finetune
@@ -95,6 +95,14 @@ class TrainConfig:
     # steps after which the whole pipeline is also saved, to <out_dir>/snapshots/step-XXXXXXX (training curves:
     # each snapshot can be evaluated like the final pipeline)
     snapshots: tuple = ()
+    # the field's recipe switches (`mmgen.training.loop`), all off by default
+    grad_accum: int = 1  # micro-batches of batch_size per optimisation step (Accelerate's accumulate)
+    ema_decay: float = 0.0  # > 0: keep an EMA of the decoder weights (checkpointed as ema.safetensors)
+    ema_for_sampling: bool = False  # save the EMA weights as the final pipeline instead of the last ones
+    gradient_checkpointing: bool = False  # recompute each decoder block's activations in the backward pass
+    fsdp_state_dict: str = "full"  # full | sharded: checkpoints of a train.fsdp run as whole tensors or each rank's
+    report_to: str = "none"  # none | tensorboard | wandb, beside log.jsonl (pip install 'mmgen[track]')
+    resume: str = "latest"  # latest | none | a checkpoint or run directory (also --resume)
 
 
 @dataclass
@@ -144,9 +152,8 @@ def finetune(cfg: GeneratorRunConfig) -> None:
     """Continue the image generation of a public transformers checkpoint (`init_from`, model type `paradigm`)."""
     if cfg.init_from is None:
         raise ValueError(f"paradigm {cfg.paradigm!r} needs init_from=<a transformers checkpoint directory>")
-    if cfg.alignment.type != "none" or cfg.train.fsdp:
-        raise ValueError(f"paradigm {cfg.paradigm!r} takes neither alignment.type nor train.fsdp (data-parallel "
-                         f"processes only)")
+    if cfg.alignment.type != "none":
+        raise ValueError(f"paradigm {cfg.paradigm!r} takes no alignment.type")
     trainer = load_finetune(cfg.paradigm, cfg.init_from)  # the checkpoint as saved; a resume overwrites what trains
     cfg.data.image_size = trainer.image_size  # the model's generation size (and the record in config.json)
     run = Run(cfg, cfg.train, f"fine-tune {cfg.paradigm}")
@@ -164,7 +171,7 @@ def finetune(cfg: GeneratorRunConfig) -> None:
                              {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
                             lr=cfg.train.lr, betas=cfg.train.betas)
     run.resume(trainer.trained_modules())
-    train_step, opt = run.prepare(trainer, {"opt": opt})
+    train_step, opt = run.prepare(trainer, {"opt": opt}, ema=trainer.model)
     run.print(f"trained parameters: {sum(p.numel() for _, p in params) / 1e6:.2f} M of "
               f"{sum(p.numel() for p in trainer.parameters()) / 1e6:.2f} M; {codes.shape[1]} codes per image "
               f"({trainer.image_size} px); {len(dataset)} images")
@@ -177,14 +184,20 @@ def finetune(cfg: GeneratorRunConfig) -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         loss = train_step(**{k: v.to(device) for k, v in batch.items()})
-        opt.zero_grad(set_to_none=True)
         run.accelerator.backward(loss)
-        grad_norm = run.accelerator.clip_grad_norm_([p for _, p in params], cfg.train.grad_clip)
+        # the optimizer's parameters: fully_shard (train.fsdp) replaced the module's
+        grad_norm = run.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
         opt.step()
+        opt.zero_grad(set_to_none=True)
         return {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm}
 
     run.train(step, digits={"lr": None, "grad_norm": 4})
     if run.is_main:
+        if run.sharded:  # parameters are shards: the trained modules' whole weights from the last checkpoint
+            trainer = load_finetune(cfg.paradigm, cfg.init_from)
+            for name, module in trainer.trained_modules().items():
+                module.load_state_dict(read_tensors(latest_checkpoint(out), name))
+        run.for_sampling(trainer.model)
         trainer.eval().cpu().save_pretrained(out / "pipeline")
         run.print(f"saved model and processor to {out / 'pipeline'}")
 
@@ -271,7 +284,7 @@ def main(argv=None):
             copied, fresh = init_backbone(model, weights, shared_rows=vocab.image_offset if kind == "caption" else 0)
             run.print(f"decoder trunk initialised from {init}: {len(copied)} tensors copied, {len(fresh)} fresh "
                       f"({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its {len(weights)} not used")
-    train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt})
+    train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt}, ema=model)
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")
 
@@ -305,12 +318,11 @@ def main(argv=None):
         elif head is not None:
             tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa", device)
         loss, ar_loss, align_loss = train_step(batch, tg, tp)
-        opt.zero_grad(set_to_none=True)
         run.accelerator.backward(loss)
-        grad_norm = run.accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                                    cfg.train.grad_clip)
+        grad_norm = run.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
         opt.step()
-        if i + 1 in snapshots and run.is_main:
+        opt.zero_grad(set_to_none=True)
+        if i + 1 in snapshots and run.is_main and run.sync_gradients:  # after the step's last micro-batch
             save(copy.deepcopy(run.accelerator.unwrap_model(model)), out / "snapshots" / f"step-{i + 1:07d}")
             vq.to(device)
         logs = {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm}
@@ -320,8 +332,8 @@ def main(argv=None):
     if run.is_main:
         if run.sharded:  # parameters are shards: rebuild the decoder from the last checkpoint's whole weights
             model = type(model).from_config(model.config)
-            model.load_state_dict(load_file(latest_checkpoint(out) / "model.safetensors"))
-        save(model, out / "pipeline")
+            model.load_state_dict(read_tensors(latest_checkpoint(out), "model"))
+        save(run.for_sampling(model), out / "pipeline")
         run.print(f"saved pipeline to {out / 'pipeline'}")
 
 
