@@ -27,15 +27,19 @@ TRAIN = ("a training run (minutes to hours); the loop is tested by tests/test_tr
 SETUP = "sets up the environment this test already runs in"
 SERVE = "starts a web server that runs until stopped; tests/test_serve.py drives it in a browser"
 
+RUN = ("uses the class-conditional run trained above; tests/test_conditioning.py and tests/test_sample_npz.py run "
+       "it small")
+FID = ("needs the FID Inception weights file, which cannot be downloaded here; tests/test_fid.py runs it on a random "
+       "network saved in that format")
+RELEASE = ("needs a released LlamaGen / VAR checkpoint (a hub download); tests/test_llamagen.py and "
+           "tests/test_var_convert.py convert fixtures made by each project's own code")
+
 NOT_RUN = {
     "python3 -m venv .venv": SETUP,
     ". .venv/bin/activate": SETUP,
     "pip install torch==2.14.1 torchvision==0.29.1": SETUP,
     "pip install -e .": SETUP,
     "bash .ci/run": "is the CI, which runs this test",
-    'mmgen generate "two green triangles" --compile --json':
-        "torch.compile spends 15-20 s compiling in a fresh process, more than every other example together; "
-        "tests/test_compiled_decode.py checks the compiled step against eager",
     'mmgen generate "a red fox in the snow" --model Janus-Pro-1B --num-images 4 --seed 0 --out fox.png': HUB,
     'mmgen generate "a red fox in the snow" --model Janus-Pro-1B --sampler sjd --sjd-window 16 --out fox_sjd.png':
         HUB,
@@ -58,6 +62,24 @@ NOT_RUN = {
     "python scripts/train_generator.py --config configs/flowar_shapes.yaml": TRAIN,
     "python scripts/train_generator.py --config configs/next_x_shapes.yaml flow.entity=cell": TRAIN,
     "python scripts/train_generator.py --config configs/token_shuffle_shapes.yaml model.shuffle_window=2": TRAIN,
+    "python scripts/make_imagefolder.py --source fashion_mnist --out data/fashion-folder --per-class 600":
+        "writes 6,000 images; tests/test_conditioning.py runs it small",
+    "python scripts/train_generator.py --config configs/class_imagefolder.yaml": TRAIN,
+    "mmgen generate --model runs/class-fashion/pipeline --class-label sneaker --num-images 4 --out sneaker.png": RUN,
+    "mmgen eval --model runs/class-fashion/pipeline --data fashion_mnist --per-category 20": RUN,
+    "accelerate launch --config_file configs/accelerate/ddp_2proc.yaml scripts/sample_npz.py --model "
+    "runs/class-fashion/pipeline --per-class 50 --out samples.npz": RUN,
+    "python scripts/images_to_npz.py data/fashion-folder/train --size 64 --labels --out ref.npz": RUN,
+    "mmgen eval --samples samples.npz --reference ref.npz --inception-weights pt_inception-2015-12-05-6726825d.pth "
+    "--json --out fid.json": FID,
+    "mmgen convert llamagen --gpt c2i_B_256.pt --vq vq_ds16_c2i.pt --gpt-model GPT-B --image-size 256 --out "
+    "llamagen-b": RELEASE,
+    "mmgen generate --model llamagen-b --class-label 207 --guidance-scale 4 --top-k 2000 --out golden.png": RELEASE,
+    "mmgen generate --model llamagen-b --class-label 207 --sampler sjd --out golden_sjd.png": RELEASE,
+    "mmgen convert llamagen --gpt t2i_XL_stage1_256.pt --vq vq_ds16_t2i.pt --text-encoder flan-t5-xl --out "
+    "llamagen-t2i": RELEASE,
+    "mmgen convert var --var var_d16.pth --vae vae_ch160v4096z32.pth --out var-d16": RELEASE,
+    "mmgen generate --model var-d16 --class-label 207 --out var.png": RELEASE,
 }
 
 
