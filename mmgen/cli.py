@@ -18,8 +18,9 @@ from pathlib import Path
 
 from mmgen.atomic import atomic_path, write_json_atomic
 from mmgen.convert import CONVERTERS
-from mmgen.options import (add_condition_args, add_sampling_args, condition_kwargs, nonnegative_float, nonnegative_int,
-                           positive_float, positive_int, sampling_kwargs, seed, unit_interval)
+from mmgen.options import (add_condition_args, add_sampling_args, condition_kwargs, device, nonnegative_float,
+                           nonnegative_int, positive_float, positive_int, sampling_kwargs, secret_key, seed,
+                           unit_interval)
 from mmgen.watermark import METHODS
 from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_mb, zoo_names
 
@@ -30,6 +31,7 @@ class CLIError(Exception):
 
 # images one `mmgen generate` call writes; more is almost surely a typo (and hours of CPU), so it is refused
 MAX_CLI_IMAGES = 64
+KEY_ENV = "MMGEN_WATERMARK_KEY"  # `mmgen watermark detect`'s key when neither --key nor --key-file is given
 # `mmgen watermark detect` inputs: at least one pixel per token of an 8x8 grid; the pixel cap refuses
 # decompression bombs from the header, before decoding
 MIN_IMAGE_SIDE, MAX_IMAGE_PIXELS = 8, 4096 * 4096
@@ -78,7 +80,7 @@ def cmd_generate(args) -> dict:
     if n_images > MAX_CLI_IMAGES:
         raise CLIError(f"--num-images x --class-label gives {n_images} images; at most {MAX_CLI_IMAGES}")
     paths = _output_paths(Path(args.out), n_images)
-    pipe = load_pipeline(_model_dir(args.model))
+    pipe = load_pipeline(_model_dir(args.model), device=args.device)
     condition = condition_kwargs(pipe, args.prompt, args.class_label, args.model)
     kwargs = sampling_kwargs(pipe, args, args.model)
     if args.json:
@@ -105,8 +107,10 @@ def cmd_watermark_detect(args) -> dict:
     from mmgen.pipelines import load_pipeline
     from mmgen.pipelines.base import IMAGE_MODES  # 8-bit modes that convert to RGB without loss of meaning
 
+    args.key = secret_key(args.key, args.key_file, "--key", env=KEY_ENV)
     if not args.key:
-        raise CLIError("--key must be a non-empty string (the secret the images were generated with)")
+        raise CLIError(f"--key must be a non-empty string (the secret the images were generated with); give it as "
+                       f"--key, --key-file or ${KEY_ENV}")
     if not 0 < args.fpr < 1:
         raise CLIError(f"--fpr must be in (0, 1), got {args.fpr}")
     model = _model_dir(args.model)
@@ -170,7 +174,7 @@ def cmd_serve(args) -> dict:
     # a model is listed under what the user typed (a zoo name or a path), so two runs' `pipeline` dirs differ
     models = {value: _model_dir(value) for value in args.model} if args.model else None  # None: the zoo
     try:
-        demo = serve(models, host=args.host, port=args.port, share=args.share)
+        demo = serve(models, host=args.host, port=args.port, share=args.share, device=args.device)
     except OSError as e:  # port taken, host not ours
         raise CLIError(f"--host {args.host} --port {args.port}: cannot serve there ({e})") from None
     return {"url": demo.local_url, "models": {name: cls.__name__ for name, cls in demo.models.classes.items()}}
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_condition_args(g)
     add_sampling_args(g, watermark=True)
     g.add_argument("--json", action="store_true", help="print a JSON result instead of text")
+    g.add_argument("--device", type=device, default="cpu", help="torch device to run on (cpu, cuda, ...)")
     g.set_defaults(func=cmd_generate)
 
     w = sub.add_parser("watermark", help="watermark tools", description="Watermark tools.")
@@ -298,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Re-tokenize images and test them for the watermark of KEY. The p-value is "
                                     "exact under the hypothesis of no watermark; no decoder pass is needed.")
     d.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    d.add_argument("--key", required=True, help="the secret key used at generation")
+    d.add_argument("--key", default=None, help=f"the secret key used at generation (or --key-file, or ${KEY_ENV})")
+    d.add_argument("--key-file", default=None, metavar="FILE", help="read the key from FILE (kept out of ps and "
+                                                                    "shell history)")
     d.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="saved pipeline directory or shipped model name (its tokenizer and watermark.json)")
     d.add_argument("--fpr", type=float, default=0.01, help="false-positive rate of the verdict, in (0, 1)")
@@ -444,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=positive_int("--port", 65535), default=7860, help="port to listen on")
     s.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link")
+    s.add_argument("--device", type=device, default="cpu", help="torch device the models run on (cpu, cuda, ...)")
     s.add_argument("--json", action="store_true", help="on exit, print what was served as JSON")
     s.set_defaults(func=cmd_serve)
     return parser

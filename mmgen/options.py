@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 
 from mmgen.watermark import METHODS
 
@@ -150,6 +151,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
         nexttok.add_argument("--watermark-key", default=None,
                              help="embed the distortion-free watermark under this secret key (detect with "
                                   "mmgen watermark detect)")
+        nexttok.add_argument("--watermark-key-file", default=None, metavar="FILE",
+                             help="read the watermark key from FILE instead (kept out of ps and shell history)")
         nexttok.add_argument("--watermark-method", choices=METHODS, default=None,
                              help="watermark method instead of the model's own (watermark.json; c-reweight): "
                                   "kgw-cluster / kgw-token bias the sampling by --watermark-delta, which a single "
@@ -177,6 +180,9 @@ def sampling_kwargs(pipeline, args: argparse.Namespace, model=None) -> dict:
     typed it) and the flags it takes."""
     cls = pipeline if isinstance(pipeline, type) else type(pipeline)
     accepted = cls.call_options
+    if getattr(args, "watermark_key_file", None) is not None:  # --watermark-key-file: the key, as if typed
+        args.watermark_key = secret_key(getattr(args, "watermark_key", None), args.watermark_key_file,
+                                        "--watermark-key")
     kwargs = {}
     for flag, name in SAMPLING_FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"), None)
@@ -189,6 +195,35 @@ def sampling_kwargs(pipeline, args: argparse.Namespace, model=None) -> dict:
                               f"{', '.join(takes) or 'none'}")
         kwargs[name] = value
     return kwargs
+
+
+def device(s: str) -> str:
+    """An argparse type for --device: a torch device string (cpu, cuda, cuda:1, mps, ...)."""
+    import torch
+
+    try:
+        torch.device(s)
+    except (RuntimeError, TypeError):
+        raise argparse.ArgumentTypeError(f"--device must be a torch device such as cpu, cuda or cuda:1, got {s!r}") \
+            from None
+    return s
+
+
+def secret_key(key: str | None, key_file: str | None, flag: str, env: str | None = None) -> str | None:
+    """A watermark key from its flag, its file flag (the file's text without the trailing newline: kept out of
+    `ps` and shell history) or, where `env` names one, that environment variable; at most one of the flags."""
+    if key is not None and key_file is not None:
+        raise OptionError(f"{flag} and {flag}-file both give the key; use one")
+    if key_file is not None:
+        try:
+            key = open(key_file, encoding="utf-8").read().rstrip("\r\n")
+        except OSError as e:
+            raise OptionError(f"{flag}-file {key_file!r} cannot be read ({e.strerror})") from None
+        if not key:
+            raise OptionError(f"{flag}-file {key_file!r} is empty; it must hold the secret key")
+    elif key is None and env is not None:
+        key = os.environ.get(env) or None
+    return key
 
 
 def class_label(s: str) -> int | str:

@@ -52,7 +52,8 @@ class DemoModels:
     pipeline class, so picking a model costs nothing until it is used.
     """
 
-    def __init__(self, models: dict[str, Path]):
+    def __init__(self, models: dict[str, Path], device: str = "cpu"):
+        self.device = device
         if not models:
             raise ValueError("models must name at least one saved pipeline directory")
         self.dirs = {name: Path(d) for name, d in models.items()}
@@ -80,7 +81,7 @@ class DemoModels:
     def pipeline(self, name: str):
         with self._lock:
             if name not in self._pipes:
-                pipe = load_pipeline(self.dirs[name])
+                pipe = load_pipeline(self.dirs[name], device=self.device)
                 pipe.set_progress_bar_config(disable=True)
                 self._pipes[name] = pipe
             return self._pipes[name]
@@ -198,7 +199,7 @@ def _error(message: str) -> gr.Error:
     return gr.Error(message, print_exception=False)
 
 
-def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
+def build_demo(models: dict[str, Path] | None = None, device: str = "cpu") -> gr.Blocks:
     """The demo page over `models` (name -> saved pipeline directory; default: the shipped zoo).
 
     Components carry stable `elem_id`s (prompt, model, sampler, seed, guidance, num-images, watermark,
@@ -209,7 +210,7 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
     if models is None:
         # the default model first: the page opens on it
         models = dict(sorted(zoo_models().items(), key=lambda item: item[1] != DEFAULT_MODEL))
-    backend = DemoModels(models)
+    backend = DemoModels(models, device)
     first = next(iter(backend.dirs))
     sjd, wm = ("sampler" in backend.accepts(first)), ("watermark_key" in backend.accepts(first))
     with gr.Blocks(title="mmgen", analytics_enabled=False) as demo:
@@ -265,12 +266,12 @@ def build_demo(models: dict[str, Path] | None = None) -> gr.Blocks:
 
 
 def serve(models: dict[str, Path] | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          block: bool = True) -> gr.Blocks:
+          block: bool = True, device: str = "cpu") -> gr.Blocks:
     """Build the demo and serve it at http://host:port (`share`: also through a Gradio share link).
     With `block=False` the server runs on a background thread; stop it with `demo.close()`."""
     if not 0 < port < 65536:
         raise ValueError(f"port must be in 1..65535, got {port}")
-    demo = build_demo(models)
+    demo = build_demo(models, device)
     demo.queue(default_concurrency_limit=1)  # one generation at a time: they share the CPU and the cached pipes
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
                 css=CSS, footer_links=[])
