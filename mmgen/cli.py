@@ -167,7 +167,12 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_serve(args) -> dict:
-    from mmgen.serve import serve
+    try:
+        from mmgen.serve import serve
+    except ImportError as e:
+        if e.name != "gradio":
+            raise
+        raise CLIError("mmgen serve needs the serve extra: pip install 'mmgen[serve]' (gradio)") from None
 
     if args.model and len(set(args.model)) != len(args.model):
         raise CLIError(f"--model names a model twice: {' '.join(args.model)}")

@@ -64,7 +64,11 @@ class OpenCLIPTarget(TargetEncoder):
 
     def __init__(self, model_name: str = "ViT-B-32", pretrained: str | None = None):
         super().__init__()
-        import open_clip
+        try:
+            import open_clip
+        except ImportError:
+            raise ImportError("alignment.encoder=open_clip needs the align extra: pip install 'mmgen[align]' "
+                              "(open_clip_torch)") from None
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
         self.visual = model.visual
         self.visual.output_tokens = True
