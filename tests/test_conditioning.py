@@ -304,3 +304,29 @@ def test_fashion_class_accuracy_draws_a_class_model_by_class_name():
     assert asked == list(CLASSES)
     acc = result["class_accuracy"]
     assert acc["n"] == 10 and acc["accuracy"] == 0.1 and acc["per_class"]["t-shirt"] == 1.0
+
+
+def test_fd_of_a_class_model_draws_each_real_image_s_class():
+    """FD-ENL0 on a class-conditional model generates from the real images' class names, one per real image."""
+    from mmgen.data.fashion_mnist import CLASSES
+    from mmgen.eval.harness import _subset, evaluate_pipeline, real_dataset
+
+    cond = ClassConditioning(10, CLASSES)
+    entry, component, _, _, model = parts("next_token", cond)
+    pipe = entry.pipeline(transformer=model.eval(), tokenizer=None, max_text_len=1, conditioning=cond.config(),
+                          vq_model=component)
+    asked = []
+    call = type(pipe).__call__
+    pipe.__class__ = type("Spy", (type(pipe),), {"__call__": lambda self, **kw: asked.extend(kw["class_labels"])
+                                                 or call(self, **kw)})
+
+    class Zero:
+        def predict(self, x):
+            return torch.zeros(len(x), dtype=torch.long)
+
+    result = evaluate_pipeline(pipe, data="fashion_mnist", per_category=1, fd=4, classifier=Zero(), progress=False)
+    real = real_dataset("fashion_mnist", "train", 64)
+    fd_asked = asked[10:]  # after the 10 class-accuracy draws
+    assert len(fd_asked) == 4 and set(fd_asked) <= set(CLASSES)
+    assert fd_asked == [CLASSES[int(real.labels[i])] for i in _subset(len(real), 4, 0)]
+    assert result["fd_enl0"]["n"] == 4 and result["fd_enl0"]["value"] > 0

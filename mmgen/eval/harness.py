@@ -128,10 +128,17 @@ def _subset(n_items: int, n: int, seed: int) -> list[int]:
 
 def _fd_block(pipe, dataset, indices: list[int], batch_size: int, seed: int, device, meter: _Meter,
               progress: bool, sampling: dict) -> dict:
-    """FD-ENL0 between the real images at `indices` and images generated from their captions."""
+    """FD-ENL0 between the real images at `indices` and images generated from their captions (a class-conditional
+    model: from their class names, as the data set names them)."""
     real = _stack(dataset, indices)
-    fake, _ = _generate(pipe, [dataset[i]["caption"] for i in indices], batch_size, seed, meter, progress, "fd",
-                        sampling)
+    if getattr(getattr(pipe, "condition", None), "kind", None) == "class":
+        if not hasattr(dataset, "labels") or not hasattr(dataset, "classes"):
+            raise ValueError(f"fd on a class-conditional model needs a labelled data set; {type(dataset).__name__} "
+                             f"has no labels")
+        conditions, condition = [dataset.classes[int(dataset.labels[i])] for i in indices], "class_labels"
+    else:
+        conditions, condition = [dataset[i]["caption"] for i in indices], "prompt"
+    fake, _ = _generate(pipe, conditions, batch_size, seed, meter, progress, "fd", sampling, condition)
     return {"n": len(indices), "value": round(fd_enl0(real, fake, device=device), 3)}
 
 
