@@ -202,12 +202,13 @@ def test_detect_accepts_8bit_modes_of_other_sizes(model, tmp_path, capsys):
     assert [r["image"] for r in result["images"]] == list(map(str, files))
 
 
-def test_detect_missing_or_empty_key(model, tmp_path, capsys):
+def test_detect_missing_or_empty_key(model, tmp_path, capsys, monkeypatch):
     f = tmp_path / "img.png"
     Image.new("RGB", (16, 16)).save(f)
     out = tmp_path / "out"
+    monkeypatch.delenv("MMGEN_WATERMARK_KEY", raising=False)
     msg = _cli_error(["watermark", "detect", str(f), "--model", str(model)], capsys, out)
-    assert "the following arguments are required: --key" in msg
+    assert "give it as --key, --key-file or $MMGEN_WATERMARK_KEY" in msg
     msg = _cli_error(["watermark", "detect", str(f), "--key", "", "--model", str(model)], capsys, out)
     assert "--key must be a non-empty string" in msg
 
