@@ -138,7 +138,8 @@ def test_make_dataset_builds_the_real_datasets():
     assert isinstance(both, ConcatCaptions) and len(both) == 40 + 1552
     assert both.captions[:40] == ShapesDataset(size=40).captions
     assert both.captions[40] == Twemoji().captions[0] and both[40]["caption"] == both.captions[40]
-    assert set(DATASET_NAMES) == {"shapes", "folder", "fashion_mnist", "emoji", "shapes+emoji", "flags", "icons"}
+    assert set(DATASET_NAMES) == {"shapes", "folder", "imagefolder", "fashion_mnist", "emoji", "shapes+emoji", "flags",
+                                  "icons"}
     with pytest.raises(ValueError, match=r"data.name must be one of .*'fashion_mnist', 'emoji', 'shapes\+emoji', "
                                          r"'flags', 'icons'\), got 'mnist'"):
         make_dataset(DataConfig(name="mnist"))
