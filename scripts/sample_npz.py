@@ -263,10 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@torch.no_grad()  # a decorator, not set_grad_enabled(False): tests call main() in-process
 def main(argv=None, state=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
         if state is None:
             from accelerate import PartialState

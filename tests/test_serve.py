@@ -129,14 +129,14 @@ def test_cli_serve(tiny_dir, monkeypatch, capsys):
         local_url = "http://127.0.0.1:7999/"
         models = serve.DemoModels({"shapes-flowar": zoo_models()["shapes-flowar"], str(tiny_dir): tiny_dir})
 
-    def fake_serve(models, host, port, share):
-        served.update(models=models, host=host, port=port, share=share)
+    def fake_serve(models, host, port, share, device):
+        served.update(models=models, host=host, port=port, share=share, device=device)
         return Demo
 
     monkeypatch.setattr(serve, "serve", fake_serve)
     assert cli.main(["serve", "--model", "shapes-flowar", "--model", str(tiny_dir), "--port", "7999", "--json"]) == 0
     assert served == {"models": {"shapes-flowar": zoo_models()["shapes-flowar"], str(tiny_dir): tiny_dir},
-                      "host": "127.0.0.1", "port": 7999, "share": False}
+                      "host": "127.0.0.1", "port": 7999, "share": False, "device": "cpu"}
     assert '"shapes-flowar": "FlowARPipeline"' in capsys.readouterr().out
     assert cli.main(["serve"]) == 0 and served["models"] is None and served["port"] == 7860  # None: the zoo
     capsys.readouterr()
