@@ -285,7 +285,8 @@ def test_next_token_pipeline_generates_with_seed_tokens(tmp_path):
     out = pipe(prompt=captions, guidance_scale=2.0, output_type="pt", generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (2, 3, 32, 32) and out.nfe == N and out.tokens.shape == (2, 1, N)
     with torch.no_grad():
-        assert torch.equal(out.images, vq.decode(out.tokens))  # the SEED decoder drew them
+        # the SEED decoder drew them; output_type "pt" is in [0, 1], as diffusers' postprocess gives it
+        assert torch.equal(out.images, (vq.decode(out.tokens) / 2 + 0.5).clamp(0, 1))
     pipe.save_pretrained(tmp_path)
     again = load_pipeline(tmp_path)
     again.set_progress_bar_config(disable=True)
