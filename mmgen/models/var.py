@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
+from tokenizers_vis.var_vqvae import _check_patch_nums  # one check of VAR's scale list, shared with its VQVAE
+
 MAX_SCALE_MUL = torch.log(torch.tensor(100.0)).item()  # VAR's clamp of the per-head query scale, in float32
 
 
@@ -116,14 +118,6 @@ class AdaLNBeforeHead(nn.Module):
     def forward(self, x_RLC, cond_RD):
         scale, shift = self.ada_lin(cond_RD).view(-1, 1, 2, self.dim).unbind(2)
         return F.layer_norm(x_RLC, (self.dim,), eps=self.eps).mul(scale + 1).add(shift)
-
-
-def _check_patch_nums(patch_nums) -> tuple[int, ...]:
-    pn = tuple(patch_nums)
-    if (len(pn) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in pn)
-            or any(a >= b for a, b in zip(pn, pn[1:]))):
-        raise ValueError(f"patch_nums must be at least 2 strictly increasing positive ints, got {patch_nums!r}")
-    return pn
 
 
 class VARTransformer(ModelMixin, ConfigMixin):
