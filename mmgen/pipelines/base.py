@@ -254,6 +254,11 @@ class WatermarkDetection:
         if not isinstance(self, SavedDirectory):  # SavedDirectory calls save_extras before any upload
             self.save_extras(save_directory)
 
+    def watermark_key_order(self):
+        """Where the watermark keys each position (`mmgen.watermark.KeyOrder`); None: raster order, each token keyed
+        by the tokens before it. Pipelines whose paradigm decodes out of raster order override it."""
+        return None
+
     @torch.no_grad()
     def retokenize(self, images) -> torch.Tensor:
         """PIL images -> their codes (B, h*w) in raster order, as the tokenizer reads them back (through the
@@ -283,12 +288,12 @@ class WatermarkDetection:
         not the saved one (`watermark_method` at generation)."""
         if not 0 < fpr < 1:
             raise ValueError(f"fpr must be in (0, 1), got {fpr}")
-        tokens, config = self.retokenize(images), self.watermark_config(method)
-        per_image = [d.as_dict(fpr) for d in detect_tokens(tokens, config, key)]
+        tokens, config, order = self.retokenize(images), self.watermark_config(method), self.watermark_key_order()
+        per_image = [d.as_dict(fpr) for d in detect_tokens(tokens, config, key, order)]
         if not combine:
             return per_image
         return {"images": per_image,
-                "combined": {"images": len(tokens), **detect_tokens_combined(tokens, config, key).as_dict(fpr)}}
+                "combined": {"images": len(tokens), **detect_tokens_combined(tokens, config, key, order).as_dict(fpr)}}
 
 
 

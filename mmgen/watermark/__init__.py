@@ -5,10 +5,11 @@ lives above it: the attack suite in `mmgen.bench.watermark`, the retokenization-
 a confusion cluster table in `scripts/watermark_channel.py`."""
 
 from mmgen.watermark.core import (CLUSTERINGS, KEYINGS, METHODS, STATISTICS, Detection, KeyedPermutations,
-                                  WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_by_confusion,
+                                  KeyOrder, WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_by_confusion,
                                   cluster_codebook, confusion_matrix, detect_tokens,
                                   detect_tokens_combined, kmeans)
 
-__all__ = ["CLUSTERINGS", "KEYINGS", "METHODS", "STATISTICS", "Detection", "KeyedPermutations", "WatermarkConfig",
+__all__ = ["CLUSTERINGS", "KEYINGS", "METHODS", "STATISTICS", "Detection", "KeyedPermutations", "KeyOrder",
+           "WatermarkConfig",
            "WatermarkProcessor", "alpha_reweight", "cluster_by_confusion", "cluster_codebook", "confusion_matrix",
            "detect_tokens", "detect_tokens_combined", "kmeans"]

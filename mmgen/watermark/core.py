@@ -256,6 +256,50 @@ def contexts(symbols: list[int], h: int, keying: str = "clusters") -> list[tuple
     return ctxs
 
 
+@dataclass(frozen=True)
+class KeyOrder:
+    """Where each position of a token grid takes its key from, for paradigms that decode a grid out of raster
+    order (next-neighbour, next-block), so that every context is decoded before the token it keys.
+    `parents[i]`: the raster index of the position whose symbol ends position i's context (then that position's
+    parent, and so on, h symbols; -1 ends the chain and the rest is -1, as before the start of a raster
+    sequence). `order`: the raster indices in decoding order; a context keys only its first position in this
+    order, at generation (`WatermarkProcessor.keyed_by`) and at detection (`detect_tokens(..., order=)`) alike, so
+    the scored contexts stay distinct and the p-value exact. `KeyOrder.raster(n)` gives the raster contexts of
+    `contexts` (each position keyed by the h tokens before it)."""
+
+    parents: tuple[int, ...]
+    order: tuple[int, ...]
+
+    def __post_init__(self):
+        n = len(self.parents)
+        if sorted(self.order) != list(range(n)):
+            raise ValueError(f"KeyOrder.order must hold each of the {n} positions once")
+        rank = self.rank
+        if any(not -1 <= q < n or (q >= 0 and rank[q] >= rank[p]) for p, q in enumerate(self.parents)):
+            raise ValueError("KeyOrder.parents must be -1 or positions decoded before their children")
+
+    @classmethod
+    def raster(cls, n: int) -> KeyOrder:
+        return cls(tuple(range(-1, n - 1)), tuple(range(n)))
+
+    @property
+    def rank(self) -> list[int]:
+        """rank[i]: where raster position i comes in `order`."""
+        rank = [0] * len(self.order)
+        for k, i in enumerate(self.order):
+            rank[i] = k
+        return rank
+
+    def context(self, symbols: list[int], i: int, h: int, keying: str = "clusters") -> tuple:
+        """The context of raster position i of one image's symbols (raster order)."""
+        chain, q = [], self.parents[i]
+        while q >= 0 and len(chain) < h:
+            chain.append(symbols[q])
+            q = self.parents[q]
+        ctx = tuple([-1] * (h - len(chain)) + chain[::-1])
+        return ("position", i, *ctx) if keying == "position" else ctx
+
+
 # ---- reweighting ------------------------------------------------------------------------------------------
 
 
@@ -286,7 +330,7 @@ class WatermarkProcessor:
     def __call__(self, logits_NV: torch.Tensor, prefix_NL: torch.Tensor, lengths_N: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         probs = logits_NV.float().softmax(-1)
-        N, V = probs.shape
+        N = probs.shape[0]
         ranks, active = torch.zeros(N, cfg.num_symbols, dtype=torch.long), torch.zeros(N, dtype=torch.bool)
         prefix_sym = cfg.symbols(prefix_NL.cpu())
         for i in range(N):
@@ -295,6 +339,37 @@ class WatermarkProcessor:
             if ctxs[-1] in ctxs[:-1]:
                 continue  # this context keyed an earlier step: leave the step unwatermarked
             ranks[i], active[i] = self.perms.ranks(ctxs[-1]), True
+        return self._reweight(logits_NV, probs, ranks, active)
+
+    def keyed_by(self, order: KeyOrder, logits_NV: torch.Tensor, codes_BL: torch.Tensor, rows_N: torch.Tensor,
+                 positions_N: torch.Tensor) -> torch.Tensor:
+        """Watermarked log-probs for tokens decoded out of raster order: row n of `logits_NV` is the distribution
+        of raster position positions_N[n] of image rows_N[n]; `codes_BL` (B, h*w) holds every position decoded so
+        far (the rest may hold anything). The key comes from `order`'s context; a context that an earlier
+        position of `order` already keyed leaves the step unwatermarked, as `__call__` does along a prefix."""
+        cfg = self.config
+        probs = logits_NV.float().softmax(-1)
+        N = probs.shape[0]
+        ranks, active = torch.zeros(N, cfg.num_symbols, dtype=torch.long), torch.zeros(N, dtype=torch.bool)
+        syms, rank = cfg.symbols(codes_BL.cpu()).tolist(), order.rank
+        rows, positions = rows_N.tolist(), positions_N.tolist()
+        first = {}  # image row -> {context: rank of its first position in `order`}
+        for n, (b, p) in enumerate(zip(rows, positions)):
+            if b not in first:
+                last = max(rank[q] for r, q in zip(rows, positions) if r == b)
+                first[b] = {}
+                for k, q in enumerate(order.order[: last + 1]):
+                    first[b].setdefault(order.context(syms[b], q, cfg.context, cfg.keying), k)
+            ctx = order.context(syms[b], p, cfg.context, cfg.keying)
+            if first[b][ctx] == rank[p]:
+                ranks[n], active[n] = self.perms.ranks(ctx), True
+        return self._reweight(logits_NV, probs, ranks, active)
+
+    def _reweight(self, logits_NV: torch.Tensor, probs: torch.Tensor, ranks: torch.Tensor,
+                  active: torch.Tensor) -> torch.Tensor:
+        """The method's reweighting of the rows marked `active` under their permutation ranks (N, K)."""
+        cfg = self.config
+        N, V = probs.shape
         if not bool(active.any()):
             return logits_NV
         ranks = ranks.to(probs.device)
@@ -370,8 +445,10 @@ class Detection:
         return d
 
 
-def detect_tokens(tokens: torch.Tensor, config: WatermarkConfig, key: str) -> list[Detection]:
-    """Detections for token sequences (B, N) (raster order), from the key and the cluster table only.
+def detect_tokens(tokens: torch.Tensor, config: WatermarkConfig, key: str,
+                  order: KeyOrder | None = None) -> list[Detection]:
+    """Detections for token sequences (B, N) (raster order), from the key and the cluster table only. `order`:
+    the positions' contexts and scoring order of a paradigm that decodes out of raster order (None: raster).
 
     Under H0 the symbols do not depend on the key and every scored position has its own permutation, so the
     rank of the observed symbol is uniform on {0, ..., K-1}, independently across positions: the green count
@@ -379,11 +456,12 @@ def detect_tokens(tokens: torch.Tensor, config: WatermarkConfig, key: str) -> li
     are exact tails. The rank sum also credits a symbol that the reweight pushed high but not past the green
     threshold (alpha-reweight moves mass towards the end of pi, not only into the green half)."""
     perms = KeyedPermutations(key, config.num_symbols)
-    return [_detection(_scored_ranks(row, config, perms, set()), config)
+    return [_detection(_scored_ranks(row, config, perms, set(), order), config)
             for row in config.symbols(tokens.reshape(len(tokens), -1).cpu()).tolist()]
 
 
-def detect_tokens_combined(tokens: torch.Tensor, config: WatermarkConfig, key: str) -> Detection:
+def detect_tokens_combined(tokens: torch.Tensor, config: WatermarkConfig, key: str,
+                           order: KeyOrder | None = None) -> Detection:
     """One detection for a set of token sequences (B, N) made with one key: every image's scored ranks pooled
     into one statistic. A context is scored at its first occurrence in the whole set (images in order, raster
     order inside each), since the same context in two images shares its permutation (shapes scenes share their
@@ -391,14 +469,22 @@ def detect_tokens_combined(tokens: torch.Tensor, config: WatermarkConfig, key: s
     exact tail as for one image, over all the set's scored positions."""
     perms, seen = KeyedPermutations(key, config.num_symbols), set()
     ranks = [r for row in config.symbols(tokens.reshape(len(tokens), -1).cpu()).tolist()
-             for r in _scored_ranks(row, config, perms, seen)]
+             for r in _scored_ranks(row, config, perms, seen, order)]
     return _detection(ranks, config)
 
 
-def _scored_ranks(row: list[int], config: WatermarkConfig, perms: KeyedPermutations, seen: set) -> list[int]:
-    """Ranks of the symbols whose context is not in `seen` yet (their first occurrence); adds those contexts."""
+def _scored_ranks(row: list[int], config: WatermarkConfig, perms: KeyedPermutations, seen: set,
+                  order: KeyOrder | None = None) -> list[int]:
+    """Ranks of the symbols whose context is not in `seen` yet (their first occurrence, in raster order or in
+    `order`); adds those contexts."""
+    if order is None:
+        pairs = zip(row, contexts(row, config.context, config.keying))
+    elif len(order.order) != len(row):
+        raise ValueError(f"the key order covers {len(order.order)} positions; the tokens have {len(row)} per image")
+    else:
+        pairs = ((row[p], order.context(row, p, config.context, config.keying)) for p in order.order)
     ranks = []
-    for sym, ctx in zip(row, contexts(row, config.context, config.keying)):
+    for sym, ctx in pairs:
         if ctx not in seen:
             seen.add(ctx)
             ranks.append(int(perms.ranks(ctx)[sym]))
