@@ -15,6 +15,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torchmetrics.classification import BinaryAUROC
 from tqdm.auto import tqdm
 
+from mmgen.data.shapes import heldout_prompts
+from mmgen.pipelines.base import generators_from_seed
+from mmgen.watermark import METHODS, detect_tokens
+
 
 def jpeg(quality: int):
     def attack(im: Image.Image, seed: int = 0) -> Image.Image:
@@ -79,10 +83,6 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
     images, AUC of the z-score (watermarked vs not), and the re-tokenization match rate of token and symbol.
     Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch.
     `guidance_scale` None: the model's own; `delta`: the KGW rows' strength (None: the config's)."""
-    from mmgen.data.shapes import heldout_prompts
-    from mmgen.pipelines.base import generators_from_seed
-    from mmgen.watermark import METHODS, detect_tokens
-
     base = pipe.watermark_config()
     if configs is None:
         # KGW is tested with its own statistic, the green-list count
@@ -155,10 +155,6 @@ def clean_fpr(pipe, n_images: int = 1000, keys: int = 10, fpr: float = 0.01, see
     """The detector's false-positive rate on images, not token streams: `n_images` unwatermarked PNG-equivalent
     images of the pipeline (held-out prompts, seeds from `seed`, its default guidance) re-encoded once, then
     tested under `keys` different keys per method. Per method: the mean and worst FPR over the keys at `fpr`."""
-    from mmgen.data.shapes import heldout_prompts
-    from mmgen.pipelines.base import generators_from_seed
-    from mmgen.watermark import METHODS, detect_tokens
-
     prompts = heldout_prompts(n_images, seed=seed)
     pipe.set_progress_bar_config(disable=True)
     tokens = []
