@@ -198,16 +198,25 @@ STAGE2 = ["model_type=seed", "seed.stage=2", "loss.perceptual_weight=0", "loss.d
           "train.log_every=1", "train.ckpt_every=2", "train.warmup=1"]
 
 
-def run(*args):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tokenizer.py"), *args],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+def script(name: str):
+    """A training script loaded as a module, so a test runs its main in this process (no interpreter start)."""
+    spec = importlib.util.spec_from_file_location(f"seed_test_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_train_script_both_stages_and_resume(tmp_path):
+def run(capsys, *args):
+    """train_tokenizer.py's main in-process; returns what it printed."""
+    script("train_tokenizer").main(list(args))
+    out = capsys.readouterr()
+    return out.out + out.err
+
+
+def test_train_script_both_stages_and_resume(tmp_path, capsys):
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
-    run(*TOK, f"train.out_dir={s1}", "train.steps=3")
+    run(capsys, *TOK, f"train.out_dir={s1}", "train.steps=3")
     log = [json.loads(line) for line in (s1 / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2] and (s1 / "latest").read_text() == "step-0000003"
     m1 = json.loads((s1 / "final" / "metrics.json").read_text())
@@ -222,15 +231,15 @@ def test_train_script_both_stages_and_resume(tmp_path):
     shutil.rmtree(cut / "step-0000003")
     shutil.rmtree(cut / "final")
     (cut / "latest").write_text("step-0000002")
-    assert "at step 2" in run(*TOK, f"train.out_dir={cut}", "train.steps=3")
+    assert "at step 2" in run(capsys, *TOK, f"train.out_dir={cut}", "train.steps=3")
     assert (cut / "log.jsonl").read_text().count('"step": 2,') == 1
     assert [{k: v for k, v in json.loads(line).items() if k not in ("elapsed_s", "cpu_s")}
             for line in (cut / "log.jsonl").read_text().splitlines()] == [
         {k: v for k, v in r.items() if k not in ("elapsed_s", "cpu_s")} for r in log]
 
-    first = run(*STAGE2, f"init_from={s1 / 'final'}", f"train.out_dir={s2}", "train.steps=2")
+    first = run(capsys, *STAGE2, f"init_from={s1 / 'final'}", f"train.out_dir={s2}", "train.steps=2")
     assert "initialised from" in first
-    resumed = run(*STAGE2, f"init_from={s1 / 'final'}", f"train.out_dir={s2}", "train.steps=3")
+    resumed = run(capsys, *STAGE2, f"init_from={s1 / 'final'}", f"train.out_dir={s2}", "train.steps=3")
     assert "resumed from" in resumed and "at step 2" in resumed
     log = [json.loads(line) for line in (s2 / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2] and "embed" in log[0]
@@ -245,11 +254,10 @@ def test_train_script_both_stages_and_resume(tmp_path):
 
     # the generator script reads the saved class and trains a next-token decoder on the 1-D SEED codes
     gen = tmp_path / "gen"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "paradigm=next_token",
-                           f"tokenizer={s2 / 'final'}", "model.dim=32", "model.n_layers=1", "model.n_heads=4",
-                           "data.size=32", "data.image_size=32", "train.batch_size=8", "train.steps=3",
-                           "train.log_every=1", "train.warmup=1", f"train.out_dir={gen}"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    script("train_generator").main(["paradigm=next_token", f"tokenizer={s2 / 'final'}", "model.dim=32",
+                                    "model.n_layers=1", "model.n_heads=4", "data.size=32", "data.image_size=32",
+                                    "train.batch_size=8", "train.steps=3", "train.log_every=1", "train.warmup=1",
+                                    f"train.out_dir={gen}"])
     pipe = load_pipeline(gen / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.vq_model, SEEDTokenizer)
@@ -264,14 +272,11 @@ def test_train_script_both_stages_and_resume(tmp_path):
 
 
 def test_stage2_needs_a_stage1_tokenizer(tmp_path):
-    spec = importlib.util.spec_from_file_location("seed_test_train_tokenizer", ROOT / "scripts" / "train_tokenizer.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(script)
+    script_module = script("train_tokenizer")
     with pytest.raises(ValueError, match="seed stage 2 needs init_from"):
-        script.main([*STAGE2, f"train.out_dir={tmp_path}", "train.steps=1"])
+        script_module.main([*STAGE2, f"train.out_dir={tmp_path}", "train.steps=1"])
     with pytest.raises(ValueError, match="seed.stage must be 1"):
-        script.main(["model_type=seed", "seed.stage=3", f"train.out_dir={tmp_path}"])
+        script_module.main(["model_type=seed", "seed.stage=3", f"train.out_dir={tmp_path}"])
 
 
 def test_next_token_pipeline_generates_with_seed_tokens(tmp_path):
