@@ -255,7 +255,8 @@ def condition_kwargs(pipeline, prompt: str | None, class_labels: list | None, mo
     kind = cond.kind if cond is not None else ("class" if "prompt" not in params else "caption")
     if class_labels is not None:
         if "class_labels" not in params or (cond is not None and kind != "class"):
-            on = "text; give a PROMPT" if kind == "caption" else "nothing; give neither PROMPT nor --class-label"
+            on = ("text; give a PROMPT" if kind in ("caption", "text_encoder")
+                  else "nothing; give neither PROMPT nor --class-label")
             raise OptionError(f"--class-label does not apply to {cls.__name__}{where}: it is conditioned on {on}")
         if prompt is not None:
             raise OptionError(f"PROMPT does not apply with --class-label: {cls.__name__}{where} is class-conditional")

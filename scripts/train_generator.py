@@ -35,11 +35,13 @@ processor in the transformers layout (`from_pretrained`). `tokenizer`, `model`, 
 `condition.kind` (`mmgen.conditioning`) is what the decoder is conditioned on, with any paradigm: `caption` (the
 default: the data's captions through a word-level tokenizer), `class` (the data's class labels: one prefix token per
 image, whatever `max_text_len` says, and <null> for CFG; needs labelled data: `data.name=imagefolder
-data.root=DIR` for an ImageNet-style `DIR/train/<class>/*.JPEG|png` folder, or `data.name=fashion_mnist`) or
-`unconditional`:
+data.root=DIR` for an ImageNet-style `DIR/train/<class>/*.JPEG|png` folder, or `data.name=fashion_mnist`),
+`unconditional`, or `text_encoder` (the captions through a frozen pretrained encoder, `condition.encoder=DIR` or
+`minilm`: its features, cached under the run directory, become the prefix through a trained projection, LlamaGen-T2I):
 
     python scripts/train_generator.py --config configs/generator_shapes.yaml data.name=imagefolder \
         data.root=data/fashion-folder condition.kind=class
+    python scripts/train_generator.py --config configs/generator_shapes_emoji_minilm.yaml   # condition.encoder=minilm
 
 Steps: train the word-level text tokenizer on the captions, encode every training image once with the frozen
 tokenizer (cached under the run directory), then the usual loop. Checkpoints every `train.ckpt_every` steps
@@ -61,7 +63,8 @@ from safetensors.torch import load_file
 
 from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.targets import alignment_targets, cached_alignment_targets
-from mmgen.conditioning import ConditionConfig, check_kind, run_conditioning
+from mmgen.conditioning import ConditionConfig, check_kind, run_conditioning, run_text_encoder
+from mmgen.models.text_encoder import CaptionProjection, caption_prefix
 from mmgen.paradigms import next_token
 from mmgen.paradigms.protocol import FlowConfig, ModelConfig
 from mmgen.pipelines import PARADIGMS, load_visual_tokenizer, resolve_paradigm, save_pipeline
@@ -130,13 +133,20 @@ class TrainStep(torch.nn.Module):
     this in DDP: the paradigms call several of the decoder's methods (the flow head, FlowAR's velocity net), and
     only parameters used inside the wrapped forward get their gradients all-reduced."""
 
-    def __init__(self, cfg: GeneratorRunConfig, paradigm, layout, model, head=None):
+    def __init__(self, cfg: GeneratorRunConfig, paradigm, layout, model, head=None, projection=None):
         super().__init__()
         self.cfg, self.paradigm, self.layout = cfg, paradigm, layout
-        self.model, self.head = model, head
+        self.model, self.head, self.projection = model, head, projection
 
-    def forward(self, batch, target_global=None, target_patches=None):
-        """(loss, decoder loss, alignment loss or None)."""
+    def forward(self, batch, target_global=None, target_patches=None, caption_features=None):
+        """(loss, decoder loss, alignment loss or None). `caption_features` (B, L, E): a text_encoder run's
+        features of the batch's captions, projected into the decoder's text embedding for this forward."""
+        if caption_features is None:
+            return self.losses(batch, target_global, target_patches)
+        with caption_prefix(self.model, self.projection(caption_features)):
+            return self.losses(batch, target_global, target_patches)
+
+    def losses(self, batch, target_global, target_patches):
         if self.head is None:
             loss = self.paradigm.loss_fn(self.model, batch, self.layout)
             return loss, loss, None
@@ -214,7 +224,7 @@ def main(argv=None):
     paradigm = entry.module
     vq = load_visual_tokenizer(name, cfg.tokenizer).to(device)  # the pipeline's component, float32 and frozen
     tok = as_visual_tokenizer(vq)  # its protocol view: encode_tokens, token_shape, vocab_size
-    kind = check_kind(cfg.condition.kind)
+    kind = check_kind(cfg.condition.kind, cfg.condition.encoder)
     check_condition(name, kind)
     dataset = make_dataset(cfg.data)
     if cfg.init_from is not None and cfg.init_backbone_from is not None:
@@ -231,13 +241,19 @@ def main(argv=None):
         if kind == "caption" and run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
             shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
         run.accelerator.wait_for_everyone()
-    text_tokenizer = captions = None
-    if kind == "caption":
+    text_tokenizer = captions = features = None
+    if kind in ("caption", "text_encoder"):
         captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
             else list(dataset.captions)
+    if kind == "caption":
         text_tokenizer = run_text_tokenizer(cfg.data, captions, out, run.is_main)
-    # condition ids per image: caption words, [1 + class], or [] (<null>), in the vocabulary's first rows
-    conditioning, text_ids = run_conditioning(cfg.condition, dataset, captions, text_tokenizer, cfg.max_text_len)
+    if kind == "text_encoder":  # the frozen encoder's features of every caption, computed once
+        conditioning, features = run_text_encoder(cfg.condition, captions, cfg.max_text_len,
+                                                  out / "caption_features.safetensors", device)
+        text_tokenizer, text_ids = conditioning.tokenizer, features.ids()
+    else:
+        # condition ids per image: caption words, [1 + class], or [] (<null>), in the vocabulary's first rows
+        conditioning, text_ids = run_conditioning(cfg.condition, dataset, captions, text_tokenizer, cfg.max_text_len)
 
     encoding = tok.kind  # paradigms reading the same kind of tokens share the cache
     key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
@@ -246,6 +262,9 @@ def main(argv=None):
     vocab = UnifiedVocab(text_vocab_size=conditioning.vocab_size, image_vocab_size=tok.vocab_size)
     layout = paradigm.make_layout(tok, vocab, conditioning.max_len, cfg.model, cfg.flow)
     model = paradigm.make_model(layout, cfg.model, cfg.flow)
+    projection = CaptionProjection(conditioning.feature_dim, cfg.model.dim) if features is not None else None
+    # what the pipeline samples with: the decoder (and a text_encoder run's projection), averaged by EMA as one
+    sampled = model if projection is None else torch.nn.ModuleDict({"transformer": model, "projection": projection})
     align = cfg.alignment
     align.validate(cfg.model.n_layers)
     if align.type != "none" and cfg.model.shuffle_window != 1:
@@ -267,13 +286,13 @@ def main(argv=None):
                                   .encode()).hexdigest()
             targets = cached_alignment_targets(encoder, dataset, grid, want_patches,
                                                out / "alignment_targets.safetensors", akey, device)
-    params = list(model.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
-                                               if head is not None else [])
+    params = list(sampled.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
+                                                 if head is not None else [])
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=cfg.train.betas)
-    run.resume({"model": model, "align": head})
+    run.resume({"model": model, "align": head, "text_projection": projection})
     if run.ckpt is None and init is not None:
         weights = load_file(init_dir / "transformer" / "diffusion_pytorch_model.safetensors")
         if cfg.init_from is not None:
@@ -284,7 +303,8 @@ def main(argv=None):
             copied, fresh = init_backbone(model, weights, shared_rows=vocab.image_offset if kind == "caption" else 0)
             run.print(f"decoder trunk initialised from {init}: {len(copied)} tensors copied, {len(fresh)} fresh "
                       f"({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its {len(weights)} not used")
-    train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head), {"opt": opt}, ema=model)
+    train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head, projection), {"opt": opt},
+                                  ema=sampled)
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")
 
@@ -293,10 +313,12 @@ def main(argv=None):
         raise ValueError(f"train.snapshots={sorted(snapshots)} must be steps in 1..train.steps={cfg.train.steps}, "
                          f"in an unsharded run (train.fsdp=false)")
 
-    def save(decoder, directory: Path) -> None:
+    def save(decoder, directory: Path, text_projection=None) -> None:
         extra = {"conditioning": conditioning.config()} if kind != "caption" else {}
         if kind == "unconditional":
             extra["default_guidance_scale"] = 1.0  # nothing to guide by
+        if kind == "text_encoder":
+            extra |= {"text_encoder": conditioning.text_encoder.cpu(), "text_projection": text_projection.eval().cpu()}
         pipe = entry.pipeline(transformer=decoder.eval().cpu(), tokenizer=text_tokenizer,
                               max_text_len=conditioning.max_len, **{entry.component: vq.cpu()}, **extra)
         save_pipeline(pipe, directory)  # atomic, with checksums.json
@@ -307,6 +329,7 @@ def main(argv=None):
     def step(i: int) -> dict:
         idx = run.indices(i, len(dataset))
         texts = text_table.rows(idx) if text_table is not None else [text_ids[k] for k in idx]
+        caption_features = features.rows(idx, device) if features is not None else None
         batch = paradigm.build_batch(layout, texts, codes[idx].to(device), cfg.train.cond_drop_prob, tokenizer=tok)
         lr = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
@@ -317,13 +340,14 @@ def main(argv=None):
             tp = targets[1][idx].to(device).float() if targets[1] is not None else None
         elif head is not None:
             tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa", device)
-        loss, ar_loss, align_loss = train_step(batch, tg, tp)
+        loss, ar_loss, align_loss = train_step(batch, tg, tp, caption_features)
         run.accelerator.backward(loss)
         grad_norm = run.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i + 1 in snapshots and run.is_main and run.sync_gradients:  # after the step's last micro-batch
-            save(copy.deepcopy(run.accelerator.unwrap_model(model)), out / "snapshots" / f"step-{i + 1:07d}")
+            save(copy.deepcopy(run.accelerator.unwrap_model(model)), out / "snapshots" / f"step-{i + 1:07d}",
+                 copy.deepcopy(projection))
             vq.to(device)
         logs = {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm}
         return logs if align_loss is None else logs | {"ar_loss": ar_loss.detach(), "align_loss": align_loss.detach()}
@@ -333,7 +357,12 @@ def main(argv=None):
         if run.sharded:  # parameters are shards: rebuild the decoder from the last checkpoint's whole weights
             model = type(model).from_config(model.config)
             model.load_state_dict(read_tensors(latest_checkpoint(out), "model"))
-        save(run.for_sampling(model), out / "pipeline")
+            if projection is not None:
+                projection = CaptionProjection.from_config(projection.config)
+                projection.load_state_dict(read_tensors(latest_checkpoint(out), "text_projection"))
+        else:
+            run.for_sampling(sampled)  # in place: with train.ema_for_sampling, the averaged weights
+        save(model, out / "pipeline", projection)
         run.print(f"saved pipeline to {out / 'pipeline'}")
 
 

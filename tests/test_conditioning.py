@@ -68,7 +68,7 @@ def test_each_kind_maps_a_call_to_condition_ids():
     assert make_conditioning(json.loads(json.dumps(cls.config()))) == cls
     assert make_conditioning(Unconditional().config()) == Unconditional()
     assert make_conditioning(None, tok, 8) == cap and cap.config() == {}
-    assert set(KINDS) == {"caption", "class", "unconditional"}
+    assert set(KINDS) == {"caption", "class", "unconditional", "text_encoder"}  # text_encoder: test_text_encoder.py
     assert all(entry.conditions == KINDS for entry in PARADIGMS.values())
 
 
@@ -91,7 +91,8 @@ def test_bad_conditioning_is_refused_by_name():
         run_conditioning(ConditionConfig("text"), None)
     with pytest.raises(ValueError, match="condition.kind=class needs a labelled data set"):
         run_conditioning(ConditionConfig("class"), [1, 2])
-    with pytest.raises(ValueError, match="condition.kind must be one of caption, class, unconditional for paradigm"):
+    with pytest.raises(ValueError, match="condition.kind must be one of caption, class, unconditional, text_encoder "
+                                         "for paradigm"):
         check_condition("flowar", "embedding")
 
 

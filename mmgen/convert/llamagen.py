@@ -132,7 +132,8 @@ def image_size_from_name(path: str | Path) -> int | None:
 def convert(gpt: str | Path, vq: str | Path, out: str | Path, gpt_model: str | None = None, n_head: int | None = None,
             image_size: int | None = None, text_encoder: str | Path | None = None) -> dict:
     """Read, check, build and save; nothing is written unless every check passed (and then atomically)."""
-    # imported here so that `mmgen --help` does not load diffusers and every pipeline
+    # imported here so that `mmgen --help` does not load diffusers, transformers and every pipeline
+    from mmgen.conditioning import load_text_encoder
     from mmgen.models.llamagen import LlamaGenGPT
     from mmgen.pipelines import save_pipeline
     from mmgen.pipelines.llamagen import LlamaGenPipeline
@@ -168,7 +169,14 @@ def convert(gpt: str | Path, vq: str | Path, out: str | Path, gpt_model: str | N
         if text_encoder is None:
             raise ValueError("--text-encoder is required: --gpt is a text-to-image (t2i) checkpoint, which reads "
                              "T5 features (FLAN-T5-XL for the released models); give its local directory")
-        encoder, tokenizer = load_text_encoder(text_encoder)
+        encoder, tokenizer = load_text_encoder(text_encoder, "--text-encoder")
+        if type(encoder).__name__ != "T5EncoderModel":
+            raise ValueError(f"--text-encoder {str(text_encoder)!r} holds a {type(encoder).__name__}; LlamaGen's t2i "
+                             f"models read T5 features (FLAN-T5-XL for the released ones): give a T5 directory")
+        if encoder.config.hidden_size != gpt_cfg["caption_dim"]:
+            raise ValueError(f"--text-encoder {str(text_encoder)!r} gives features of width "
+                             f"{encoder.config.hidden_size}, but --gpt reads {gpt_cfg['caption_dim']} "
+                             f"(FLAN-T5-XL: 2048)")
     elif text_encoder is not None:
         raise ValueError("--text-encoder applies to t2i checkpoints only; --gpt is class-conditional (c2i)")
 
@@ -180,18 +188,3 @@ def convert(gpt: str | Path, vq: str | Path, out: str | Path, gpt_model: str | N
             "vq_parameters": sum(p.numel() for p in tokenizer_model.parameters()),
             "default_guidance_scale": pipe.config.default_guidance_scale, "default_top_k": pipe.config.default_top_k}
 
-
-def load_text_encoder(directory: str | Path):
-    """A local T5 directory -> (T5EncoderModel, tokenizer), float32, frozen."""
-    from transformers import AutoTokenizer, T5EncoderModel
-
-    directory = Path(directory)
-    if not (directory / "config.json").is_file():
-        raise ValueError(f"--text-encoder {str(directory)!r} is not a saved T5 directory (no config.json)")
-    try:
-        encoder = T5EncoderModel.from_pretrained(directory, dtype=torch.float32).eval().requires_grad_(False)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--text-encoder {str(directory)!r} does not load as a T5 encoder and tokenizer "
-                         f"({str(e).splitlines()[0]})") from None
-    return encoder, tokenizer

@@ -3,6 +3,7 @@ common arguments. Each paradigm's pipeline (one file each) owns its own visible 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 from mmgen.atomic import atomic_dir
 from mmgen.safe_save import pipeline_class_name
 from mmgen.conditioning import Conditioning, make_conditioning
+from mmgen.models.text_encoder import caption_prefix
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
 from mmgen.sampling.sjd import SJDConfig, codebook_neighbours
 from mmgen.text import UnifiedVocab
@@ -114,9 +116,18 @@ def unified_vocab(transformer, conditioning: Conditioning, image_vocab_size: int
     return vocab
 
 
-def pipeline_conditioning(tokenizer, conditioning: dict | None, max_text_len: int) -> Conditioning:
-    """A pipeline's `Conditioning` from its constructor arguments, its prefix length checked."""
-    cond = make_conditioning(conditioning, tokenizer, max_text_len)
+def pipeline_conditioning(tokenizer, conditioning: dict | None, max_text_len: int, text_encoder=None,
+                          text_projection=None) -> Conditioning:
+    """A pipeline's `Conditioning` from its constructor arguments, its prefix length checked; a text_encoder model's
+    `text_projection` checked to take its encoder's features."""
+    cond = make_conditioning(conditioning, tokenizer, max_text_len, text_encoder)
+    if (cond.kind == "text_encoder") != (text_projection is not None):
+        raise ValueError(f"text_projection (encoder features -> decoder width) comes with a text_encoder model, and "
+                         f"only with one; this is a {cond.kind} model"
+                         f"{' without one' if text_projection is None else ''}")
+    if text_projection is not None and text_projection.config.feature_dim != cond.feature_dim:
+        raise ValueError(f"text_projection takes features of width {text_projection.config.feature_dim}, but the "
+                         f"text encoder gives {cond.feature_dim}")
     if cond.max_len != max_text_len:
         raise ValueError(f"max_text_len={max_text_len} does not fit a {cond.kind} model (one prefix token); "
                          f"pass max_text_len={cond.max_len}")
@@ -146,12 +157,24 @@ def condition_rows(conditioning: Conditioning, prompt, class_labels, num_images_
                    output_type) -> list[list[int]]:
     """Validate a call's condition (`prompt=` or `class_labels=`, whichever the model's conditioning takes), count
     and output type; returns the condition ids of every image, each condition `num_images_per_prompt` times."""
-    if conditioning.kind == "caption" and class_labels is None:
+    if conditioning.kind in ("caption", "text_encoder") and class_labels is None:
         check_call(prompt, num_images_per_prompt, output_type)  # caption models check in the order they always did
     ids = conditioning.condition_ids(prompt, class_labels)
-    what = {"caption": "prompt(s)", "class": "class label(s)", "unconditional": "condition(s)"}[conditioning.kind]
+    what = {"class": "class label(s)", "unconditional": "condition(s)"}.get(conditioning.kind, "prompt(s)")
     _check_count(num_images_per_prompt, len(ids), output_type, what)
     return [row for row in ids for _ in range(num_images_per_prompt)]
+
+
+def condition_prefix(pipe, prompt, num_images_per_prompt: int):
+    """The decoder's condition prefix for one call, as a context for its sampling loop: a text_encoder model's
+    prompts through its encoder and `text_projection`, each `num_images_per_prompt` times, in the decoder's text
+    embedding (`mmgen.models.text_encoder.caption_prefix`); nothing for the kinds whose ids are the condition. Call
+    after `condition_rows`, which checked the prompts."""
+    if pipe.condition.kind != "text_encoder":
+        return contextlib.nullcontext()
+    features, _ = pipe.condition.features([prompt] if isinstance(prompt, str) else list(prompt))
+    prefix = pipe.text_projection(features.to(pipe.text_projection.device))
+    return caption_prefix(pipe.transformer, prefix.repeat_interleave(num_images_per_prompt, 0))
 
 
 def call_guidance(conditioning: Conditioning, guidance_scale: float | None, default: float) -> float:

@@ -19,8 +19,9 @@ from diffusers.image_processor import VaeImageProcessor
 from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import flow_head, flowar, next_x
-from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
-                                  pipeline_conditioning, unified_vocab)
+from mmgen.models.text_encoder import CaptionProjection
+from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_prefix, condition_rows,
+                                  per_image_generators, pipeline_conditioning, unified_vocab)
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, step_hook
 from mmgen.sampling.logits import SamplingConfig
 from tokenizers_vis.protocol import as_visual_tokenizer
@@ -34,18 +35,21 @@ class _LatentFlowPipeline(SavedDirectory, DiffusionPipeline):
     call_options = {"guidance_scale": None, "temperature": 1.0, "num_inference_steps": 25, "flow_sampler": "euler",
                     "cfg_schedule": None}
 
-    _optional_components = ["tokenizer"]  # class-conditional and unconditional models have no text tokenizer
+    # class-conditional and unconditional models have no text tokenizer; only text_encoder models have the rest
+    _optional_components = ["tokenizer", "text_encoder", "text_projection"]
 
     def __init__(self, transformer, vae: AutoencoderKL, tokenizer: PreTrainedTokenizerFast | None,
                  max_text_len: int = 32, default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
-                 conditioning: dict | None = None):
+                 conditioning: dict | None = None, text_encoder=None,
+                 text_projection: CaptionProjection | None = None):
         super().__init__()
-        self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer)
+        self.register_modules(transformer=transformer, vae=vae, tokenizer=tokenizer, text_encoder=text_encoder,
+                              text_projection=text_projection)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
         if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
             self.register_to_config(conditioning=conditioning)
-        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len)
+        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len, text_encoder, text_projection)
         self.visual_tokenizer = as_visual_tokenizer(vae)
         self.vocab = unified_vocab(transformer, self.condition, 0)
         self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
@@ -82,7 +86,8 @@ class _LatentFlowPipeline(SavedDirectory, DiffusionPipeline):
                                   num_inference_steps=num_inference_steps, flow_sampler=flow_sampler)
         gens = per_image_generators(generator, len(text_ids))
         hook = step_hook(self, callback_on_step_end)
-        with self.progress_bar(total=self._steps_per_image()) as bar:
+        with self.progress_bar(total=self._steps_per_image()) as bar, \
+                condition_prefix(self, prompt, num_images_per_prompt):
             latents, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
                                                    callback=lambda i: (bar.update(), hook()))
         passes = cost.decoder_passes

@@ -8,9 +8,11 @@ guidance up to token cfg_interval + 1 and uses the conditional logits after it, 
 Then temperature, top-k, top-p and a multinomial draw per image from that image's own generator: for one
 image, `generator=[torch.Generator().manual_seed(s)]` draws what LlamaGen draws after `torch.manual_seed(s)`.
 
-t2i prompts go through the frozen T5 encoder saved with the pipeline (`text_encoder`, `tokenizer`): lower-cased
-and stripped (LlamaGen's further caption cleaning is not reproduced), padded to the condition length, and
-left-padded as LlamaGen's sample scripts do (valid tokens moved to the end, padding zeroed and masked as keys).
+t2i prompts go through the frozen T5 encoder saved with the pipeline (`text_encoder`, `tokenizer`, the shared
+`mmgen.conditioning.TextEncoderConditioning` with LlamaGen's settings): lower-cased and stripped (LlamaGen's further
+caption cleaning is not reproduced), padded and truncated to the condition length `cls_token_num`, and left-padded as
+LlamaGen's sample scripts do (valid tokens moved to the end, padding zeroed and masked as keys); the null caption is
+the model's learned `uncond_embedding` under the same mask.
 `prompt_embeds` / `prompt_attention_mask` take T5 features directly, right-padded as T5 returns them.
 
 The loop runs through `LlamaGenBackend`, a `mmgen.sampling.sjd.JacobiBackend`: plain AR is the one-token window
@@ -25,7 +27,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
-from mmgen.conditioning import ClassConditioning
+from mmgen.conditioning import ClassConditioning, TextEncoderConditioning
 from mmgen.models.llamagen import LlamaGenGPT
 from mmgen.pipelines.base import (MAX_IMAGES_PER_CALL, OUTPUT_TYPES, ARPipelineOutput, per_image_generators,
                                   sjd_config)
@@ -109,7 +111,8 @@ class LlamaGenPipeline(DiffusionPipeline):
     _optional_components = ["text_encoder", "tokenizer"]  # t2i only
 
     def __init__(self, transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder=None, tokenizer=None,
-                 default_guidance_scale: float | None = None, default_top_k: int | None = None):
+                 default_guidance_scale: float | None = None, default_top_k: int | None = None,
+                 conditioning: dict | None = None):
         super().__init__()
         self.register_modules(transformer=transformer, vq_model=vq_model, text_encoder=text_encoder,
                               tokenizer=tokenizer)
@@ -120,9 +123,21 @@ class LlamaGenPipeline(DiffusionPipeline):
             else default_guidance_scale,
             default_top_k=defaults["top_k"] if default_top_k is None else default_top_k)
         check_parts(transformer, vq_model, text_encoder, tokenizer)
-        # c2i: the shared class conditioning (checks labels, tells `mmgen generate` it takes --class-label); t2i
-        # prompts go through T5, which the word-level caption conditioning does not cover
-        self.condition = ClassConditioning(transformer.config.num_classes) if kind == "c2i" else None
+        # the shared conditioning kinds (they check labels and prompts, tell `mmgen generate` and the card what the
+        # model takes): c2i class labels; t2i captions through T5, one prefix slot per T5 token. A t2i model
+        # converted without its T5 takes prompt_embeds only.
+        if kind == "c2i":
+            self.condition = ClassConditioning(transformer.config.num_classes)
+        elif text_encoder is not None:
+            self.condition = TextEncoderConditioning(text_encoder, tokenizer, transformer.config.cls_token_num)
+        else:
+            self.condition = None
+        if self.condition is not None:
+            saved = self.condition.config()
+            if conditioning is not None and conditioning.get("kind") != saved["kind"]:
+                raise ValueError(f"conditioning kind {conditioning.get('kind')!r} does not fit a {kind} LlamaGen "
+                                 f"model ({saved['kind']})")
+            self.register_to_config(conditioning=saved)
         self.visual_tokenizer = vq_model
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
@@ -140,13 +155,8 @@ class LlamaGenPipeline(DiffusionPipeline):
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("prompt= needs a text encoder: this t2i pipeline was converted without one "
                              "(mmgen convert llamagen --text-encoder DIR); pass prompt_embeds= instead")
-        batch = self.tokenizer([p.strip().lower() for p in prompts], max_length=self.transformer.config.cls_token_num,
-                               padding="max_length", truncation=True, return_attention_mask=True,
-                               add_special_tokens=True, return_tensors="pt")
-        device = self.text_encoder.device
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        feats = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        return feats.to(self.transformer.dtype), mask
+        feats, mask = self.condition.features([p.strip().lower() for p in prompts], truncate=True)  # T5Embedder's
+        return feats.to(self.transformer.dtype), mask.to(feats.device)
 
     def caption_condition(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded features and mask -> LlamaGen's left-padded features (padding zeroed) and mask."""
@@ -293,6 +303,6 @@ def check_parts(transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder, to
         raise ValueError("a class-conditional (c2i) LlamaGen model takes no text encoder")
     if (text_encoder is None) != (tokenizer is None):
         raise ValueError("text_encoder and tokenizer come together (a T5 encoder directory holds both)")
-    if text_encoder is not None and text_encoder.config.d_model != c.caption_dim:
-        raise ValueError(f"the text encoder's width {text_encoder.config.d_model} does not match the GPT's caption "
-                         f"width {c.caption_dim} (LlamaGen t2i uses FLAN-T5-XL, 2048)")
+    if text_encoder is not None and text_encoder.config.hidden_size != c.caption_dim:
+        raise ValueError(f"the text encoder's width {text_encoder.config.hidden_size} does not match the GPT's "
+                         f"caption width {c.caption_dim} (LlamaGen t2i uses FLAN-T5-XL, 2048)")

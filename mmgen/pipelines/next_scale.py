@@ -14,8 +14,9 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.paradigms import next_scale
 from mmgen.paradigms.next_scale import NextScaleModel
-from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_rows, per_image_generators,
-                                  pipeline_conditioning, unified_vocab)
+from mmgen.models.text_encoder import CaptionProjection
+from mmgen.pipelines.base import (ARPipelineOutput, call_guidance, condition_prefix, condition_rows,
+                                  per_image_generators, pipeline_conditioning, unified_vocab)
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, step_hook
 from mmgen.sampling.logits import SamplingConfig
 from tokenizers_vis.multiscale import MultiScaleVQGAN
@@ -29,18 +30,21 @@ class NextScalePipeline(SavedDirectory, DiffusionPipeline):
     call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None,
                     "cfg_schedule": "constant"}
 
-    _optional_components = ["tokenizer"]  # class-conditional and unconditional models have no text tokenizer
+    # class-conditional and unconditional models have no text tokenizer; only text_encoder models have the rest
+    _optional_components = ["tokenizer", "text_encoder", "text_projection"]
 
     def __init__(self, transformer: NextScaleModel, vq_model: MultiScaleVQGAN,
                  tokenizer: PreTrainedTokenizerFast | None, max_text_len: int = 32,
-                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None):
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None,
+                 text_encoder=None, text_projection: CaptionProjection | None = None):
         super().__init__()
-        self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
+        self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer,
+                              text_encoder=text_encoder, text_projection=text_projection)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
         if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
             self.register_to_config(conditioning=conditioning)
-        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len)
+        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len, text_encoder, text_projection)
         self.visual_tokenizer = as_visual_tokenizer(vq_model)
         self.vocab = unified_vocab(transformer, self.condition, self.visual_tokenizer.vocab_size)
         self.layout = next_scale.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
@@ -74,7 +78,8 @@ class NextScalePipeline(SavedDirectory, DiffusionPipeline):
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         gens = per_image_generators(generator, len(text_ids))
         hook = step_hook(self, callback_on_step_end)
-        with self.progress_bar(total=len(self.layout.scales)) as bar:
+        with self.progress_bar(total=len(self.layout.scales)) as bar, \
+                condition_prefix(self, prompt, num_images_per_prompt):
             tokens, cost = next_scale.generate(self.transformer, self.layout, text_ids, sampling, gens,
                                                tokenizer=self.visual_tokenizer, callback=lambda k: (bar.update(), hook()))
         passes = cost.decoder_passes

@@ -19,8 +19,9 @@ from transformers import PreTrainedTokenizerFast
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_token, token_shuffle
-from mmgen.pipelines.base import (ARPipelineOutput, WatermarkDetection, call_guidance, condition_rows,
-                                  per_image_generators, pipeline_conditioning, unified_vocab)
+from mmgen.models.text_encoder import CaptionProjection
+from mmgen.pipelines.base import (ARPipelineOutput, WatermarkDetection, call_guidance, condition_prefix,
+                                  condition_rows, per_image_generators, pipeline_conditioning, unified_vocab)
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, sjd_config, sjd_neighbours, step_hook
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.watermark import WatermarkProcessor
@@ -39,18 +40,21 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
                     "watermark_key": None, "watermark_method": None, "watermark_delta": None,
                     "cfg_schedule": "constant", "compile_decode": False}
 
-    _optional_components = ["tokenizer"]  # class-conditional and unconditional models have no text tokenizer
+    # class-conditional and unconditional models have no text tokenizer; only text_encoder models have the rest
+    _optional_components = ["tokenizer", "text_encoder", "text_projection"]
 
     def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer | VQModel,
                  tokenizer: PreTrainedTokenizerFast | None, max_text_len: int = 32,
-                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None):
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None,
+                 text_encoder=None, text_projection: CaptionProjection | None = None):
         super().__init__()
-        self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer)
+        self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer,
+                              text_encoder=text_encoder, text_projection=text_projection)
         # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
         self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
         if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
             self.register_to_config(conditioning=conditioning)
-        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len)
+        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len, text_encoder, text_projection)
         self.visual_tokenizer = as_visual_tokenizer(vq_model)
         self.vocab = unified_vocab(transformer, self.condition, self.visual_tokenizer.vocab_size)
         self.paradigm = token_shuffle if self.shuffle else next_token
@@ -148,7 +152,7 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
 
         hook = step_hook(self, callback_on_step_end)
         n_img = self.layout.num_image_tokens
-        with self.progress_bar(total=n_img) as bar:
+        with self.progress_bar(total=n_img) as bar, condition_prefix(self, prompt, num_images_per_prompt):
             if sjd is None:
                 stage = {} if processor is None else {"processor": processor}
                 if compile_decode:
