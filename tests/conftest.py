@@ -5,6 +5,10 @@ the same arguments give the same weights, bit for bit, whichever test calls it. 
 training mode, as constructed (tests that only encode call .eval()); decoders and pipelines in eval mode.
 Test files import the plain functions (`from conftest import tiny_vqgan`); fixtures are found by pytest."""
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,11 +26,22 @@ from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import make_vae
 from tokenizers_vis.vqgan import VQGAN
 
+ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "a blue square above a red circle", "two green stars"]
 BACKBONE = dict(dim=32, n_layers=2, n_heads=4)  # the decoder size of every tiny pipeline
 SEED_TINY = dict(image_size=32, num_queries=8, dim=32, heads=2, qformer_layers=2, proj_dim=16, num_codes=16,
                  code_dim=4, embed_decoder_layers=1, decoder_layers=1, decoder_base_channels=8,
                  decoder_channel_mult=(1, 2, 2))
+
+
+def load_script(name: str):
+    """`scripts/<name>.py` loaded as a module, so a test calls its `main(argv)` in this process: no interpreter
+    start and no torch / transformers import per run (a few CPU seconds each on the CI machine)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_vqgan(channel_mult=(1, 2), image_size=16, embed_dim=8, num_codes=32, scales=None, seed=0, **kw):

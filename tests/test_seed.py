@@ -2,7 +2,6 @@
 training stages on tiny overfit runs, save/load, the training script (both stages, resume) and next-token
 generation with SEED tokens."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import tiny_seed_tokenizer, tiny_transformer
+from conftest import load_script, tiny_seed_tokenizer, tiny_transformer
 from mmgen.data.shapes import ShapesDataset
 from mmgen.eval.image_metrics import psnr
 from mmgen.pipelines import NextTokenPipeline, load_pipeline
@@ -198,18 +197,9 @@ STAGE2 = ["model_type=seed", "seed.stage=2", "loss.perceptual_weight=0", "loss.d
           "train.log_every=1", "train.ckpt_every=2", "train.warmup=1"]
 
 
-def script(name: str):
-    """A training script loaded as a module, so a test runs its main in this process (no interpreter start)."""
-    spec = importlib.util.spec_from_file_location(f"seed_test_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
 def run(capsys, *args):
     """train_tokenizer.py's main in-process; returns what it printed."""
-    script("train_tokenizer").main(list(args))
+    load_script("train_tokenizer").main(list(args))
     out = capsys.readouterr()
     return out.out + out.err
 
@@ -254,10 +244,10 @@ def test_train_script_both_stages_and_resume(tmp_path, capsys):
 
     # the generator script reads the saved class and trains a next-token decoder on the 1-D SEED codes
     gen = tmp_path / "gen"
-    script("train_generator").main(["paradigm=next_token", f"tokenizer={s2 / 'final'}", "model.dim=32",
-                                    "model.n_layers=1", "model.n_heads=4", "data.size=32", "data.image_size=32",
-                                    "train.batch_size=8", "train.steps=3", "train.log_every=1", "train.warmup=1",
-                                    f"train.out_dir={gen}"])
+    load_script("train_generator").main(["paradigm=next_token", f"tokenizer={s2 / 'final'}", "model.dim=32",
+                                         "model.n_layers=1", "model.n_heads=4", "data.size=32", "data.image_size=32",
+                                         "train.batch_size=8", "train.steps=3", "train.log_every=1",
+                                         "train.warmup=1", f"train.out_dir={gen}"])
     pipe = load_pipeline(gen / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     assert isinstance(pipe.vq_model, SEEDTokenizer)
@@ -272,7 +262,7 @@ def test_train_script_both_stages_and_resume(tmp_path, capsys):
 
 
 def test_stage2_needs_a_stage1_tokenizer(tmp_path):
-    script_module = script("train_tokenizer")
+    script_module = load_script("train_tokenizer")
     with pytest.raises(ValueError, match="seed stage 2 needs init_from"):
         script_module.main([*STAGE2, f"train.out_dir={tmp_path}", "train.steps=1"])
     with pytest.raises(ValueError, match="seed.stage must be 1"):
@@ -302,9 +292,7 @@ def test_next_token_pipeline_generates_with_seed_tokens(tmp_path):
 def test_prefix_figure_script(tmp_path, capsys):
     """scripts/seed_prefixes.py decodes held-out images from each prefix: one PSNR per prefix, the full
     prefix equal to plain decoding, a grid of rows x (1 + prefixes) images, and a named error for a bad k."""
-    spec = importlib.util.spec_from_file_location("seed_prefixes_script", ROOT / "scripts" / "seed_prefixes.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("seed_prefixes")
     tiny_seed_tokenizer().save_pretrained(tmp_path / "tok")
     out = tmp_path / "prefixes.png"
     script.main(["--tokenizer", str(tmp_path / "tok"), "--prefixes", "2", "8", "--rows", "2", "--images", "4",
