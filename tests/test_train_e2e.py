@@ -1,14 +1,15 @@
 """Tiny end-to-end run: train a tokenizer and a generator with the real scripts, resume, then generate."""
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
+from mmgen import cli
 
 TOK = ["model.base_channels=8", "model.channel_mult=[1,2,2,2]", "model.embed_dim=16", "model.num_codes=32",
        "model.code_dim=4", "loss.perceptual_weight=0.05", "loss.perceptual_resize=null", "loss.disc_start=3",
@@ -17,20 +18,22 @@ GEN = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "data.size=64", "t
        "train.log_every=1", "train.lr=3e-3", "train.warmup=5", "train.cond_drop_prob=0.1"]
 
 
-def run(script, *args):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+def run(script, *args) -> str:
+    """A training script's main in this process; returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        load_script(script).main(list(args))
+    return printed.getvalue()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    run("train_tokenizer.py", *TOK, f"train.out_dir={d / 'vq'}", "train.steps=6", "train.ckpt_every=3")
+    run("train_tokenizer", *TOK, f"train.out_dir={d / 'vq'}", "train.steps=6", "train.ckpt_every=3")
     gen = [*GEN, f"tokenizer={d / 'vq' / 'final'}", f"train.out_dir={d / 'gen'}", "train.ckpt_every=20"]
-    run("train_generator.py", *gen, "train.steps=20", "train.snapshots=[7,20]")
+    run("train_generator", *gen, "train.steps=20", "train.snapshots=[7,20]")
     first = [json.loads(l) for l in (d / "gen" / "log.jsonl").read_text().splitlines()]
-    resumed = run("train_generator.py", *gen, "train.steps=40")
+    resumed = run("train_generator", *gen, "train.steps=40")
     return d, first, resumed
 
 
@@ -48,7 +51,7 @@ def test_tokenizer_run_writes_model_metrics_and_checkpoints(trained):
 def test_generator_loss_falls_and_resume_continues(trained):
     d, first, resumed = trained
     assert first[-1]["loss"] < first[0]["loss"] - 0.5, (first[0], first[-1])
-    assert "resumed from" in resumed.stdout + resumed.stderr and "step 20" in resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed and "step 20" in resumed
     log = [json.loads(l) for l in (d / "gen" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(40))
     # wall and CPU time run on across the resume (a training curve against compute reads one axis)
@@ -70,25 +73,18 @@ def test_snapshots_hold_the_weights_after_their_step(trained):
     assert (snaps / "step-0000007" / "checksums.json").is_file()
 
 
-def test_trained_pipeline_generates_from_cli(trained, tmp_path):
+def test_trained_pipeline_generates_from_cli(trained, tmp_path, capsys):
     d, _, _ = trained
     out = tmp_path / "img.png"
-    proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "generate", "a large red circle", "--model",
-                           str(d / "gen" / "pipeline"), "--out", str(out), "--seed", "1", "--json"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads(proc.stdout)
+    assert cli.main(["generate", "a large red circle", "--model", str(d / "gen" / "pipeline"), "--out", str(out),
+                     "--seed", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
     assert res["nfe_per_image"] == 64 and Path(res["images"][0]).is_file()
 
 
 def test_unknown_config_key_is_rejected(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
-    # the script's own config loading, in-process: a usage error (exit 2) before anything runs
-    spec = importlib.util.spec_from_file_location("e2e_train_generator", ROOT / "scripts" / "train_generator.py")
-    script = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, script)  # dataclasses look their module up there
-    spec.loader.exec_module(script)
+    # the script's own config loading: a usage error (exit 2) before anything runs
+    script = load_script("train_generator")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         script.main(["train.stepz=3"])
@@ -101,7 +97,7 @@ def test_generator_with_arra_alignment(trained):
     is checkpointed but never reaches the pipeline."""
     d, _, _ = trained
     out = d / "gen_arra"
-    run("train_generator.py", *GEN, f"tokenizer={d / 'vq' / 'final'}", f"train.out_dir={out}", "train.steps=25",
+    run("train_generator", *GEN, f"tokenizer={d / 'vq' / 'final'}", f"train.out_dir={out}", "train.steps=25",
         "train.ckpt_every=25", "alignment.type=arra", "alignment.encoder=tokenizer", "alignment.layer=1")
     log = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
     assert log[-1]["align_loss"] < 0.5 * log[0]["align_loss"]
@@ -114,12 +110,7 @@ def test_generator_with_arra_alignment(trained):
 
 
 def test_compare_paradigms_sizes_runs_by_cpu_time():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_paradigms", ROOT / "scripts" / "compare_paradigms.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_script("compare_paradigms")
     # 3 slow warm-up steps, then 0.5 CPU seconds a step: the warm-up is not counted
     log = [{"step": i, "cpu_s": 4.0 * i if i <= 3 else 12.0 + 0.5 * (i - 3)} for i in range(12)]
     assert module.cpu_seconds_per_step(log, skip=3) == 0.5
