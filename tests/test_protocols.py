@@ -97,7 +97,8 @@ def test_registered_modules_implement_the_protocol(name):
         assert all(p is None or p == g for p, g in zip(params, got)), (fn, got)
 
 
-DECODER_PASSES = {"next_token": 16, "token_shuffle": 4, "next_scale": 3, "flow_head": 16, "flowar": 3, "next_x": 4}
+DECODER_PASSES = {"next_token": 16, "token_shuffle": 4, "next_scale": 3, "flow_head": 16, "flowar": 3, "next_x": 4,
+                  "next_neighbor": 7, "next_block": 4}  # NAR: h + w - 1 anti-diagonals; next-block: h rows
 
 
 @pytest.mark.parametrize("name", list(PARADIGMS))

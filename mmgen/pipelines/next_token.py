@@ -1,10 +1,13 @@
 """Text-to-image by raster next-token prediction (LlamaGen / Lumina-mGPT style), as a diffusers pipeline.
 
 Components: a text tokenizer (`transformers`), the decoder, and a visual tokenizer giving codes (`VQGAN`, the
-1-D `SEEDTokenizer`, or a diffusers `VQModel`, all through `tokenizers_vis.protocol`). The decoder is either the
-plain `Transformer` (one token per pass, `paradigms.next_token`) or a `TokenShuffleTransformer` (Token-Shuffle,
-Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass, `paradigms.token_shuffle`). The pipeline owns the
-visible loop: tokenize prompts, sample image codes, decode them to pixels, return PIL images.
+1-D `SEEDTokenizer`, or a diffusers `VQModel`, all through `tokenizers_vis.protocol`). The decoder's class picks
+the paradigm (`DECODER_PARADIGMS`): the plain `Transformer` (one token per pass, `paradigms.next_token`), a
+`TokenShuffleTransformer` (Token-Shuffle, Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass,
+`paradigms.token_shuffle`), an `NARTransformer` (NAR, arXiv 2503.10696: one anti-diagonal per pass,
+`paradigms.next_neighbor`) or a `NextBlockTransformer` (next-block prediction, arXiv 2502.07737: one row per
+pass, `paradigms.next_block`). The pipeline owns the visible loop: tokenize prompts, sample image codes, decode
+them to pixels, return PIL images.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from transformers import PreTrainedTokenizerFast
 
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.models.transformer import Transformer
-from mmgen.paradigms import next_token, token_shuffle
+from mmgen.paradigms import next_block, next_neighbor, next_token, token_shuffle
+from mmgen.paradigms.next_block import NextBlockTransformer
+from mmgen.paradigms.next_neighbor import NARTransformer
 from mmgen.models.text_encoder import CaptionProjection
 from mmgen.pipelines.base import (ARPipelineOutput, WatermarkDetection, call_guidance, condition_prefix,
                                   condition_rows, per_image_generators, pipeline_conditioning, unified_vocab)
@@ -30,6 +35,12 @@ from tokenizers_vis.protocol import as_visual_tokenizer
 from tokenizers_vis.vqgan import VQGAN
 
 SAMPLERS = ("ar", "sjd")
+# the paradigm a decoder class runs (any other decoder: raster next-token) and, for those that decode several tokens
+# per pass in another order than raster, what a pass decodes (SJD verifies a raster sequence one token per position)
+DECODER_PARADIGMS = {TokenShuffleTransformer: token_shuffle, NARTransformer: next_neighbor,
+                     NextBlockTransformer: next_block}
+PARALLEL_PASSES = {next_neighbor: "NAR (next_neighbor) models decode a whole anti-diagonal per pass",
+                   next_block: "next_block models decode a whole row per pass"}
 
 
 class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
@@ -43,7 +54,8 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
     # class-conditional and unconditional models have no text tokenizer; only text_encoder models have the rest
     _optional_components = ["tokenizer", "text_encoder", "text_projection"]
 
-    def __init__(self, transformer: Transformer | TokenShuffleTransformer, vq_model: VQGAN | SEEDTokenizer | VQModel,
+    def __init__(self, transformer: Transformer | TokenShuffleTransformer | NARTransformer | NextBlockTransformer,
+                 vq_model: VQGAN | SEEDTokenizer | VQModel,
                  tokenizer: PreTrainedTokenizerFast | None, max_text_len: int = 32,
                  default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None,
                  text_encoder=None, text_projection: CaptionProjection | None = None):
@@ -57,7 +69,7 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len, text_encoder, text_projection)
         self.visual_tokenizer = as_visual_tokenizer(vq_model)
         self.vocab = unified_vocab(transformer, self.condition, self.visual_tokenizer.vocab_size)
-        self.paradigm = token_shuffle if self.shuffle else next_token
+        self.paradigm = DECODER_PARADIGMS.get(type(transformer), next_token)
         self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
@@ -65,6 +77,12 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
     def shuffle(self) -> bool:
         """True for a Token-Shuffle decoder (s x s codes per pass)."""
         return isinstance(self.transformer, TokenShuffleTransformer)
+
+    def watermark_key_order(self):
+        """Where the watermark keys each position (`mmgen.watermark.KeyOrder`): the paradigm's own decoding order
+        (next_neighbor, next_block), or None for raster order."""
+        key_order = getattr(self.paradigm, "watermark_key_order", None)
+        return None if key_order is None else key_order(self.layout)
 
     @torch.no_grad()
     def __call__(
@@ -118,7 +136,8 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         cfg_schedule: "constant" or "linear" (guidance ramped from 1 at the first token / window to
         guidance_scale at the last; sampler "ar" only). Token-Shuffle decoders sample s x s codes per pass with
         sampler "ar" only (SJD verifies one token per position; the watermark reweights one token's
-        distribution per step).
+        distribution per step). NAR and next-block decoders sample an anti-diagonal / a row per pass, sampler "ar"
+        only; their watermark keys each token by already decoded neighbours (`watermark_key_order`).
 
         compile_decode: sampler "ar" through a `torch.compile`d one-token step (`mmgen.models.compiled_decode`),
         compiled on the first call per batch size (tens of seconds) and reused after; the same tokens up to float
@@ -131,15 +150,20 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         if self.shuffle and sampler != "ar":
             raise ValueError(f"sampler={sampler!r} is not available for Token-Shuffle models (speculative Jacobi "
                              f"decoding verifies one token per position); use sampler='ar'")
+        if self.paradigm in PARALLEL_PASSES and sampler != "ar":
+            raise ValueError(f"sampler must be 'ar' for this model; got {sampler!r}: {PARALLEL_PASSES[self.paradigm]}, "
+                             f"speculative Jacobi decoding verifies a raster sequence one token per position")
         if self.shuffle and watermark_key is not None:
             raise ValueError("watermark_key is not available for Token-Shuffle models: the watermark reweights one "
                              "token's distribution per step, a Token-Shuffle step samples s^2 tokens")
         if sampler == "sjd" and cfg_schedule != "constant":
             raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                              f"spans many positions); use cfg_schedule='constant'")
-        if compile_decode and (self.shuffle or sampler != "ar"):
+        if compile_decode and (self.paradigm is not next_token or sampler != "ar"):
+            on = {next_token: "", token_shuffle: " on a Token-Shuffle decoder"}.get(
+                self.paradigm, f" on a {type(self.transformer).__name__} decoder")
             raise ValueError("compile_decode (--compile) applies to sampler='ar' on a plain next-token decoder; got "
-                             f"sampler={sampler!r}{' on a Token-Shuffle decoder' if self.shuffle else ''}")
+                             f"sampler={sampler!r}{on}")
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k,
                          sjd_tree_width, sjd_tree_depth)
@@ -151,8 +175,8 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         gens = per_image_generators(generator, len(text_ids))
 
         hook = step_hook(self, callback_on_step_end)
-        n_img = self.layout.num_image_tokens
-        with self.progress_bar(total=n_img) as bar, condition_prefix(self, prompt, num_images_per_prompt):
+        passes = getattr(self.layout, "num_steps", self.layout.num_image_tokens)  # NAR / next-block: fewer
+        with self.progress_bar(total=passes) as bar, condition_prefix(self, prompt, num_images_per_prompt):
             if sjd is None:
                 stage = {} if processor is None else {"processor": processor}
                 if compile_decode:

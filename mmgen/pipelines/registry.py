@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from mmgen.conditioning import KINDS as CONDITION_KINDS
-from mmgen.paradigms import flow_head, flowar, next_scale, next_token, next_x, token_shuffle
+from mmgen.paradigms import (flow_head, flowar, next_block, next_neighbor, next_scale, next_token, next_x,
+                             token_shuffle)
 from mmgen.pipelines.flow import FlowARPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.pipelines.next_scale import NextScalePipeline
 from mmgen.pipelines.next_token import NextTokenPipeline
@@ -33,6 +34,8 @@ PARADIGMS = {
     "flow_head": ParadigmEntry(flow_head, RasterFlowPipeline, "vae"),
     "flowar": ParadigmEntry(flowar, FlowARPipeline, "vae"),
     "next_x": ParadigmEntry(next_x, NextXPipeline, "vae"),
+    "next_neighbor": ParadigmEntry(next_neighbor, NextTokenPipeline, "vq_model"),  # NAR, an NARTransformer decoder
+    "next_block": ParadigmEntry(next_block, NextTokenPipeline, "vq_model"),  # a NextBlockTransformer decoder
 }
 
 
@@ -50,7 +53,8 @@ def check_condition(paradigm: str, kind: str) -> None:
 
 
 def paradigm_name(pipe) -> str:
-    """The registry name of a loaded pipeline's paradigm (Token-Shuffle decoders run in NextTokenPipeline)."""
+    """The registry name of a loaded pipeline's paradigm (Token-Shuffle, NAR and next-block decoders run in
+    NextTokenPipeline)."""
     for name, entry in PARADIGMS.items():
         if entry.module is pipe.paradigm:
             return name
