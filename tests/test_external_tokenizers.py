@@ -5,14 +5,12 @@ transformers' Janus and Emu3 VQ-VAEs (tiny random configs): codes and decoding a
 next-token decoder generates through them with the paradigm protocol."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import VQModel
 
+from conftest import load_script
 from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.paradigms import next_token
@@ -22,7 +20,6 @@ from mmgen.text import UnifiedVocab
 from tokenizers_vis.protocol import (Emu3VQTokenizer, JanusVQTokenizer, VisualTokenizer, VQModelTokenizer,
                                      as_visual_tokenizer)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_vqmodel(seed=0):
@@ -51,12 +48,10 @@ def test_codes_and_decoding_match_the_vqmodel():
 
 def test_train_generator_on_vqmodel_codes(tmp_path):
     tiny_vqmodel().save_pretrained(tmp_path / "vq")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), "paradigm=next_token",
-                           f"tokenizer={tmp_path / 'vq'}", "model.dim=32", "model.n_layers=1", "model.n_heads=4",
-                           "data.size=32", "data.image_size=32", "train.batch_size=8", "train.steps=4",
-                           "train.log_every=1", "train.warmup=1", f"train.out_dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    load_script("train_generator").main(["paradigm=next_token", f"tokenizer={tmp_path / 'vq'}", "model.dim=32",
+                                         "model.n_layers=1", "model.n_heads=4", "data.size=32", "data.image_size=32",
+                                         "train.batch_size=8", "train.steps=4", "train.log_every=1",
+                                         "train.warmup=1", f"train.out_dir={tmp_path / 'run'}"])
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [0, 1, 2, 3]
     pipe = load_pipeline(tmp_path / "run" / "pipeline")

@@ -4,7 +4,8 @@ forward reproduces transformers' own generate (conditional and unconditional row
 trains, the loss falls, a resumed run continues bit for bit, and the saved directory reloads with
 `from_pretrained` to the trained model's exact logits."""
 
-import importlib.util
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+from conftest import load_script
 from mmgen.training.transformers_models import JanusTrainer, load_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,11 +103,12 @@ def args(janus_dir, folder, out, steps):
             "train.lr=1e-2", "train.warmup=1", "train.ckpt_every=3", "train.log_every=1", "train.weight_decay=0.05"]
 
 
-def run(*argv):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_generator.py"), *argv],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
+def run(*argv) -> str:
+    """train_generator.py's main in this process; returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        load_script("train_generator").main(list(argv))
+    return printed.getvalue()
 
 
 def losses(out):
@@ -214,18 +217,10 @@ def test_resumed_run_continues_bit_for_bit(janus_dir, folder, trained, tmp_path)
         trained / "pipeline" / "model.safetensors").read_bytes()
 
 
-def script():
-    spec = importlib.util.spec_from_file_location("finetune_train_generator", ROOT / "scripts" / "train_generator.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bad_init_dirs_are_rejected(janus_dir, folder, tmp_path):
     from transformers import LlamaConfig
 
-    train = script()
+    train = load_script("train_generator")
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match=r"type 'llama'.*supported model types: janus"):
         train.main(args(tmp_path / "llama", folder, tmp_path / "a", 1))

@@ -6,8 +6,6 @@ import itertools
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -297,14 +295,11 @@ def test_pipeline_save_load_keeps_the_cluster_table(watermarked):
     assert watermarked.again.watermark == watermarked.pipe.watermark
 
 
-def test_cli_detect_reports_p_values(watermarked):
+def test_cli_detect_reports_p_values(watermarked, capsys):
     tmp_path = watermarked.dir
-    proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "watermark", "detect", str(tmp_path / "w0.png"),
-                           str(tmp_path / "w1.png"), "--key", "k", "--model", str(tmp_path / "m"), "--json",
-                           "--combine"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    assert cli.main(["watermark", "detect", str(tmp_path / "w0.png"), str(tmp_path / "w1.png"), "--key", "k",
+                     "--model", str(tmp_path / "m"), "--json", "--combine"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["method"] == "c-reweight" and len(result["images"]) == 2
     assert all(0 <= r["p_value"] <= 1 and isinstance(r["watermarked"], bool) for r in result["images"])
     combined = result["combined"]  # one pooled test for the two images
@@ -357,7 +352,7 @@ def test_channel_command_rejects_too_many_clusters(watermarked, tmp_path, capsys
     assert "--clusters must be in [1, 32]" in capsys.readouterr().err
 
 
-def test_distorting_option_is_chosen_per_call_and_detected_with_its_method(watermarked, tmp_path):
+def test_distorting_option_is_chosen_per_call_and_detected_with_its_method(watermarked, tmp_path, capsys):
     """`watermark_method="kgw-cluster"` + delta biases the tokens towards the green clusters of the key: the
     token-level test with that method finds it, the saved (c-reweight) config is not changed, and the CLI takes
     the same choice (--watermark-method/--watermark-delta, detect --method)."""
@@ -389,11 +384,10 @@ def test_distorting_option_is_chosen_per_call_and_detected_with_its_method(water
     model = str(watermarked.dir / "m")
     cli.main(["generate", "a red circle", "--model", model, "--out", str(tmp_path / "k.png"), "--watermark-key", "k",
               "--watermark-method", "kgw-cluster", "--watermark-delta", "8"])
-    proc = subprocess.run([sys.executable, "-m", "mmgen.cli", "watermark", "detect", str(tmp_path / "k.png"),
-                           "--key", "k", "--model", model, "--method", "kgw-cluster", "--json"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+    capsys.readouterr()
+    assert cli.main(["watermark", "detect", str(tmp_path / "k.png"), "--key", "k", "--model", model, "--method",
+                     "kgw-cluster", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
     assert result["method"] == "kgw-cluster" and "green" in result["images"][0]
 
 
