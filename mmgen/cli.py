@@ -73,6 +73,10 @@ def cmd_generate(args) -> dict:
     from mmgen.pipelines import load_pipeline
     from mmgen.pipelines.base import generators_from_seed
 
+    if args.prompt_option is not None:
+        if args.prompt is not None:
+            raise CLIError("give the prompt once: as PROMPT or as --prompt, not both")
+        args.prompt = args.prompt_option
     if args.prompt is not None and not args.prompt.strip():
         raise CLIError("PROMPT must be a non-empty string, e.g. \"a red circle\"")
     n = args.num_images
@@ -287,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images with a saved pipeline: from a text PROMPT (caption models), "
                                    "--class-label (class-conditional models) or neither (unconditional models).")
     g.add_argument("prompt", nargs="?", default=None,
-                   help='text prompt, e.g. "a red circle above a blue square" (caption models)')
+                   help='text prompt, e.g. "a red circle above a blue square" (caption and text-encoder models)')
+    g.add_argument("--prompt", dest="prompt_option", default=None, metavar="PROMPT",
+                   help="the text prompt as an option (the same as the positional PROMPT)")
     g.add_argument("--model", default=str(DEFAULT_MODEL),
                    help=f"saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
                         f"{DEFAULT_MODEL_NAME})")

@@ -248,7 +248,7 @@ def load_text_encoder(directory: str | Path, option: str = "condition.encoder"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{option} {str(directory)!r} does not load as a transformers text encoder and its "
                          f"tokenizer ({first})") from None
-    if getattr(encoder.config, "is_encoder_decoder", False) or encoder.main_input_name != "input_ids":
+    if (name is None and getattr(config, "is_encoder_decoder", False)) or encoder.main_input_name != "input_ids":
         raise ValueError(f"{option} {str(directory)!r} holds a {type(encoder).__name__}, not a text encoder (one "
                          f"that maps input_ids to hidden states: T5EncoderModel, CLIPTextModel, a BERT-family model)")
     if tokenizer.pad_token is None:

@@ -1,31 +1,30 @@
 """The text_encoder conditioning kind (`mmgen.conditioning.TextEncoderConditioning`, `mmgen.models.text_encoder`):
 captions through a frozen pretrained encoder (tiny random T5 and BERT models built here, saved with
 `save_pretrained`), features cached once, projected into the decoder's text embedding as the prefix with padding
-masked and <null> as the learned null embedding; every paradigm of the registry, training, save / reload, the
-CLI."""
+masked and <null> as the learned null embedding; every paradigm of the registry, training, save / reload, the CLI;
+LlamaGen's t2i conversion against fixtures made by LlamaGen's own T5 embedder and `generate`
+(scripts/make_llamagen_t2i_fixtures.py)."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_vqgan
+from conftest import load_script, tiny_vqgan
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from mmgen import cli
-from mmgen.data.shapes import all_caption_words
 from mmgen.conditioning import (KINDS, ConditionConfig, TextEncoderConditioning, cached_caption_features,
                                 check_kind, load_text_encoder, make_conditioning, run_conditioning)
+from mmgen.data.shapes import all_caption_words
 from mmgen.models.text_encoder import CaptionProjection, caption_prefix, text_embedding
 from mmgen.paradigms.protocol import FlowConfig, ModelConfig
 from mmgen.pipelines import load_pipeline, save_pipeline
 from mmgen.pipelines.registry import PARADIGMS, get_paradigm
-from mmgen.sampling.config import SamplingConfig
 from mmgen.text import UnifiedVocab
-from mmgen.zoo import conditioning_kind
+from mmgen.zoo import conditioning_kind, zoo_card
 from test_protocols import images, tiny_tokenizer
 from tokenizers_vis.protocol import as_visual_tokenizer
 
@@ -104,8 +103,8 @@ def text_rows(model, layout, run):
     seen = []
 
     def hook(module, args, out):
-        ids = args[0]
-        if ids.dim() == 2 and ids.shape[1] > layout.max_text_len and (ids[:, layout.max_text_len] == layout.vocab.boi).all():
+        ids, L = args[0], layout.max_text_len
+        if ids.dim() == 2 and ids.shape[1] > L and (ids[:, L] == layout.vocab.boi).all():
             seen.append((ids.clone(), out.detach().clone()))
 
     handle = text_embedding(model).register_forward_hook(hook)
@@ -244,10 +243,12 @@ def test_every_paradigm_trains_and_samples_on_encoder_features(name, cond):
     losses[0].backward()
     # the decoder's input holds the projected features at the captions' slots; the projection is in the graph
     # (its gradient may be zero at init where a head starts at zero: the flow heads' adaLN)
-    assert torch.equal(emb[0, L - 4:L], prefix[0, :4].detach()) and torch.equal(emb[1, L - 3:L], prefix[1, :3].detach())
+    prefix = prefix.detach()
+    assert torch.equal(emb[0, L - 4:L], prefix[0, :4]) and torch.equal(emb[1, L - 3:L], prefix[1, :3])
     assert torch.isfinite(losses[0]) and proj.mlp.fc1.weight.grad is not None
-    pipe = entry.pipeline(transformer=model.eval(), tokenizer=cond.tokenizer, max_text_len=L, conditioning=cond.config(),
-                          text_encoder=cond.text_encoder, text_projection=proj.eval(), **{entry.component: component})
+    pipe = entry.pipeline(transformer=model.eval(), tokenizer=cond.tokenizer, max_text_len=L,
+                          conditioning=cond.config(), text_encoder=cond.text_encoder, text_projection=proj.eval(),
+                          **{entry.component: component})
     pipe.set_progress_bar_config(disable=True)
     steps = {"num_inference_steps": 2} if "num_inference_steps" in pipe.call_options else {}
     out = pipe(prompts, guidance_scale=2.0, output_type="pt", generator=torch.Generator().manual_seed(0), **steps)
@@ -258,21 +259,13 @@ def test_every_paradigm_trains_and_samples_on_encoder_features(name, cond):
 
 # ---- training, saving, the CLI ---------------------------------------------------------------------------------
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"text_encoder_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, t5_dir):
     """train_generator condition.kind=text_encoder on 8 shapes captions through the tiny T5."""
     root = tmp_path_factory.mktemp("trained")
     tiny_vqgan(channel_mult=(1, 2, 2, 2), image_size=32).save_pretrained(root / "vq")  # 4 x 4 codes
     run = root / "run"
-    _script("train_generator").main([
+    load_script("train_generator").main([
         "paradigm=next_token", f"tokenizer={root / 'vq'}", "data.name=shapes", "data.size=8", "data.image_size=32",
         "condition.kind=text_encoder", f"condition.encoder={t5_dir}", "max_text_len=16", "model.dim=32",
         "model.n_layers=1", "model.n_heads=4", "train.batch_size=8", "train.steps=25", "train.lr=3e-3",
@@ -289,6 +282,8 @@ def test_training_loss_falls_and_the_pipeline_reloads_bit_identical(trained, tmp
     assert type(pipe.text_encoder).__name__ == "T5EncoderModel" and pipe.condition.kind == "text_encoder"
     index = json.loads((trained / "pipeline" / "model_index.json").read_text())
     assert conditioning_kind(index) == "text_encoder" and index["text_projection"][1] == "CaptionProjection"
+    card = zoo_card(str(trained / "pipeline"))  # what `mmgen models` shows of a model
+    assert card["conditioning"] == "text_encoder" and set(card["parameters"]) >= {"text_encoder", "text_projection"}
     call = dict(prompt=["a red circle", "a blue square"], num_images_per_prompt=2, output_type="pt",
                 guidance_scale=3.0)
     a = pipe(**call, generator=torch.Generator().manual_seed(3))
@@ -299,14 +294,51 @@ def test_training_loss_falls_and_the_pipeline_reloads_bit_identical(trained, tmp
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.images, b.images)
     other = pipe(**{**call, "prompt": ["a green circle", "a blue square"]}, generator=torch.Generator().manual_seed(3))
     assert not torch.equal(other.tokens[:2], a.tokens[:2])  # the caption reaches the decoder
+    greedy = {**call, "temperature": 0}  # speculative Jacobi decoding reads the same prefix: the greedy tokens
+    assert torch.equal(pipe(**greedy, sampler="sjd", sjd_window=4).tokens, pipe(**greedy).tokens)
 
 
 def test_generate_cli_takes_a_prompt_and_refuses_a_class_label(trained, tmp_path, capsys):
     out = tmp_path / "img.png"
-    assert cli.main(["generate", "a red circle", "--model", str(trained / "pipeline"), "--out", str(out),
+    assert cli.main(["generate", "--model", str(trained / "pipeline"), "--prompt", "a red circle", "--out", str(out),
                      "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["images"] == [str(out)] and out.is_file()
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == [str(out)] and result["prompt"] == "a red circle" and out.is_file()
     with pytest.raises(SystemExit) as exit_:
         cli.main(["generate", "--model", str(trained / "pipeline"), "--class-label", "1", "--out", str(out)])
     last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
     assert exit_.value.code == 2 and "--class-label does not apply" in last and "conditioned on text" in last, last
+
+
+# ---- LlamaGen t2i: conversion against LlamaGen's own code ------------------------------------------------------
+
+FIXTURES = ROOT / "tests" / "fixtures" / "llamagen_t2i"
+
+
+def test_llamagen_t2i_through_t5_equals_llamagen(tmp_path, capsys):
+    """The tiny t2i GPT and T5 of tests/fixtures/llamagen_t2i, converted by `mmgen convert llamagen --text-encoder`:
+    prompts (one cut at the 120-token condition length) through the pipeline's T5 give the features LlamaGen's
+    T5Embedder gave, then the tokens (greedy at guidance 1, 4 and 7.5) and pixels of its generate and VQ."""
+    meta = json.loads((FIXTURES / "reference.json").read_text())
+    ref = np.load(FIXTURES / "reference.npz")
+    files = meta["files"]
+    base = ["convert", "llamagen", "--gpt", str(FIXTURES / files["gpt"]), "--vq", str(ROOT / files["vq"]),
+            "--n-head", str(meta["gpt"]["n_head"]), "--image-size", str(meta["image_size"])]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*base, "--out", str(tmp_path / "refused")])
+    assert exit_.value.code == 2 and "--text-encoder is required" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert cli.main([*base, "--text-encoder", str(FIXTURES / files["t5"]), "--out", str(tmp_path / "t2i")]) == 0
+    pipe = load_pipeline(tmp_path / "t2i")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.condition.kind == "text_encoder" and pipe.condition.max_len == meta["cls_token_num"]
+    feats, mask = pipe.encode_prompt(meta["prompts"])
+    assert mask.sum(1).tolist() == meta["prompt_tokens"] and torch.equal(mask, torch.from_numpy(ref["t5_mask"]).bool())
+    torch.testing.assert_close(feats, torch.from_numpy(ref["t5_features"]), rtol=1e-5, atol=1e-5)
+    assert conditioning_kind(json.loads((tmp_path / "t2i" / "model_index.json").read_text())) == "text_encoder"
+    for run in meta["runs"]:
+        out = pipe(prompt=meta["prompts"], guidance_scale=run["cfg_scale"], top_k=1, output_type="np",
+                   generator=[torch.Generator().manual_seed(0) for _ in meta["prompts"]])
+        np.testing.assert_array_equal(out.tokens.flatten(1).numpy(), ref[f"{run['key']}_tokens"])
+        ours = (out.images * 255).round().astype(np.int64)
+        assert np.abs(ours - ref[f"{run['key']}_pixels"].astype(np.int64)).mean() <= 1, run["key"]
