@@ -309,7 +309,8 @@ def test_watermark_keyed_by_decoded_neighbours_is_detected_and_calibrated():
     model = nar.make_model(layout, ModelConfig(**BACKBONE)).eval()  # near-uniform: high entropy
     order = nar.watermark_key_order(layout)
     assert order.parents[:10] == (-1, 0, 1, 2, 3, 4, 5, 6, 0, 8) and order.order[:6] == (0, 1, 8, 2, 9, 16)
-    cfg = WatermarkConfig(num_clusters=8, context=2, clusters=kmeans(model.bottom_head.proj.weight.detach(), 8).tolist())
+    clusters = kmeans(model.bottom_head.proj.weight.detach(), 8).tolist()
+    cfg = WatermarkConfig(num_clusters=8, context=2, clusters=clusters)
     codes, _ = nar.generate(model, layout, [[3, 4]] * 24, SamplingConfig(), generators_from_seed(0, 24),
                             processor=WatermarkProcessor(cfg, "k1"))
     hits = [d.p_value < 0.01 for d in detect_tokens(codes.flatten(1), cfg, "k1", order)]
