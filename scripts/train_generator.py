@@ -297,6 +297,9 @@ def main(argv=None):
         weights = load_file(init_dir / "transformer" / "diffusion_pytorch_model.safetensors")
         if cfg.init_from is not None:
             model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
+            if projection is not None and (init_dir / "text_projection").is_dir():  # a text_encoder model's
+                projection.load_state_dict(load_file(init_dir / "text_projection" /
+                                                     "diffusion_pytorch_model.safetensors"))
             run.print(f"decoder initialised from {init}")
         else:
             # the same caption ids; class rows and the specials after them start fresh

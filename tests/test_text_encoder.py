@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load_script, tiny_vqgan
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
@@ -269,7 +270,8 @@ def trained(tmp_path_factory, t5_dir):
         "paradigm=next_token", f"tokenizer={root / 'vq'}", "data.name=shapes", "data.size=8", "data.image_size=32",
         "condition.kind=text_encoder", f"condition.encoder={t5_dir}", "max_text_len=16", "model.dim=32",
         "model.n_layers=1", "model.n_heads=4", "train.batch_size=8", "train.steps=25", "train.lr=3e-3",
-        "train.warmup=2", "train.log_every=1", "train.ckpt_every=1000", f"train.out_dir={run}"])
+        "train.warmup=2", "train.log_every=1", "train.ckpt_every=1000", "train.ema_decay=0.5",
+        "train.ema_for_sampling=true", f"train.out_dir={run}"])
     return run
 
 
@@ -277,6 +279,14 @@ def test_training_loss_falls_and_the_pipeline_reloads_bit_identical(trained, tmp
     losses = [json.loads(line)["loss"] for line in (trained / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 25 and sum(losses[-5:]) / 5 < 0.7 * losses[0], losses  # from ln(32 codes) = 3.5
     assert (trained / "caption_features.safetensors").is_file()
+    # the projection trains, is checkpointed and averaged with the decoder: the pipeline holds both averages
+    ckpt = trained / "step-0000025"
+    ema, raw = load_file(ckpt / "ema.safetensors"), load_file(ckpt / "text_projection.safetensors")
+    saved = load_file(trained / "pipeline" / "text_projection" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(saved[k], ema[f"module.projection.{k}"]) and not torch.equal(saved[k], raw[k])
+               for k in saved)
+    decoder = load_file(trained / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(decoder[k], ema[f"module.transformer.{k}"]) for k in decoder)
     pipe = load_pipeline(trained / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.text_encoder).__name__ == "T5EncoderModel" and pipe.condition.kind == "text_encoder"
