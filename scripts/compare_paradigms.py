@@ -11,7 +11,9 @@ For each paradigm (`PARADIGMS`: its config in configs/, the tokenizer it reads):
    steps = budget / (CPU seconds per step), so every paradigm gets the same CPU time, not the same steps;
 2. train that many steps (batch 32, the config's learning rate, warmup 5% of the steps, the cosine schedule over
    the whole run), saving the pipeline at `--snapshots` evenly spaced points;
-3. evaluate every snapshot with `mmgen eval` (train-split accuracy; the last one also held-out and FD-ENL0).
+3. evaluate every snapshot with `mmgen eval` (train-split accuracy; the last one also held-out and FD-ENL0);
+4. time the final pipeline with `mmgen bench --suite paradigms` (against the default model, same prompts and seeds):
+   decoder passes and seconds per image at batch 1 and 8.
 
 CPU time is the budget because it does not depend on what else the machine runs; wall time is reported beside
 it. Each stage skips what a previous invocation finished, and training resumes from its checkpoint, so the whole
@@ -51,6 +53,8 @@ PARADIGMS = {
     "flow_head": Entry("configs/flow_head_shapes.yaml", "runs/vae_v2/final", "raster flow head (MAR-style)"),
     "flowar": Entry("configs/flowar_shapes_vae_v2.yaml", "runs/vae_v2/final", "FlowAR"),
     "next_x_cell": Entry("configs/next_x_shapes.yaml", "runs/vae_v2/final", "xAR, cell entities"),
+    "next_neighbor": Entry("configs/nar_shapes.yaml", VQGAN, "NAR next-neighbour (VQGAN 8x8)"),
+    "next_block": Entry("configs/next_block_shapes.yaml", VQGAN, "next-block, rows (VQGAN 8x8)"),
 }
 
 
@@ -73,12 +77,13 @@ def snapshot_steps(steps: int, n: int) -> list[int]:
     return sorted({max(1, round(steps * (k + 1) / n)) for k in range(n)})
 
 
-def run(cmd: list[str], threads: int) -> None:
+def run(cmd: list[str], threads: int, capture: bool = False) -> str | None:
     # passive OpenMP waits: a thread that waits for its peer sleeps instead of spinning, so the CPU time a run
     # is charged is the work it did, also when something else shares the cores
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE if capture else None, text=True)
+    return done.stdout
 
 
 def train_args(name: str, out: Path, extra: list[str]) -> list[str]:
@@ -131,6 +136,16 @@ def evaluate(model: Path, report: Path, final: bool, args) -> dict:
     return json.loads(report.read_text())
 
 
+def latency(name: str, model: Path, report: Path, args) -> dict:
+    """The final pipeline's row of `mmgen bench --suite paradigms` at batch 1 and 8 (median of 3 calls), timed with
+    the runs' thread count."""
+    if not report.is_file():
+        cmd = [sys.executable, "-m", "mmgen.cli", "bench", "--suite", "paradigms", "--models", f"{name}={model}",
+               "--batch-sizes", "1", "8", "--repeats", "3", "--json"]
+        write_json_atomic(report, json.loads(run(cmd, args.threads, capture=True))["paradigms"]["models"][name])
+    return json.loads(report.read_text())
+
+
 def summarise(name: str, out: Path) -> dict | None:
     """One paradigm's row and curves from what exists on disk."""
     run_dir = out / name / "run"
@@ -165,13 +180,18 @@ def summarise(name: str, out: Path) -> dict | None:
                 "fd_enl0": e.get("fd_enl0", {}).get("value"),
                 "seconds_per_image": e["speed"]["seconds_per_image"],
                 "decoder_passes_per_image": e["speed"]["nfe_per_image"]}
+    timing = run_dir / "pipeline.latency.json"
+    if timing.is_file():
+        t = json.loads(timing.read_text())
+        row |= {"decoder_passes_per_image": t["nfe_per_image"],
+                **{f"seconds_per_image_batch_{b}": t["latency"][f"batch_{b}"]["seconds_per_image"] for b in (1, 8)}}
     return row
 
 
 def markdown(rows: list[dict]) -> str:
     """The comparison table as Markdown (the README's)."""
     head = ("| paradigm | decoder params | steps (samples seen) | CPU thread-min | samples / CPU-s | train / held-out "
-            "accuracy | colour (train) | FD-ENL0 | passes / image | s / image |")
+            "accuracy | colour (train) | FD-ENL0 | passes / image | s / image | s / image at batch 1, 8 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
@@ -179,7 +199,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['label']} | {params} | {r['steps']} ({r['samples_seen'] // 1000}k) "
                      f"| {r['cpu_s'] / 60:.1f} | {r['samples_per_cpu_s']} | {pct(r.get('train_accuracy'))} / "
                      f"{pct(r.get('heldout_accuracy'))} | {pct(r.get('color_check_train'))} | {r.get('fd_enl0', '—')} "
-                     f"| {r.get('decoder_passes_per_image', '—')} | {r.get('seconds_per_image', '—')} |")
+                     f"| {r.get('decoder_passes_per_image', '—')} | {r.get('seconds_per_image', '—')} "
+                     f"| {r.get('seconds_per_image_batch_1', '—')}, {r.get('seconds_per_image_batch_8', '—')} |")
     return "\n".join(lines)
 
 
@@ -245,6 +266,7 @@ def main(argv=None) -> int:
                 if snap.is_dir():
                     evaluate(snap, snap.parent / f"{snap.name}.eval.json", final=False, args=args)
             evaluate(run_dir / "pipeline", run_dir / "pipeline.eval.json", final=True, args=args)
+            latency(name, run_dir / "pipeline", run_dir / "pipeline.latency.json", args)
     rows = [r for n in args.only if (r := summarise(n, args.out)) is not None]
     report = {"budget_cpu_min": args.budget_cpu_min, "threads": args.threads, "batch_size": 32,
               "data": "shapes, 20000 images, seed 0, 64 px", "per_category": args.per_category, "rows": rows}

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import BACKBONE, tiny_text_tokenizer, tiny_vqgan
+from conftest import BACKBONE, CAPTIONS, tiny_pipeline, tiny_text_tokenizer, tiny_vqgan
 from mmgen import cli
+from mmgen.bench.paradigms import bench_paradigms, standin_models
 from mmgen.paradigms import next_block as nb
 from mmgen.paradigms.protocol import ModelConfig
 from mmgen.paradigms.sequence import text_block
@@ -230,6 +231,23 @@ def test_bad_input_is_refused_by_name(saved):
     wide = SimpleNamespace(kind="codes", token_shape=(4, 8), vocab_size=32)
     with pytest.raises(ValueError, match=r"block_size 4\) does not fit the tokenizer \(32 codes, rows of 8"):
         nb.layout_from_model(pipe.transformer, wide, pipe.vocab, 8)
+
+
+def test_bench_paradigms_times_untrained_stand_ins_of_both_paradigms(tmp_path):
+    """`mmgen bench --suite paradigms` times NAR and next-block on stand-ins over the baseline's parts until their zoo
+    models ship: exact passes (h + w - 1 = 7 and h = 4 on 4x4 codes, against 16) and seconds per image at batch 1
+    and 8."""
+    base = save_pipeline(tiny_pipeline("next_token", tiny_text_tokenizer(CAPTIONS, shapes_words=True)),
+                         tmp_path / "base")
+    models = standin_models(["next_neighbor", "next_block"], base=base)
+    assert [paradigm_name(load_pipeline(d)) for d in models.values()] == ["next_neighbor", "next_block"]
+    rows = bench_paradigms(models, baseline=base, batch_sizes=(1, 8), repeats=1, progress=False)["models"]
+    assert {k: r["nfe_per_image"] for k, r in rows.items()} == {"baseline": 16, "next_neighbor-untrained": 7,
+                                                               "next_block-untrained": 4}
+    for row in rows.values():
+        for b in (1, 8):
+            lat = row["latency"][f"batch_{b}"]
+            assert lat["seconds_per_image"] == pytest.approx(lat["seconds_per_call"] / b, abs=1e-4)
 
 
 def test_watermark_keyed_by_the_token_above_is_detected_and_calibrated():
