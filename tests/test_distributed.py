@@ -5,6 +5,8 @@ scripts' `rank_spread` in every checkpoint) equal to a single process on the sam
 mid-way resumes from its last checkpoint with the loss sequence of a run that was never stopped.
 """
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -14,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -26,16 +31,25 @@ GEN = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "data.size=64", "t
        "train.log_every=1", "train.lr=3e-3", "train.warmup=5", "train.cond_drop_prob=0.1"]
 
 
-def run(script, *args, processes=1, port=29650):
+def run(script, *args, processes=1, port=29650) -> str:
+    """A training run; returns what it printed. One process runs the script's main here, on one thread as the
+    launched processes do (so its floats match theirs bit for bit); two go through `accelerate launch`."""
     if processes == 1:
-        cmd = [sys.executable, str(ROOT / "scripts" / script), *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "ddp_2proc.yaml"), "--main_process_port", str(port),
-               str(ROOT / "scripts" / script), *args]
+        threads = torch.get_num_threads()
+        printed = io.StringIO()
+        torch.set_num_threads(1)
+        try:
+            with contextlib.redirect_stdout(printed):
+                load_script(script.removesuffix(".py")).main(list(args))
+        finally:
+            torch.set_num_threads(threads)
+        return printed.getvalue()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ddp_2proc.yaml"), "--main_process_port", str(port),
+           str(ROOT / "scripts" / script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return proc.stdout + proc.stderr
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -115,25 +129,35 @@ def start_and_signal(args, run_dir: Path, sig, after_step: int) -> tuple[int, st
     return proc.returncode, output
 
 
+KILLED = [*GEN, "train.steps=60", "train.ckpt_every=5"]
+
+
+@pytest.fixture(scope="module")
+def never_stopped(tokenizers):
+    """The run a killed one must reproduce: 60 steps, never stopped."""
+    ref = tokenizers / "ref"
+    run("train_generator.py", *KILLED, f"tokenizer={tokenizers / 'one' / 'final'}", f"train.out_dir={ref}")
+    return ref
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_killed_run_resumes_with_the_same_loss_sequence(tokenizers, tmp_path, sig):
-    gen = [*GEN, f"tokenizer={tokenizers / 'one' / 'final'}", "train.steps=150", "train.ckpt_every=10"]
-    ref = tmp_path / "ref"
-    run("train_generator.py", *gen, f"train.out_dir={ref}")
+def test_killed_run_resumes_with_the_same_loss_sequence(tokenizers, never_stopped, tmp_path, sig):
+    gen = [*KILLED, f"tokenizer={tokenizers / 'one' / 'final'}"]
+    ref = never_stopped
     out = tmp_path / "killed"
-    code, err = start_and_signal([*gen, f"train.out_dir={out}"], out, sig, after_step=25)
+    code, err = start_and_signal([*gen, f"train.out_dir={out}"], out, sig, after_step=12)
     if sig == signal.SIGTERM:  # stops after its step, checkpoints there, exits 128 + 15
         assert code == 128 + signal.SIGTERM and "checkpoint written" in err, err[-2000:]
         stopped = int((out / "latest").read_text().split("-")[1])
-        assert stopped >= 26 and stopped == max(losses(out)) + 1  # checkpointed at the step it stopped after
+        assert stopped >= 13 and stopped == max(losses(out)) + 1  # checkpointed at the step it stopped after
     else:  # killed at once: the last periodic checkpoint survives, nothing half-written
         assert code == -signal.SIGKILL
         stopped = int((out / "latest").read_text().split("-")[1])
-        assert stopped % 10 == 0 and stopped >= 20 and max(losses(out)) >= stopped  # steps past it are redone
-    proc = run("train_generator.py", *gen, f"train.out_dir={out}")
-    assert f"step {stopped}" in proc.stdout + proc.stderr
-    assert losses(out) == losses(ref)  # steps 0..149, each logged once, identical values
-    assert max_diff(ref / "step-0000150", out / "step-0000150", "model.safetensors") == 0.0
+        assert stopped % 5 == 0 and stopped >= 10 and max(losses(out)) >= stopped  # steps past it are redone
+    printed = run("train_generator.py", *gen, f"train.out_dir={out}")
+    assert f"step {stopped}" in printed
+    assert losses(out) == losses(ref)  # steps 0..59, each logged once, identical values
+    assert max_diff(ref / "step-0000060", out / "step-0000060", "model.safetensors") == 0.0
 
 
 # Sharded decoder training: torch's fully_shard (FSDP2) on CPU with gloo, applied by the training loop itself since
@@ -160,8 +184,8 @@ def rewound_copy(src: Path, dst: Path, step: int) -> Path:
 
 def test_sharded_decoder_checkpoint_resumes_under_one_and_two_processes(tmp_path):
     sharded = tmp_path / "sharded"
-    proc = run("train_generator.py", *FSDP, f"train.out_dir={sharded}", processes=2, port=29653)
-    assert "fully_shard: 3 units" in proc.stdout + proc.stderr  # two Blocks and the root, over 2 processes
+    printed = run("train_generator.py", *FSDP, f"train.out_dir={sharded}", processes=2, port=29653)
+    assert "fully_shard: 3 units" in printed  # two Blocks and the root, over 2 processes
     assert [state(sharded, s)["extra"]["rank_spread"] for s in (3, 6)] == [0.0, 0.0]
     assert (sharded / "pipeline" / "model_index.json").is_file()  # rebuilt from the checkpoint's whole weights
     ref = losses(sharded)
@@ -169,8 +193,8 @@ def test_sharded_decoder_checkpoint_resumes_under_one_and_two_processes(tmp_path
 
     # whole-tensor checkpoint of the sharded run, resumed sharded: the same computation, bit for bit
     two = rewound_copy(sharded, tmp_path / "two", 3)
-    proc = run("train_generator.py", *FSDP, f"train.out_dir={two}", processes=2, port=29654)
-    assert "resumed from" in proc.stdout + proc.stderr and "fully_shard" in proc.stdout + proc.stderr
+    printed = run("train_generator.py", *FSDP, f"train.out_dir={two}", processes=2, port=29654)
+    assert "resumed from" in printed and "fully_shard" in printed
     assert losses(two) == ref
     assert max_diff(sharded / "step-0000006", two / "step-0000006", "model.safetensors") == 0.0
     assert state(two, 6)["extra"]["rank_spread"] == 0.0

@@ -36,8 +36,7 @@ def test_sharded_checkpoint_round_trip_under_two_and_one_processes(tmp_path):
     assert sorted(ref) == list(range(6))
 
     two = rewound_copy(sharded, tmp_path / "two", 3)
-    proc = run("train_generator.py", *SHARDED, f"train.out_dir={two}", processes=2, port=29662)
-    assert "resumed from" in proc.stdout + proc.stderr
+    assert "resumed from" in run("train_generator.py", *SHARDED, f"train.out_dir={two}", processes=2, port=29662)
     assert losses(two) == ref
     assert max_diff(sharded / "step-0000006", two / "step-0000006") == 0.0
     assert max_diff(sharded / "step-0000006", two / "step-0000006", "opt.optim") == 0.0
@@ -52,9 +51,9 @@ def test_sharded_checkpoint_round_trip_under_two_and_one_processes(tmp_path):
 def test_janus_fsdp_shards_its_decoder_layers(janus_dir, folder, tmp_path):  # noqa: F811
     common = [a for a in janus_args(janus_dir, folder, tmp_path, 3) if not a.startswith("train.out_dir")]
     common += ["train.cond_drop_prob=0"]
-    proc = run("train_generator.py", *common, "train.fsdp=true", "train.fsdp_state_dict=sharded",
-               f"train.out_dir={tmp_path / 'two'}", processes=2, port=29663)
-    assert "fully_shard: 3 units (LlamaDecoderLayer and the root)" in proc.stdout + proc.stderr
+    printed = run("train_generator.py", *common, "train.fsdp=true", "train.fsdp_state_dict=sharded",
+                  f"train.out_dir={tmp_path / 'two'}", processes=2, port=29663)
+    assert "fully_shard: 3 units (LlamaDecoderLayer and the root)" in printed
     run("train_generator.py", *common, f"train.out_dir={tmp_path / 'one'}")
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(two) == [0, 1, 2] and all(abs(one[s] - two[s]) < 1e-4 for s in one), (one, two)
