@@ -46,7 +46,7 @@ class _TimedBackend:
     def __init__(self, backend):
         self.backend, self.seconds, self.widths = backend, 0.0, []
         self.num_samples, self.vocab_size, self.device = backend.num_samples, backend.vocab_size, backend.device
-        self.use_cfg, self.supports_leaves = backend.use_cfg, getattr(backend, "supports_leaves", False)
+        self.use_cfg, self.supports_leaves = backend.use_cfg, backend.supports_leaves
 
     def forward(self, window, n, **leaves):
         t0 = time.perf_counter()

@@ -53,6 +53,8 @@ class Emu3Backend:
     (h, w) codes. code_ids: (V,) LM id of each codebook id. Rows are left-padded together; positions skip the
     pads, as `generate()` counts them."""
 
+    supports_leaves = False  # chains only: forward takes no token-tree leaves
+
     def __init__(self, model, prompts: Sequence[Sequence[int]], grid: tuple[int, int], code_ids: torch.Tensor,
                  eol_id: int, pad_id: int, window: int = 1, guidance_scale: float = 1.0,
                  uncond_prompts: Sequence[Sequence[int]] | None = None):

@@ -47,6 +47,8 @@ class LlamaGenBackend:
     null rows); cond_valid_RT: which condition slots are real (False: caption padding, masked as keys). The
     last condition slot plays the start token: a row's first window starts there."""
 
+    supports_leaves = False  # chains only: forward takes no token-tree leaves
+
     def __init__(self, model: LlamaGenGPT, cond_RTC: torch.Tensor, cond_valid_RT: torch.Tensor,
                  guidance_scale: float, cfg_interval: int = -1, window: int = 1):
         self.model, self.guidance_scale, self.cfg_interval = model, guidance_scale, cfg_interval

@@ -93,6 +93,8 @@ class CausalLMBackend:
     sampler: logits restricted to the draft vocabulary, then u + s (c - u)).
     """
 
+    supports_leaves = False  # chains only: forward takes no token-tree leaves
+
     def __init__(self, model, prompts: Sequence[Sequence[int]], vocab_offset: int, vocab_size: int,
                  num_tokens: int, window: int, guidance_scale: float = 1.0,
                  uncond_prompts: Sequence[Sequence[int]] | None = None, pad_token_id: int = 0):

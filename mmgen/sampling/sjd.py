@@ -153,8 +153,11 @@ class JacobiBackend(Protocol):
     num_samples: int
     vocab_size: int
     device: torch.device
+    use_cfg: bool  # two backend rows per sample (conditional, unconditional): the cost model counts rows
+    supports_leaves: bool  # forward takes leaves= (token trees, SJDConfig.tree_width)
 
-    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor) -> torch.Tensor:
+    def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor,
+                leaves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (A, T, vocab_size), guidance applied, for the active samples.
 
         Row a has n_A[a] committed tokens; window_AT[a, 0] is its last committed token (ignored when
@@ -162,7 +165,11 @@ class JacobiBackend(Protocol):
         it. Output j is the distribution of token n_A[a] + j. Keys/values of the window are written after
         the row's committed prefix, overwriting whatever a previous pass left there. The first call also
         runs the prompt (all n_A are 0), so the pass that yields the first token is the only prompt pass,
-        as in plain AR decoding."""
+        as in plain AR decoding.
+
+        `leaves` (tokens (A, M), depth (M,)), only where `supports_leaves`: extra candidates scored in the same
+        pass; leaf m stands for the token at window position depth[m], sees the prefix and the drafts before that
+        position, and its output, appended after the window's T, is the distribution of the token after it."""
 
     def keep(self, keep_A: torch.Tensor) -> None:
         """Drop the active samples where keep_A (bool, A) is False."""
@@ -319,6 +326,249 @@ def _fill_drafts(drafts, q, first_new, n, out, left_dist, u, sjd: SJDConfig, gri
         q[new, j] = (_one_hot(tok, V) if dist is None else dist)[new]
 
 
+# ---- the sampler: small named steps, the loop stays visible ---------------------------------------------------
+
+
+@dataclass
+class JacobiState:
+    """What the sampler carries from pass to pass. `drafts` and `q` hold the active samples' rows, in the order of
+    `active`; the rest is indexed by sample."""
+
+    out: torch.Tensor  # (B, N) committed tokens
+    n: torch.Tensor  # (B,) tokens committed per sample
+    passes: torch.Tensor  # (B,) verification passes per sample (CPU)
+    slope: torch.Tensor  # (B,) adaptive widths: a sample commits about 1 + slope ln t tokens per pass (CPU)
+    active: torch.Tensor  # (A,) samples still running (CPU)
+    drafts: torch.Tensor  # (A, L) draft tokens of the window slots after the last committed token
+    q: torch.Tensor  # (A, L, V) the distribution each draft was drawn from
+    decoder_passes: int = 0
+
+
+@dataclass
+class Draws:
+    """One pass's randomness, drawn as a fixed amount per sample whatever happens in the pass (so a sample's
+    stream never depends on its batch mates, with fixed windows)."""
+
+    accept: torch.Tensor  # (A, T) uniforms of the acceptance tests
+    fresh: torch.Tensor  # (A, T, V) Exp(1) noise of the Jacobi refresh
+    resid: torch.Tensor  # (A, V) Exp(1) noise of the residual draw at a rejection
+    init: torch.Tensor  # (A, L) uniforms of the new slots' initialization
+    couple: torch.Tensor | None  # (A, T) uniforms of the coupling (coupled drafts)
+    leaf: torch.Tensor | None  # (A, c) uniforms of the leaves' recursive rejection (token trees)
+    leaf_noise: torch.Tensor | None  # (A, V) Exp(1) noise of the draft after an accepted leaf
+
+
+@dataclass
+class Verdict:
+    """What verification decided for each active sample."""
+
+    tokens: torch.Tensor  # (A, T) the window's drafts with the correction written at the first rejection
+    accepted: torch.Tensor  # (A,) tokens committed this pass (accepted drafts + the correction)
+    by_leaf: torch.Tensor | None = None  # (A,) the correction is an accepted leaf (token trees)
+    after_leaf: torch.Tensor | None = None  # (A, V) that leaf's output: the next token's distribution
+
+
+def check_call(backend: JacobiBackend, sjd: SJDConfig, processor, neighbours):
+    """Refuse what the backend or the configuration cannot do; returns the neighbour table LANTERN reads."""
+    if sjd.tree_width:
+        if not backend.supports_leaves:
+            raise ValueError(f"sjd tree_width > 0 needs a backend that scores leaves; {type(backend).__name__} "
+                             f"does not")
+        if sjd.tree_width >= backend.vocab_size:
+            raise ValueError(f"sjd tree_width must be below the vocabulary size {backend.vocab_size}, got "
+                             f"{sjd.tree_width}")
+        if processor is not None:
+            raise ValueError("sjd tree_width > 0 does not take a processor (e.g. a watermark) yet: the leaves' "
+                             "prefixes are not passed to it; use tree_width=0")
+    if sjd.lossless:
+        return None
+    if neighbours is None:
+        raise ValueError("sjd lantern_delta needs the codebook neighbour table (neighbours=)")
+    return neighbours[:, : sjd.lantern_k].to(backend.device)
+
+
+def start_state(B: int, N: int, L: int, V: int, device) -> JacobiState:
+    return JacobiState(out=torch.zeros(B, N, dtype=torch.long, device=device),
+                       n=torch.zeros(B, dtype=torch.long, device=device), passes=torch.zeros(B, dtype=torch.long),
+                       slope=torch.full((B,), SLOPE_PRIOR, dtype=torch.float64), active=torch.arange(B),
+                       drafts=torch.zeros(B, L, dtype=torch.long, device=device), q=torch.zeros(B, L, V, device=device))
+
+
+def pass_width(state: JacobiState, n_A: torch.Tensor, N: int, sjd: SJDConfig, rows_per_sample: int) -> int:
+    """This pass's window width: the configured window (up to the image's end), or the cost model's choice."""
+    if sjd.adaptive:
+        return choose_width(state.slope[state.active], (N - n_A).cpu(), sjd.window, rows_per_sample * len(n_A),
+                            sjd.pass_overhead, (sjd.tree_width, sjd.tree_depth))
+    return int(min(sjd.window, int((N - n_A).max())))
+
+
+def propose(state: JacobiState, n_A: torch.Tensor, T: int, sjd: SJDConfig):
+    """The window each active sample sends through the model: its last committed token, then T - 1 drafts; with a
+    token tree also the leaves, the most likely other tokens of each draft's q at the first tree_depth positions
+    (returned as (candidates (A, D, c), depth (D * c,)), else None)."""
+    last = state.out[state.active.to(state.out.device), (n_A - 1).clamp_min(0)]
+    window = torch.cat([last[:, None], state.drafts[:, : T - 1]], 1)
+    if not sjd.tree_width:
+        return window, None
+    D = min(sjd.tree_depth, T)
+    q_other = state.q[:, :D].scatter(-1, state.drafts[:, :D, None], -1.0)
+    candidates = q_other.topk(sjd.tree_width, dim=-1).indices  # distinct, never the draft
+    depth = torch.arange(D, device=window.device).repeat_interleave(sjd.tree_width)
+    return window, (candidates, depth)
+
+
+def _distribution(logits: torch.Tensor, greedy: bool) -> torch.Tensor:
+    return _one_hot(logits.argmax(-1), logits.shape[-1]) if greedy else logits.softmax(-1)
+
+
+def score(backend: JacobiBackend, window: torch.Tensor, n_A: torch.Tensor, leaves, state: JacobiState,
+          sampling: SamplingConfig, processor: Callable | None, greedy: bool):
+    """One decoder pass: the sampling distribution p (A, T, V) at every window position after the processors,
+    and with leaves the distribution after each leaf (A, D, c, V)."""
+    A, T = window.shape
+    V = backend.vocab_size
+    if leaves is None:
+        logits, leaf_p = backend.forward(window, n_A), None
+    else:
+        candidates, depth = leaves
+        logits = backend.forward(window, n_A, leaves=(candidates.reshape(A, -1), depth))
+        leaf_logits, logits = logits[:, T:], logits[:, :T]
+        leaf_logits = process_logits(leaf_logits.reshape(-1, V).float(), sampling)
+        leaf_p = _distribution(leaf_logits, greedy).view(*candidates.shape, V)
+    logits = process_logits(logits.reshape(A * T, V).float(), sampling)
+    if processor is not None:  # each position's prefix: the committed tokens, then the drafts before it
+        N = state.out.shape[1]
+        steps = torch.arange(T, device=window.device)
+        seq = state.out[state.active.to(state.out.device)].clone()
+        seq.scatter_(1, (n_A[:, None] + steps[None, : T - 1]).clamp_max(N - 1), state.drafts[:, : T - 1])
+        logits = processor(logits, seq.repeat_interleave(T, 0), (n_A[:, None] + steps[None]).flatten())
+    return _distribution(logits.view(A, T, V), greedy), leaf_p
+
+
+def draw(rng: RowRandom, active: torch.Tensor, T: int, V: int, sjd: SJDConfig) -> Draws:
+    """This pass's randomness, in a fixed order. Adaptive widths already tie a sample's draws to its batch (the
+    widths depend on it), so they draw only the refresh noise this pass uses; fixed windows draw the same amounts
+    every pass."""
+    L = sjd.window
+    accept = rng.uniform(active, L)[:, :T]
+    fresh = rng.exponential(active, T if sjd.adaptive else L, V)[:, :T]
+    resid = rng.exponential(active, V)
+    init = rng.uniform(active, L)
+    couple = rng.uniform(active, L)[:, :T] if sjd.coupled else None
+    leaf = leaf_noise = None
+    if sjd.tree_width:
+        leaf, leaf_noise = rng.uniform(active, sjd.tree_width), rng.exponential(active, V)
+    return Draws(accept, fresh, resid, init, couple, leaf, leaf_noise)
+
+
+def verify(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, remaining: torch.Tensor, draws: Draws,
+           sjd: SJDConfig, neighbours: torch.Tensor | None, leaves, leaf_p, greedy: bool) -> Verdict:
+    """Speculative sampling over the window, left to right: draft x_j ~ q_j is accepted with probability
+    min(1, p_j(x_j) / q_j(x_j)); the first rejected position gets a token from normalize(max(0, p - q)) (with a
+    tree: its leaves first, by recursive rejection). Positions past the image's end (`remaining`) are never
+    accepted. p, q: (A, T, V); x: (A, T) the drafts of tokens n .. n + T - 1 (p's positions)."""
+    A, T, _ = p.shape
+    rows = torch.arange(A, device=p.device)
+    m = remaining.clamp_max(T)  # positions inside the image
+    px = p.gather(-1, x[..., None]).squeeze(-1)
+    relaxed = None
+    if not sjd.lossless:  # LANTERN: x also takes its near neighbours' mass
+        relaxed = _relaxed(p, x, neighbours, sjd.lantern_delta)
+        px = px + relaxed[0]
+    qx = q.gather(-1, x[..., None]).squeeze(-1).clamp_min(1e-30)
+    accept = (draws.accept < px / qx) & (torch.arange(T, device=p.device)[None] < m[:, None])
+    k = accept.long().cumprod(1).sum(1)  # leading accepted drafts
+    rejected = k < m
+    kk = k.clamp_max(T - 1)
+    resid = _residual(p[rows, kk], q[rows, kk], x[rows, kk], None if relaxed is None else
+                      tuple(t[rows, kk] for t in relaxed))
+    verdict = Verdict(tokens=x.clone(), accepted=k + rejected.long())
+    if leaves is None:
+        y = _race(resid, draws.resid, greedy)
+    else:  # the rejected draft's leaves, one after another against the running residual
+        candidates = leaves[0]
+        kd = kk.clamp_max(candidates.shape[1] - 1)
+        chosen, resid = _recursive_rejection(resid, candidates[rows, kd], draws.leaf,
+                                             rejected & (kk < candidates.shape[1]))
+        verdict.by_leaf = chosen >= 0
+        y = torch.where(verdict.by_leaf, candidates[rows, kd, chosen.clamp_min(0)], _race(resid, draws.resid, greedy))
+        verdict.after_leaf = leaf_p[rows, kd, chosen.clamp_min(0)]
+    verdict.tokens[rows, kk] = torch.where(rejected, y, verdict.tokens[rows, kk])
+    return verdict
+
+
+def _residual(p_k: torch.Tensor, q_k: torch.Tensor, x_k: torch.Tensor, relaxed) -> torch.Tensor:
+    """normalize(max(0, p - q)) at the first rejected position (A, V); under LANTERN, of the relaxed target."""
+    if relaxed is not None:
+        moved, nb, moves = relaxed
+        p_k = p_k.scatter(-1, nb, p_k.gather(-1, nb) * ~moves)
+        p_k = p_k.scatter_add(-1, x_k[:, None], moved[:, None])
+    resid = (p_k - q_k).clamp_min(0)
+    mass = resid.sum(-1, keepdim=True)
+    return torch.where(mass > 1e-6, resid / mass.clamp_min(1e-30), p_k)  # mass 0 only up to rounding
+
+
+def update_slopes(state: JacobiState, accepted: torch.Tensor, remaining: torch.Tensor, T: int) -> None:
+    """Adaptive widths: fold this pass's evidence into each sample's slope. A one-token pass tells nothing (its
+    draft was never refined), nor do the first passes of a call (every draft starts cold): the estimate drifts
+    back to the prior, so a run of rejections never pins a sample to width 1; a pass that ran into the image's
+    end shows less than its width allowed."""
+    active = state.active
+    if T > 1 and state.decoder_passes > WARMUP_PASSES:
+        seen = (accepted - 1).cpu().double() / math.log(T)
+    else:
+        seen = torch.full((len(active),), SLOPE_PRIOR).double()
+    full = remaining.cpu() > T
+    state.slope[active] = torch.where(full, SLOPE_DECAY * state.slope[active] + (1 - SLOPE_DECAY) * seen,
+                                      state.slope[active])
+
+
+def commit(state: JacobiState, n_A: torch.Tensor, verdict: Verdict) -> None:
+    """Write each sample's accepted tokens after its committed prefix."""
+    A, T = verdict.tokens.shape
+    steps = torch.arange(T, device=n_A.device)
+    keep = steps[None] < verdict.accepted[:, None]
+    rows = state.active.to(n_A.device)[:, None].expand(A, T)[keep]
+    state.out[rows, (n_A[:, None] + steps[None])[keep]] = verdict.tokens[keep]
+    state.n[state.active.to(n_A.device)] = n_A + verdict.accepted
+    state.passes[state.active] += 1
+
+
+def refresh(state: JacobiState, p: torch.Tensor, verdict: Verdict, draws: Draws, sjd: SJDConfig,
+            grid_width: int | None, greedy: bool) -> None:
+    """The next pass's drafts, shifted by what was committed. Unverified positions get drafts distributed as this
+    pass's p (the Jacobi update: fresh draws, or the old drafts maximally coupled to them); drafts a narrower pass
+    did not score keep their q; an accepted leaf hands over its output as the next draft's q; new slots are
+    initialized."""
+    A, T, _ = p.shape
+    L = sjd.window
+    x, q = state.drafts[:, :T], state.q
+    fresh = _couple(x, q[:, :T], p, draws.couple, draws.fresh, greedy) if sjd.coupled else _race(p, draws.fresh,
+                                                                                                 greedy)
+    src = torch.arange(L, device=p.device)[None] + verdict.accepted[:, None]  # old window slot of new slot j
+    from_pass, from_old = src < T, (src >= T) & (src < L)
+    src_c = src.clamp_max(T - 1)
+    drafts, q = _carry_unscored(state.drafts, q, src, from_old)
+    drafts[from_pass] = fresh.gather(1, src_c)[from_pass]
+    rows = torch.arange(A, device=p.device)
+    q[from_pass] = p[rows[:, None].expand(A, L), src_c][from_pass]
+    if verdict.by_leaf is not None:  # a leaf's output is exactly the next token's distribution
+        drafts[:, 0] = torch.where(verdict.by_leaf, _race(verdict.after_leaf, draws.leaf_noise, greedy), drafts[:, 0])
+        q[:, 0] = torch.where(verdict.by_leaf[:, None], verdict.after_leaf, q[:, 0])
+    active = state.active.to(p.device)
+    _fill_drafts(drafts, q, L - verdict.accepted, state.n[active], state.out[active], p[:, T - 1], draws.init, sjd,
+                 grid_width, greedy)
+    state.drafts, state.q = drafts, q
+
+
+def drop_finished(state: JacobiState, backend: JacobiBackend, N: int) -> None:
+    """Samples with all N tokens leave the batch (and the backend's rows)."""
+    running = state.n[state.active.to(state.n.device)] < N
+    if not bool(running.all()):
+        backend.keep(running)
+        state.active, state.drafts, state.q = state.active[running.cpu()], state.drafts[running], state.q[running]
+
+
 @torch.no_grad()
 def jacobi_sample(
     backend: JacobiBackend,
@@ -339,147 +589,29 @@ def jacobi_sample(
     prefix (committed tokens, then the drafts before it), so SJD samples the processed distribution.
     `neighbours` (V, k): each code's nearest codebook neighbours (`codebook_neighbours`), needed by the lossy
     ``lantern_delta`` acceptance only."""
+    neighbours = check_call(backend, sjd, processor, neighbours)
     B, V, N, L = backend.num_samples, backend.vocab_size, num_tokens, sjd.window
-    relax = sjd.lantern_delta is not None
-    tree, c = sjd.tree_width > 0, sjd.tree_width
-    if tree and not getattr(backend, "supports_leaves", False):
-        raise ValueError(f"sjd tree_width > 0 needs a backend that scores leaves; {type(backend).__name__} does not")
-    if tree and c >= V:
-        raise ValueError(f"sjd tree_width must be below the vocabulary size {V}, got {c}")
-    if tree and processor is not None:
-        raise ValueError("sjd tree_width > 0 does not take a processor (e.g. a watermark) yet: the leaves' "
-                         "prefixes are not passed to it; use tree_width=0")
-    if relax:
-        if neighbours is None:
-            raise ValueError("sjd lantern_delta needs the codebook neighbour table (neighbours=)")
-        neighbours = neighbours[:, : sjd.lantern_k].to(backend.device)
-    device = backend.device
-    rng = RowRandom(generators, B, device)
+    rng = RowRandom(generators, B, backend.device)
     greedy = sampling.temperature == 0
-    out = torch.zeros(B, N, dtype=torch.long, device=device)
-    n = torch.zeros(B, dtype=torch.long, device=device)
-    passes = torch.zeros(B, dtype=torch.long)
-    active = torch.arange(B)
-    decoder_passes = 0
-
-    drafts = torch.zeros(B, L, dtype=torch.long, device=device)
-    q = torch.zeros(B, L, V, device=device)
-    _fill_drafts(drafts, q, torch.zeros_like(n), n, out, None, rng.uniform(active, L), sjd, grid_width, greedy)
-
-    arange_L = torch.arange(L, device=device)
-    slope = torch.full((B,), SLOPE_PRIOR, dtype=torch.float64)  # adaptive widths: tokens per pass ~ 1 + slope ln t
-    rows_per_sample = 2 if getattr(backend, "use_cfg", False) else 1
-    while len(active):
-        A = len(active)
-        n_a = n[active]
+    state = start_state(B, N, L, V, backend.device)
+    _fill_drafts(state.drafts, state.q, torch.zeros_like(state.n), state.n, state.out, None,
+                 rng.uniform(state.active, L), sjd, grid_width, greedy)
+    rows_per_sample = 2 if backend.use_cfg else 1
+    while len(state.active):
+        n_A = state.n[state.active.to(state.n.device)]
+        T = pass_width(state, n_A, N, sjd, rows_per_sample)
+        window, leaves = propose(state, n_A, T, sjd)
+        p, leaf_p = score(backend, window, n_A, leaves, state, sampling, processor, greedy)
+        state.decoder_passes += 1
+        draws = draw(rng, state.active, T, V, sjd)
+        verdict = verify(p, state.q[:, :T], state.drafts[:, :T], N - n_A, draws, sjd, neighbours, leaves, leaf_p,
+                         greedy)
         if sjd.adaptive:
-            T = choose_width(slope[active], (N - n_a).cpu(), L, rows_per_sample * A, sjd.pass_overhead,
-                             (sjd.tree_width, sjd.tree_depth))
-        else:
-            T = int(min(L, int((N - n_a).max())))
-        last = out[active, (n_a - 1).clamp_min(0)]
-        window = torch.cat([last[:, None], drafts[:, : T - 1]], 1)
-        if tree:  # leaves: the most likely other tokens of each draft's q at the first D positions
-            D = min(sjd.tree_depth, T)
-            q_other = q[:, :D].scatter(-1, drafts[:, :D, None], -1.0)
-            cand = q_other.topk(c, dim=-1).indices  # (A, D, c), distinct, never the draft
-            depth = torch.arange(D, device=device).repeat_interleave(c)
-            logits = backend.forward(window, n_a, leaves=(cand.reshape(A, D * c), depth))
-            leaf_logits, logits = logits[:, T:], logits[:, :T]
-            leaf_logits = process_logits(leaf_logits.reshape(A * D * c, V).float(), sampling).view(A, D, c, V)
-            leaf_p = _one_hot(leaf_logits.argmax(-1), V) if greedy else leaf_logits.softmax(-1)
-        else:
-            logits = backend.forward(window, n_a)
-        decoder_passes += 1
-        logits = process_logits(logits.reshape(A * T, V).float(), sampling)
-        if processor is not None:
-            seq = out[active].clone()
-            seq.scatter_(1, (n_a[:, None] + arange_L[None, : T - 1]).clamp_max(N - 1), drafts[:, : T - 1])
-            lengths = (n_a[:, None] + arange_L[None, :T]).flatten()
-            logits = processor(logits, seq.repeat_interleave(T, 0), lengths)
-        logits = logits.view(A, T, V)
-        p = _one_hot(logits.argmax(-1), V) if greedy else logits.softmax(-1)
-
-        # draw this pass's randomness first, a fixed amount per sample
-        u_accept = rng.uniform(active, L)[:, :T]
-        # adaptive widths already tie a sample's draws to its batch (the widths depend on it), so they draw only
-        # what this pass uses; fixed windows draw the same amounts every pass
-        e_fresh = rng.exponential(active, T if sjd.adaptive else L, V)[:, :T]
-        e_resid = rng.exponential(active, V)
-        u_init = rng.uniform(active, L)
-        u_couple = rng.uniform(active, L)[:, :T] if sjd.coupled else None
-        if tree:
-            u_leaf, e_leaf = rng.uniform(active, c), rng.exponential(active, V)
-
-        # verify drafts left to right
-        x = drafts[:, :T]
-        m = (N - n_a).clamp_max(T)  # positions inside the image
-        px = p.gather(-1, x[..., None]).squeeze(-1)
-        if relax:  # lossy: x also takes its near neighbours' mass
-            moved, nb, moves = _relaxed(p, x, neighbours, sjd.lantern_delta)
-            px = px + moved
-        qx = q[:, :T].gather(-1, x[..., None]).squeeze(-1).clamp_min(1e-30)
-        accept = (u_accept < px / qx) & (arange_L[None, :T] < m[:, None])
-        k = accept.long().cumprod(1).sum(1)  # leading accepted drafts
-        rejected = k < m
-        kk = k.clamp_max(T - 1)
-        rows = torch.arange(A, device=device)
-        p_k, q_k = p[rows, kk], q[rows, kk]
-        if relax:  # the residual of the relaxed target at the rejected draft
-            p_k = p_k.scatter(-1, nb[rows, kk], p_k.gather(-1, nb[rows, kk]) * ~moves[rows, kk])
-            p_k = p_k.scatter_add(-1, x[rows, kk][:, None], moved[rows, kk][:, None])
-        resid = (p_k - q_k).clamp_min(0)
-        mass = resid.sum(-1, keepdim=True)
-        resid = torch.where(mass > 1e-6, resid / mass.clamp_min(1e-30), p_k)  # mass 0 only up to rounding
-        if tree:  # the rejected draft's leaves, one after another against the running residual
-            kd = kk.clamp_max(D - 1)
-            chosen, resid = _recursive_rejection(resid, cand[rows, kd], u_leaf, rejected & (kk < D))
-            by_leaf = chosen >= 0
-            y = torch.where(by_leaf, cand[rows, kd, chosen.clamp_min(0)], _race(resid, e_resid, greedy))
-            after_leaf = leaf_p[rows, kd, chosen.clamp_min(0)]  # distribution of the token after the leaf
-        else:
-            y = _race(resid, e_resid, greedy)
-        commit = x.clone()
-        commit[rows, kk] = torch.where(rejected, y, commit[rows, kk])
-        a = k + rejected.long()
-        # a one-token pass tells nothing (its draft was never refined), nor do the first passes of a call (every
-        # draft starts cold): the estimate drifts back to the prior, so a run of rejections never pins a sample
-        # to width 1; a pass that ran into the image's end shows less than its width allowed
-        if sjd.adaptive:
-            evidence = T > 1 and decoder_passes > WARMUP_PASSES
-            seen = (a - 1).cpu().double() / math.log(T) if evidence else torch.full((A,), SLOPE_PRIOR).double()
-            full = (N - n_a).cpu() > T
-            slope[active] = torch.where(full, SLOPE_DECAY * slope[active] + (1 - SLOPE_DECAY) * seen, slope[active])
-        keep_pos = arange_L[None, :T] < a[:, None]
-        r_idx = active.to(device)[:, None].expand(A, T)[keep_pos]
-        c_idx = (n_a[:, None] + arange_L[None, :T])[keep_pos]
-        out[r_idx, c_idx] = commit[keep_pos]
-
-        # Jacobi update: unverified positions get drafts distributed as this pass's p (fresh draws, or the old
-        # drafts maximally coupled to them); new slots are initialized
-        fresh = _couple(x, q[:, :T], p, u_couple, e_fresh, greedy) if sjd.coupled else _race(p, e_fresh, greedy)
-        # drafts this pass did not score (a window narrower than L) stay as they were, with their q
-        src = arange_L[None, :] + a[:, None]  # old window position of new slot j
-        from_pass, from_old = src < T, (src >= T) & (src < L)
-        src_c = src.clamp_max(T - 1)
-        new_drafts, new_q = _carry_unscored(drafts, q, src, from_old)
-        new_drafts[from_pass] = fresh.gather(1, src_c)[from_pass]
-        new_q[from_pass] = p[rows[:, None].expand(A, L), src_c][from_pass]
-        n_new = n_a + a
-        n[active] = n_new
-        passes[active.cpu()] += 1
-        if tree:  # an accepted leaf's output is exactly the next token's distribution: draw the next draft from it
-            new_drafts[:, 0] = torch.where(by_leaf, _race(after_leaf, e_leaf, greedy), new_drafts[:, 0])
-            new_q[:, 0] = torch.where(by_leaf[:, None], after_leaf, new_q[:, 0])
-        first_new = L - a
-        _fill_drafts(new_drafts, new_q, first_new, n_new, out[active], p[:, T - 1], u_init, sjd, grid_width,
-                     greedy)
-        drafts, q = new_drafts, new_q
-
-        running = n_new < N
-        if not bool(running.all()):
-            backend.keep(running)
-            active, drafts, q = active[running.cpu()], drafts[running], q[running]
+            update_slopes(state, verdict.accepted, N - n_A, T)
+        commit(state, n_A, verdict)
+        refresh(state, p, verdict, draws, sjd, grid_width, greedy)
+        drop_finished(state, backend, N)
         if callback is not None:
-            callback(int(n.min()))
-    return out, SJDStats(tokens=N, decoder_passes=decoder_passes, passes=passes.tolist(), lossless=sjd.lossless)
+            callback(int(state.n.min()))
+    return state.out, SJDStats(tokens=N, decoder_passes=state.decoder_passes, passes=state.passes.tolist(),
+                               lossless=sjd.lossless)
