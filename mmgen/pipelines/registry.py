@@ -1,8 +1,8 @@
 """The paradigm registry: one plain dict from a paradigm's name to its module (the paradigm protocol,
 `mmgen.paradigms.protocol`), its pipeline class, the name the pipeline gives its visual tokenizer component and the
 conditioning kinds it takes (`mmgen.conditioning`: every paradigm reads condition ids through the shared text
-block, so each takes captions, class labels and none). Training, the pipelines, the CLI, the demo, the eval harness
-and the benchmarks look paradigms up here."""
+block, so each takes word-level captions, class labels, a frozen text encoder's caption features and none).
+Training, the pipelines, the CLI, the demo, the eval harness and the benchmarks look paradigms up here."""
 
 from __future__ import annotations
 
