@@ -18,5 +18,8 @@ uv pip install -q -r "$VENV/minimums.txt" "pytest>=7"
 uv pip install -q --no-deps -e .
 echo "the direct dependencies as installed:"
 uv pip list 2>/dev/null | grep -iE "^(torch|torchvision|diffusers|transformers|accelerate|tokenizers|safetensors|torchmetrics|pyyaml|tqdm|pillow|numpy) "
+# deselected: the seeded (not greedy) LlamaGen parity draws, recorded with the tested torch; torch.multinomial's
+# stream differs between torch releases (greedy parity, which does not depend on it, runs)
 python -m pytest -q -p no:cacheprovider tests/test_layers.py tests/test_protocols.py tests/test_pipeline_cli.py \
-  tests/test_config_checkpoint.py tests/test_training_features.py tests/test_llamagen.py tests/test_janus.py
+  tests/test_config_checkpoint.py tests/test_training_features.py tests/test_llamagen.py tests/test_janus.py \
+  -k "not sampled"
