@@ -18,9 +18,9 @@ from pathlib import Path
 
 from mmgen.atomic import atomic_path, write_json_atomic
 from mmgen.convert import CONVERTERS
-from mmgen.options import (add_condition_args, add_sampling_args, condition_kwargs, device, nonnegative_float,
-                           nonnegative_int, positive_float, positive_int, sampling_kwargs, secret_key, seed,
-                           unit_interval)
+from mmgen.options import (MAX_IMAGES_PER_CALL, add_condition_args, add_sampling_args, check_count,
+                           condition_kwargs, device, nonnegative_int, positive_float, positive_int, sampling_kwargs,
+                           sampling_number, secret_key, seed, unit_interval)
 from mmgen.watermark import METHODS
 from mmgen.zoo import DEFAULT_MODEL, DEFAULT_MODEL_NAME, resolve_model, zoo_card, zoo_mb, zoo_names
 
@@ -29,8 +29,6 @@ class CLIError(Exception):
     """A user error: printed on one line, exit code 2."""
 
 
-# images one `mmgen generate` call writes; more is almost surely a typo (and hours of CPU), so it is refused
-MAX_CLI_IMAGES = 64
 KEY_ENV = "MMGEN_WATERMARK_KEY"  # `mmgen watermark detect`'s key when neither --key nor --key-file is given
 # `mmgen watermark detect` inputs: at least one pixel per token of an 8x8 grid; the pixel cap refuses
 # decompression bombs from the header, before decoding
@@ -77,12 +75,10 @@ def cmd_generate(args) -> dict:
         if args.prompt is not None:
             raise CLIError("give the prompt once: as PROMPT or as --prompt, not both")
         args.prompt = args.prompt_option
-    if args.prompt is not None and not args.prompt.strip():
-        raise CLIError("PROMPT must be a non-empty string, e.g. \"a red circle\"")
     n = args.num_images
-    n_images = n * len(args.class_label or [None])  # --num-images of each --class-label
-    if n_images > MAX_CLI_IMAGES:
-        raise CLIError(f"--num-images x --class-label gives {n_images} images; at most {MAX_CLI_IMAGES}")
+    conditions = len(args.class_label or [None])  # --num-images of each --class-label
+    check_count(n, conditions, "class label(s)" if args.class_label else "prompt(s)", "--num-images")
+    n_images = n * conditions
     paths = _output_paths(Path(args.out), n_images)
     pipe = load_pipeline(_model_dir(args.model), device=args.device)
     condition = condition_kwargs(pipe, args.prompt, args.class_label, args.model)
@@ -298,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
                         f"{DEFAULT_MODEL_NAME})")
     g.add_argument("--out", default="out.png", help="output image path; with N>1 images, _0.._N-1 is appended")
-    g.add_argument("--num-images", type=positive_int("--num-images", MAX_CLI_IMAGES), default=1,
-                   help=f"images to generate (1 to {MAX_CLI_IMAGES})")
+    g.add_argument("--num-images", type=int, default=1,  # its range: check_count in cmd_generate
+                   help=f"images to generate, of each --class-label (at most {MAX_IMAGES_PER_CALL} in all)")
     g.add_argument("--seed", type=seed, default=0, help="seed of the first image; image i uses seed+i (>= 0), so "
                    "an image's tokens do not depend on --num-images")
     add_condition_args(g)
@@ -337,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=str(DEFAULT_MODEL),
                    help=f"saved pipeline directory or shipped model name, e.g. shapes-flowar (default: "
                         f"{DEFAULT_MODEL_NAME})")
-    b.add_argument("--guidance-scale", type=nonnegative_float("--guidance-scale"), default=None,
+    b.add_argument("--guidance-scale", type=sampling_number("--guidance-scale", "guidance_scale"), default=None,
                    help="classifier-free guidance scale of every suite (default: each model's own, see "
                         "`mmgen models`)")
     b.add_argument("--batch-sizes", type=positive_int("--batch-sizes"), nargs="+", default=None,
@@ -411,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=seed, default=0, help="image i of each prompt list uses seed+i")
     add_sampling_args(e, watermark=True)  # the watermark's quality cost: eval with and without
     # the name before the sampling flags were shared with `mmgen generate`; kept so old commands still run
-    e.add_argument("--cfg", dest="guidance_scale", type=nonnegative_float("--cfg"), help=argparse.SUPPRESS)
+    e.add_argument("--cfg", dest="guidance_scale", type=sampling_number("--cfg", "guidance_scale"),
+                   help=argparse.SUPPRESS)
     fid = e.add_argument_group("FID / IS / precision-recall of a sample batch (ADM .npz)")
     fid.add_argument("--samples", default=None, metavar="NPZ",
                      help="sample batch: arr_0 = uint8 images (N, H, W, 3) (scripts/sample_npz.py writes one)")

@@ -1,10 +1,19 @@
-"""Command-line options that several commands share, defined once: argument types whose errors name the flag,
-the sampling flags of `mmgen generate`, `mmgen eval` and `scripts/evaluate.py` (one name each), the map
-from parsed flags to a pipeline's call options, and the condition of `mmgen generate` (PROMPT or --class-label).
+"""The options layer: every argument a generation call takes, with its one check and one set of limits, and the
+command-line flags that set them.
 
-A pipeline class declares the keyword options its `__call__` takes (`call_options`: name -> default); a flag
-whose option the model's pipeline does not take is refused with an error that names the flag and the flags
-the model does take, never passed on or silently dropped.
+- Limits: `MAX_IMAGES_PER_CALL`, `MAX_SEED`, `OUTPUT_TYPES`, `SAMPLERS`.
+- Checks (`check_prompts`, `check_count`, `check_output_type`, `check_choice`, `check_seed`, `refuse_options`), each
+  raising an `OptionError` that names the argument as its caller spells it (`prompt` or PROMPT, `seed` or --seed)
+  and what it accepts. They run where a value enters: a pipeline's `__call__` (the Python door, as diffusers'
+  `check_inputs`), `generators_from_seed` for seeds, and the argparse types and commands of `mmgen generate` /
+  `mmgen eval`, the demo and the eval harness, so every door accepts the same values and the code behind them
+  (paradigm loops, backends) trusts them. The numbers of `SamplingConfig` (guidance, temperature, top-k/-p, flow
+  steps) keep their one check there; the argparse types of their flags run it.
+- `call_options(cls)`: the keyword options of a pipeline's `__call__`, read from its signature (name -> default).
+  A flag whose option the model's pipeline does not take is refused with an error that names the flag and the
+  flags the model does take, never passed on or silently dropped.
+
+This module sits below the pipelines (they import its checks) and imports none of them.
 """
 
 from __future__ import annotations
@@ -14,11 +23,78 @@ import inspect
 import math
 import os
 
+from mmgen.sampling.config import CFG_SCHEDULES, FLOW_SAMPLERS, SamplingConfig
 from mmgen.watermark import METHODS
+
+# images per pipeline call (prompts x num_images_per_prompt), for every caller: far beyond what fits in memory at
+# once on CPU; more is a mistake (e.g. a seed typed into the count) that would otherwise run for hours
+MAX_IMAGES_PER_CALL = 256
+MAX_SEED = 2**63 - 1  # seed + image index must stay below 2**64, torch.Generator's range
+OUTPUT_TYPES = ("pil", "pt", "np")
+SAMPLERS = ("ar", "sjd")  # one token per pass, or speculative Jacobi decoding
+# what every pipeline call takes beside its options: the condition, the count, the randomness, the output, callbacks
+CALL_ARGUMENTS = ("self", "prompt", "class_labels", "num_images_per_prompt", "generator", "output_type",
+                  "return_dict", "callback_on_step_end", "callback_on_step_end_tensor_inputs")
 
 
 class OptionError(ValueError):
-    """A flag that does not fit the chosen model; the commands print it on one line and exit with code 2."""
+    """A call argument or flag that does not fit; the commands print it on one line and exit with code 2."""
+
+
+def call_options(cls: type) -> dict:
+    """The keyword options a pipeline class's `__call__` takes beyond `CALL_ARGUMENTS`, with their defaults, read
+    from its signature (what the CLI, the demo and the eval harness route by)."""
+    params = inspect.signature(cls.__call__).parameters
+    return {k: p.default for k, p in params.items() if k not in CALL_ARGUMENTS and p.kind == p.POSITIONAL_OR_KEYWORD}
+
+
+def check_prompts(prompt, name: str = "prompt") -> list[str]:
+    """A call's prompt(s) as a list: a non-empty string or a non-empty list of them."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise OptionError(f"{name} must be a non-empty string or a non-empty list of non-empty strings, got "
+                          f"{prompt!r}")
+    return prompts
+
+
+def check_count(num_images_per_prompt, conditions: int, what: str = "prompt(s)",
+                name: str = "num_images_per_prompt") -> None:
+    """Images per condition: an integer >= 1, with at most `MAX_IMAGES_PER_CALL` images over all `conditions`."""
+    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+            or not 1 <= num_images_per_prompt * conditions <= MAX_IMAGES_PER_CALL:
+        raise OptionError(f"{name} must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} images per call, got "
+                          f"{num_images_per_prompt} for {conditions} {what}")
+
+
+def check_choice(value, choices, name: str) -> None:
+    if value not in choices:
+        raise OptionError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def check_output_type(output_type) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise OptionError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed: an integer in [0, MAX_SEED] (image i of a call gets seed + i)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"{name} must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return seed
+
+
+def refuse_options(pipeline, given, spell=None, model=None) -> None:
+    """Refuse options that `pipeline` (an instance or a class) does not take, naming the first one, the pipeline
+    (and `model`, as the user typed it) and what it takes; `spell` maps a call option to how the caller names it
+    (a flag), None where the caller has no name for it."""
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    accepted, spell = cls.call_options, spell or (lambda name: name)
+    for name in given:
+        if name not in accepted:
+            takes = [spell(n) for n in accepted if spell(n) is not None]
+            where = f" (model {str(model)!r})" if model is not None else ""
+            raise OptionError(f"{spell(name)} does not apply to {cls.__name__}{where}; its options: "
+                              f"{', '.join(takes) or 'none'}")
 
 
 def _integer(name: str, s: str) -> int:
@@ -83,16 +159,29 @@ def unit_interval(name: str):
 
 
 def seed(s):
-    """An argparse type for --seed: an integer in [0, MAX_SEED]."""
-    from mmgen.pipelines.base import MAX_SEED
-
+    """An argparse type for --seed: an integer in [0, MAX_SEED] (`check_seed`)."""
     try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {s!r}") from None
-    if not 0 <= v <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"--seed must be in [0, 2**63 - 1], got {v}")
-    return v
+        return check_seed(int(s), "--seed")
+    except ValueError as e:  # int("seven"), or the check
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, OptionError) else f"--seed must be an integer, "
+                                         f"got {s!r}") from None
+
+
+def sampling_number(flag: str, field: str, parse=float):
+    """An argparse type for a `SamplingConfig` number (guidance_scale, temperature, top_k, top_p,
+    num_inference_steps): the text parsed by `parse`, then that field's own check, its error naming `flag`."""
+    def convert(s):
+        try:
+            v = parse(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be {'an integer' if parse is int else 'a number'}, got "
+                                             f"{s!r}") from None
+        try:
+            SamplingConfig(**{field: v})
+        except ValueError as e:  # the check's message starts with the field's name
+            raise argparse.ArgumentTypeError(flag + str(e).removeprefix(field)) from None
+        return v
+    return convert
 
 
 # sampling flag -> the pipeline call option it sets (None on the command line = not given: the model's default)
@@ -106,21 +195,24 @@ SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temper
                   "--height": "height", "--width": "width", "--steps": "num_inference_steps",
                   "--flow-sampler": "flow_sampler", "--cfg-schedule": "cfg_schedule",
                   "--compile": "compile_decode"}
+FLAG_OF = {name: flag for flag, name in SAMPLING_FLAGS.items()}
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) -> None:
     """Add the sampling flags to `parser`; `watermark`: also --watermark-key/-method/-delta (generation that writes
     images)."""
-    parser.add_argument("--guidance-scale", type=nonnegative_float("--guidance-scale"), default=None,
+    parser.add_argument("--guidance-scale", type=sampling_number("--guidance-scale", "guidance_scale"), default=None,
                         help="classifier-free guidance scale (>= 0; 1 = off; default: the model's own, see "
                              "`mmgen models`)")
-    parser.add_argument("--temperature", type=nonnegative_float("--temperature"), default=1.0,
+    parser.add_argument("--temperature", type=sampling_number("--temperature", "temperature"), default=1.0,
                         help="sampling temperature (> 0; 0 = greedy); flow models: scale of the initial noise")
     discrete = parser.add_argument_group("discrete tokens (next-token, next-scale)")
-    discrete.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (>= 1)")
-    discrete.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    discrete.add_argument("--top-k", type=sampling_number("--top-k", "top_k", int), default=None,
+                          help="keep the k most likely tokens (>= 1)")
+    discrete.add_argument("--top-p", type=sampling_number("--top-p", "top_p"), default=None,
+                          help="nucleus sampling mass in (0, 1]")
     nexttok = parser.add_argument_group("next-token models only")
-    nexttok.add_argument("--sampler", choices=("ar", "sjd"), default=None,
+    nexttok.add_argument("--sampler", choices=SAMPLERS, default=None,
                          help="ar (default): one token per forward pass; sjd: speculative Jacobi decoding (same "
                               "distribution, fewer passes)")
     nexttok.add_argument("--compile", action="store_true", default=None,
@@ -164,36 +256,26 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
                       help="image height in pixels, a multiple of the VQ factor (default: the processor's own)")
     size.add_argument("--width", type=positive_int("--width"), default=None, help="image width in pixels")
     flow = parser.add_argument_group("continuous tokens (flow-head raster, FlowAR, next-X)")
-    flow.add_argument("--steps", type=positive_int("--steps"), default=None,
+    flow.add_argument("--steps", type=sampling_number("--steps", "num_inference_steps", int), default=None,
                       help="flow ODE steps per token or scale (default 25)")
-    flow.add_argument("--flow-sampler", choices=("euler", "heun"), default=None,
+    flow.add_argument("--flow-sampler", choices=FLOW_SAMPLERS, default=None,
                       help="flow ODE solver (default euler)")
-    parser.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None,
+    parser.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, default=None,
                         help="next-scale and flow models: guidance constant, or ramped linearly from 1 over the "
                              "scales/tokens (default: constant; FlowAR, next-X: linear)")
 
 
 def sampling_kwargs(pipeline, args: argparse.Namespace, model=None) -> dict:
     """The pipeline call options the parsed `args` give (flags left at None are left out, so the pipeline keeps
-    its own defaults), checked against what `pipeline` (an instance or a class) declares in `call_options`.
-    A given flag it does not take raises `OptionError` naming the flag, the pipeline (and `model`, as the user
-    typed it) and the flags it takes."""
-    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
-    accepted = cls.call_options
+    its own defaults), checked against what `pipeline` (an instance or a class) takes (`refuse_options`: a given
+    flag it does not take raises `OptionError` naming the flag, the pipeline, `model` as the user typed it, and the
+    flags it takes)."""
     if getattr(args, "watermark_key_file", None) is not None:  # --watermark-key-file: the key, as if typed
         args.watermark_key = secret_key(getattr(args, "watermark_key", None), args.watermark_key_file,
                                         "--watermark-key")
-    kwargs = {}
-    for flag, name in SAMPLING_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"), None)
-        if value is None:
-            continue
-        if name not in accepted:
-            takes = [f for f, n in SAMPLING_FLAGS.items() if n in accepted]
-            where = f" (model {str(model)!r})" if model is not None else ""
-            raise OptionError(f"{flag} does not apply to {cls.__name__}{where}; its options: "
-                              f"{', '.join(takes) or 'none'}")
-        kwargs[name] = value
+    kwargs = {name: getattr(args, flag[2:].replace("-", "_"), None) for flag, name in SAMPLING_FLAGS.items()}
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    refuse_options(pipeline, kwargs, spell=FLAG_OF.get, model=model)
     return kwargs
 
 
@@ -274,6 +356,4 @@ def condition_kwargs(pipeline, prompt: str | None, class_labels: list | None, mo
         if prompt is not None:
             raise OptionError(f"PROMPT does not apply: {cls.__name__}{where} is unconditional (give no PROMPT)")
         return {}
-    if prompt is None or not prompt.strip():
-        raise OptionError("PROMPT must be a non-empty string, e.g. \"a red circle\"")
-    return {"prompt": prompt}
+    return {"prompt": check_prompts(prompt, "PROMPT")[0]}

@@ -10,13 +10,14 @@ same settings give the same images on the page and on the command line.
 
 Options a paradigm does not take (its pipeline class's `call_options`) are switched off in the page when its
 model is picked, and refused with a message naming the model, never passed on (the CLI's rule,
-`mmgen.options.sampling_kwargs`).
+`mmgen.options.sampling_kwargs`). The page's values are checked once, where every call is (`mmgen.options`, run by
+the pipeline and `generators_from_seed`): their errors are shown as they are; the page's own components keep the
+seed >= 0 and the number of images in 1..8.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from pathlib import Path
@@ -86,32 +87,20 @@ class DemoModels:
                 self._pipes[name] = pipe
             return self._pipes[name]
 
-    def generate(self, prompt: str, model: str, sampler: str = "ar", seed: int | float = 0,
-                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images: int | float = 1, watermark: bool = False,
+    def generate(self, prompt: str, model: str, sampler: str = "ar", seed: int = 0,
+                 guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images: int = 1, watermark: bool = False,
                  watermark_key: str = "") -> tuple[list[tuple], str]:
         """The Generate button: ([(image, caption), ...], status line). Bad input raises `gr.Error`, which the
         page shows as a message. The page always sends a guidance scale (its slider opens at the model's own)."""
         if model not in self.dirs:
             raise _error(f"model must be one of {', '.join(self.dirs)}; got {model!r}")
-        if not prompt or not prompt.strip():
-            raise _error("Enter a prompt, e.g. \"a red circle above a blue square\".")
-        values = [v for _, v in SAMPLER_CHOICES]
-        if sampler not in values:
-            raise _error(f"sampler must be one of {', '.join(values)}; got {sampler!r}")
-        if not _whole(seed) or seed < 0:
-            raise _error(f"Seed must be an integer >= 0, got {seed!r}.")
-        if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
-            raise _error(f"Number of images must be an integer from 1 to {MAX_IMAGES}, got {num_images!r}.")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
-            raise _error(f"Guidance scale must be a number, got {guidance_scale!r}.")
-        seed, n = int(seed), int(num_images)
         accepted, kind = self.accepts(model), self.classes[model].__name__
         kwargs = {}
-        if sampler == "sjd":
+        if sampler != "ar":  # AR is every pipeline's default
             if "sampler" not in accepted:
                 raise _error(f"SJD (speculative Jacobi decoding) needs a next-token model; {model} is a {kind}. "
                              f"Pick AR.")
-            kwargs["sampler"] = "sjd"
+            kwargs["sampler"] = sampler
         if watermark:
             if "watermark_key" not in accepted:
                 raise _error(f"The watermark needs a next-token model; {model} is a {kind}. Switch it off.")
@@ -119,16 +108,18 @@ class DemoModels:
                 raise _error("Enter a watermark key (the secret that detection needs) or switch the watermark off.")
             kwargs["watermark_key"] = watermark_key
 
-        # the pipeline's own checks (unknown words, bad guidance, seed range, a corrupt model file) name the problem
+        # the one check of every value (`mmgen.options`, in the pipeline and `generators_from_seed`: empty prompt,
+        # unknown words, seed, count, guidance, a corrupt model file) names the problem
         try:
+            generators = generators_from_seed(seed, num_images)
             pipe = self.pipeline(model)
             t0 = time.perf_counter()
-            out = pipe(prompt=prompt, num_images_per_prompt=n, guidance_scale=float(guidance_scale),
-                       generator=generators_from_seed(seed, n), **kwargs)
+            out = pipe(prompt=prompt, num_images_per_prompt=num_images, guidance_scale=guidance_scale,
+                       generator=generators, **kwargs)
         except ValueError as e:
             raise _error(str(e)) from None
         seconds = time.perf_counter() - t0
-        w, h = out.images[0].size
+        n, (w, h) = len(out.images), out.images[0].size
         status = (f"{n} image{'s' if n > 1 else ''} ({w}x{h}) in {seconds:.2f} s with {kind}, "
                   f"{out.decoder_passes} decoder passes per image")
         if out.model_evals is not None:
@@ -189,11 +180,6 @@ class DemoModels:
                 gr.update(value=self.default_guidance(model)))
 
 
-def _whole(x) -> bool:
-    """An integral number: page inputs arrive as int or float (or None when a box is cleared)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x == int(x)
-
-
 def _error(message: str) -> gr.Error:
     # a user mistake, not a server fault: no traceback in the server log
     return gr.Error(message, print_exception=False)
@@ -228,7 +214,7 @@ def build_demo(models: dict[str, Path] | None = None, device: str = "cpu") -> gr
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (image i uses seed + i)",
                                      elem_id="seed")
-                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images",
+                    num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, precision=0, label="Number of images",
                                            elem_id="num-images")
                 guidance = gr.Slider(0.0, 10.0, value=backend.default_guidance(first), step=0.25,
                                      label="Guidance scale (1 = off)",

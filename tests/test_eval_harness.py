@@ -198,7 +198,9 @@ def test_evaluate_model_reads_recorded_data_and_counts_parameters(pipe_dir, pipe
     (dict(fd=1), "fd must be 0"),
     (dict(per_category=0), "per_category"),
     (dict(data="emoji"), "FD-ENL0 only"),
-    (dict(num_inference_steps=3), "num_inference_steps do not apply to NextTokenPipeline"),
+    (dict(num_inference_steps=3), "num_inference_steps does not apply to NextTokenPipeline; its options: "
+                                  "guidance_scale, temperature"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*63 - 1\], got -1"),
 ])
 def test_bad_arguments(pipe, kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -238,7 +240,7 @@ def test_cli_eval_json_and_out_file(pipe_dir, tmp_path, capsys):
     (["--splits", "test"], "--splits: invalid choice"),
     (["--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
     (["--cfg", "-1"], "--cfg must be a finite number >= 0"),  # the old name, kept as a hidden alias
-    (["--seed", "-1"], "--seed must be in"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63 - 1], got -1"),
     (["--out", "report.txt"], "--out must end in .json"),
     (["--steps", "3"], "--steps does not apply to NextTokenPipeline"),
     (["--data", "emoji"], "FD-ENL0 only"),

@@ -13,11 +13,11 @@ LAYERS = [
     ("mmgen.models",),
     ("mmgen.sampling",),
     ("mmgen.paradigms", "mmgen.alignment", "mmgen.watermark"),
-    ("mmgen.safe_save", "mmgen.zoo"),
+    ("mmgen.safe_save", "mmgen.zoo", "mmgen.options"),  # options: every call argument's check, used by the pipelines
     ("mmgen.pipelines",),
     ("mmgen.training", "mmgen.convert"),
     ("mmgen.eval",),
-    ("mmgen.options", "mmgen.bench", "mmgen.serve"),
+    ("mmgen.bench", "mmgen.serve"),
     ("mmgen.cli", "mmgen.__main__"),
 ]
 

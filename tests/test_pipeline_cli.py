@@ -72,7 +72,7 @@ def test_cli_generate_json(pipe_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["generate", "a red circle", "--top-p", "0"], "top_p"),
+    (["generate", "a red circle", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["generate", "a red circle", "--num-images", "0"], "--num-images"),
     (["generate", "a red circle", "--model", "/nonexistent/model"], "does not exist"),
     (["generate", "a blorp circle"], "does not know"),

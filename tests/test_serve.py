@@ -73,18 +73,18 @@ def test_watermark_toggle_reaches_the_pipeline(models, reference):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("", "tiny"), "Enter a prompt"),
-    (("   ", "tiny"), "Enter a prompt"),
+    # the page's values get the one check every call gets (`mmgen.options`), its message as it is
+    (("", "tiny"), "prompt must be a non-empty string"),
+    (("   ", "tiny"), "prompt must be a non-empty string"),
     (("a red circle", "nope"), "model must be one of tiny, shapes-flowar; got 'nope'"),
     (("a red circle", "tiny", "beam"), "sampler must be one of ar, sjd; got 'beam'"),
-    (("a red circle", "tiny", "ar", -1), "Seed must be an integer >= 0, got -1"),
-    (("a red circle", "tiny", "ar", 1.5), "Seed must be an integer >= 0, got 1.5"),
-    (("a red circle", "tiny", "ar", None), "Seed must be an integer >= 0, got None"),  # a cleared box
-    (("a red circle", "tiny", "ar", float("inf")), "Seed must be an integer >= 0, got inf"),
-    (("a red circle", "tiny", "ar", 0, None), "Guidance scale must be a number, got None"),
-    (("a red circle", "tiny", "ar", 0, 3.0, 9), "Number of images must be an integer from 1 to 8, got 9"),
+    (("a red circle", "tiny", "ar", -1), "seed must be an integer in [0, 2**63 - 1], got -1"),
+    (("a red circle", "tiny", "ar", 1.5), "seed must be an integer in [0, 2**63 - 1], got 1.5"),
+    (("a red circle", "tiny", "ar", None), "seed must be an integer in [0, 2**63 - 1], got None"),  # a cleared box
+    (("a red circle", "tiny", "ar", 0, float("nan")), "guidance_scale must be a finite number >= 0"),
+    (("a red circle", "tiny", "ar", 0, 3.0, 0), "num_images_per_prompt must be an integer >= 1 with at most 256"),
     (("a red circle", "tiny", "ar", 0, 3.0, 1, True, ""), "Enter a watermark key"),
-    (("a red circle", "tiny", "ar", 0, -1.0), "guidance_scale"),  # the pipeline's own check, passed on
+    (("a red circle", "tiny", "ar", 0, -1.0), "guidance_scale"),
     (("a purple hexagon", "tiny"), "does not know"),
     (("a red circle", "shapes-flowar", "sjd"), "SJD (speculative Jacobi decoding) needs a next-token model; "
                                                "shapes-flowar is a FlowARPipeline. Pick AR."),
@@ -198,7 +198,7 @@ def test_page_in_headless_chromium(tiny_dir, reference, browser):
         prompt.send_keys(Keys.CONTROL, "a")
         prompt.send_keys(Keys.BACKSPACE)  # as a user does: clear() skips the input event the page listens to
         browser.find_element(By.ID, "generate").click()
-        wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "Enter a prompt"))
+        wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "prompt must be a non-empty string"))
     finally:
         demo.close()
 

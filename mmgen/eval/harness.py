@@ -35,6 +35,7 @@ from mmgen.data.shapes import (CATEGORIES, ShapesDataset, heldout_prompts, promp
 from mmgen.eval.compositional import evaluate as compositional_accuracy
 from mmgen.eval.frechet import fd_enl0
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
+from mmgen.options import check_seed, refuse_options
 from mmgen.pipelines.registry import PARADIGMS, paradigm_name
 from tokenizers_vis.protocol import as_visual_tokenizer
 
@@ -90,14 +91,6 @@ def _generate(pipe, prompts: list, batch_size: int, seed: int, meter: _Meter, pr
     meter.images += len(prompts)
     meter.seconds += seconds
     return images, seconds
-
-
-def _check_sampling(pipe, sampling: dict) -> None:
-    accepted = type(pipe).call_options  # the options its class declares for `__call__`
-    bad = sorted(set(sampling) - set(accepted))
-    if bad:
-        raise ValueError(f"sampling option(s) {', '.join(bad)} do not apply to {type(pipe).__name__}; "
-                         f"it takes: {', '.join(sorted(accepted))}")
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -215,14 +208,14 @@ def evaluate_pipeline(pipe, data: str = "shapes", per_category: int = 50, splits
         raise ValueError(f"data must be one of {', '.join(DATASETS)}; got {data!r}")
     _positive_int("per_category", per_category)
     _positive_int("batch_size", batch_size)
-    _positive_int("seed", seed, 0)
+    check_seed(seed)
     _check_fd(fd)
     splits = list(splits)
     if data == "shapes" and (not splits or any(s not in SPLITS for s in splits)):
         raise ValueError(f"splits must be a non-empty list drawn from {', '.join(SPLITS)}; got {splits!r}")
     if data in FD_ONLY and fd == 0:
         raise ValueError(f"data={data!r} is scored by FD-ENL0 only: set fd (--fd) to the number of images, >= 2")
-    _check_sampling(pipe, sampling)
+    refuse_options(pipe, sampling)  # the CLI's check: options the pipeline's `__call__` does not take
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     meter = _Meter()
