@@ -126,3 +126,43 @@ def test_callback_on_step_end_runs_after_every_decoder_pass(name, kwargs, passes
     assert calls == [(type(pipe).__name__, i, None, {}) for i in range(out.decoder_passes)]
     with pytest.raises(ValueError, match="callback_on_step_end must be callable"):
         pipe("a red circle", callback_on_step_end="print")
+    # the loop is the paradigm's `generate`, which hands out no tensors: asking for one is refused by name
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs must be drawn from \[\] for "
+                                         rf"{type(pipe).__name__}, got \['tokens'\] \(its loop hands out no tensors"):
+        pipe("a red circle", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["tokens"])
+
+
+def assert_step_callback(call, widths: list[int], value: int = 1):
+    """`callback_on_step_end` on a pipeline whose own loop hands out "tokens" (Janus, Emu3, LlamaGen, VAR), through
+    `call(**callback_arguments)`: called once per decoder pass, steps 0, 1, ..., timestep None, with every code
+    drawn so far (`widths[step]` of them); setting the pass's own codes to `value` gives an output of `value`s only,
+    while changing an earlier code is refused, as is asking for tensors under SJD. Returns the plain output."""
+    seen = []
+
+    def record(pipe, step, timestep, kwargs):
+        seen.append((step, timestep, kwargs["tokens"].shape[1]))
+        return kwargs
+
+    plain = call(callback_on_step_end=record, callback_on_step_end_tensor_inputs=["tokens"])
+    assert seen == [(i, None, width) for i, width in enumerate(widths)] and plain.decoder_passes == len(widths)
+
+    def force(pipe, step, timestep, kwargs):
+        tokens = kwargs["tokens"]
+        tokens[:, widths[step - 1] if step else 0:] = value  # this pass's codes
+        return {"tokens": tokens}
+
+    forced = call(callback_on_step_end=force, callback_on_step_end_tensor_inputs=["tokens"])
+    assert (forced.tokens == value).all() and not (plain.tokens == value).all()
+
+    def rewrite_history(pipe, step, timestep, kwargs):
+        kwargs["tokens"][:, 0] = kwargs["tokens"][:, 0] + 1
+        return kwargs
+
+    with pytest.raises(ValueError, match="changed tokens drawn before step 1 .* already in the decoder's KV cache"):
+        call(callback_on_step_end=lambda p, i, t, kw: kw if i == 0 else rewrite_history(p, i, t, kw),
+             callback_on_step_end_tensor_inputs=["tokens"])
+    with pytest.raises(ValueError, match="callback_on_step_end returned \\['latents'\\]"):
+        call(callback_on_step_end=lambda p, i, t, kw: {"latents": None}, callback_on_step_end_tensor_inputs=None)
+    return plain
+
+

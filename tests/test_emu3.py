@@ -14,12 +14,15 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor,
                           PreTrainedTokenizerFast)
 
+
 from mmgen.pipelines import load_pipeline
+from mmgen.pipelines.backend import sample_ar
 from mmgen.pipelines.base import generators_from_seed
-from mmgen.pipelines.emu3 import Emu3Backend, Emu3Pipeline, sample_ar
+from mmgen.pipelines.emu3 import Emu3Backend, Emu3Pipeline
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits
 from mmgen.sampling.sjd import SJDConfig, jacobi_sample
 from mmgen.watermark import detect_tokens, detect_tokens_combined
+from test_diffusers_layout import assert_step_callback
 from test_sjd import N_SAMPLES, empirical, tv, tv_bound
 
 WORDS = ["a", "red", "circle", "blue", "square", "lowres", "blurry", ".", ",", "*"] + [str(i) for i in range(10)]
@@ -144,6 +147,15 @@ def test_greedy_sjd_equals_greedy_ar(saved, init, window):
     assert torch.equal(sjd.tokens, ar.tokens) and sjd.decoder_passes < ar.decoder_passes == 24
 
 
+def test_callback_on_step_end_sees_and_steers_every_code(saved):
+    """Once per decoder pass (a 2 x 2 grid: 4 codes, the forced end-of-lines not among them), with the codes so far;
+    a code the callback sets is the one generated."""
+    _, pipe = saved
+    call = lambda **kw: pipe("a red circle", image_size=16, generator=generators_from_seed(0, 2),  # noqa: E731
+                             num_images_per_prompt=2, **kw)
+    assert_step_callback(call, widths=[1, 2, 3, 4], value=7)
+
+
 # ---- exactness: a 2 x 2 image of 4 codes, every image enumerated ---------------------------------------------
 
 
@@ -237,8 +249,9 @@ def test_missing_processor_files_are_named(saved, tmp_path):
     d, _ = saved
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         shutil.copy(d / name, tmp_path / name)
-    with pytest.raises(FileNotFoundError, match=r"not its processor: missing processor_config\.json or "
-                                                r"preprocessor_config\.json; tokenizer_config\.json"):
+    with pytest.raises(FileNotFoundError, match=r"not a complete Emu3ForConditionalGeneration checkpoint: missing "
+                                                r"image processor config \(processor_config\.json or "
+                                                r"preprocessor_config\.json\); tokenizer config"):
         load_pipeline(tmp_path)
 
 

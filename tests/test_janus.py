@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from mmgen.pipelines import load_pipeline
+from mmgen.pipelines.backend import sample_ar
 from mmgen.pipelines.janus import JanusBackend, JanusPipeline
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig, jacobi_sample
 from mmgen.watermark import detect_tokens, detect_tokens_combined
 
+from test_diffusers_layout import assert_step_callback
 from test_sjd import empirical, tv, tv_bound  # the enumeration helpers and their sample-size bound
 
 WORDS = ["<bos>", "<pad>", "<image_placeholder>", "<begin_of_image>", "<end_of_image>", "<unk>",
@@ -147,6 +149,20 @@ def test_sampling_is_seeded_per_image(pipe):
     assert torch.equal(both[1:], one) and not torch.equal(both[0], both[1])
 
 
+def test_callback_on_step_end_sees_and_steers_every_code(pipe):
+    """Once per decoder pass (16 codes, AR), with the codes so far; a code the callback sets is the one generated.
+    Under SJD once per pass, with no tensors."""
+    call = lambda **kw: pipe("a red cat", generator=[torch.Generator().manual_seed(0)], **kw)  # noqa: E731
+    assert_step_callback(call, widths=list(range(1, 17)), value=5)
+    steps = []
+    out = pipe("a red cat", sampler="sjd", sjd_window=4, generator=[torch.Generator().manual_seed(0)],
+               callback_on_step_end=lambda p, i, t, kw: steps.append((i, kw)) or kw)
+    assert steps == [(i, {}) for i in range(out.decoder_passes)] and out.decoder_passes < 16
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs needs sampler='ar', got 'sjd'"):
+        pipe("a red cat", sampler="sjd", callback_on_step_end=lambda p, i, t, kw: kw,
+             callback_on_step_end_tensor_inputs=["tokens"])
+
+
 # exactness by enumeration: 2x2 tokens over a codebook of 4 (256 images)
 GRID, CODES = 2, 4
 
@@ -176,7 +192,7 @@ def sample_images(model, cond, uncond, sampling, sjd: SJDConfig | None, n: int, 
     backend = JanusBackend(model, [cond] * n, [uncond] * n, GRID * GRID, 1 if sjd is None else sjd.window,
                            sampling.guidance_scale, PAD)
     if sjd is None:
-        return JanusPipeline._sample_ar(backend, GRID * GRID, sampling, gens, None, lambda: None)
+        return sample_ar(backend, GRID * GRID, sampling, gens)
     return jacobi_sample(backend, GRID * GRID, sampling, sjd, gens, grid_width=GRID)[0]
 
 

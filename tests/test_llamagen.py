@@ -24,6 +24,7 @@ from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.llamagen import LlamaGenBackend, LlamaGenPipeline
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits
 from mmgen.sampling.sjd import SJDConfig, jacobi_sample
+from test_diffusers_layout import assert_step_callback
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llamagen"
 META = json.loads((FIXTURES / "reference.json").read_text())
@@ -250,6 +251,15 @@ def test_call_errors_name_the_argument(pipes):
         c2i(class_labels=3, cfg_interval=-2)
     with pytest.raises(ValueError, match=r"prompt_embeds must be a tensor of shape \(B, 120, 32\)"):
         t2i(prompt_embeds=torch.zeros(1, 7, META["caption_dim"]))
+
+
+def test_callback_on_step_end_sees_and_steers_every_code(pipes):
+    """Once per decoder pass, with the codes so far; a code the callback sets is the one generated (c2i, AR)."""
+    c2i = pipes["c2i"]
+    h, w = c2i.vq_model.token_shape
+    call = lambda **kw: c2i(class_labels=[3, 5], generator=[torch.Generator().manual_seed(s) for s in (0, 1)],  # noqa: E731
+                            **kw)
+    assert_step_callback(call, widths=list(range(1, h * w + 1)), value=2)
 
 
 def test_generate_cli_with_a_class_label(converted, tmp_path, capsys):

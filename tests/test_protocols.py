@@ -141,3 +141,52 @@ def test_each_paradigm_runs_end_to_end_through_the_protocol(name):
 def test_unknown_paradigm_names_the_registered_ones():
     with pytest.raises(ValueError, match="paradigm must be one of next_token, token_shuffle, next_scale, flow_head"):
         get_paradigm("diffusion")
+
+
+def shared_blocks(sources: dict[str, str], size: int = 6) -> list[tuple[str, int, str, int]]:
+    """Blocks of `size` consecutive code lines that two sources share, as (name, line, name, line). Blank lines,
+    comments, imports, docstrings and function signatures are not code lines here (pylint's duplicate-code check
+    skips them the same way): a diffusers pipeline spells out its `__call__` parameters, and that is its API."""
+    import ast
+
+    def code_lines(text: str) -> list[tuple[int, str]]:
+        skip = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                skip.update(range(node.lineno, node.end_lineno + 1))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)) and node.body:
+                first = node.body[0]
+                if not isinstance(node, ast.Module) and not isinstance(node, ast.ClassDef):
+                    skip.update(range(node.lineno, first.lineno))  # decorators' next line to the body: the signature
+                    skip.update(d.lineno for d in node.decorator_list)
+                if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                        and isinstance(first.value.value, str):
+                    skip.update(range(first.lineno, first.end_lineno + 1))
+        return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)
+                if i not in skip and line.strip() and not line.strip().startswith("#")]
+
+    lines = {name: code_lines(text) for name, text in sources.items()}
+    found = []
+    names = sorted(sources)
+    for a_i, a in enumerate(names):
+        windows = {tuple(s for _, s in lines[a][k:k + size]): lines[a][k][0] for k in range(len(lines[a]) - size + 1)}
+        for b in names[a_i + 1:]:
+            found += [(a, windows[key], b, lines[b][k][0]) for k in range(len(lines[b]) - size + 1)
+                      if (key := tuple(s for _, s in lines[b][k:k + size])) in windows]
+    return found
+
+
+def test_no_block_of_six_lines_repeats_between_two_pipelines():
+    """One pipeline skeleton (issue 34): what every pipeline shares lives in pipelines/base.py or backend.py, once."""
+    from pathlib import Path
+
+    import mmgen.pipelines
+
+    folder = Path(mmgen.pipelines.__file__).parent
+    assert shared_blocks({p.name: p.read_text() for p in folder.glob("*.py")}) == []
+    # the check sees a shared block where there is one (a loop body copied into a second file)
+    body = "\n".join(f"    x{i} = f(x{i - 1})" for i in range(1, 7))
+    copied = {"a.py": f"def a(x0):\n    '''doc'''\n{body}\n    return x6\n",
+              "b.py": f"import os\n\n\ndef b(x0, y):\n{body}\n    return y\n"}
+    assert shared_blocks(copied) == [("a.py", 3, "b.py", 5)]
+    assert shared_blocks(copied, size=7) == []

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from mmgen.cli import main
 from mmgen.pipelines import VARPipeline, load_pipeline
+from test_diffusers_layout import assert_step_callback
 from tokenizers_vis.protocol import VisualTokenizer, load_tokenizer_component
 from tokenizers_vis.var_vqvae import VARVQVAE, phi_schedule
 
@@ -198,6 +199,20 @@ def test_bad_inputs_exit_2_and_write_nothing(converted, tmp_path, capsys):
                               "--patch-nums", "1", "2", "3", "4"])
     assert "--out" in err and (tmp_path / "notes" / "a.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes", "random.pth", "text.pth", "vq_ds16_c2i.pt"]
+
+
+def test_callback_on_step_end_sees_and_steers_every_scale(converted):
+    """Once per scale, with every scale's codes so far; the codes the callback sets for a scale are the ones that
+    enter f_hat and the output."""
+    pipe, _ = converted["release"]
+    widths = np.cumsum([s * s for s in pipe.transformer.patch_nums]).tolist()
+    call = lambda **kw: pipe(class_labels=[1, 4], generator=[torch.Generator().manual_seed(s) for s in (0, 1)],  # noqa: E731
+                             **kw)
+    plain = assert_step_callback(call, widths=widths, value=3)
+    forced = call(callback_on_step_end=lambda p, i, t, kw: {"tokens": torch.full_like(kw["tokens"], 3)},
+                  callback_on_step_end_tensor_inputs=["tokens"], output_type="pt")
+    assert not torch.equal(forced.images, call(output_type="pt").images)  # the forced codes were decoded
+    assert plain.tokens.shape == (2, widths[-1])
 
 
 def test_class_labels_checked(converted):

@@ -1,11 +1,21 @@
-"""What every mmgen pipeline shares: the output object, per-image generators and the checks on a call's
-common arguments. Each paradigm's pipeline (one file each) owns its own visible sampling loop."""
+"""What every mmgen pipeline shares, in one skeleton.
+
+- `MMGenPipeline`: the base of every pipeline. Its `call_options` are read from its `__call__` signature
+  (`mmgen.options.call_options`); `step_callback` is diffusers' `callback_on_step_end`; `output` turns decoded
+  images into the `ARPipelineOutput`.
+- `ParadigmPipeline`: the constructor of mmgen's own paradigm pipelines (components, conditioning, vocabulary,
+  layout) and their call's door (`prepare`) and loop (`run_paradigm`). A pipeline declares only what differs:
+  its paradigm module, its visual tokenizer's component name and its `__call__`.
+
+Where the sampling loop is: mmgen's paradigm pipelines run their paradigm's `generate` (one file each in
+`mmgen/paradigms/`: prefill, decode step, sample) or, for SJD, `paradigms.next_token.generate_sjd`; Janus, Emu3 and
+LlamaGen run `pipelines.backend.sample_codes` (one token per pass, or `jacobi_sample`) over their backend; VAR's
+loop is in its own `__call__`. Every call's arguments are checked once at its door by `mmgen.options`."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import json
 import shutil
 from dataclasses import dataclass
@@ -13,24 +23,23 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from huggingface_hub import create_repo
 from safetensors.torch import load_file
 
 from mmgen.atomic import atomic_dir
-from mmgen.safe_save import pipeline_class_name
 from mmgen.conditioning import Conditioning, make_conditioning
 from mmgen.models.text_encoder import caption_prefix
+from mmgen.options import OptionError, call_options, check_count, check_output_type, check_seed
+from mmgen.safe_save import pipeline_class_name
 from mmgen.sampling.config import DEFAULT_GUIDANCE_SCALE  # noqa: F401 (the pipelines' fallback)
 from mmgen.sampling.sjd import SJDConfig, codebook_neighbours
 from mmgen.text import UnifiedVocab
 from mmgen.watermark import WatermarkConfig, cluster_codebook, detect_tokens, detect_tokens_combined
+from tokenizers_vis.protocol import as_visual_tokenizer
 
-# images per pipeline call (prompts x num_images_per_prompt): far beyond what fits in memory at once on CPU;
-# more is a mistake (e.g. a seed typed into the count) that would otherwise run for hours, so it is refused
-MAX_IMAGES_PER_CALL = 256
-MAX_SEED = 2**63 - 1  # seed + image index must stay below 2**64, torch.Generator's range
-OUTPUT_TYPES = ("pil", "pt", "np")
 WATERMARK_FILE = "watermark.json"
 ENCODER_WEIGHTS = "encoder.safetensors"  # in a detection-encoder directory, beside its config.json
 
@@ -56,7 +65,7 @@ def sjd_config(sampler: str, window: int, init: str, coupled: bool, adaptive: bo
     """The `SJDConfig` of a call's sjd_* options (None for sampler "ar"); a lossy option without SJD is refused."""
     if sampler != "sjd":
         if lantern_delta is not None:
-            raise ValueError("sjd_lantern_delta needs sampler='sjd' (it relaxes SJD's acceptance)")
+            raise OptionError("sjd_lantern_delta needs sampler='sjd' (it relaxes SJD's acceptance)")
         return None
     return SJDConfig(window, init, coupled, adaptive, lantern_delta=lantern_delta, lantern_k=lantern_k,
                      tree_width=tree_width, tree_depth=tree_depth)
@@ -69,17 +78,57 @@ def sjd_neighbours(visual_tokenizer, sjd: SJDConfig | None) -> torch.Tensor | No
     return codebook_neighbours(visual_tokenizer.codebook, sjd.lantern_k)
 
 
-def step_hook(pipe, callback_on_step_end):
-    """diffusers' `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, called after every decoder pass:
-    `step` counts the passes from 0, `timestep` is None (autoregressive decoding has no noise schedule) and
-    `callback_kwargs` is empty (the loop keeps no latents between passes to hand out). A no-op without one."""
-    if callback_on_step_end is None:
-        return lambda: None
-    if not callable(callback_on_step_end):
-        raise ValueError(f"callback_on_step_end must be callable as f(pipe, step, timestep, callback_kwargs), got "
-                         f"{callback_on_step_end!r}")
-    steps = itertools.count()
-    return lambda: callback_on_step_end(pipe, next(steps), None, {})
+class StepCallback:
+    """diffusers' `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict`, called after every decoder
+    pass (`__call__`): `step` counts the passes from 0 and `timestep` is None (autoregressive decoding has no noise
+    schedule). `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs`, drawn from those
+    the pipeline hands out (`_callback_tensor_inputs`; empty where the loop lives in a paradigm's `generate`):
+    "tokens" is every code drawn so far, (B, n). A returned "tokens" may change the codes drawn at this step (the
+    decoder reads them next); the earlier ones are already in its KV cache, so a change to them is refused. Under
+    SJD a pass commits a varying number of tokens inside `jacobi_sample`, which hands out none."""
+
+    def __init__(self, pipe, callback, tensor_inputs, sampler: str = "ar"):
+        if callback is not None and not callable(callback):
+            raise OptionError(f"callback_on_step_end must be callable as f(pipe, step, timestep, callback_kwargs), "
+                              f"got {callback!r}")
+        offered, tensor_inputs = pipe._callback_tensor_inputs, list(tensor_inputs or ())
+        bad = [name for name in tensor_inputs if name not in offered]
+        if bad:
+            raise OptionError(f"callback_on_step_end_tensor_inputs must be drawn from {list(offered)} for "
+                              f"{type(pipe).__name__}, got {bad}" + ("" if offered else
+                                                                     " (its loop hands out no tensors)"))
+        if tensor_inputs and sampler != "ar":
+            raise OptionError(f"callback_on_step_end_tensor_inputs needs sampler='ar', got {sampler!r}: an SJD pass "
+                              f"commits a varying number of tokens inside the Jacobi sampler")
+        self.pipe, self.callback, self.tensor_inputs, self.step = pipe, callback, tensor_inputs, 0
+
+    def __call__(self, tokens_BN: torch.Tensor | None = None, new_from: int = 0) -> torch.Tensor | None:
+        """After a pass: runs the callback; returns `tokens_BN` (codes drawn so far, the pass's own from column
+        `new_from` on), as the callback changed them."""
+        if self.callback is None:
+            return tokens_BN
+        kwargs = {name: tokens_BN.clone() for name in self.tensor_inputs}  # only "tokens" is offered
+        out = self.callback(self.pipe, self.step, None, kwargs)
+        self.step += 1
+        if not isinstance(out, dict):
+            raise ValueError(f"callback_on_step_end must return a dict (callback_kwargs, changed or not), got "
+                             f"{type(out).__name__}")
+        unknown = sorted(set(out) - set(self.tensor_inputs))
+        if unknown:
+            raise ValueError(f"callback_on_step_end returned {unknown}; it may return only the tensors asked for in "
+                             f"callback_on_step_end_tensor_inputs ({self.tensor_inputs})")
+        if "tokens" not in out:
+            return tokens_BN
+        new = out["tokens"]
+        if not torch.is_tensor(new) or new.shape != tokens_BN.shape:
+            raise ValueError(f"callback_on_step_end returned tokens of shape "
+                             f"{tuple(new.shape) if torch.is_tensor(new) else type(new).__name__}; expected "
+                             f"{tuple(tokens_BN.shape)}")
+        if not torch.equal(new[:, :new_from].to(tokens_BN.device), tokens_BN[:, :new_from]):
+            raise ValueError(f"callback_on_step_end changed tokens drawn before step {self.step - 1} (columns < "
+                             f"{new_from}); those are already in the decoder's KV cache, only the step's own codes "
+                             f"may change")
+        return new.to(tokens_BN.device, tokens_BN.dtype)
 
 
 def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generator]:
@@ -87,21 +136,20 @@ def per_image_generators(generator, n: int, device="cpu") -> list[torch.Generato
     and independent of batch composition; a list must have one per image (diffusers convention)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != n:
-            raise ValueError(f"generator list has {len(generator)} entries; expected one per image ({n})")
+            raise OptionError(f"generator list has {len(generator)} entries; expected one per image ({n})")
         return list(generator)
     if generator is None:
         seeds = torch.randint(0, 2**62, (n,)).tolist()
     elif isinstance(generator, torch.Generator):
         seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
     else:
-        raise ValueError(f"generator must be a torch.Generator, a list of them, or None; got {type(generator)}")
+        raise OptionError(f"generator must be a torch.Generator, a list of them, or None; got {type(generator)}")
     return [torch.Generator(device).manual_seed(s) for s in seeds]
 
 
 def generators_from_seed(seed: int, n: int) -> list[torch.Generator]:
     """Image i gets seed + i: the same seed gives the same images whatever the batch size."""
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    check_seed(seed)
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
@@ -134,34 +182,12 @@ def pipeline_conditioning(tokenizer, conditioning: dict | None, max_text_len: in
     return cond
 
 
-def _check_count(num_images_per_prompt, conditions: int, output_type, what: str = "prompt(s)") -> None:
-    if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-            or not 1 <= num_images_per_prompt * conditions <= MAX_IMAGES_PER_CALL:
-        raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
-                         f"images per call, got {num_images_per_prompt} for {conditions} {what}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
-
-
-def check_call(prompt, num_images_per_prompt, output_type) -> list[str]:
-    """Validate the arguments every pipeline call takes; returns the prompts as a list."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError(f"prompt must be a non-empty string or a non-empty list of non-empty strings, got "
-                         f"{prompt!r}")
-    _check_count(num_images_per_prompt, len(prompts), output_type)
-    return prompts
-
-
-def condition_rows(conditioning: Conditioning, prompt, class_labels, num_images_per_prompt,
-                   output_type) -> list[list[int]]:
-    """Validate a call's condition (`prompt=` or `class_labels=`, whichever the model's conditioning takes), count
-    and output type; returns the condition ids of every image, each condition `num_images_per_prompt` times."""
-    if conditioning.kind in ("caption", "text_encoder") and class_labels is None:
-        check_call(prompt, num_images_per_prompt, output_type)  # caption models check in the order they always did
+def condition_rows(conditioning: Conditioning, prompt, class_labels, num_images_per_prompt) -> list[list[int]]:
+    """The condition ids of every image, each condition `num_images_per_prompt` times; the conditioning checks the
+    call's `prompt=` / `class_labels=` (whichever its kind takes), `mmgen.options.check_count` the count."""
     ids = conditioning.condition_ids(prompt, class_labels)
     what = {"class": "class label(s)", "unconditional": "condition(s)"}.get(conditioning.kind, "prompt(s)")
-    _check_count(num_images_per_prompt, len(ids), output_type, what)
+    check_count(num_images_per_prompt, len(ids), what)
     return [row for row in ids for _ in range(num_images_per_prompt)]
 
 
@@ -182,8 +208,8 @@ def call_guidance(conditioning: Conditioning, guidance_scale: float | None, defa
     guide by and takes only 1."""
     if conditioning.kind == "unconditional":
         if guidance_scale is not None and guidance_scale != 1:
-            raise ValueError(f"guidance_scale must be 1 (or None) for an unconditional model: it has no condition "
-                             f"to guide by; got {guidance_scale}")
+            raise OptionError(f"guidance_scale must be 1 (or None) for an unconditional model: it has no condition "
+                              f"to guide by; got {guidance_scale}")
         return 1.0
     return default if guidance_scale is None else guidance_scale
 
@@ -419,3 +445,84 @@ def _finish_directory(cls: type, directory: Path) -> None:
         f'"""Loads this directory with diffusers: DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)."""\n\n'
         f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n")
 
+
+
+class MMGenPipeline(DiffusionPipeline):
+    """The skeleton of every mmgen pipeline: a subclass writes its `__call__` (the options it takes are read from
+    that signature into `call_options`) and, where its own loop can hand tensors to `callback_on_step_end`, names
+    them in `_callback_tensor_inputs` (diffusers' attribute)."""
+
+    _callback_tensor_inputs: tuple[str, ...] = ()
+    call_options: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.call_options = call_options(cls)  # name -> default, from `__call__`: nothing to keep in step by hand
+
+    def step_callback(self, callback_on_step_end, tensor_inputs=None, sampler: str = "ar") -> StepCallback:
+        """The call's `callback_on_step_end`, checked, as the loop calls it after every decoder pass."""
+        return StepCallback(self, callback_on_step_end, tensor_inputs, sampler)
+
+    def output(self, images_BCHW: torch.Tensor, tokens: torch.Tensor, output_type: str, return_dict: bool,
+               passes: int, compression: float = 1.0, accepted: float | None = None, lossless: bool = True,
+               model_evals: int | None = None):
+        """Decoded images in [-1, 1] -> the call's output (`output_type` "pt" in [0, 1], as diffusers)."""
+        images = self.image_processor.postprocess(images_BCHW, output_type=output_type)
+        if not return_dict:
+            return images, tokens, passes
+        return ARPipelineOutput(images=images, tokens=tokens, decoder_passes=passes, step_compression=compression,
+                                mean_accepted_length=compression if accepted is None else accepted,
+                                lossless=lossless, model_evals=model_evals)
+
+
+class ParadigmPipeline(SavedDirectory, MMGenPipeline):
+    """An mmgen paradigm's pipeline: a decoder, a visual tokenizer (component `vq_model`, or what
+    `visual_component` names) and a conditioning (`mmgen.conditioning`: a caption tokenizer, class labels, none, or
+    a frozen text encoder with its `text_projection`). A subclass names its `paradigm` module (or picks it from the
+    decoder in `paradigm_of`) and writes its `__call__`: `prepare` (the door), `run_paradigm` (the paradigm's loop)
+    and `output`."""
+
+    paradigm = None  # the paradigm module (`mmgen.paradigms.protocol`)
+    visual_component = "vq_model"
+    # class-conditional and unconditional models have no text tokenizer; only text_encoder models have the rest
+    _optional_components = ["tokenizer", "text_encoder", "text_projection"]
+
+    def __init__(self, transformer, vq_model, tokenizer, max_text_len: int = 32,
+                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None,
+                 text_encoder=None, text_projection=None):
+        super().__init__()
+        self.register_modules(transformer=transformer, **{self.visual_component: vq_model}, tokenizer=tokenizer,
+                              text_encoder=text_encoder, text_projection=text_projection)
+        # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
+        self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
+        if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
+            self.register_to_config(conditioning=conditioning)
+        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len, text_encoder, text_projection)
+        self.visual_tokenizer = as_visual_tokenizer(vq_model)
+        self.vocab = unified_vocab(transformer, self.condition, self.visual_tokenizer.vocab_size)
+        self.paradigm = self.paradigm_of(transformer)
+        self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    @classmethod
+    def paradigm_of(cls, transformer):
+        return cls.paradigm
+
+    def prepare(self, prompt, class_labels, num_images_per_prompt: int, output_type: str, guidance_scale,
+                generator) -> tuple[list[list[int]], float, list[torch.Generator]]:
+        """The door of a call (its common arguments checked once, `mmgen.options`): the condition ids of every image,
+        the guidance scale (the model's own when None) and one generator per image."""
+        text_ids = condition_rows(self.condition, prompt, class_labels, num_images_per_prompt)
+        check_output_type(output_type)
+        guidance_scale = call_guidance(self.condition, guidance_scale, self.config.default_guidance_scale)
+        return text_ids, guidance_scale, per_image_generators(generator, len(text_ids))
+
+    def run_paradigm(self, text_ids, sampling, generators, prompt, num_images_per_prompt: int, passes: int,
+                     step: StepCallback, **stages):
+        """The paradigm's sampling loop (`self.paradigm.generate`: prefill, decode steps, sample), under a progress
+        bar of `passes` and the call's condition prefix; `step` runs after every decoder pass. Returns (tokens,
+        `GenerationCost`)."""
+        with self.progress_bar(total=passes) as bar, condition_prefix(self, prompt, num_images_per_prompt):
+            return self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, generators,
+                                          tokenizer=self.visual_tokenizer, callback=lambda i: (bar.update(), step()),
+                                          **stages)

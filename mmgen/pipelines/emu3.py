@@ -13,36 +13,39 @@ negative prompt as the processor tokenizes plain text, followed by the same imag
 inserts each forced end-of-line after the draft that closes a row, so a window of T drafts spans up to
 T + T / w + 1 positions of the LM, each row of the batch at its own cache offset (`RowOffsetCache`). Plain AR
 decoding runs through the same backend one code per pass, the forced end-of-line fed in the same pass as the
-code before it, so an image costs h * w decoder passes, the prompt pass included.
+code before it, so an image costs h * w decoder passes, the prompt pass included. The sampling loop is
+`pipelines.backend.sample_codes` over that backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from transformers import Emu3ForConditionalGeneration, Emu3Processor
 
-from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, check_image_mode, \
-    per_image_generators, sjd_config, sjd_neighbours
+from mmgen.options import OptionError
+from mmgen.pipelines.backend import BackendPipeline
+from mmgen.pipelines.base import WatermarkDetection, check_image_mode
+from mmgen.pipelines.transformers_models import TransformersLayout
 from mmgen.sampling.hf_backend import CausalLMBackend, RowOffsetCache, window_attention
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
-from mmgen.sampling.sjd import jacobi_sample
-from mmgen.watermark import WatermarkProcessor
+from mmgen.sampling.logits import cfg_combine
 from tokenizers_vis.protocol import Emu3VQTokenizer
 
-SAMPLERS = ("ar", "sjd")
 # the negative prompt of transformers' Emu3 image-generation example (and of BAAI's own inference script)
 DEFAULT_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
                            "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
                            "username, blurry.")
 DEFAULT_EMU3_GUIDANCE = 4.0  # when the checkpoint's generation_config.json sets no guidance_scale
-PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")  # 5.x writes the first, 4.x the second
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer, or a BPE vocabulary (with merges.txt)
+# what a checkpoint directory needs beside config.json: one file of each group
+CHECKPOINT_FILES = {"weights": ("model.safetensors", "model.safetensors.index.json"),
+                    # 5.x writes the first, 4.x the second
+                    "image processor config": ("processor_config.json", "preprocessor_config.json"),
+                    "tokenizer config": ("tokenizer_config.json",),
+                    # a fast tokenizer, or a BPE vocabulary (with merges.txt)
+                    "tokenizer": ("tokenizer.json", "vocab.json")}
 
 
 class Emu3Backend:
@@ -120,73 +123,15 @@ class Emu3Backend:
     keep = CausalLMBackend.keep  # the same rows (cond, then uncond), cache and prompt state
 
 
-@torch.no_grad()
-def sample_ar(backend: Emu3Backend, num_tokens: int, sampling: SamplingConfig,
-              generators: Sequence[torch.Generator] | None = None, processor: Callable | None = None,
-              callback: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(num_samples, num_tokens) codes, one per decoder pass: guided logits (the backend's), temperature / top-k /
-    top-p, the optional `processor` stage (a watermark), then the exponential race with one generator per image."""
-    B, device = backend.num_samples, backend.device
-    out = torch.zeros(B, num_tokens, dtype=torch.long, device=device)
-    for i in range(num_tokens):
-        n = torch.full((B,), i, dtype=torch.long, device=device)
-        logits = process_logits(backend.forward(out[:, max(i - 1, 0): max(i, 1)], n)[:, 0], sampling)
-        if processor is not None:
-            logits = processor(logits, out, n)
-        out[:, i] = sample(logits, generators, greedy=sampling.temperature == 0)
-        if callback is not None:
-            callback(i + 1)
-    return out
-
-
-class _TransformersLayout(DiffusionPipeline):
-    """A pipeline stored as transformers stores the model: the model's `save_pretrained` and its processor's, in
-    one directory (no model_index.json)."""
-
-    model_class: type
-    processor_class: type
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
-        path = Path(pretrained_model_name_or_path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a transformers checkpoint: it has no config.json")
-        missing = []
-        if not any((path / f).is_file() for f in PROCESSOR_FILES):
-            missing.append(" or ".join(PROCESSOR_FILES))
-        if not (path / "tokenizer_config.json").is_file():
-            missing.append("tokenizer_config.json")
-        if not any((path / f).is_file() for f in TOKENIZER_FILES):
-            missing.append(" or ".join(TOKENIZER_FILES))
-        if missing:
-            raise FileNotFoundError(f"{str(path)!r} has the model but not its processor: missing {'; '.join(missing)}"
-                                    f" (save the {cls.processor_class.__name__} beside the model with "
-                                    f"processor.save_pretrained)")
-        model = cls.model_class.from_pretrained(str(path), dtype=dtype, **kwargs).eval().requires_grad_(False)
-        pipe = cls(model=model, processor=cls.processor_class.from_pretrained(str(path)))
-        pipe.register_to_config(_name_or_path=str(path))  # where watermark.json is read from, as diffusers records it
-        return pipe
-
-    def save_pretrained(self, save_directory, **kwargs):
-        self.model.save_pretrained(save_directory, **kwargs)
-        self.processor.save_pretrained(save_directory)
-
-
 def _check_side(name: str, value, factor: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
-        raise ValueError(f"{name} must be a positive multiple of {factor} (the VQ-VAE's downsampling factor: the "
+        raise OptionError(f"{name} must be a positive multiple of {factor} (the VQ-VAE's downsampling factor: the "
                          f"image is tiled by {factor} x {factor} pixel codes), got {value!r}")
     return value
 
 
-class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
-    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
-    call_options = {"guidance_scale": None, "negative_prompt": None, "height": None, "width": None,
-                    "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar", "sjd_window": 16,
-                    "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,
-                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "watermark_key": None}
-
-    model_class, processor_class = Emu3ForConditionalGeneration, Emu3Processor
+class Emu3Pipeline(WatermarkDetection, TransformersLayout, BackendPipeline):
+    model_class, processor_class, checkpoint_files = Emu3ForConditionalGeneration, Emu3Processor, CHECKPOINT_FILES
 
     def __init__(self, model, processor):
         super().__init__()
@@ -213,6 +158,10 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
                                                 image_processor.image_std)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
+    @property
+    def default_guidance_scale(self) -> float:
+        return self.config.default_guidance_scale
+
     def prompt_ids(self, prompts: list[str], grid: tuple[int, int]) -> list[list[int]]:
         """Token ids of `prompts` for an image of grid (h, w) codes, from the processor itself: its
         `return_for_image_generation` path with a ratio and area that give exactly (h, w)."""
@@ -228,10 +177,20 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
         """The unconditional rows: negative prompts tokenized as plain text (transformers' negative_prompt_ids)."""
         return [list(ids) for ids in self.processor(text=negative)["input_ids"]]
 
+    def negative_prompts(self, negative_prompt, n: int) -> list[str]:
+        """One negative prompt per prompt (default: Emu3's documented one)."""
+        negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        negatives = [negative] * n if isinstance(negative, str) else negative
+        if not isinstance(negatives, (list, tuple)) or len(negatives) != n or not all(isinstance(p, str)
+                                                                                   for p in negatives):
+            raise OptionError(f"negative_prompt must be a string or a list of one string per prompt ({n}), got "
+                              f"{negative_prompt!r}")
+        return list(negatives)
+
     def _grid(self, height, width, image_size) -> tuple[int, int]:
         if image_size is not None:
             if height is not None or width is not None:
-                raise ValueError("pass either image_size or height/width, not both")
+                raise OptionError("pass either image_size or height/width, not both")
             height = width = image_size
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
@@ -254,6 +213,8 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         sampler: str = "ar",
         sjd_window: int = 16,
         sjd_init: str = "random",
@@ -271,45 +232,22 @@ class Emu3Pipeline(WatermarkDetection, _TransformersLayout):
         image area, 720 x 720 for Emu3-Gen). sampler "ar" (one code per pass) or "sjd" (speculative Jacobi
         decoding, the same distribution in fewer passes; `sjd_window`, `sjd_init`, `sjd_coupled` as in
         `NextTokenPipeline`). `watermark_key`: embed the distortion-free watermark (clusters of this model's VQ
-        codebook by default); detect it with `detect_watermark`. Image i uses its own generator."""
-        prompts = check_call(prompt, num_images_per_prompt, output_type)
-        guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        negative = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-        negatives = [negative] * len(prompts) if isinstance(negative, str) else negative
-        if not isinstance(negatives, (list, tuple)) or len(negatives) != len(prompts) \
-                or not all(isinstance(p, str) for p in negatives):
-            raise ValueError(f"negative_prompt must be a string or a list of one string per prompt ({len(prompts)}),"
-                             f" got {negative_prompt!r}")
+        codebook by default); detect it with `detect_watermark`. Image i uses its own generator.
+        `callback_on_step_end` runs after every decoder pass; with sampler "ar" it may ask for "tokens" (the codes
+        drawn so far, (B, n)) and change the pass's own code (`pipelines.base.StepCallback`)."""
+        prompts = self.prepare_prompts(prompt, num_images_per_prompt, output_type)
+        negatives = self.negative_prompts(negative_prompt, len(prompts))
         h, w = self._grid(height, width, image_size)
-        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
-        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k)
-        processor = None if watermark_key is None else WatermarkProcessor(self.watermark_config(), watermark_key)
-
-        repeat = lambda rows: [r for r in rows for _ in range(num_images_per_prompt)]  # noqa: E731
-        cond, uncond = repeat(self.prompt_ids(prompts, (h, w))), repeat(self.negative_ids(list(negatives)))
-        gens = per_image_generators(generator, len(cond))
-        n_img = h * w
+        sampling, sjd, processor, step = self.stages(
+            guidance_scale, temperature, top_k, top_p, sampler, (sjd_window, sjd_init, sjd_coupled, sjd_adaptive,
+                                                                 sjd_lantern_delta, sjd_lantern_k),
+            watermark_key, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        cond = self.repeat(self.prompt_ids(prompts, (h, w)), num_images_per_prompt)
+        uncond = self.repeat(self.negative_ids(negatives), num_images_per_prompt)
         backend = Emu3Backend(self.model, cond, (h, w), self.code_ids, self.eol_id,
                               self.processor.tokenizer.pad_token_id or 0, window=1 if sjd is None else sjd.window,
-                              guidance_scale=guidance_scale, uncond_prompts=uncond)
-        with self.progress_bar(total=n_img) as bar:
-            if sjd is None:
-                codes = sample_ar(backend, n_img, sampling, gens, processor, callback=lambda i: bar.update())
-                passes, compression, accepted = n_img, 1.0, 1.0
-            else:
-                codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w, processor=processor,
-                                             callback=lambda done: bar.update(done - bar.n),
-                                             neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
-                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
-        codes = codes.view(-1, h, w)
-        images = self.visual_tokenizer.decode_tokens(codes)
-        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
-        if not return_dict:
-            return images, codes, passes
-        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
-                                mean_accepted_length=accepted, lossless=sjd is None or sjd.lossless)
+                              guidance_scale=sampling.guidance_scale, uncond_prompts=uncond)
+        return self.sample(backend, (h, w), sampling, sjd, generator, step, processor, output_type, return_dict)
 
     @torch.no_grad()
     def retokenize(self, images) -> torch.Tensor:

@@ -7,27 +7,26 @@ in the begin-of-image token; the unconditional rows of classifier-free guidance 
 but BOS and begin-of-image replaced by pad; image tokens enter through the generation embeddings and aligner,
 logits come from the generation head over the VQ codebook. What is mmgen's: the sampling stages (CFG,
 temperature, top-k/top-p, the watermark), one generator per image, and speculative Jacobi decoding, all
-through one `JanusBackend` whose KV cache (`RowOffsetCache`) lets each row sit at its own length.
+through one `JanusBackend` whose KV cache (`RowOffsetCache`) lets each row sit at its own length. The sampling
+loop is `pipelines.backend.sample_codes` over that backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
+from transformers import JanusForConditionalGeneration, JanusProcessor
 
-from mmgen.pipelines.base import ARPipelineOutput, WatermarkDetection, check_call, per_image_generators, sjd_config, \
-    sjd_neighbours
+from mmgen.options import OptionError
+from mmgen.pipelines.backend import BackendPipeline
+from mmgen.pipelines.base import WatermarkDetection
+from mmgen.pipelines.transformers_models import TransformersLayout
 from mmgen.sampling.hf_backend import CausalLMBackend, window_attention
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample
-from mmgen.sampling.sjd import jacobi_sample
-from mmgen.watermark import WatermarkProcessor
+from mmgen.sampling.logits import cfg_combine
 from tokenizers_vis.protocol import JanusVQTokenizer
 
-SAMPLERS = ("ar", "sjd")
 JANUS_GUIDANCE_SCALE = 5.0  # transformers' Janus generate uses 5 when the generation config sets none
 # what a saved directory needs beside config.json: one file of each group
 CHECKPOINT_FILES = {"weights": ("model.safetensors", "model.safetensors.index.json"),
@@ -73,34 +72,8 @@ class JanusBackend(CausalLMBackend):
         return cfg_combine(*logits.chunk(2), self.guidance_scale)
 
 
-class _JanusCheckpoint(DiffusionPipeline):
-    """Loading and saving in the transformers layout (no model_index.json)."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, dtype=torch.float32, **kwargs):
-        from transformers import JanusForConditionalGeneration, JanusProcessor
-
-        path = Path(pretrained_model_name_or_path)
-        missing = [f"{what} ({' or '.join(names)})" for what, names in CHECKPOINT_FILES.items()
-                   if not any((path / name).is_file() for name in names)]
-        if missing:
-            raise FileNotFoundError(f"{str(path)!r} is not a complete Janus checkpoint: missing {'; '.join(missing)} "
-                                    f"(save the model and its JanusProcessor with save_pretrained into one directory)")
-        model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs).eval()
-        pipe = cls(model=model.requires_grad_(False), processor=JanusProcessor.from_pretrained(path))
-        pipe.register_to_config(_name_or_path=str(path))  # where watermark.json is read from, as diffusers records it
-        return pipe
-
-    def save_pretrained(self, save_directory, **kwargs):
-        self.model.save_pretrained(save_directory, **kwargs)
-        self.processor.save_pretrained(save_directory)
-
-
-class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
-    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
-    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
-                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,
-                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "watermark_key": None}
+class JanusPipeline(WatermarkDetection, TransformersLayout, BackendPipeline):
+    model_class, processor_class, checkpoint_files = JanusForConditionalGeneration, JanusProcessor, CHECKPOINT_FILES
 
     def __init__(self, model, processor):
         super().__init__()
@@ -150,6 +123,8 @@ class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         sampler: str = "ar",
         sjd_window: int = 16,
         sjd_init: str = "random",
@@ -164,55 +139,20 @@ class JanusPipeline(WatermarkDetection, _JanusCheckpoint):
         """Generate images for `prompt` (see `NextTokenPipeline.__call__` for the shared options).
 
         guidance_scale: default the checkpoint's generation config, else 5 (as transformers' Janus `generate`).
-        temperature 0 is greedy. height / width: Janus generates at its one trained size only; another raises."""
-        prompts = check_call(prompt, num_images_per_prompt, output_type)
+        temperature 0 is greedy. height / width: Janus generates at its one trained size only; another raises.
+        `callback_on_step_end` runs after every decoder pass; with sampler "ar" it may ask for "tokens" (the
+        codes drawn so far) and change the pass's own code (`pipelines.base.StepCallback`)."""
+        prompts = self.prepare_prompts(prompt, num_images_per_prompt, output_type)
         size = self.visual_tokenizer.image_size
         for name, value in (("height", height), ("width", width)):
             if value is not None and value != size:
-                raise ValueError(f"{name}={value}: this Janus checkpoint generates {size}x{size} images only")
-        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
-        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k)
-        processor = None if watermark_key is None else WatermarkProcessor(self.watermark_config(), watermark_key)
-        cond, uncond = self.encode_prompts(prompts)
-        cond = [ids for ids in cond for _ in range(num_images_per_prompt)]
-        uncond = [ids for ids in uncond for _ in range(num_images_per_prompt)]
-        gens = per_image_generators(generator, len(cond))
-
+                raise OptionError(f"{name}={value}: this Janus checkpoint generates {size}x{size} images only")
+        sampling, sjd, processor, step = self.stages(
+            guidance_scale, temperature, top_k, top_p, sampler, (sjd_window, sjd_init, sjd_coupled, sjd_adaptive,
+                                                                 sjd_lantern_delta, sjd_lantern_k),
+            watermark_key, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        cond, uncond = (self.repeat(rows, num_images_per_prompt) for rows in self.encode_prompts(prompts))
         h, w = self.visual_tokenizer.token_shape
-        n_img = h * w
-        backend = JanusBackend(self.model, cond, uncond if guidance_scale != 1.0 else None, n_img,
-                               1 if sjd is None else sjd.window, guidance_scale, self.pad_token_id)
-        with self.progress_bar(total=n_img) as bar:
-            if sjd is None:
-                codes, passes = self._sample_ar(backend, n_img, sampling, gens, processor, bar.update), n_img
-                compression = accepted = 1.0
-            else:
-                codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w,
-                                             callback=lambda done: bar.update(done - bar.n), processor=processor,
-                                             neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
-                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
-        codes = codes.view(len(cond), h, w)
-        images = self.visual_tokenizer.decode_tokens(codes)
-        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
-        if not return_dict:
-            return images, codes, passes
-        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
-                                mean_accepted_length=accepted, lossless=sjd is None or sjd.lossless)
-
-    @staticmethod
-    def _sample_ar(backend: JanusBackend, n_img: int, sampling: SamplingConfig, gens, processor, step):
-        """Plain AR: one token per pass, each pass a one-token window (the first one carries the prompt)."""
-        B = backend.num_samples
-        codes = torch.zeros(B, n_img, dtype=torch.long, device=backend.device)
-        for i in range(n_img):
-            n = torch.full((B,), i, dtype=torch.long, device=backend.device)
-            logits = process_logits(backend.forward(codes[:, max(i - 1, 0), None], n)[:, 0], sampling)
-            if processor is not None:
-                logits = processor(logits, codes, n)
-            codes[:, i] = sample(logits, gens, greedy=sampling.temperature == 0)
-            step()
-        return codes
-
+        backend = JanusBackend(self.model, cond, uncond if sampling.guidance_scale != 1.0 else None, h * w,
+                               1 if sjd is None else sjd.window, sampling.guidance_scale, self.pad_token_id)
+        return self.sample(backend, (h, w), sampling, sjd, generator, step, processor, output_type, return_dict)

@@ -15,8 +15,9 @@ LlamaGen's sample scripts do (valid tokens moved to the end, padding zeroed and 
 the model's learned `uncond_embedding` under the same mask.
 `prompt_embeds` / `prompt_attention_mask` take T5 features directly, right-padded as T5 returns them.
 
-The loop runs through `LlamaGenBackend`, a `mmgen.sampling.sjd.JacobiBackend`: plain AR is the one-token window
-(the first pass carries the condition prefix), and speculative Jacobi decoding runs through the same backend.
+The loop is `pipelines.backend.sample_codes` over `LlamaGenBackend`, a `mmgen.sampling.sjd.JacobiBackend`: plain AR
+is the one-token window (the first pass carries the condition prefix), and speculative Jacobi decoding runs through
+the same backend.
 """
 
 from __future__ import annotations
@@ -24,18 +25,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from mmgen.conditioning import ClassConditioning, TextEncoderConditioning
 from mmgen.models.llamagen import LlamaGenGPT
-from mmgen.pipelines.base import (MAX_IMAGES_PER_CALL, OUTPUT_TYPES, ARPipelineOutput, per_image_generators,
-                                  sjd_config)
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits
-from mmgen.sampling.sjd import jacobi_sample, window_mask
+from mmgen.options import OptionError, check_count, check_output_type, check_prompts
+from mmgen.pipelines.backend import BackendPipeline
+from mmgen.sampling.logits import cfg_combine
+from mmgen.sampling.sjd import window_mask
 from tokenizers_vis.llamagen_vq import LlamaGenVQ
 
-SAMPLERS = ("ar", "sjd")
 # LlamaGen's sample scripts: c2i cfg 4.0 top-k 2000, t2i cfg 7.5 top-k 1000 (temperature 1, top-p 1)
 DEFAULTS = {"c2i": {"guidance_scale": 4.0, "top_k": 2000}, "t2i": {"guidance_scale": 7.5, "top_k": 1000}}
 
@@ -104,12 +103,7 @@ def multinomial(logits_BV: torch.Tensor, generators: Sequence[torch.Generator], 
                       for r, g in enumerate(generators)])
 
 
-class LlamaGenPipeline(DiffusionPipeline):
-    # the keyword options of `__call__` beyond the condition, count, generator and output, with their defaults
-    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "cfg_interval": -1,
-                    "prompt_embeds": None, "prompt_attention_mask": None, "sampler": "ar", "sjd_window": 16,
-                    "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False}
-
+class LlamaGenPipeline(BackendPipeline):
     _optional_components = ["text_encoder", "tokenizer"]  # t2i only
 
     def __init__(self, transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder=None, tokenizer=None,
@@ -189,7 +183,9 @@ class LlamaGenPipeline(DiffusionPipeline):
             if prompt is not None or prompt_embeds is not None:
                 raise ValueError("prompt / prompt_embeds: this LlamaGen model is class-conditional (c2i); pass "
                                  "class_labels= instead")
-            cond = torch.tensor(self.condition.labels(class_labels), device=model.device).repeat_interleave(k)
+            labels = self.condition.labels(class_labels)
+            check_count(k, len(labels), "class label(s)")
+            cond = torch.tensor(labels, device=model.device).repeat_interleave(k)
             null, valid = torch.full_like(cond, model.null_class), torch.ones(len(cond), 1, dtype=torch.bool)
         else:
             if class_labels is not None:
@@ -198,17 +194,12 @@ class LlamaGenPipeline(DiffusionPipeline):
             if (prompt is None) == (prompt_embeds is None):
                 raise ValueError("pass exactly one of prompt= and prompt_embeds= to a text-conditional (t2i) model")
             if prompt is not None:
-                prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) \
-                    else None
-                if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-                    raise ValueError(f"prompt must be a non-empty string or list of non-empty strings, got {prompt!r}")
+                prompts = check_prompts(prompt)
                 prompt_embeds, prompt_attention_mask = self.encode_prompt(prompts)
             feats, valid = self.caption_condition(prompt_embeds, prompt_attention_mask)
+            check_count(k, len(feats), "caption(s)")
             cond, valid = feats.repeat_interleave(k, 0), valid.repeat_interleave(k, 0)
             null = model.cls_embedding.uncond_embedding.expand_as(cond)  # unmasked; keys masked as the caption's
-        if len(cond) > MAX_IMAGES_PER_CALL:
-            raise ValueError(f"num_images_per_prompt x conditions gives {len(cond)} images; at most "
-                             f"{MAX_IMAGES_PER_CALL} per call")
         valid = valid.to(model.device)
         if not guided:
             return cond, valid, len(cond)
@@ -228,6 +219,8 @@ class LlamaGenPipeline(DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
         sampler: str = "ar",
@@ -240,57 +233,24 @@ class LlamaGenPipeline(DiffusionPipeline):
 
         guidance_scale: default the converted model's (LlamaGen's sample scripts: 4.0 c2i, 7.5 t2i); <= 1 means no
         guidance. top_k: default the model's (2000 c2i, 1000 t2i); temperature 0 is greedy. generator: one per
-        image, or one that seeds them. sampler "sjd": speculative Jacobi decoding (exact in distribution)."""
+        image, or one that seeds them. sampler "sjd": speculative Jacobi decoding (exact in distribution).
+        `callback_on_step_end` runs after every decoder pass; with sampler "ar" it may ask for "tokens" (the codes
+        drawn so far, (B, n)) and change the pass's own code (`pipelines.base.StepCallback`)."""
         model = self.transformer
-        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        top_k = self.config.default_top_k if top_k is None else top_k
-        sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p)
         if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int) or cfg_interval < -1:
-            raise ValueError(f"cfg_interval must be -1 (guidance on every token) or an integer >= 0, got "
-                             f"{cfg_interval!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, None, 8)
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1, got {num_images_per_prompt!r}")
-        rows, cond_valid, B = self.condition_rows(class_labels, prompt, prompt_embeds, prompt_attention_mask,
+            raise OptionError(f"cfg_interval must be -1 (guidance on every token) or an integer >= 0, got "
+                              f"{cfg_interval!r}")
+        check_output_type(output_type)
+        top_k = self.config.default_top_k if top_k is None else top_k
+        sampling, sjd, _, step = self.stages(guidance_scale, temperature, top_k, top_p, sampler,
+                                             (sjd_window, sjd_init, sjd_coupled, sjd_adaptive, None, 8), None,
+                                             callback_on_step_end, callback_on_step_end_tensor_inputs)
+        rows, cond_valid, _ = self.condition_rows(class_labels, prompt, prompt_embeds, prompt_attention_mask,
                                                   num_images_per_prompt, guided=sampling.guidance_scale > 1)
-        gens = per_image_generators(generator, B)
-
         backend = LlamaGenBackend(model, model.embed_condition(rows), cond_valid, sampling.guidance_scale,
                                   cfg_interval, window=1 if sjd is None else sjd.window)
-        h, w = self.vq_model.token_shape
-        n_img = h * w
-        with self.progress_bar(total=n_img) as bar:
-            if sjd is None:
-                codes = self._sample_ar(backend, n_img, sampling, gens, bar.update)
-                passes, compression, accepted = n_img, 1.0, 1.0
-            else:
-                codes, stats = jacobi_sample(backend, n_img, sampling, sjd, gens, grid_width=w,
-                                             callback=lambda done: bar.update(done - bar.n))
-                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
-        codes = codes.view(B, h, w)
-        images = self.vq_model.decode_tokens(codes)
-        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
-        if not return_dict:
-            return images, codes, passes
-        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
-                                mean_accepted_length=accepted)
-
-    @staticmethod
-    def _sample_ar(backend: LlamaGenBackend, n_img: int, sampling: SamplingConfig, gens, step) -> torch.Tensor:
-        """Plain AR, one token per pass (the first pass carries the condition prefix), as LlamaGen's `generate`."""
-        B = backend.num_samples
-        codes = torch.zeros(B, n_img, dtype=torch.long, device=backend.device)
-        for i in range(n_img):
-            n = torch.full((B,), i, dtype=torch.long, device=backend.device)
-            logits = process_logits(backend.forward(codes[:, max(i - 1, 0), None], n)[:, 0], sampling)
-            codes[:, i] = multinomial(logits, gens, greedy=sampling.temperature == 0)
-            step()
-        return codes
+        return self.sample(backend, self.vq_model.token_shape, sampling, sjd, generator, step, None, output_type,
+                           return_dict, draw=multinomial)
 
 
 def check_parts(transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder, tokenizer) -> None:

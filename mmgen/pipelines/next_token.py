@@ -6,8 +6,9 @@ the paradigm (`DECODER_PARADIGMS`): the plain `Transformer` (one token per pass,
 `TokenShuffleTransformer` (Token-Shuffle, Ma et al. 2025, arXiv 2504.17789: s x s tokens per pass,
 `paradigms.token_shuffle`), an `NARTransformer` (NAR, arXiv 2503.10696: one anti-diagonal per pass,
 `paradigms.next_neighbor`) or a `NextBlockTransformer` (next-block prediction, arXiv 2502.07737: one row per
-pass, `paradigms.next_block`). The pipeline owns the visible loop: tokenize prompts, sample image codes, decode
-them to pixels, return PIL images.
+pass, `paradigms.next_block`). The sampling loop is that paradigm's `generate` (prefill, decode step, sample), or
+`paradigms.next_token.generate_sjd` for SJD; this pipeline checks the call, runs that loop under the call's stages
+(guidance, watermark, compilation) and decodes the codes to images (`pipelines.base.ParadigmPipeline`).
 """
 
 from __future__ import annotations
@@ -15,26 +16,16 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import DiffusionPipeline, VQModel
-from diffusers.image_processor import VaeImageProcessor
-from transformers import PreTrainedTokenizerFast
 
 from mmgen.models.shuffle import TokenShuffleTransformer
-from mmgen.models.transformer import Transformer
 from mmgen.paradigms import next_block, next_neighbor, next_token, token_shuffle
 from mmgen.paradigms.next_block import NextBlockTransformer
 from mmgen.paradigms.next_neighbor import NARTransformer
-from mmgen.models.text_encoder import CaptionProjection
-from mmgen.pipelines.base import (ARPipelineOutput, WatermarkDetection, call_guidance, condition_prefix,
-                                  condition_rows, per_image_generators, pipeline_conditioning, unified_vocab)
-from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, SavedDirectory, sjd_config, sjd_neighbours, step_hook
+from mmgen.options import SAMPLERS, OptionError, check_choice
+from mmgen.pipelines.base import ParadigmPipeline, WatermarkDetection, condition_prefix, sjd_config, sjd_neighbours
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.watermark import WatermarkProcessor
-from tokenizers_vis.seed import SEEDTokenizer  # imported so diffusers can load SEED-token pipelines
-from tokenizers_vis.protocol import as_visual_tokenizer
-from tokenizers_vis.vqgan import VQGAN
 
-SAMPLERS = ("ar", "sjd")
 # the paradigm a decoder class runs (any other decoder: raster next-token) and, for those that decode several tokens
 # per pass in another order than raster, what a pass decodes (SJD verifies a raster sequence one token per position)
 DECODER_PARADIGMS = {TokenShuffleTransformer: token_shuffle, NARTransformer: next_neighbor,
@@ -43,35 +34,17 @@ PARALLEL_PASSES = {next_neighbor: "NAR (next_neighbor) models decode a whole ant
                    next_block: "next_block models decode a whole row per pass"}
 
 
-class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
-    # the keyword options of `__call__` beyond prompt, count, generator and output, with their defaults
-    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": None, "top_p": None, "sampler": "ar",
-                    "sjd_window": 16, "sjd_init": "random", "sjd_coupled": False, "sjd_adaptive": False,
-                    "sjd_lantern_delta": None, "sjd_lantern_k": 8, "sjd_tree_width": 0, "sjd_tree_depth": 4,
-                    "watermark_key": None, "watermark_method": None, "watermark_delta": None,
-                    "cfg_schedule": "constant", "compile_decode": False}
+class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
+    """transformer: a `Transformer`, `TokenShuffleTransformer`, `NARTransformer` or `NextBlockTransformer`;
+    vq_model: a `VQGAN`, `SEEDTokenizer` or diffusers `VQModel`; tokenizer: the caption tokenizer
+    (`PreTrainedTokenizerFast`; None for class-conditional and unconditional models); the rest as
+    `ParadigmPipeline`."""
 
-    # class-conditional and unconditional models have no text tokenizer; only text_encoder models have the rest
-    _optional_components = ["tokenizer", "text_encoder", "text_projection"]
+    paradigm = next_token  # a plain decoder's; `paradigm_of` picks the others by the decoder's class
 
-    def __init__(self, transformer: Transformer | TokenShuffleTransformer | NARTransformer | NextBlockTransformer,
-                 vq_model: VQGAN | SEEDTokenizer | VQModel,
-                 tokenizer: PreTrainedTokenizerFast | None, max_text_len: int = 32,
-                 default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE, conditioning: dict | None = None,
-                 text_encoder=None, text_projection: CaptionProjection | None = None):
-        super().__init__()
-        self.register_modules(transformer=transformer, vq_model=vq_model, tokenizer=tokenizer,
-                              text_encoder=text_encoder, text_projection=text_projection)
-        # the model's own guidance scale, used when a call passes none (model_index.json keeps it)
-        self.register_to_config(max_text_len=max_text_len, default_guidance_scale=default_guidance_scale)
-        if conditioning:  # `mmgen.conditioning`: captions (None, the default), class labels or unconditional
-            self.register_to_config(conditioning=conditioning)
-        self.condition = pipeline_conditioning(tokenizer, conditioning, max_text_len, text_encoder, text_projection)
-        self.visual_tokenizer = as_visual_tokenizer(vq_model)
-        self.vocab = unified_vocab(transformer, self.condition, self.visual_tokenizer.vocab_size)
-        self.paradigm = DECODER_PARADIGMS.get(type(transformer), next_token)
-        self.layout = self.paradigm.layout_from_model(transformer, self.visual_tokenizer, self.vocab, max_text_len)
-        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+    @classmethod
+    def paradigm_of(cls, transformer):
+        return DECODER_PARADIGMS.get(type(transformer), next_token)
 
     @property
     def shuffle(self) -> bool:
@@ -97,6 +70,7 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
         sampler: str = "ar",
         sjd_window: int = 16,
         sjd_init: str = "random",
@@ -116,7 +90,8 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
         a class name, or a list of them; `num_images_per_prompt` images each); an unconditional model takes
         neither (`mmgen.conditioning`). `callback_on_step_end(pipe, step, timestep, callback_kwargs)` runs after every
-        decoder pass, AR or SJD (`pipelines.base.step_hook`).
+        decoder pass, AR or SJD (`pipelines.base.StepCallback`); `callback_kwargs` is empty, as the loop is the
+        paradigm's `generate`, which hands out no tensors (`callback_on_step_end_tensor_inputs` takes none).
 
         sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
         distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
@@ -143,27 +118,9 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         compiled on the first call per batch size (tens of seconds) and reused after; the same tokens up to float
         rounding, 2-4x faster per image on CPU. Falls back to eager, with a warning, where compilation fails.
         """
-        text_ids = condition_rows(self.condition, prompt, class_labels, num_images_per_prompt, output_type)
-        guidance_scale = call_guidance(self.condition, guidance_scale, self.config.default_guidance_scale)
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
-        if self.shuffle and sampler != "ar":
-            raise ValueError(f"sampler={sampler!r} is not available for Token-Shuffle models (speculative Jacobi "
-                             f"decoding verifies one token per position); use sampler='ar'")
-        if self.paradigm in PARALLEL_PASSES and sampler != "ar":
-            raise ValueError(f"sampler must be 'ar' for this model; got {sampler!r}: {PARALLEL_PASSES[self.paradigm]}, "
-                             f"speculative Jacobi decoding verifies a raster sequence one token per position")
-        if self.shuffle and watermark_key is not None:
-            raise ValueError("watermark_key is not available for Token-Shuffle models: the watermark reweights one "
-                             "token's distribution per step, a Token-Shuffle step samples s^2 tokens")
-        if sampler == "sjd" and cfg_schedule != "constant":
-            raise ValueError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
-                             f"spans many positions); use cfg_schedule='constant'")
-        if compile_decode and (self.paradigm is not next_token or sampler != "ar"):
-            on = {next_token: "", token_shuffle: " on a Token-Shuffle decoder"}.get(
-                self.paradigm, f" on a {type(self.transformer).__name__} decoder")
-            raise ValueError("compile_decode (--compile) applies to sampler='ar' on a plain next-token decoder; got "
-                             f"sampler={sampler!r}{on}")
+        text_ids, guidance_scale, gens = self.prepare(prompt, class_labels, num_images_per_prompt, output_type,
+                                                      guidance_scale, generator)
+        self.check_stages(sampler, watermark_key, cfg_schedule, compile_decode)
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k,
                          sjd_tree_width, sjd_tree_depth)
@@ -171,30 +128,47 @@ class NextTokenPipeline(WatermarkDetection, SavedDirectory, DiffusionPipeline):
         if watermark_key is not None:
             processor = WatermarkProcessor(self.watermark_config(watermark_method, watermark_delta), watermark_key)
         elif watermark_method is not None or watermark_delta is not None:
-            raise ValueError("watermark_method and watermark_delta need a watermark_key")
-        gens = per_image_generators(generator, len(text_ids))
+            raise OptionError("watermark_method and watermark_delta need a watermark_key")
+        step = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, sampler)
 
-        hook = step_hook(self, callback_on_step_end)
-        passes = getattr(self.layout, "num_steps", self.layout.num_image_tokens)  # NAR / next-block: fewer
-        with self.progress_bar(total=passes) as bar, condition_prefix(self, prompt, num_images_per_prompt):
-            if sjd is None:
-                stage = {} if processor is None else {"processor": processor}
-                if compile_decode:
-                    stage["compile"] = True
-                codes, cost = self.paradigm.generate(self.transformer, self.layout, text_ids, sampling, gens,
-                                                     callback=lambda i: (bar.update(), hook()), **stage)
-                passes = cost.decoder_passes
-                compression = accepted = math.prod(self.visual_tokenizer.token_shape) / passes  # Token-Shuffle: s^2
-            else:
+        if sjd is None:
+            stages = {} if processor is None else {"processor": processor}
+            if compile_decode:
+                stages["compile"] = True
+            passes = getattr(self.layout, "num_steps", self.layout.num_image_tokens)  # NAR / next-block: fewer
+            codes, cost = self.run_paradigm(text_ids, sampling, gens, prompt, num_images_per_prompt, passes, step,
+                                            **stages)
+            passes = cost.decoder_passes
+            compression = accepted = math.prod(self.visual_tokenizer.token_shape) / passes  # Token-Shuffle: s^2
+        else:
+            with self.progress_bar(total=self.layout.num_image_tokens) as bar, \
+                    condition_prefix(self, prompt, num_images_per_prompt):
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
-                                                       callback=lambda done: (bar.update(done - bar.n), hook()),
+                                                       callback=lambda done: (bar.update(done - bar.n), step()),
                                                        processor=processor,
                                                        neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
-                passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
-        lossless = sjd is None or sjd.lossless
-        images = self.visual_tokenizer.decode_tokens(codes)
-        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
-        if not return_dict:
-            return images, codes, passes
-        return ARPipelineOutput(images=images, tokens=codes, decoder_passes=passes, step_compression=compression,
-                                mean_accepted_length=accepted, lossless=lossless)
+            passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
+        return self.output(self.visual_tokenizer.decode_tokens(codes), codes, output_type, return_dict, passes,
+                           compression, accepted, lossless=sjd is None or sjd.lossless)
+
+    def check_stages(self, sampler: str, watermark_key, cfg_schedule: str, compile_decode: bool) -> None:
+        """The sampler and the stages this decoder takes (`mmgen.options` checks the values)."""
+        check_choice(sampler, SAMPLERS, "sampler")
+        if self.shuffle and sampler != "ar":
+            raise OptionError(f"sampler={sampler!r} is not available for Token-Shuffle models (speculative Jacobi "
+                              f"decoding verifies one token per position); use sampler='ar'")
+        if self.paradigm in PARALLEL_PASSES and sampler != "ar":
+            raise OptionError(f"sampler must be 'ar' for this model; got {sampler!r}: "
+                              f"{PARALLEL_PASSES[self.paradigm]}, speculative Jacobi decoding verifies a raster "
+                              f"sequence one token per position")
+        if self.shuffle and watermark_key is not None:
+            raise OptionError("watermark_key is not available for Token-Shuffle models: the watermark reweights one "
+                              "token's distribution per step, a Token-Shuffle step samples s^2 tokens")
+        if sampler == "sjd" and cfg_schedule != "constant":
+            raise OptionError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
+                              f"spans many positions); use cfg_schedule='constant'")
+        if compile_decode and (self.paradigm is not next_token or sampler != "ar"):
+            on = {next_token: "", token_shuffle: " on a Token-Shuffle decoder"}.get(
+                self.paradigm, f" on a {type(self.transformer).__name__} decoder")
+            raise OptionError("compile_decode (--compile) applies to sampler='ar' on a plain next-token decoder; got "
+                              f"sampler={sampler!r}{on}")

@@ -1,5 +1,5 @@
 """The paradigm registry: one plain dict from a paradigm's name to its module (the paradigm protocol,
-`mmgen.paradigms.protocol`), its pipeline class, the name the pipeline gives its visual tokenizer component and the
+`mmgen.paradigms.protocol`), its pipeline class (which names its visual tokenizer component) and the
 conditioning kinds it takes (`mmgen.conditioning`: every paradigm reads condition ids through the shared text
 block, so each takes word-level captions, class labels, a frozen text encoder's caption features and none).
 Training, the pipelines, the CLI, the demo, the eval harness and the benchmarks look paradigms up here."""
@@ -22,20 +22,24 @@ from tokenizers_vis.protocol import CLASS_KINDS, load_tokenizer_component, token
 class ParadigmEntry:
     module: ModuleType  # implements the paradigm protocol
     pipeline: type
-    component: str  # the pipeline's visual tokenizer argument: "vq_model" or "vae"
     alignable: bool = False  # provides loss_and_image_hidden (REPA / ARRA alignment losses)
     conditions: tuple[str, ...] = CONDITION_KINDS  # the `mmgen.conditioning` kinds its pipeline and training take
 
+    @property
+    def component(self) -> str:
+        """The pipeline's visual tokenizer argument: "vq_model" or "vae" (`ParadigmPipeline.visual_component`)."""
+        return self.pipeline.visual_component
+
 
 PARADIGMS = {
-    "next_token": ParadigmEntry(next_token, NextTokenPipeline, "vq_model", alignable=True),
-    "token_shuffle": ParadigmEntry(token_shuffle, NextTokenPipeline, "vq_model"),
-    "next_scale": ParadigmEntry(next_scale, NextScalePipeline, "vq_model", alignable=True),
-    "flow_head": ParadigmEntry(flow_head, RasterFlowPipeline, "vae"),
-    "flowar": ParadigmEntry(flowar, FlowARPipeline, "vae"),
-    "next_x": ParadigmEntry(next_x, NextXPipeline, "vae"),
-    "next_neighbor": ParadigmEntry(next_neighbor, NextTokenPipeline, "vq_model"),  # NAR, an NARTransformer decoder
-    "next_block": ParadigmEntry(next_block, NextTokenPipeline, "vq_model"),  # a NextBlockTransformer decoder
+    "next_token": ParadigmEntry(next_token, NextTokenPipeline, alignable=True),
+    "token_shuffle": ParadigmEntry(token_shuffle, NextTokenPipeline),
+    "next_scale": ParadigmEntry(next_scale, NextScalePipeline, alignable=True),
+    "flow_head": ParadigmEntry(flow_head, RasterFlowPipeline),
+    "flowar": ParadigmEntry(flowar, FlowARPipeline),
+    "next_x": ParadigmEntry(next_x, NextXPipeline),
+    "next_neighbor": ParadigmEntry(next_neighbor, NextTokenPipeline),  # NAR, an NARTransformer decoder
+    "next_block": ParadigmEntry(next_block, NextTokenPipeline),  # a NextBlockTransformer decoder
 }
 
 

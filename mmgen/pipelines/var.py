@@ -5,7 +5,7 @@ The loop is VAR's `autoregressive_infer_cfg`, step for step: the class embedding
 class) start the sequence; per scale k of K one cached pass gives logits, guided as (1 + t) c - t u with
 t = (guidance_scale - 1) k / (K - 1) (VAR's ramp; its `cfg` is guidance_scale - 1), filtered by top-k then top-p,
 sampled; the chosen codes' embeddings enter the VQ's f_hat (bicubic upsampling, phi) and f_hat at the next
-scale's size is the next input. f_hat is decoded at the end.
+scale's size is the next input. f_hat is decoded at the end. That loop is this pipeline's `__call__`.
 
 Draws: VAR's `torch.multinomial` over the filtered probabilities is, for one sample per row, the race
 argmax(p / E) with E ~ Exp(1) from its generator; here each image races with its own generator, so an image does
@@ -20,13 +20,12 @@ paradigm's decoder reads text through RoPE.
 from __future__ import annotations
 
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from mmgen.conditioning import ClassConditioning
 from mmgen.models.var import VARTransformer
-from mmgen.pipelines.base import (MAX_IMAGES_PER_CALL, OUTPUT_TYPES, ARPipelineOutput, SavedDirectory,
-                                  per_image_generators)
+from mmgen.options import check_count, check_output_type
+from mmgen.pipelines.base import MMGenPipeline, SavedDirectory, per_image_generators
 from mmgen.sampling.logits import SamplingConfig, sample, top_k_filter
 from tokenizers_vis.var_vqvae import VARVQVAE
 
@@ -50,9 +49,8 @@ def var_top_p_filter(logits_BlV: torch.Tensor, p: float) -> torch.Tensor:
     return logits_BlV.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-class VARPipeline(SavedDirectory, DiffusionPipeline):
-    # the keyword options of `__call__` beyond the labels, count, generator and output, with their defaults
-    call_options = {"guidance_scale": None, "temperature": 1.0, "top_k": 900, "top_p": 0.96, "cfg_schedule": "linear"}
+class VARPipeline(SavedDirectory, MMGenPipeline):
+    _callback_tensor_inputs = ("tokens",)  # every scale's codes drawn so far, (B, sum of s_k^2 up to this scale)
 
     def __init__(self, transformer: VARTransformer, vq_model: VARVQVAE,
                  default_guidance_scale: float = VAR_GUIDANCE_SCALE):
@@ -76,10 +74,7 @@ class VARPipeline(SavedDirectory, DiffusionPipeline):
 
     def check_labels(self, class_labels, num_images_per_prompt: int) -> list[int]:
         labels = self.condition.labels(class_labels.tolist() if torch.is_tensor(class_labels) else class_labels)
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or not 1 <= num_images_per_prompt * len(labels) <= MAX_IMAGES_PER_CALL:
-            raise ValueError(f"num_images_per_prompt must be an integer >= 1 with at most {MAX_IMAGES_PER_CALL} "
-                             f"images per call, got {num_images_per_prompt} for {len(labels)} class label(s)")
+        check_count(num_images_per_prompt, len(labels), "class label(s)")
         return [c for c in labels for _ in range(num_images_per_prompt)]
 
     def sample_scale(self, logits_BlV: torch.Tensor, sampling: SamplingConfig, generators) -> torch.Tensor:
@@ -109,26 +104,30 @@ class VARPipeline(SavedDirectory, DiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """Generate images of `class_labels` (ints in [0, num_classes)), one decoder pass per scale.
 
         guidance_scale: 1 is no guidance; VAR's `cfg` c is guidance_scale = 1 + c (default: the saved
         `default_guidance_scale`, 2.5 = VAR's cfg 1.5). cfg_schedule "linear" is VAR's ramp over the scales,
         "constant" guides every scale fully. top_k / top_p default to VAR's FID settings (900, 0.96); None turns
-        one off. `tokens` in the output are all scales' codes, raster, concatenated coarse to fine (N, L)."""
+        one off. `tokens` in the output are all scales' codes, raster, concatenated coarse to fine (N, L).
+        `callback_on_step_end` runs after every scale; it may ask for "tokens" (every scale's codes so far) and
+        change the codes of the scale just drawn before they enter f_hat (`pipelines.base.StepCallback`)."""
         labels = self.check_labels(class_labels, num_images_per_prompt)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}; got {output_type!r}")
+        check_output_type(output_type)
         guidance_scale = self.config.default_guidance_scale if guidance_scale is None else guidance_scale
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         schedule = sampling.schedule("linear")
+        step = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         B, model, vq = len(labels), self.transformer, self.vq_model
         gens = per_image_generators(generator, B)
         guided = guidance_scale != 1
         label_R = torch.tensor(labels + [model.null_class] * B * guided, device=model.device)
         cond_RD = model.class_emb(label_R)
         x_RlC, cache, f_hat, tokens = model.start_input(cond_RD), model.new_cache(), None, []
-        K = len(model.patch_nums)
+        K, drawn = len(model.patch_nums), 0
         with self.progress_bar(total=K) as bar:
             for k, s in enumerate(model.patch_nums):
                 logits_RlV = model(x_RlC, cond_RD, cache=cache)
@@ -139,16 +138,12 @@ class VARPipeline(SavedDirectory, DiffusionPipeline):
                 else:
                     logits_BlV = logits_RlV
                 ids_Bl = self.sample_scale(logits_BlV, sampling, gens)
+                ids_Bl = step(torch.cat([*tokens, ids_Bl], 1), drawn)[:, drawn:]  # the callback may change them
                 tokens.append(ids_Bl)
+                drawn += s * s
                 f_hat, f_next = vq.next_input(f_hat, ids_Bl.view(B, s, s), k)
                 if f_next is not None:
                     x_RlC = model.scale_input(f_next, k + 1).repeat(1 + guided, 1, 1)
                 bar.update()
         tokens = torch.cat(tokens, 1)
-        images = vq.fhat_to_img(f_hat)
-        images = self.image_processor.postprocess(images, output_type=output_type)  # "pt": [0, 1], as diffusers
-        L = tokens.shape[1]
-        if not return_dict:
-            return images, tokens, K
-        return ARPipelineOutput(images=images, tokens=tokens, decoder_passes=K, step_compression=L / K,
-                                mean_accepted_length=L / K)
+        return self.output(vq.fhat_to_img(f_hat), tokens, output_type, return_dict, K, tokens.shape[1] / K)
