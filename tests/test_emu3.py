@@ -6,6 +6,7 @@ samples the exact AR distribution (enumeration of a 2 x 2 image of 4 codes, tota
 tests/test_sjd.py); the watermark embeds over codebook ids and its detector is calibrated."""
 
 import itertools
+import json
 import shutil
 
 import pytest
@@ -14,7 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (Emu3Config, Emu3ForConditionalGeneration, Emu3ImageProcessor, Emu3Processor,
                           PreTrainedTokenizerFast)
 
+from PIL import Image
 
+from mmgen import cli
 from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.backend import sample_ar
 from mmgen.pipelines.base import generators_from_seed
@@ -154,6 +157,44 @@ def test_callback_on_step_end_sees_and_steers_every_code(saved):
     call = lambda **kw: pipe("a red circle", image_size=16, generator=generators_from_seed(0, 2),  # noqa: E731
                              num_images_per_prompt=2, **kw)
     assert_step_callback(call, widths=[1, 2, 3, 4], value=7)
+
+
+def _configured(saved, tmp_path, **tokenizer_config):
+    """A copy of the saved checkpoint whose processor is configured through tokenizer_config.json (where
+    transformers' processor reads its default image area and ratio from)."""
+    d = shutil.copytree(saved[0], tmp_path / "emu3")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps(config | tokenizer_config))
+    return d
+
+
+def test_default_size_is_the_processors_own(saved, tmp_path, capsys):
+    """A processor configured for a 32 x 32 default area: the call and `mmgen generate` with no size give the image
+    the processor's generation path describes (4 x 4 codes), with its very prompt."""
+    d = _configured(saved, tmp_path, image_area=32 * 32)
+    pipe = load_pipeline(d)
+    assert pipe.default_size == (32, 32) and saved[1].default_size == (720, 720)
+    own = pipe.processor(text=["a red circle"], return_for_image_generation=True)
+    assert own["image_sizes"] == [[4, 4]] and pipe.prompt_ids(["a red circle"], (4, 4)) == own["input_ids"]
+    out = tmp_path / "img.png"
+    assert cli.main(["generate", "a red circle", "--model", str(d), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe_per_image"] == 16 and Image.open(out).size == (32, 32)
+    wide = pipe("a red circle", width=48, output_type="pt", generator=generators_from_seed(0, 1))
+    assert wide.images.shape == (1, 3, 32, 48)  # the other side still the default
+
+
+@pytest.mark.parametrize("config, why", [(dict(image_area=10), "makes a 0 x 0 code grid"),
+                                         (dict(ratio="wide"), "fails (ValueError")])
+def test_a_processor_without_a_usable_size_asks_for_one(saved, tmp_path, capsys, config, why):
+    d = _configured(saved, tmp_path, **config)
+    out = tmp_path / "img.png"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["generate", "a red circle", "--model", str(d), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "height and width are required" in err and why in err and not out.exists()
+    assert cli.main(["generate", "a red circle", "--model", str(d), "--out", str(out), "--height", "16",
+                     "--width", "16"]) == 0
+    assert Image.open(out).size == (16, 16)
 
 
 # ---- exactness: a 2 x 2 image of 4 codes, every image enumerated ---------------------------------------------

@@ -15,6 +15,9 @@ T + T / w + 1 positions of the LM, each row of the batch at its own cache offset
 decoding runs through the same backend one code per pass, the forced end-of-line fed in the same pass as the
 code before it, so an image costs h * w decoder passes, the prompt pass included. The sampling loop is
 `pipelines.backend.sample_codes` over that backend.
+
+The default image size is the one the processor's own image-generation path makes when given none (its ratio and
+image area, wherever they are configured); a processor that makes no usable size leaves height / width to the call.
 """
 
 from __future__ import annotations
@@ -133,14 +136,15 @@ def _check_side(name: str, value, factor: int) -> int:
 class Emu3Pipeline(WatermarkDetection, TransformersLayout, BackendPipeline):
     model_class, processor_class, checkpoint_files = Emu3ForConditionalGeneration, Emu3Processor, CHECKPOINT_FILES
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, default_guidance_scale: float | None = None):
         super().__init__()
         if not isinstance(model, Emu3ForConditionalGeneration) or not isinstance(processor, Emu3Processor):
             raise TypeError(f"Emu3Pipeline takes an Emu3ForConditionalGeneration and an Emu3Processor, got "
                             f"{type(model).__name__} and {type(processor).__name__}")
         self.register_modules(model=model, processor=processor)
-        guidance = model.generation_config.guidance_scale
-        # the checkpoint's own guidance scale (generation_config.json), as generate() would use it
+        # default: the checkpoint's own guidance scale (generation_config.json), as generate() would use it; an
+        # argument of the constructor, as diffusers expects of every config entry
+        guidance = model.generation_config.guidance_scale if default_guidance_scale is None else default_guidance_scale
         self.register_to_config(default_guidance_scale=DEFAULT_EMU3_GUIDANCE if guidance is None else guidance)
         vq, mapping = model.model.vqmodel, model.vocabulary_mapping
         self.vq_factor = vq.vision_spatial_factor
@@ -150,28 +154,35 @@ class Emu3Pipeline(WatermarkDetection, TransformersLayout, BackendPipeline):
                              f"{vq.config.codebook_size} codes")
         self.code_ids = torch.tensor([img2bpe[k] for k in range(len(img2bpe))])  # codebook id -> LM id
         self.eol_id = mapping.eol_token_id
-        # the processor's own default size (its ratio and image area), in whole codes
-        h, w = processor.calculate_generate_size(processor.ratio, processor.image_area, processor.downsample_ratio)
-        self.default_size = (h * self.vq_factor, w * self.vq_factor)
+        self.default_size, self.no_default_size = self.processor_size()
         image_processor = processor.image_processor
-        self.visual_tokenizer = Emu3VQTokenizer(vq, self.default_size[0], image_processor.image_mean,
-                                                image_processor.image_std)
+        # the tokenizer's own size only matters to detection, which re-encodes an image at its own size
+        self.visual_tokenizer = Emu3VQTokenizer(vq, (self.default_size or (self.vq_factor,))[0],
+                                                image_processor.image_mean, image_processor.image_std)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     @property
     def default_guidance_scale(self) -> float:
         return self.config.default_guidance_scale
 
+    def processor_size(self) -> tuple[tuple[int, int] | None, str]:
+        """The default (height, width) in pixels: the code grid the processor's image-generation path makes for a
+        prompt given no size, times the VQ-VAE's factor; (None, why) where that path makes no usable grid."""
+        try:
+            (h, w), = self.processor(text=[""], return_for_image_generation=True)["image_sizes"]
+        except (ValueError, TypeError, ZeroDivisionError) as e:  # e.g. a ratio that is not "w:h"
+            return None, f"its image-generation path fails ({type(e).__name__}: {e})"
+        if h < 1 or w < 1:
+            return None, f"its image-generation path makes a {h} x {w} code grid"
+        return (h * self.vq_factor, w * self.vq_factor), ""
+
     def prompt_ids(self, prompts: list[str], grid: tuple[int, int]) -> list[list[int]]:
-        """Token ids of `prompts` for an image of grid (h, w) codes, from the processor itself: its
-        `return_for_image_generation` path with a ratio and area that give exactly (h, w)."""
+        """Token ids of `prompts` for an image of grid (h, w) codes: the prompt the processor's
+        `return_for_image_generation` path writes (`<|image start|>h*w<|image token|>` after the text), tokenized
+        by the processor's text path, so the grid is exactly (h, w) whatever size rule the processor is set to."""
         h, w = grid
-        f = self.processor.downsample_ratio
-        inputs = self.processor(text=prompts, return_for_image_generation=True, ratio=f"{w}:{h}",
-                                image_area=f * f * h * w)
-        if any(list(s) != [h, w] for s in inputs["image_sizes"]):  # the processor's size rule changed under us
-            raise RuntimeError(f"Emu3Processor made image sizes {inputs['image_sizes']} for a {h} x {w} code grid")
-        return [list(ids) for ids in inputs["input_ids"]]
+        image = f"{self.processor.image_start_token}{h}*{w}{self.processor.fake_token_around_image}"
+        return [list(ids) for ids in self.processor(text=[f"{p}{image}" for p in prompts])["input_ids"]]
 
     def negative_ids(self, negative: list[str]) -> list[list[int]]:
         """The unconditional rows: negative prompts tokenized as plain text (transformers' negative_prompt_ids)."""
@@ -192,6 +203,9 @@ class Emu3Pipeline(WatermarkDetection, TransformersLayout, BackendPipeline):
             if height is not None or width is not None:
                 raise OptionError("pass either image_size or height/width, not both")
             height = width = image_size
+        if self.default_size is None and (height is None or width is None):
+            raise OptionError(f"height and width are required: this model's Emu3Processor gives no default image size "
+                              f"({self.no_default_size})")
         height = self.default_size[0] if height is None else height
         width = self.default_size[1] if width is None else width
         f = self.vq_factor
@@ -228,11 +242,11 @@ class Emu3Pipeline(WatermarkDetection, TransformersLayout, BackendPipeline):
 
         guidance_scale: None = the checkpoint's (generation_config.json), else 4.0. negative_prompt: the
         unconditional row of guidance (default: Emu3's documented negative prompt), one string or one per prompt.
-        height / width (or image_size for both): pixels, multiples of the VQ-VAE factor (default: the processor's
-        image area, 720 x 720 for Emu3-Gen). sampler "ar" (one code per pass) or "sjd" (speculative Jacobi
-        decoding, the same distribution in fewer passes; `sjd_window`, `sjd_init`, `sjd_coupled` as in
-        `NextTokenPipeline`). `watermark_key`: embed the distortion-free watermark (clusters of this model's VQ
-        codebook by default); detect it with `detect_watermark`. Image i uses its own generator.
+        height / width (or image_size for both): pixels, multiples of the VQ-VAE factor (default: the size the
+        processor's image-generation path makes, 720 x 720 for Emu3-Gen). sampler "ar" (one code per pass) or
+        "sjd" (speculative Jacobi decoding, the same distribution in fewer passes; `sjd_window`, `sjd_init`,
+        `sjd_coupled` as in `NextTokenPipeline`). `watermark_key`: embed the distortion-free watermark (clusters of
+        this model's VQ codebook by default); detect it with `detect_watermark`. Image i uses its own generator.
         `callback_on_step_end` runs after every decoder pass; with sampler "ar" it may ask for "tokens" (the codes
         drawn so far, (B, n)) and change the pass's own code (`pipelines.base.StepCallback`)."""
         prompts = self.prepare_prompts(prompt, num_images_per_prompt, output_type)
@@ -253,13 +267,15 @@ class Emu3Pipeline(WatermarkDetection, TransformersLayout, BackendPipeline):
     def retokenize(self, images) -> torch.Tensor:
         """PIL images -> their codes (B, h*w). Emu3 reads any size its VQ-VAE tiles, so an image is encoded at its
         own size when both sides are multiples of the factor (the size it was generated at), else resized (bicubic)
-        to the default size; the images of one call must come out at one size."""
+        to the default size (without one, to the multiples of the factor below its sides); the images of one call
+        must come out at one size."""
         f, batch = self.vq_factor, []
         for i, image in enumerate(images):
             check_image_mode(image, f"images[{i}]")
             image = image.convert("RGB")
-            if image.width % f or image.height % f:
-                image = image.resize(self.default_size[::-1], PIL.Image.BICUBIC)
+            if image.width % f or image.height % f:  # to the default size, else to the nearest multiples below
+                size = self.default_size or (max(f, image.height // f * f), max(f, image.width // f * f))
+                image = image.resize(size[::-1], PIL.Image.BICUBIC)
             batch.append(self.image_processor.preprocess(image))
         sizes = sorted({tuple(x.shape[-2:]) for x in batch})
         if len(sizes) > 1:
