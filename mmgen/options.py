@@ -190,6 +190,7 @@ SAMPLING_FLAGS = {"--guidance-scale": "guidance_scale", "--temperature": "temper
                   "--sjd-coupled": "sjd_coupled", "--sjd-adaptive": "sjd_adaptive",
                   "--sjd-lantern-delta": "sjd_lantern_delta", "--sjd-lantern-k": "sjd_lantern_k",
                   "--sjd-tree-width": "sjd_tree_width", "--sjd-tree-depth": "sjd_tree_depth",
+                  "--sjd-shared-noise": "sjd_shared_noise",
                   "--watermark-key": "watermark_key",
                   "--watermark-method": "watermark_method", "--watermark-delta": "watermark_delta",
                   "--height": "height", "--width": "width", "--steps": "num_inference_steps",
@@ -216,8 +217,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
                          help="ar (default): one token per forward pass; sjd: speculative Jacobi decoding (same "
                               "distribution, fewer passes)")
     nexttok.add_argument("--compile", action="store_true", default=None,
-                         help="sampler ar: decode through a torch.compile'd one-token step (compiles once per batch "
-                              "size, tens of seconds; then 2-4x faster per image on CPU)")
+                         help="decode through torch.compile'd steps: sampler ar's one-token step, sampler sjd's "
+                              "verify passes (compiles once per batch size and width, tens of seconds each)")
     nexttok.add_argument("--sjd-window", type=positive_int("--sjd-window"), default=None,
                          help="SJD draft tokens per pass (default 16)")
     nexttok.add_argument("--sjd-init", choices=("random", "repeat", "sample_left", "above"), default=None,
@@ -233,6 +234,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, watermark: bool = False) 
                               "by recursive rejection sampling (lossless; default 0: a chain)")
     nexttok.add_argument("--sjd-tree-depth", type=positive_int("--sjd-tree-depth"), default=None,
                          help="SJD: window positions that get --sjd-tree-width candidates (default 4)")
+    nexttok.add_argument("--sjd-shared-noise", action="store_true", default=None,
+                         help="SJD: each position's token is the race of its distribution with that position's own "
+                              "noise, and a draft is accepted when it equals it (lossless: the tokens are plain AR's "
+                              "for the same --seed; not with --sjd-coupled, trees or LANTERN)")
     nexttok.add_argument("--sjd-lantern-delta", type=unit_interval("--sjd-lantern-delta"), default=None,
                          help="LOSSY SJD (off by default): LANTERN's relaxed acceptance, a draft also takes the "
                               "probability of its nearest codebook neighbours up to this total variation per token "

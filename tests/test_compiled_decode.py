@@ -1,6 +1,8 @@
-"""The compiled one-token decode step (`mmgen.models.compiled_decode`): its function equals the model's cached
-decode step in every projection form; compiled generation gives the eager loop's tokens (greedy and sampled, with
-and without CFG); a compiler failure falls back to eager with a warning; bad use is refused by name."""
+"""The compiled decode steps (`mmgen.models.compiled_decode`): the one-token step's function equals the model's
+cached decode step in every projection form; compiled generation gives the eager loop's tokens (greedy and sampled,
+with and without CFG); a compiler failure falls back to eager with a warning; bad use is refused by name. The window
+step (SJD's verify pass) equals the eager verify pass, compiled too, and compiled SJD gives AR's tokens (greedy, and
+sampled with shared noise), falling back to the AR loop where no width pays."""
 
 from functools import partial
 
@@ -9,10 +11,12 @@ import torch
 
 from conftest import tiny_transformer
 from mmgen.models import compiled_decode
-from mmgen.models.compiled_decode import DecodeStep, decode_one, decode_weights
+from mmgen.models.compiled_decode import (DecodeStep, WindowStep, decode_one, decode_weights, decode_window,
+                                          window_form, window_widths)
 from mmgen.paradigms import next_token
-from mmgen.paradigms.next_token import NextTokenLayout, decode_step, prefill
+from mmgen.paradigms.next_token import NextTokenBackend, NextTokenLayout, decode_step, prefill
 from mmgen.sampling.logits import SamplingConfig
+from mmgen.sampling.sjd import SJDConfig
 from mmgen.text import UnifiedVocab
 
 tiny = partial(tiny_transformer, 60, 64, n_kv_heads=2)  # 4 heads reading 2 kv heads (grouped queries)
@@ -99,14 +103,96 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch):
     assert torch.equal(fallback, eager) and model.__dict__["_compiled_decode_step"].compiled is False
 
 
-def test_refuses_conditioned_decoders_and_sjd(tiny_pipe_dir):
-    with pytest.raises(ValueError, match="logits head"):
-        DecodeStep(tiny_transformer(60, 64, cond_dim=8), compile=False)
+def test_refuses_conditioned_decoders_and_compiled_trees(tiny_pipe_dir):
+    for step in (lambda m: DecodeStep(m, compile=False), lambda m: WindowStep(m, 4, compile=False)):
+        with pytest.raises(ValueError, match="logits head"):
+            step(tiny_transformer(60, 64, cond_dim=8))
     from mmgen.pipelines import load_pipeline
 
     pipe = load_pipeline(tiny_pipe_dir)
-    with pytest.raises(ValueError, match="compile_decode .*sampler='sjd'"):
-        pipe("a red circle", sampler="sjd", compile_decode=True)
+    with pytest.raises(ValueError, match="compile_decode .*token trees"):
+        pipe("a red circle", sampler="sjd", sjd_tree_width=2, compile_decode=True)
+
+
+# ---- the compiled verify pass of speculative decoding ------------------------------------------------------------
+
+
+def test_window_widths_and_forms():
+    cpu = torch.device("cpu")
+    assert window_widths(16) == (1, 2, 4, 8, 16) and window_widths(6) == (1, 2, 4, 6) and window_widths(1) == (1,)
+    assert window_widths(16, "cuda") == (16,)  # a GPU pass costs about the same at any width: one graph
+    assert [window_form(r, cpu) for r in (1, 2, 3, 32)] == ["weight_outer", "rows_outer", "gemm", "gemm"]
+
+
+@torch.no_grad()
+def test_window_step_equals_the_eager_verify_pass():
+    """Pass after pass, rows at their own lengths, windows of every width (padded up to a compiled width), with
+    guidance: the window step's logits are the eager backend's, and it writes the cache the eager pass writes."""
+    model = tiny().eval()
+    eager = NextTokenBackend(model, LAYOUT, PROMPTS, 3.0, 6)
+    windowed = NextTokenBackend(model, LAYOUT, PROMPTS, 3.0, 6)
+    windowed.window_step = WindowStep(model, 6, compile=False)
+    g = torch.Generator().manual_seed(0)
+    n = torch.zeros(3, dtype=torch.long)
+    for T in (6, 3, 5, 1, 2):
+        window = torch.randint(0, 24, (3, T), generator=g)
+        want, got = eager.forward(window, n), windowed.forward(window, n)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        n = (n + torch.randint(1, T + 1, (3,), generator=g)).clamp_max(8)
+    assert (eager.cache.k - windowed.cache.k)[:, :, :, : eager.prefix + 9].abs().max() < 1e-5
+    stale = windowed.key_valid.clone()
+    stale[:, eager.prefix + int(n[0]) - 1] = False  # the test has teeth: one committed key hidden changes the logits
+    windowed.key_valid = stale
+    assert (windowed.forward(window, n) - eager.forward(window, n)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_compiled_window_step_equals_its_eager_function():
+    model = tiny().eval()
+    cache = model.new_cache(4, LAYOUT.seq_len + 2)
+    cache.k.normal_(generator=torch.Generator().manual_seed(0))
+    cache.v.normal_(generator=torch.Generator().manual_seed(1))
+    tokens, start = torch.randint(30, 54, (4, 2)), torch.tensor([7, 9, 7, 12])
+    cos, sin = (t[0] for t in model.rope_cos_sin(LAYOUT.positions(1)[:, 7:9]))
+    args = (tokens, cos.expand(4, -1, -1), sin.expand(4, -1, -1), start, torch.ones(4, LAYOUT.seq_len + 2,
+                                                                                     dtype=torch.bool))
+    want, want_kv = decode_window(decode_weights(model), *args, cache.k, cache.v, n_heads=4, eps=model.norm.eps,
+                                  form="gemm")
+    step = WindowStep(model, 2)
+    got = step(*args, cache)
+    assert step.compiled  # it really compiled, no silent fallback
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    slots = start[:, None] + torch.arange(2)
+    torch.testing.assert_close(cache.k[:, torch.arange(4)[:, None], :, slots], want_kv[:, 0].permute(1, 3, 0, 2, 4))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_compiled_sjd_gives_ar_tokens(adaptive, monkeypatch):
+    """Through the window step (eager here: its graph's values are checked above), with finished rows parked in the
+    batch: greedy SJD gives greedy AR's tokens, and shared-noise SJD gives sampled AR's tokens for the same seeds."""
+    monkeypatch.setitem(compiled_decode.WINDOW_PASS_COST, "cpu", (1.0, 1e6))  # speculation always pays
+    model = tiny().eval()
+    model.__dict__["_compiled_window_steps"] = {6: WindowStep(model, 6, compile=False)}
+    model.__dict__["_compiled_decode_step"] = DecodeStep(model, compile=False)
+    gens = lambda: [torch.Generator().manual_seed(5 + i) for i in range(3)]  # noqa: E731
+    for sampling, sjd in ((SamplingConfig(3.0, temperature=0), SJDConfig(6, "above", True, adaptive=adaptive)),
+                          (SamplingConfig(3.0, top_k=12), SJDConfig(6, adaptive=adaptive, shared_noise=True))):
+        ar, _ = next_token.generate(model, LAYOUT, PROMPTS, sampling, gens())
+        codes, stats = next_token.generate_sjd(model, LAYOUT, PROMPTS, sampling, sjd, gens(), compile=True)
+        assert torch.equal(codes, ar) and stats.decoder_passes <= LAYOUT.num_image_tokens
+
+
+def test_adaptive_compiled_sjd_falls_back_to_ar_where_no_width_pays(monkeypatch):
+    """A cost model in which no width beats the AR step sends the batch to the compiled AR loop: AR's passes."""
+    model = tiny().eval()
+    model.__dict__["_compiled_decode_step"] = DecodeStep(model, compile=False)
+    never = model.__dict__["_compiled_window_steps"] = {6: WindowStep(model, 6, compile=False)}
+    never[6].fn = lambda *a, **k: pytest.fail("a window pass ran")
+    monkeypatch.setitem(compiled_decode.WINDOW_PASS_COST, "cpu", (1e6, 0.0))
+    codes, stats = next_token.generate_sjd(model, LAYOUT, PROMPTS, SamplingConfig(3.0, temperature=0),
+                                           SJDConfig(6, adaptive=True), compile=True)
+    ar, _ = next_token.generate(model, LAYOUT, PROMPTS, SamplingConfig(3.0, temperature=0))
+    assert torch.equal(codes, ar) and stats.decoder_passes == LAYOUT.num_image_tokens
 
 
 @torch.no_grad()

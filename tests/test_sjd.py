@@ -442,3 +442,66 @@ def test_token_tree_greedy_equals_greedy_ar_and_its_leaves_see_the_right_prefix(
         torch.testing.assert_close(tree[:, 4 + m], plain[:, -1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tree[:, :4], NextTokenBackend(model, layout, prompts, 3.0, 4).forward(window, n),
                                atol=1e-5, rtol=1e-5)
+
+
+# ---- shared noise: verification by the position's own race ------------------------------------------------------
+
+
+def _gens(n, seed=10):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_shared_noise_samples_the_ar_tokens(init, monkeypatch):
+    """With each position's noise shared by drafts and verification, SJD commits exactly the tokens plain AR samples
+    for the same per-image seeds (guidance, temperature, top-k), whatever the width schedule: fixed windows, adaptive
+    widths, and widths drawn at random every pass."""
+    import mmgen.sampling.sjd as sjd_module
+
+    model, layout = peaked_model(seed=4, image_vocab=16, grid=(4, 5))
+    prompts = [[3, 4, 5], [6], [7, 8]]
+    cfg = SamplingConfig(guidance_scale=2.0, temperature=0.8, top_k=8)
+    ar, _ = generate(model, layout, prompts, cfg, _gens(3))
+    for adaptive in (False, True):
+        sjd, stats = generate_sjd(model, layout, prompts, cfg, SJDConfig(6, init, adaptive=adaptive, pass_overhead=4.0,
+                                                                           shared_noise=True), _gens(3))
+        assert torch.equal(sjd, ar) and stats.lossless and stats.decoder_passes <= 20
+    widths = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(sjd_module, "choose_width",
+                        lambda *a, **k: int(torch.randint(1, 7, (1,), generator=widths)))
+    sjd, _ = generate_sjd(model, layout, prompts, cfg, SJDConfig(6, init, adaptive=True, shared_noise=True), _gens(3))
+    assert torch.equal(sjd, ar)
+
+
+def test_shared_noise_samples_the_ar_distribution_without_generators():
+    """From the global generator (no per-image seeds) the noise comes in another order than AR's; the samples are
+    still distributed exactly as AR's (the enumeration check)."""
+    cfg = CONFIGS["cfg_topk_temp"]
+    model, layout = peaked_model()
+    target = exact_distribution(model, layout, PROMPTS[0], cfg)
+    torch.manual_seed(2)
+    codes, stats = generate_sjd(model, layout, [PROMPTS[0]] * N_SAMPLES, cfg, SJDConfig(4, shared_noise=True))
+    assert tv(empirical(codes.flatten(1), 4), target) < tv_bound(target, N_SAMPLES)
+    assert stats.mean_accepted_length > 1.2  # drafts are accepted: fewer passes than tokens
+
+
+def test_a_wrong_noise_position_is_caught(monkeypatch):
+    """Racing each window position with its neighbour's noise (an off-by-one in the noise table) no longer gives AR's
+    tokens: the token-equality check has teeth."""
+    import mmgen.sampling.sjd as sjd_module
+
+    window_noise = sjd_module._window_noise
+    monkeypatch.setattr(sjd_module, "_window_noise", lambda state, n, T: window_noise(state, n + 1, T))
+    model, layout = peaked_model(seed=4, image_vocab=16, grid=(4, 5))
+    cfg = SamplingConfig(guidance_scale=2.0)
+    ar, _ = generate(model, layout, [[3, 4, 5], [6]], cfg, _gens(2))
+    sjd, _ = generate_sjd(model, layout, [[3, 4, 5], [6]], cfg, SJDConfig(6, shared_noise=True), _gens(2))
+    assert not torch.equal(sjd, ar)
+
+
+def test_shared_noise_refuses_what_needs_the_acceptance_test():
+    for kw in (dict(coupled=True), dict(tree_width=2), dict(lantern_delta=0.1)):
+        with pytest.raises(ValueError, match=f"shared_noise replaces the acceptance test that {next(iter(kw))}"):
+            SJDConfig(shared_noise=True, **kw)
+    with pytest.raises(ValueError, match="shared_noise must be True or False"):
+        SJDConfig(shared_noise=1)

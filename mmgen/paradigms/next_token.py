@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmgen.models.compiled_decode import compiled_decode_step
+from mmgen.models.compiled_decode import (WINDOW_PASS_COST, compiled_decode_step, compiled_window_step,
+                                          measure_pass_costs, window_widths)
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.sampling.logits import RowNoise, SamplingConfig, cfg_combine, guidance_at, process_logits, sample
 from mmgen.paradigms.sequence import IGNORE_INDEX, attention_mask, guided_text_block, text_block
-from mmgen.sampling.sjd import SJDConfig, jacobi_sample, window_mask
+from mmgen.sampling.sjd import PassCost, SJDConfig, SJDStats, jacobi_sample, speculation_pays, window_mask
 from mmgen.text import UnifiedVocab
 
 @dataclass
@@ -249,12 +250,15 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
 class NextTokenBackend:
     """`mmgen.sampling.sjd.JacobiBackend` for this paradigm. The first pass runs the prompt and the first
     window together; every later pass writes its window at per-row cache offsets (row a's window starts at
-    the slot of its last committed image token) and sees its own committed prefix only."""
+    the slot of its last committed image token) and sees its own committed prefix only. `compile`: the passes
+    after the first (which carries the prompt) run through the compiled window step
+    (`mmgen.models.compiled_decode.WindowStep`) over every row of the batch, finished ones included (a compiled
+    shape per row count would recompile as samples finish); no token trees then."""
 
     supports_leaves = True  # forward(..., leaves=) scores a token tree (SJDConfig.tree_width)
 
     def __init__(self, model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Sequence[int]],
-                 guidance_scale: float, window: int, leaves: int = 0):
+                 guidance_scale: float, window: int, leaves: int = 0, compile: bool = False):
         self.model, self.layout, self.guidance_scale = model, layout, guidance_scale
         self.num_samples, self.vocab_size = len(text_ids), layout.vocab.image_vocab_size
         self.device = model.device
@@ -269,6 +273,11 @@ class NextTokenBackend:
         self.slot_positions = torch.cat([pos, pos[-1:].expand(self.capacity - len(pos), 2)])
         self.cache = model.new_cache(R, self.capacity)
         self.prefilled = False
+        if compile and leaves:
+            raise ValueError("the compiled window step scores chains only; token trees (leaves) run eagerly")
+        self.window_step = compiled_window_step(model, window) if compile else None
+        self.live = torch.arange(self.num_samples, device=self.device)  # compiled: the active samples' rows
+        self.rope = tuple(t[0] for t in model.rope_cos_sin(self.slot_positions[None]))  # slot -> (cos, sin)
 
     def forward(self, window_AT: torch.Tensor, n_A: torch.Tensor,
                 leaves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -283,6 +292,8 @@ class NextTokenBackend:
         if M:
             tokens = torch.cat([tokens, self.layout.vocab.image_to_unified(leaves[0])], 1)
         start = self.prefix + n_A  # slot of row a's last committed token (<boi> is slot prefix)
+        if self.window_step is not None and self.prefilled:
+            return self._compiled_forward(tokens, start)
         if self.use_cfg:
             tokens, start = torch.cat([tokens, tokens]), torch.cat([start, start])
         lead = 0
@@ -305,12 +316,44 @@ class NextTokenBackend:
                             cache=self.cache, start=start)[:, -(T + M):]
         return image_logits(self.layout, logits.flatten(0, 1), self.guidance_scale).view(A, T + M, -1)
 
+    def _compiled_forward(self, tokens_AT: torch.Tensor, start_A: torch.Tensor) -> torch.Tensor:
+        """The window step over every sample's rows: finished samples run a window at <boi> (their own cache rows,
+        never read again) and their outputs are dropped."""
+        A, T = tokens_AT.shape
+        tokens = torch.full((self.num_samples, T), self.layout.vocab.boi, device=self.device).index_copy(
+            0, self.live, tokens_AT)
+        start = torch.full((self.num_samples,), self.prefix, device=self.device).index_copy(0, self.live, start_A)
+        if self.use_cfg:
+            tokens, start = torch.cat([tokens, tokens]), torch.cat([start, start])
+        slots = start[:, None] + torch.arange(T, device=self.device)
+        logits = self.window_step(tokens, self.rope[0][slots], self.rope[1][slots], start, self.key_valid,
+                                  self.cache, head_rows=(self.layout.vocab.image_offset, self.vocab_size))
+        return guided_logits(logits.flatten(0, 1), self.guidance_scale).view(self.num_samples, T, -1)[self.live]
+
     def keep(self, keep_A: torch.Tensor) -> None:
         rows = keep_A.nonzero().squeeze(-1)
+        if self.window_step is not None:
+            self.live = self.live[rows]
+            return
         if self.use_cfg:
             rows = torch.cat([rows, rows + len(keep_A)])
         self.cache.reorder(rows)
         self.key_valid, self.text = self.key_valid[rows], self.text[rows]
+
+
+def window_pass_cost(model: Transformer, sjd: SJDConfig, backend: NextTokenBackend, ar_capacity: int) -> PassCost:
+    """What adaptive widths weigh the compiled verify pass by, over all of `backend`'s rows: with shared noise,
+    where the widths cannot change the tokens, this machine's measured times (`measure_pass_costs`), else the fixed
+    constants of `WINDOW_PASS_COST` (so SJD's acceptance keeps reproducible widths)."""
+    device = model.device.type if model.device.type in WINDOW_PASS_COST else "cuda"
+    rows = backend.cache.batch_size
+    if sjd.shared_noise:
+        table, step = measure_pass_costs(model, rows, sjd.window, backend.capacity, ar_capacity,
+                                         (backend.layout.vocab.image_offset, backend.vocab_size))
+        return PassCost(table=table, step=step, all_rows=True)
+    floor, step_floor = WINDOW_PASS_COST[device]
+    table = tuple((w, floor + rows * w) for w in window_widths(sjd.window, device))
+    return PassCost(floor, table, step_floor + rows, all_rows=True)
 
 
 @torch.no_grad()
@@ -318,12 +361,23 @@ def generate_sjd(model: Transformer, layout: NextTokenLayout, text_ids: Sequence
                  sampling: SamplingConfig, sjd: SJDConfig = SJDConfig(),
                  generators: Sequence[torch.Generator] | None = None,
                  callback: Callable[[int], None] | None = None, processor: Callable | None = None,
-                 neighbours: torch.Tensor | None = None):
+                 neighbours: torch.Tensor | None = None, compile: bool = False):
     """Like `generate`, with speculative Jacobi decoding. Returns codes (B, h, w) and `SJDStats`. `neighbours`: the
-    codebook neighbour table of a lossy acceptance (`SJDConfig.lantern_delta`)."""
+    codebook neighbour table of a lossy acceptance (`SJDConfig.lantern_delta`).
+
+    `compile`: verify passes through the compiled window step (`NextTokenBackend`); adaptive widths then choose
+    among its compiled widths by their cost (`window_pass_cost`), and a batch for which no width is expected to pay
+    is sampled by plain AR through the compiled decode step instead (exact either way)."""
+    B, N = len(text_ids), layout.num_image_tokens
     backend = NextTokenBackend(model, layout, text_ids, sampling.guidance_scale, sjd.window,
-                               leaves=sjd.tree_depth * sjd.tree_width)
-    codes, stats = jacobi_sample(backend, layout.num_image_tokens, sampling, sjd, generators,
-                                 grid_width=layout.grid[1], callback=callback, processor=processor,
-                                 neighbours=neighbours)
-    return codes.view(len(text_ids), *layout.grid), stats
+                               leaves=sjd.tree_depth * sjd.tree_width, compile=compile)
+    cost = None
+    if compile and sjd.adaptive:
+        cost = window_pass_cost(model, sjd, backend, ar_capacity=backend.prefix + 1 + N)  # generate's cache
+        if not speculation_pays(cost, sjd, B, backend.cache.batch_size, N):
+            codes, _ = generate(model, layout, text_ids, sampling, generators, processor=processor, compile=True,
+                                callback=None if callback is None else lambda i: callback(i + 1))
+            return codes, SJDStats(tokens=N, decoder_passes=N, passes=[N] * B)
+    codes, stats = jacobi_sample(backend, N, sampling, sjd, generators, grid_width=layout.grid[1], callback=callback,
+                                 processor=processor, neighbours=neighbours, cost=cost)
+    return codes.view(B, *layout.grid), stats

@@ -61,14 +61,15 @@ class ARPipelineOutput(BaseOutput):
 
 
 def sjd_config(sampler: str, window: int, init: str, coupled: bool, adaptive: bool, lantern_delta: float | None,
-               lantern_k: int, tree_width: int = 0, tree_depth: int = 4) -> SJDConfig | None:
+               lantern_k: int, tree_width: int = 0, tree_depth: int = 4, shared_noise: bool = False
+               ) -> SJDConfig | None:
     """The `SJDConfig` of a call's sjd_* options (None for sampler "ar"); a lossy option without SJD is refused."""
     if sampler != "sjd":
         if lantern_delta is not None:
             raise OptionError("sjd_lantern_delta needs sampler='sjd' (it relaxes SJD's acceptance)")
         return None
     return SJDConfig(window, init, coupled, adaptive, lantern_delta=lantern_delta, lantern_k=lantern_k,
-                     tree_width=tree_width, tree_depth=tree_depth)
+                     tree_width=tree_width, tree_depth=tree_depth, shared_noise=shared_noise)
 
 
 def sjd_neighbours(visual_tokenizer, sjd: SJDConfig | None) -> torch.Tensor | None:

@@ -80,6 +80,7 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
         sjd_lantern_k: int = 8,
         sjd_tree_width: int = 0,
         sjd_tree_depth: int = 4,
+        sjd_shared_noise: bool = False,
         watermark_key: str | None = None,
         watermark_method: str | None = None,
         watermark_delta: float | None = None,
@@ -98,7 +99,9 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
         random / repeat / sample_left / above; `sjd_coupled`: next drafts by maximal coupling with the old ones,
         still exact; `sjd_adaptive`: each pass's width (at most `sjd_window`) from the images' acceptance rates
         and a pass-cost model, still exact, for batches; `sjd_tree_width` c > 0: the first `sjd_tree_depth` window
-        positions also score c other candidates, tried by recursive rejection sampling, still exact).
+        positions also score c other candidates, tried by recursive rejection sampling, still exact;
+        `sjd_shared_noise`: each position's token is the race of its distribution with that position's own noise
+        and a draft is accepted when it equals it, so the tokens are plain AR's for the same seeds).
         `sjd_lantern_delta` (LOSSY, off by default): LANTERN's relaxed acceptance, a draft also takes the
         probability of its `sjd_lantern_k` nearest codebook neighbours
         up to total variation delta per token; the output then says `lossless=False`. Image i of a call uses
@@ -116,14 +119,17 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
 
         compile_decode: sampler "ar" through a `torch.compile`d one-token step (`mmgen.models.compiled_decode`),
         compiled on the first call per batch size (tens of seconds) and reused after; the same tokens up to float
-        rounding, 2-4x faster per image on CPU. Falls back to eager, with a warning, where compilation fails.
+        rounding, 2-4x faster per image on CPU. Sampler "sjd": its verify passes through the compiled window step
+        (a graph per batch size and width 1, 2, 4, ... up to `sjd_window` on a CPU, the window alone on a GPU); with
+        `sjd_adaptive` a batch for which no width pays is sampled by the compiled AR step instead. Falls back to
+        eager, with a warning, where compilation fails.
         """
         text_ids, guidance_scale, gens = self.prepare(prompt, class_labels, num_images_per_prompt, output_type,
                                                       guidance_scale, generator)
-        self.check_stages(sampler, watermark_key, cfg_schedule, compile_decode)
+        self.check_stages(sampler, watermark_key, cfg_schedule, compile_decode, sjd_tree_width)
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k,
-                         sjd_tree_width, sjd_tree_depth)
+                         sjd_tree_width, sjd_tree_depth, sjd_shared_noise)
         processor = None
         if watermark_key is not None:
             processor = WatermarkProcessor(self.watermark_config(watermark_method, watermark_delta), watermark_key)
@@ -145,13 +151,14 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
                     condition_prefix(self, prompt, num_images_per_prompt):
                 codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
                                                        callback=lambda done: (bar.update(done - bar.n), step()),
-                                                       processor=processor,
+                                                       processor=processor, compile=compile_decode,
                                                        neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
             passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
         return self.output(self.visual_tokenizer.decode_tokens(codes), codes, output_type, return_dict, passes,
                            compression, accepted, lossless=sjd is None or sjd.lossless)
 
-    def check_stages(self, sampler: str, watermark_key, cfg_schedule: str, compile_decode: bool) -> None:
+    def check_stages(self, sampler: str, watermark_key, cfg_schedule: str, compile_decode: bool,
+                     sjd_tree_width: int) -> None:
         """The sampler and the stages this decoder takes (`mmgen.options` checks the values)."""
         check_choice(sampler, SAMPLERS, "sampler")
         if self.shuffle and sampler != "ar":
@@ -167,8 +174,10 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
         if sampler == "sjd" and cfg_schedule != "constant":
             raise OptionError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                               f"spans many positions); use cfg_schedule='constant'")
-        if compile_decode and (self.paradigm is not next_token or sampler != "ar"):
-            on = {next_token: "", token_shuffle: " on a Token-Shuffle decoder"}.get(
-                self.paradigm, f" on a {type(self.transformer).__name__} decoder")
-            raise OptionError("compile_decode (--compile) applies to sampler='ar' on a plain next-token decoder; got "
-                              f"sampler={sampler!r}{on}")
+        if compile_decode and self.paradigm is not next_token:
+            on = {token_shuffle: "a Token-Shuffle decoder"}.get(self.paradigm, f"a {type(self.transformer).__name__} "
+                                                                                f"decoder")
+            raise OptionError(f"compile_decode (--compile) applies to a plain next-token decoder; got {on}")
+        if compile_decode and sampler == "sjd" and sjd_tree_width:
+            raise OptionError("compile_decode (--compile) with sampler='sjd' compiles chains; token trees "
+                              "(sjd_tree_width > 0) run eagerly: leave out one of them")

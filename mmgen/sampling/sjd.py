@@ -1,59 +1,27 @@
-"""Speculative Jacobi Decoding (Teng et al., "Accelerating Auto-regressive Text-to-Image Generation with
-Training-free Speculative Jacobi Decoding", ICLR 2025) as a sampling stage for any next-token model.
+"""Speculative Jacobi Decoding (Teng et al., ICLR 2025, arXiv 2410.01699) as a sampling stage for any next-token
+model, behind a small backend protocol (`JacobiBackend`).
 
-One forward pass scores a window of L tokens after each sample's accepted prefix: the last accepted token
-followed by L - 1 draft tokens. Causal attention gives, at every window position j, the model's conditional
-p_j given the prefix and the drafts before j. Drafts are verified left to right; draft x, drawn from q, is
-accepted with probability min(1, p_j(x) / q_j(x)). At the first rejection the token is resampled from
-normalize(max(0, p_j - q_j)) and the rest of the window is not verified this pass. This is the speculative
-sampling rule, so the accepted tokens are distributed exactly as plain autoregressive sampling with the same
-logits processors (CFG, temperature, top-k, top-p), whatever the drafts are. The unverified positions get new
-drafts sampled from this pass's p_j (the Jacobi update: they become the next pass's q), and new positions
-are appended to refill the window from an initialization.
+One forward pass scores a window after each sample's committed prefix: its last committed token, then drafts for
+the next tokens. Causal attention gives p_j at every window position; drafts are verified left to right, the first
+rejected position is corrected, and the unverified positions get new drafts from this pass's p (the Jacobi update)
+while new slots are initialized. Every sample advances by its own accepted length (per-row KV offsets) and leaves
+the batch when done. The loop is `jacobi_sample`; its steps are the functions above it.
 
-Differences from the reference implementation, all keeping exactness:
+Verification, all exact (the tokens are distributed as plain AR's with the same logits processors):
+* SJD's acceptance (speculative sampling): draft x ~ q is accepted with probability min(1, p(x) / q(x)); a
+  rejection draws from normalize(max(0, p - q)). Drafts: ``init`` random / repeat / sample_left / above;
+  ``coupled``: next drafts by maximal coupling with the old ones (Speculative Coupled Decoding, arXiv 2510.24211);
+  ``tree_width``: other candidates as leaves of a token tree, tried by recursive rejection sampling (SpecInfer).
+* ``shared_noise``: each position's token is the exponential race of its p with that position's own noise, drawn
+  once, and a draft is accepted when it equals it (the shared-noise coupling named beside SCD): the tokens are
+  plain AR's for the same seeds, no q is kept and no acceptance draws are made.
+* ``adaptive``: each pass's width from the samples' recent acceptance and the backend's pass cost (`PassCost`);
+  widths depend only on earlier passes, so exactness holds for any schedule.
+* ``lantern_delta`` (LOSSY, off by default; LANTERN, ICLR 2025): acceptance against a relaxed target that gives a
+  draft its nearest codebook neighbours' mass, within total variation delta; outputs say ``lossless=False``.
 
-* Every sample advances by its own accepted length (the reference advances the batch by the minimum), through
-  per-row KV-cache write offsets; finished samples leave the batch.
-* Initializations: ``random`` (uniform over the vocabulary, the paper's default), ``repeat`` (copy the left
-  neighbour), ``sample_left`` (sample from the left neighbour's distribution, which is then the draft's q),
-  and ``above`` (copy the token one image row up: the vertical spatial prior, not in the paper).
-  A copied or uniformly drawn draft is treated as deterministic (q one-hot at the draft), which makes the
-  acceptance probability p_j(x) and the residual p_j without x, renormalized.
-* ``coupled=True`` forms the next pass's drafts by maximal coupling (Speculative Coupled Decoding / MC-SJD):
-  at every unverified window position the old draft x ~ q is kept with probability min(1, p(x) / q(x)), else
-  replaced by a draw from normalize(max(0, p - q)). The new draft is still distributed as this pass's p (so it
-  is verified against q = p as before), but it stops churning where p and q agree, which plain Jacobi
-  resampling does not.
-* ``adaptive=True`` chooses each pass's window width from a cost model instead of always using ``window``:
-  a sample is expected to commit 1 + slope * ln t tokens per pass at width t, its slope a decayed average of
-  what its own passes showed, and a pass over R backend rows (two per sample with guidance) costs about
-  ``pass_overhead + R * t`` row-tokens. The width with the most
-  expected tokens per cost is taken. Batches that lag (low acceptance, many rows) get narrow windows, a lone
-  sample in the background of an image a wide one. The width depends only on earlier passes, never on this
-  pass's random draws, so the output stays exact; it does depend on the batch, so with adaptive widths a
-  sample's tokens are no longer independent of its batch mates.
-* ``lantern_delta`` (lossy, off by default; LANTERN, Jang et al. ICLR 2025): a draft x is accepted against a
-  relaxed target that moves to x the probability of its nearest codebook neighbours (up to ``lantern_k`` of
-  them, nearest first, while the moved mass stays <= delta), i.e. with probability min(1, (p(x) + moved) / q(x));
-  a rejection resamples from the residual of that relaxed target. Each committed token's distribution is
-  within total variation delta of the exact conditional, not equal to it: ``SJDConfig.lossless`` is False and
-  every output says so. The neighbour table (``codebook_neighbours``) comes from the visual tokenizer.
-* ``tree_width=c`` scores a small token tree in the same pass: at each of the first ``tree_depth`` window
-  positions, the c most likely tokens of the draft's q other than the draft become leaves (the backend takes them
-  as ``forward(window, n, leaves=(tokens, depth))``: a leaf sees the prefix and the drafts before its position,
-  and its output is the distribution of the token after it). Where the chain's draft is rejected, the leaves are
-  tried one after another against the running residual (recursive rejection sampling over distinct
-  deterministic candidates: leaf y is accepted with probability r(y), else removed from r and r renormalized;
-  if none is accepted the token is drawn from the last r), which keeps the committed token's distribution exact.
-  An accepted leaf also hands over its output: the next pass's first draft is drawn from it with that
-  distribution as its q, so it is accepted with probability one (no KV entry has to move: the leaf is then the
-  last committed token, whose keys and values every pass recomputes).
-* Temperature 0 gives greedy Jacobi decoding: the accepted tokens are the greedy AR tokens, and a draft is
-  kept exactly when it equals the current argmax (the deterministic convergence check).
-
-The model side is a small protocol, `JacobiBackend`: `mmgen.paradigms.next_token.NextTokenBackend` serves mmgen's
-decoder and `mmgen.sampling.hf_backend.CausalLMBackend` transformers' causal LMs (LlamaForCausalLM).
+Temperature 0 gives greedy Jacobi decoding: the greedy AR tokens. Backends: `paradigms.next_token.NextTokenBackend`
+(mmgen's decoder, eager or through the compiled window step) and `sampling.hf_backend.CausalLMBackend` (transformers).
 """
 
 from __future__ import annotations
@@ -84,6 +52,9 @@ class SJDConfig:
     lantern_k: int = 8  # codebook neighbours the relaxed acceptance may move to a draft
     tree_width: int = 0  # extra candidates per window position, scored as leaves of a token tree (0: a chain)
     tree_depth: int = 4  # the first tree_depth window positions get them
+    # drafts and tokens share each position's noise: a position's token is the exponential race of its p with that
+    # noise, a draft is accepted when it equals it (no q, no acceptance draws); the tokens are plain AR's
+    shared_noise: bool = False
 
     @property
     def lossless(self) -> bool:
@@ -111,6 +82,13 @@ class SJDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 64:
                 raise ValueError(f"sjd {name} must be an integer in [{low}, 64], got {value!r}")
+        if not isinstance(self.shared_noise, bool):
+            raise ValueError(f"sjd shared_noise must be True or False, got {self.shared_noise!r}")
+        clash = [name for name, on in (("coupled", self.coupled), ("tree_width", self.tree_width),
+                                       ("lantern_delta", self.lantern_delta is not None)) if on]
+        if self.shared_noise and clash:
+            raise ValueError(f"sjd shared_noise replaces the acceptance test that {', '.join(clash)} work on; "
+                             f"leave out one of them")
 
 
 @dataclass
@@ -201,6 +179,16 @@ class RowRandom:
     def exponential(self, rows: torch.Tensor, *shape: int) -> torch.Tensor:
         return -torch.log1p(-self.uniform(rows, *shape))
 
+    def uniforms(self, rows: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+        """`uniform(rows, *shape)` for each shape in turn, the same values: a generator's stream comes out in the
+        same order whether drawn in one call or several (tested), so each sample draws once."""
+        if self.generators is None:
+            return [self.uniform(rows, *shape) for shape in shapes]
+        sizes = [math.prod(shape) for shape in shapes]
+        flat = torch.stack([torch.rand(sum(sizes), generator=self.generators[r], device=self.generators[r].device)
+                            for r in rows.tolist()]).to(self.device)
+        return [part.view(len(rows), *shape) for part, shape in zip(flat.split(sizes, 1), shapes)]
+
 
 def _race(probs: torch.Tensor, noise: torch.Tensor, greedy: bool) -> torch.Tensor:
     """Sample from probs (..., V) with Exp(1) noise: argmax p / E (the same sampler as plain AR)."""
@@ -247,19 +235,48 @@ def _relaxed(p: torch.Tensor, x: torch.Tensor, neighbours: torch.Tensor, delta: 
 # default model's mean accepted lengths 1.29 / 1.49 / 1.65 / 2.0 / 2.2 at t = 2 / 3 / 4 / 6 / 8 within 0.1,
 # and underestimates wider windows); each sample's slope is a decayed average of what its passes showed
 SLOPE_PRIOR, SLOPE_DECAY, WARMUP_PASSES = 0.45, 0.7, 2
+# shared-noise verification commits more at every width (default model, batch 1, 1.35 / 1.80 / 2.34 / 2.72 tokens per
+# pass at t = 2 / 4 / 8 / 16)
+SHARED_SLOPE_PRIOR = 0.6
+
+
+def slope_prior(sjd: SJDConfig) -> float:
+    return SHARED_SLOPE_PRIOR if sjd.shared_noise else SLOPE_PRIOR
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """What adaptive widths weigh a pass by. `table`: the cost of one pass at each width a backend runs (a compiled
+    pass: a fixed set, a narrower window padded up to the next), in any unit; without it a pass of width t over R
+    rows costs `floor` + R * t in units of one row-token. `step`: plain AR's decode step in the table's unit (None:
+    no AR step to fall back to). `all_rows`: finished samples keep their rows in every pass (static shapes)."""
+
+    floor: float = 0.0
+    table: tuple[tuple[int, float], ...] | None = None  # (width, cost) pairs, widest last
+    step: float | None = None
+    all_rows: bool = False
+
+    def padded(self, t: int) -> int:
+        """The width a window of width t runs at."""
+        return t if self.table is None else next((w for w, _ in self.table if w >= t), self.table[-1][0])
 
 
 def choose_width(slope_A: torch.Tensor, remaining_A: torch.Tensor, max_width: int, rows: int,
-                 pass_overhead: float, leaves: tuple[int, int] = (0, 4)) -> int:
+                 pass_overhead: float, leaves: tuple[int, int] = (0, 4), table=None) -> int:
     """The window width in [1, max_width] with the most expected committed tokens per unit of pass cost: sample
     a is expected to commit min(remaining_a, 1 + slope_a ln t) tokens at width t, and a pass over `rows` backend
     rows costs pass_overhead + rows * t, plus the leaves of a token tree (`leaves` = (width, depth): width more
-    positions for each of the first depth ones)."""
+    positions for each of the first depth ones), or what `table` ((width, cost) pairs) says the padded width
+    costs."""
     L = int(min(max_width, int(remaining_A.max())))
     t = torch.arange(1, L + 1, dtype=torch.float64)
+    if table is None:
+        cost = pass_overhead + rows * (t + leaves[0] * t.clamp_max(leaves[1]))
+    else:
+        cost = torch.tensor([next((c for w, c in table if w >= i), table[-1][1]) for i in range(1, L + 1)],
+                            dtype=torch.float64)
     expected = (1 + slope_A.double()[:, None] * t.log()).minimum(remaining_A.double()[:, None])
-    rate = expected.sum(0) / (pass_overhead + rows * (t + leaves[0] * t.clamp_max(leaves[1])))
-    return int(rate.argmax()) + 1
+    return int((expected.sum(0) / cost).argmax()) + 1
 
 
 def _carry_unscored(drafts: torch.Tensor, q: torch.Tensor, src: torch.Tensor, carry: torch.Tensor):
@@ -293,8 +310,17 @@ def _one_hot(tokens: torch.Tensor, V: int) -> torch.Tensor:
 
 
 def _fill_drafts(drafts, q, first_new, n, out, left_dist, u, sjd: SJDConfig, grid_width: int | None, greedy):
-    """Initialize window slots j >= first_new[a] (token index n[a] + j) in place, left to right."""
+    """Initialize window slots j >= first_new[a] (token index n[a] + j) in place, left to right: ``random`` uniform
+    over the vocabulary (the paper's default), ``repeat`` the left neighbour, ``above`` the token one image row up
+    (the vertical prior), ``sample_left`` a draw from the left neighbour's distribution (then the draft's q). A copied
+    or uniform draft is deterministic, q one-hot at it: its acceptance is p(x), its residual p without x."""
     A, L, V = q.shape
+    if sjd.init == "random":  # no slot depends on another: all at once
+        new = torch.arange(L, device=drafts.device)[None] >= first_new[:, None]
+        tok = (u * V).long().clamp_max(V - 1)
+        drafts.copy_(torch.where(new, tok, drafts))
+        q.copy_(torch.where(new[..., None], _one_hot(tok, V), q))
+        return
     rows = torch.arange(A, device=drafts.device)
     for j in range(int(first_new.min()), L):
         new = j >= first_new
@@ -340,7 +366,9 @@ class JacobiState:
     slope: torch.Tensor  # (B,) adaptive widths: a sample commits about 1 + slope ln t tokens per pass (CPU)
     active: torch.Tensor  # (A,) samples still running (CPU)
     drafts: torch.Tensor  # (A, L) draft tokens of the window slots after the last committed token
-    q: torch.Tensor  # (A, L, V) the distribution each draft was drawn from
+    q: torch.Tensor | None  # (A, L, V) the distribution each draft was drawn from (None: shared noise)
+    noise: torch.Tensor | None = None  # (B, N, V) each position's Exp(1) noise (shared noise)
+    prior: float = SLOPE_PRIOR  # what a pass that shows nothing pulls the slopes back to
     decoder_passes: int = 0
 
 
@@ -387,19 +415,43 @@ def check_call(backend: JacobiBackend, sjd: SJDConfig, processor, neighbours):
     return neighbours[:, : sjd.lantern_k].to(backend.device)
 
 
-def start_state(B: int, N: int, L: int, V: int, device) -> JacobiState:
+def start_state(B: int, N: int, sjd: SJDConfig, V: int, device, noise: torch.Tensor | None = None) -> JacobiState:
+    L = sjd.window
     return JacobiState(out=torch.zeros(B, N, dtype=torch.long, device=device),
                        n=torch.zeros(B, dtype=torch.long, device=device), passes=torch.zeros(B, dtype=torch.long),
-                       slope=torch.full((B,), SLOPE_PRIOR, dtype=torch.float64), active=torch.arange(B),
-                       drafts=torch.zeros(B, L, dtype=torch.long, device=device), q=torch.zeros(B, L, V, device=device))
+                       slope=torch.full((B,), slope_prior(sjd), dtype=torch.float64), active=torch.arange(B),
+                       drafts=torch.zeros(B, L, dtype=torch.long, device=device),
+                       q=None if noise is not None else torch.zeros(B, L, V, device=device), noise=noise,
+                       prior=slope_prior(sjd))
 
 
-def pass_width(state: JacobiState, n_A: torch.Tensor, N: int, sjd: SJDConfig, rows_per_sample: int) -> int:
-    """This pass's window width: the configured window (up to the image's end), or the cost model's choice."""
+def position_noise(generators: Sequence[torch.Generator] | None, B: int, N: int, V: int, device) -> torch.Tensor:
+    """(B, N, V) Exp(1) noise, sample b's position i from generators[b] as plain AR's exponential race draws it
+    (torch's `exponential_`, N steps in one call), so shared-noise decoding commits AR's tokens."""
+    if generators is None:
+        return torch.empty(B, N, V, device=device).exponential_()
+    return torch.stack([torch.empty(N, V, device=g.device).exponential_(generator=g) for g in generators]).to(device)
+
+
+def pass_width(state: JacobiState, n_A: torch.Tensor, N: int, sjd: SJDConfig, rows: int, cost: PassCost) -> int:
+    """This pass's window width: the configured window (up to the image's end), or the cost model's choice for a
+    pass over `rows` backend rows."""
     if sjd.adaptive:
-        return choose_width(state.slope[state.active], (N - n_A).cpu(), sjd.window, rows_per_sample * len(n_A),
-                            sjd.pass_overhead, (sjd.tree_width, sjd.tree_depth))
+        return choose_width(state.slope[state.active], (N - n_A).cpu(), sjd.window, rows, cost.floor,
+                            (sjd.tree_width, sjd.tree_depth), cost.table)
     return int(min(sjd.window, int((N - n_A).max())))
+
+
+def speculation_pays(cost: PassCost, sjd: SJDConfig, samples: int, rows: int, tokens: int) -> bool:
+    """Whether a batch's first adaptive pass, at the prior acceptance, is expected to commit more tokens per unit
+    of cost than plain AR's decode step (always True where there is no AR step to fall back to)."""
+    if cost.step is None:
+        return True
+    prior = slope_prior(sjd)
+    slope, remaining = torch.full((samples,), prior), torch.full((samples,), tokens)
+    t = choose_width(slope, remaining, sjd.window, rows, cost.floor, (0, 4), cost.table)
+    pass_cost = dict(cost.table)[cost.padded(t)] if cost.table else cost.floor + rows * t
+    return (1 + prior * math.log(t)) / pass_cost > 1 / cost.step
 
 
 def propose(state: JacobiState, n_A: torch.Tensor, T: int, sjd: SJDConfig):
@@ -449,16 +501,13 @@ def draw(rng: RowRandom, active: torch.Tensor, T: int, V: int, sjd: SJDConfig) -
     """This pass's randomness, in a fixed order. Adaptive widths already tie a sample's draws to its batch (the
     widths depend on it), so they draw only the refresh noise this pass uses; fixed windows draw the same amounts
     every pass."""
-    L = sjd.window
-    accept = rng.uniform(active, L)[:, :T]
-    fresh = rng.exponential(active, T if sjd.adaptive else L, V)[:, :T]
-    resid = rng.exponential(active, V)
-    init = rng.uniform(active, L)
-    couple = rng.uniform(active, L)[:, :T] if sjd.coupled else None
-    leaf = leaf_noise = None
-    if sjd.tree_width:
-        leaf, leaf_noise = rng.uniform(active, sjd.tree_width), rng.exponential(active, V)
-    return Draws(accept, fresh, resid, init, couple, leaf, leaf_noise)
+    L, c = sjd.window, sjd.tree_width
+    shapes = [(L,), (T if sjd.adaptive else L, V), (V,), (L,)] + [(L,)] * sjd.coupled + [(c,), (V,)] * bool(c)
+    u = rng.uniforms(active, *shapes)
+    exp = lambda x: -torch.log1p(-x)  # noqa: E731 - Exp(1) noise of the races
+    return Draws(accept=u[0][:, :T], fresh=exp(u[1][:, :T]), resid=exp(u[2]), init=u[3],
+                 couple=u[4][:, :T] if sjd.coupled else None, leaf=u[-2] if c else None,
+                 leaf_noise=exp(u[-1]) if c else None)
 
 
 def verify(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, remaining: torch.Tensor, draws: Draws,
@@ -517,7 +566,7 @@ def update_slopes(state: JacobiState, accepted: torch.Tensor, remaining: torch.T
     if T > 1 and state.decoder_passes > WARMUP_PASSES:
         seen = (accepted - 1).cpu().double() / math.log(T)
     else:
-        seen = torch.full((len(active),), SLOPE_PRIOR).double()
+        seen = torch.full((len(active),), state.prior).double()
     full = remaining.cpu() > T
     state.slope[active] = torch.where(full, SLOPE_DECAY * state.slope[active] + (1 - SLOPE_DECAY) * seen,
                                       state.slope[active])
@@ -549,9 +598,8 @@ def refresh(state: JacobiState, p: torch.Tensor, verdict: Verdict, draws: Draws,
     from_pass, from_old = src < T, (src >= T) & (src < L)
     src_c = src.clamp_max(T - 1)
     drafts, q = _carry_unscored(state.drafts, q, src, from_old)
-    drafts[from_pass] = fresh.gather(1, src_c)[from_pass]
-    rows = torch.arange(A, device=p.device)
-    q[from_pass] = p[rows[:, None].expand(A, L), src_c][from_pass]
+    drafts = torch.where(from_pass, fresh.gather(1, src_c), drafts)
+    q = torch.where(from_pass[..., None], p.gather(1, src_c[..., None].expand(-1, -1, p.shape[-1])), q)
     if verdict.by_leaf is not None:  # a leaf's output is exactly the next token's distribution
         drafts[:, 0] = torch.where(verdict.by_leaf, _race(verdict.after_leaf, draws.leaf_noise, greedy), drafts[:, 0])
         q[:, 0] = torch.where(verdict.by_leaf[:, None], verdict.after_leaf, q[:, 0])
@@ -566,7 +614,70 @@ def drop_finished(state: JacobiState, backend: JacobiBackend, N: int) -> None:
     running = state.n[state.active.to(state.n.device)] < N
     if not bool(running.all()):
         backend.keep(running)
-        state.active, state.drafts, state.q = state.active[running.cpu()], state.drafts[running], state.q[running]
+        state.active, state.drafts = state.active[running.cpu()], state.drafts[running]
+        state.q = None if state.q is None else state.q[running]
+
+
+# ---- shared noise: a position's token is the race of its p with that position's own noise --------------------------
+# Plain AR samples token i as argmax p_i / E_i with E_i ~ Exp(1) drawn for position i. Give every window position its
+# own E_i, fixed for the whole call: the pass's race at position j is then exactly AR's token there once the drafts
+# before j are right, whatever they were drawn from. A draft is accepted when it equals that race, the first position
+# where it does not commits the race's token, and the tokens are AR's for the same noise (Jacobi decoding of the
+# race, the shared-noise coupling named beside Speculative Coupled Decoding). Drafts need no q and no draws.
+
+
+def _window_noise(state: JacobiState, n_A: torch.Tensor, T: int) -> torch.Tensor:
+    """(A, T, V) the noise of the positions n_A .. n_A + T - 1 (the last one again past the image's end)."""
+    positions = (n_A[:, None] + torch.arange(T, device=n_A.device)).clamp_max(state.noise.shape[1] - 1)
+    return state.noise[state.active.to(n_A.device)[:, None], positions]
+
+
+def verify_shared(p: torch.Tensor, x: torch.Tensor, remaining: torch.Tensor, noise: torch.Tensor,
+                  greedy: bool) -> Verdict:
+    """Shared-noise verification: the race y_j of p_j with its position's noise (A, T) is the token, drafts x_j equal
+    to it are accepted left to right, the first position where x_j != y_j commits y_j."""
+    T = p.shape[1]
+    y = _race(p, noise, greedy)
+    m = remaining.clamp_max(T)  # positions inside the image
+    k = ((x == y) & (torch.arange(T, device=p.device)[None] < m[:, None])).long().cumprod(1).sum(1)
+    return Verdict(tokens=y, accepted=k + (k < m).long())
+
+
+def refresh_shared(state: JacobiState, p: torch.Tensor, verdict: Verdict, sjd: SJDConfig, grid_width: int | None,
+                   greedy: bool) -> None:
+    """The next drafts: this pass's races after the committed tokens (the Jacobi update), drafts a narrower pass did
+    not score as they were, new slots from the initialization (`_fill_shared`)."""
+    T, L = p.shape[1], sjd.window
+    src = torch.arange(L, device=p.device)[None] + verdict.accepted[:, None]  # old window slot of new slot j
+    drafts = torch.where(src < T, verdict.tokens.gather(1, src.clamp_max(T - 1)),
+                         state.drafts.gather(1, src.clamp_max(L - 1)))
+    _fill_shared(state, drafts, L - verdict.accepted, p[:, T - 1], sjd, grid_width, greedy)
+    state.drafts = drafts
+
+
+def _fill_shared(state: JacobiState, drafts: torch.Tensor, first_new: torch.Tensor, left_dist: torch.Tensor | None,
+                 sjd: SJDConfig, grid_width: int | None, greedy: bool) -> None:
+    """Initialize window slots j >= first_new[a] in place, from each slot's own noise E: ``random`` argmin E (a
+    uniform token), ``sample_left`` the race of the left neighbour's distribution with E, ``repeat`` / ``above``
+    the token to the left / above. Any draft keeps the tokens exact; these are cheap guesses."""
+    active = state.active.to(drafts.device)
+    n, out, N, L = state.n[active], state.out[active], state.out.shape[1], drafts.shape[1]
+    rows = torch.arange(len(active), device=drafts.device)
+    for j in range(int(first_new.min()), L):
+        new = j >= first_new
+        noise = state.noise[active, (n + j).clamp_max(N - 1)]  # (A, V)
+        left = drafts[:, j - 1] if j > 0 else torch.where(n > 0, out[rows, (n - 1).clamp_min(0)], noise.argmin(-1))
+        if sjd.init == "random":
+            tok = noise.argmin(-1)
+        elif sjd.init == "sample_left":
+            tok = noise.argmin(-1) if left_dist is None else _race(left_dist, noise, greedy)
+        elif sjd.init == "above" and grid_width is not None:
+            up = n + j - grid_width
+            tok = drafts[:, j - grid_width] if j >= grid_width else torch.where(up >= 0, out[rows, up.clamp_min(0)],
+                                                                                  left)
+        else:  # repeat, or above without a grid
+            tok = left
+        drafts[:, j] = torch.where(new, tok, drafts[:, j])
 
 
 @torch.no_grad()
@@ -580,6 +691,7 @@ def jacobi_sample(
     callback: Callable[[int], None] | None = None,
     processor: Callable | None = None,
     neighbours: torch.Tensor | None = None,
+    cost: PassCost | None = None,
 ) -> tuple[torch.Tensor, SJDStats]:
     """Sample (num_samples, num_tokens) tokens with speculative Jacobi decoding.
 
@@ -588,28 +700,40 @@ def jacobi_sample(
     lengths)` is the same extra stage plain AR takes (e.g. a watermark); it sees each window position's
     prefix (committed tokens, then the drafts before it), so SJD samples the processed distribution.
     `neighbours` (V, k): each code's nearest codebook neighbours (`codebook_neighbours`), needed by the lossy
-    ``lantern_delta`` acceptance only."""
+    ``lantern_delta`` acceptance only. `cost`: the backend's pass cost for adaptive widths (default: floor
+    `sjd.pass_overhead`, any width)."""
     neighbours = check_call(backend, sjd, processor, neighbours)
+    cost = cost or PassCost(sjd.pass_overhead)
     B, V, N, L = backend.num_samples, backend.vocab_size, num_tokens, sjd.window
     rng = RowRandom(generators, B, backend.device)
     greedy = sampling.temperature == 0
-    state = start_state(B, N, L, V, backend.device)
-    _fill_drafts(state.drafts, state.q, torch.zeros_like(state.n), state.n, state.out, None,
-                 rng.uniform(state.active, L), sjd, grid_width, greedy)
+    noise = position_noise(generators, B, N, V, backend.device) if sjd.shared_noise else None
+    state = start_state(B, N, sjd, V, backend.device, noise)
+    if sjd.shared_noise:
+        _fill_shared(state, state.drafts, torch.zeros_like(state.n), None, sjd, grid_width, greedy)
+    else:
+        _fill_drafts(state.drafts, state.q, torch.zeros_like(state.n), state.n, state.out, None,
+                     rng.uniform(state.active, L), sjd, grid_width, greedy)
     rows_per_sample = 2 if backend.use_cfg else 1
     while len(state.active):
         n_A = state.n[state.active.to(state.n.device)]
-        T = pass_width(state, n_A, N, sjd, rows_per_sample)
+        T = pass_width(state, n_A, N, sjd, rows_per_sample * (B if cost.all_rows else len(n_A)), cost)
         window, leaves = propose(state, n_A, T, sjd)
         p, leaf_p = score(backend, window, n_A, leaves, state, sampling, processor, greedy)
         state.decoder_passes += 1
-        draws = draw(rng, state.active, T, V, sjd)
-        verdict = verify(p, state.q[:, :T], state.drafts[:, :T], N - n_A, draws, sjd, neighbours, leaves, leaf_p,
-                         greedy)
+        if sjd.shared_noise:
+            verdict = verify_shared(p, state.drafts[:, :T], N - n_A, _window_noise(state, n_A, T), greedy)
+        else:
+            draws = draw(rng, state.active, T, V, sjd)
+            verdict = verify(p, state.q[:, :T], state.drafts[:, :T], N - n_A, draws, sjd, neighbours, leaves,
+                             leaf_p, greedy)
         if sjd.adaptive:
             update_slopes(state, verdict.accepted, N - n_A, T)
         commit(state, n_A, verdict)
-        refresh(state, p, verdict, draws, sjd, grid_width, greedy)
+        if sjd.shared_noise:
+            refresh_shared(state, p, verdict, sjd, grid_width, greedy)
+        else:
+            refresh(state, p, verdict, draws, sjd, grid_width, greedy)
         drop_finished(state, backend, N)
         if callback is not None:
             callback(int(state.n.min()))
