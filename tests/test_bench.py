@@ -1,50 +1,123 @@
-"""`mmgen bench`: the SJD suite on the shipped model, at the smallest settings, reports consistent ratios."""
+"""`mmgen bench`: the SJD suite's report on a tiny pipeline (structure, both baselines, exact modes' greedy tokens
+equal to AR's, and that check's power), the CLI's errors, the memory suite on the shipped model."""
 
+import json
+import os
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from conftest import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
 from mmgen import bench, cli
-from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale
+from mmgen.bench import device
+from mmgen.pipelines import load_pipeline
+from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE
+from mmgen.zoo import DEFAULT_MODEL
 
 
-def test_sjd_suite_report():
-    r = bench.bench_sjd(DEFAULT_MODEL, batch_sizes=(1, 2), repeats=1, num_prompts=2, eval_per_category=1,
-                        sweep_windows=(4,), tree_widths=(1,), tree_depth=2, compiled=False, progress=False)
+@pytest.fixture(scope="module")
+def tiny_shapes_pipe_dir(tmp_path_factory):
+    """A tiny next-token pipeline that reads shapes prompts: 8 px images of 4 x 4 codes, a 2-layer decoder."""
+    d = tmp_path_factory.mktemp("tiny_shapes_pipe")
+    tok = tiny_text_tokenizer(shapes_words=True)
+    tiny_next_token_pipeline(tok, tiny_vqgan(image_size=8), max_seq_len=64, max_text_len=24).save_pretrained(d)
+    return d
+
+
+def _sjd_report(model_dir, monkeypatch):
+    # the compiled modes' graphs run eagerly here (their values are test_compiled_decode's): the suite's bookkeeping
+    # is what is tested, in seconds
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    return bench.bench_sjd(model_dir, batch_sizes=(1,), repeats=1, num_prompts=2, window=4, eval_per_category=0,
+                           sweep_windows=(), tree_widths=(), tree_depth=2, pass_widths=(1, 2), accept_widths=(2,),
+                           hf_generate=False, progress=False)
+
+
+def test_sjd_suite_report(tiny_shapes_pipe_dir, monkeypatch):
+    r = _sjd_report(tiny_shapes_pipe_dir, monkeypatch)
     n = r["tokens_per_image"]
-    assert n == 64 and r["num_prompts"] == 2
-    assert r["guidance_scale"] == default_guidance_scale(DEFAULT_MODEL) == 1.5  # the model's own, as generate
-    modes = {"ar", "sjd", "sjd_coupled", "sjd_adaptive", "sjd_tree", "sjd_tree_adaptive", "sjd_lantern"}
-    for b in ("batch_1", "batch_2"):
-        rows = r["latency"][b]
-        assert set(rows) == modes
-        assert rows["ar"]["passes_per_call"] == n and rows["ar"]["step_compression"] == 1.0
-        assert rows["ar"]["speedup"] == 1.0
-        for name, row in rows.items():  # every mode says whether it is exact; only LANTERN is not
-            assert row["lossless"] is (name != "sjd_lantern")
-            assert 1 <= row["passes_per_call"] <= n
-            assert row["step_compression"] == pytest.approx(n / row["passes_per_call"], abs=1e-3)
-        profile = r["pass_profile"][b]["sjd"]
-        assert 0 < profile["forward_share"] <= 1 and 1 <= profile["mean_width"] <= 16
-    assert set(r["accuracy"]) == modes and r["accuracy"]["ar"]["n"] == 4
-    assert r["accuracy"]["sjd_lantern"]["lossless"] is False
-    assert r["window_sweep_batch_1"]["window_4"]["step_compression"] >= 1.0
-    # the chain runs first as the tree sweep's baseline, also when not asked for
-    assert list(r["tree_sweep_batch_1"]) == ["tree_width_0", "tree_width_1"] and r["tree_depth"] == 2
-    assert r["tree_sweep_batch_1"]["tree_width_0"]["compression_gain"] == 1.0
-    assert r["pass_profile"]["batch_1"]["sjd_tree"]["passes"] <= n
-    # transformers' generate() on the converted weights takes the same greedy path as mmgen's decode loop
-    assert r["hf_generate"]["batch_1"]["greedy_tokens_identical"] is True
-    assert r["hf_generate"]["batch_2"]["greedy_tokens_identical"] is True
-    # and so does the compiled decode step (compiled for one and for two rows), timed apart from its compile
-    for b in ("batch_1", "batch_2"):
-        row = r["hf_generate"][b]
-        assert row["compiled_greedy_tokens_identical"] is True and row["compile_seconds"] >= 0
-        assert row["generate_over_mmgen_compiled"] == pytest.approx(
-            row["transformers_generate_seconds"] / row["mmgen_compiled_seconds"], rel=0.01)
-    assert len(set(r["hf_generate"]["prompts"])) == 3
+    assert n == 16 and r["num_prompts"] == 2 and r["window"] == 4
+    assert r["guidance_scale"] == DEFAULT_GUIDANCE_SCALE  # the model's own: it was saved with the default
+    rows = r["latency"]["batch_1"]
+    exact = {"ar_compiled", "sjd", "sjd_coupled", "sjd_adaptive", "sjd_tree", "sjd_tree_adaptive", "sjd_shared",
+             "sjd_compiled", "sjd_compiled_adaptive"}
+    assert set(rows) == exact | {"ar", "sjd_lantern"}
+    for name, row in rows.items():
+        assert row["lossless"] is (name != "sjd_lantern")  # only LANTERN relaxes the acceptance
+        assert set(row) >= {"speedup", "speedup_vs_compiled"}  # against both baselines
+        assert row["passes_per_call"] == n if name.startswith("ar") else row["passes_per_call"] < n
+    assert rows["ar"]["speedup"] == rows["ar_compiled"]["speedup_vs_compiled"] == 1.0
+    # shared-noise verification samples AR's own tokens for the same seeds, eager and through the compiled path
+    for name in ("ar_compiled", "sjd_shared", "sjd_compiled", "sjd_compiled_adaptive"):
+        assert rows[name]["tokens_equal_ar"] == 1.0, name
+    # every exact mode commits AR's greedy tokens, the compiled ones through the compiled modes' code paths
+    assert r["greedy_equals_ar"]["batch_1"] == dict.fromkeys(exact, True)
+    timing = r["pass_time"]["batch_1"]
+    assert timing["rows"] == 2 and set(timing["ar_step_ms"]) == {"eager", "compiled"}
+    assert set(timing["verify_pass_ms"]) == {"width_1", "width_2"}
+    assert set(timing["verify_pass_ms"]["width_2"]) == {"eager", "compiled"}
+    profile = r["pass_profile"]["batch_1"]
+    assert set(profile) == {"sjd", "sjd_adaptive", "sjd_compiled_adaptive"}
+    assert profile["sjd"]["mean_width"] > 1 and profile["sjd"]["passes"] < n
+    accepted = r["accepted_by_width_batch_1"]
+    assert set(accepted) == {"coupled_width_2", "coupled_above_width_2", "shared_width_2", "shared_above_width_2"}
+    assert all(1 <= a <= 2 for a in accepted.values())
+
+
+def test_greedy_check_catches_a_wrong_verifier(tiny_shapes_pipe_dir, monkeypatch):
+    """The suite's exactness column has power: a verifier that accepts every draft (no rejection) is reported."""
+    import mmgen.sampling.sjd as sjd_module
+
+    verify = sjd_module.verify
+
+    def accept_all(p, q, x, remaining, draws, *args):
+        draws.accept = draws.accept - 1  # every draft passes its test, whatever p says
+        return verify(p, q, x, remaining, draws, *args)
+
+    pipe = load_pipeline(tiny_shapes_pipe_dir)
+    pipe.set_progress_bar_config(disable=True)
+    modes = {"ar": dict(sampler="ar"), "sjd": dict(sampler="sjd", sjd_window=4)}
+    prompts = ["a red circle", "two blue squares"]
+    assert bench.sjd.greedy_check(pipe, prompts, modes, 2, 3.0) == {"sjd": True}
+    monkeypatch.setattr(sjd_module, "verify", accept_all)
+    assert bench.sjd.greedy_check(pipe, prompts, modes, 2, 3.0) == {"sjd": False}
+
+
+def test_gpu_check_pieces_dry_run(tiny_shapes_pipe_dir, tmp_path, monkeypatch):
+    """Every piece of scripts/gpu_check.sh at toy sizes on the CPU (its --device cpu mode), and the report they
+    make: each step's status, the tests' counts, each piece's JSON."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    suites = device.suites("cpu", tmp_path / "suites.json", tiny=True, model=tiny_shapes_pipe_dir)
+    assert set(suites["sjd"]["latency"]) == {"batch_1", "batch_2"}
+    assert set(suites["sjd"]["latency"]["batch_2"]) == set(device.SUITE_MODES)
+    assert suites["decode"]["batch_2"]["greedy_tokens_identical"] is True
+    timing = device.pass_time("cpu", tmp_path / "pass_time.json", tiny=True, dtype=torch.float32)
+    assert set(timing["eager_ms"]) == set(timing["compiled_ms"]) == {"width_1", "width_2"}
+    train = device.train("cpu", tmp_path / "train.json", tiny=True, model=tiny_shapes_pipe_dir)
+    assert train["batch_size"] == 4 and train["bf16"]["images_per_second"] > 0 and "bf16_speedup" in train
+    (tmp_path / "steps.txt").write_text("tests 0 3\nsuites 0 9\npass_time 0 1\ntrain 124 50\n")
+    (tmp_path / "tests.xml").write_text('<testsuites><testsuite tests="7" failures="1" errors="0" skipped="0">'
+                                        '<testcase classname="t" name="a"><failure/></testcase>'
+                                        '<testcase classname="t" name="b"/></testsuite></testsuites>')
+    r = device.report(tmp_path)
+    assert r["steps"]["train"] == {"exit_status": 124, "seconds": 50, "timed_out": True}
+    assert r["tests"] == {"ran": True, "tests": 7, "failures": 1, "errors": 0, "skipped": 0, "failed": ["t::a"]}
+    assert [r[k] for k in ("suites", "pass_time", "train")] == json.loads(json.dumps([suites, timing, train]))
+
+
+def test_gpu_check_script_arguments(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "give REPORT.json, or set $OUT" in proc.stderr
+    proc = subprocess.run(["bash", str(script), "--gpu"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "unknown option --gpu" in proc.stderr
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "--device cpu: a dry run" in proc.stdout
 
 
 def test_bench_cli_rejects_bad_suite_and_model(tmp_path, monkeypatch, capsys):

@@ -65,7 +65,8 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
         if watermark_fpr_images:
             report["watermark"]["clean_fpr"] = clean_fpr(pipe, watermark_fpr_images, guidance_scale=guidance_scale,
                                                          progress=progress)
-    paradigm_kw = dict(progress=progress, guidance_scale=guidance_scale, **_pick(kw, "batch_sizes", "repeats", "device"),
+    paradigm_kw = dict(progress=progress, guidance_scale=guidance_scale,
+                       **_pick(kw, "batch_sizes", "repeats", "device"),
                        eval_per_category=kw.get("paradigm_eval_per_category", 0),
                        eval_split=kw.get("eval_split", "heldout"))
     if "paradigms" in suites:
