@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_transformer
+from tiny import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_transformer
 from mmgen import cli
 from mmgen.paradigms.next_token import NextTokenLayout, generate, generate_sjd
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
-from mmgen.watermark import (WatermarkConfig, WatermarkProcessor, alpha_reweight, cluster_by_confusion,
-                             cluster_codebook, confusion_matrix, detect_tokens,
+from mmgen.watermark import (KeyedPermutations, WatermarkConfig, WatermarkProcessor, alpha_reweight,
+                             cluster_by_confusion, cluster_codebook, confusion_matrix, detect_tokens,
                              detect_tokens_combined, kmeans)
 from mmgen.watermark.core import binomial_sf, contexts, uniform_sum_sf
 from test_sjd import N_SAMPLES, empirical, peaked_model, tv, tv_bound
@@ -78,7 +78,6 @@ def test_false_positive_rate_at_or_below_nominal():
         assert (p_values < nominal).float().mean() <= nominal, nominal
 
     # power of the check: scoring every position (repeated contexts included) breaks the null distribution
-    from mmgen.watermark import KeyedPermutations
     perms, naive = KeyedPermutations("the-key", 8), []
     for row in cfg.symbols(seqs).tolist():
         ctx = contexts(row, 2)
@@ -194,6 +193,71 @@ def test_watermark_is_detected_in_generated_tokens(method, keying, statistic):
     hits = [d.p_value < 0.01 for d in detect_tokens(codes.flatten(1), cfg, "k1")]
     wrong_key = [d.p_value < 0.01 for d in detect_tokens(codes.flatten(1), cfg, "k2")]
     assert sum(hits) >= 36 and sum(wrong_key) <= 2
+
+
+def _slow_step(cfg, perms, logits_V, ctx, keyed):
+    """One row's watermark step written out: the rank of every symbol under ctx's permutation, then C-reweight
+    (cluster marginals reweighted, spread back in proportion) or KGW-token (+delta on the green tokens)."""
+    if not keyed:
+        return logits_V.float()
+    ranks, p = perms.ranks(ctx), logits_V.float().softmax(-1)
+    if cfg.method == "c-reweight":
+        clusters = torch.tensor(cfg.clusters)
+        pc = torch.zeros(cfg.num_clusters).index_add(0, clusters, p)
+        qc = alpha_reweight(pc[None], ranks[None], cfg.alpha)[0]
+        q = p * torch.where(pc > 0, qc / pc, 0.0)[clusters]
+        return (q / q.sum()).log()
+    green = ranks >= math.ceil(cfg.gamma * cfg.num_symbols)
+    return logits_V.float().log_softmax(-1) + cfg.delta * green.float()
+
+
+def _slow_processor(cfg, key, logits_NV, prefix_NL, lengths_N, key_repeats=False):
+    """The processor row by row on the host, contexts as tuples (`contexts`). key_repeats: a wrong variant that keys
+    a context again where it repeats."""
+    perms = KeyedPermutations(key, cfg.num_symbols)
+    out = []
+    for lg, row, n in zip(logits_NV, cfg.symbols(prefix_NL).tolist(), lengths_N.tolist()):
+        ctxs = contexts(row[:n], cfg.context, cfg.keying)
+        out.append(_slow_step(cfg, perms, lg, ctxs[-1], key_repeats or ctxs[-1] not in ctxs[:-1]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("method,keying,h,dense", [("c-reweight", "clusters", 2, True),
+                                                   ("kgw-token", "clusters", 1, False),
+                                                   ("c-reweight", "position", 1, True)])
+def test_vectorised_processor_equals_the_slow_reference(method, keying, h, dense, monkeypatch):
+    """The processor (every row and position at once, on the logits' device) against `_slow_processor` on streams
+    with repeated contexts, along a prefix (rows shared as under SJD) and in a decoding order (`keyed_by`); both rank
+    tables (all ids at once, or filled as ids appear). The wrong variant, keying repeats, fails the same check."""
+    from mmgen.paradigms.next_neighbor import NARLayout, watermark_key_order
+    from mmgen.text import UnifiedVocab
+    from mmgen.watermark import core
+
+    if not dense:
+        monkeypatch.setattr(core, "DENSE_CONTEXTS", 0)
+    cfg = WatermarkConfig(method=method, num_clusters=4, context=h, keying=keying,
+                          clusters=torch.arange(32).remainder(4).tolist())
+    g = torch.Generator().manual_seed(0)
+    prefix, logits = _markov_sequences(6, length=16, vocab=32, seed=3), torch.randn(10, 32, generator=g) * 2
+    rows, lengths = torch.randint(6, (10,), generator=g), torch.randint(0, 18, (10,), generator=g)
+    proc = WatermarkProcessor(cfg, "k")
+    got = proc(logits, prefix, lengths, rows)
+    torch.testing.assert_close(got, _slow_processor(cfg, "k", logits, prefix[rows], lengths), rtol=1e-5, atol=1e-5)
+    if keying == "clusters":
+        wrong = _slow_processor(cfg, "k", logits, prefix[rows], lengths, key_repeats=True)
+        assert not torch.allclose(got, wrong, rtol=1e-5, atol=1e-5)
+
+    layout = NARLayout(UnifiedVocab(text_vocab_size=10, image_vocab_size=32), max_text_len=4, grid=(4, 4))
+    order, perms = watermark_key_order(layout), KeyedPermutations("k", cfg.num_symbols)
+    positions = torch.randint(16, (10,), generator=g)
+    got = proc.keyed_by(order, logits, prefix, rows, positions)
+    expected = []
+    for lg, b, p in zip(logits, rows.tolist(), positions.tolist()):
+        syms = cfg.symbols(prefix[b]).tolist()
+        ctx = order.context(syms, p, h, keying)
+        earlier = [order.context(syms, q, h, keying) for q in order.order[: order.rank[p]]]
+        expected.append(_slow_step(cfg, perms, lg, ctx, ctx not in earlier))
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_sjd_with_watermark_samples_the_watermarked_distribution():
@@ -404,11 +468,12 @@ def test_cli_detect_reads_jpeg_and_webp(watermarked, tmp_path):
 
 def test_attack_suite_and_clean_fpr_report(watermarked):
     """The bench's watermark suite on the tiny model: every method x attack (flip included) with rates in range,
-    the KGW strength override recorded, and the clean-image FPR under several keys."""
-    from mmgen.bench.watermark import ATTACKS, attack_suite, clean_fpr
+    the KGW strength override recorded, the clean-image FPR under several keys, and the watermark's cost against
+    plain sampling (AR and SJD), part of it timed inside the processor."""
+    from mmgen.bench.watermark import ATTACKS, attack_suite, clean_fpr, overhead
 
     pipe = watermarked.again
-    report = attack_suite(pipe, n_images=4, batch_size=4, delta=5.0, progress=False)
+    report = attack_suite(pipe, n_images=4, batch_size=4, delta=5.0, progress=False, overhead_repeats=0)
     assert report["kgw_delta"] == {"kgw-token": 5.0, "kgw-cluster": 5.0} and "flip" in ATTACKS
     for rows in report["methods"].values():
         assert set(rows) == {"tokens", *ATTACKS}
@@ -417,3 +482,8 @@ def test_attack_suite_and_clean_fpr_report(watermarked):
     fpr = clean_fpr(pipe, n_images=6, keys=3, batch_size=6, progress=False)
     assert fpr["images"] == 6 and set(fpr["methods"]) == set(report["methods"])
     assert all(0 <= m["fpr_mean"] <= m["fpr_max"] <= 1 for m in fpr["methods"].values())
+    cost = overhead(pipe, batch_sizes=(2,), repeats=1, sjd_window=4, progress=False)
+    assert {k for k in cost if k.startswith("batch_")} == {"batch_2/ar", "batch_2/sjd"}
+    for row in (cost["batch_2/ar"], cost["batch_2/sjd"]):
+        assert set(row["methods"]) == set(report["methods"]) and row["plain_seconds"] > 0
+        assert all(0 < m["processor_share"] < 1 for m in row["methods"].values())

@@ -1,13 +1,16 @@
-"""The watermark robustness suite of `mmgen bench --suite watermark`, and its image attacks.
+"""The watermark suite of `mmgen bench --suite watermark`: robustness under image attacks, and the watermark's cost.
 
-Each attack maps a PIL image to a PIL image of the same size, deterministically for a seed. The suite lives with
-the benchmarks, not in `mmgen.watermark`, because it drives a pipeline (`mmgen.watermark` sits below the
-pipelines and knows only tokens).
+Each attack maps a PIL image to a PIL image of the same size, deterministically for a seed. `overhead` times
+watermarked sampling against plain sampling of the same model in the same process. The suite lives with the
+benchmarks, not in `mmgen.watermark`, because it drives a pipeline (`mmgen.watermark` sits below the pipelines and
+knows only tokens).
 """
 
 from __future__ import annotations
 
 import io
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -15,9 +18,14 @@ from PIL import Image, ImageEnhance, ImageFilter
 from torchmetrics.classification import BinaryAUROC
 from tqdm.auto import tqdm
 
+from mmgen.bench.common import distinct_prompts, guidance, synchronize
 from mmgen.data.shapes import heldout_prompts
+from mmgen.paradigms import next_token
 from mmgen.pipelines.base import generators_from_seed
-from mmgen.watermark import METHODS, detect_tokens
+from mmgen.sampling.logits import SamplingConfig
+from mmgen.sampling.sjd import SJDConfig
+from mmgen.text import encode_prompts
+from mmgen.watermark import METHODS, WatermarkProcessor, detect_tokens
 
 
 def jpeg(quality: int):
@@ -76,13 +84,14 @@ ATTACKS = {
 
 def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: float = 0.01, seed: int = 0,
                  guidance_scale: float | None = None, batch_size: int = 25, configs: dict | None = None,
-                 delta: float | None = None, progress: bool = True) -> dict:
+                 delta: float | None = None, progress: bool = True, overhead_repeats: int = 7) -> dict:
     """Generate n_images per method with the watermark and n_images without, attack, re-tokenize, detect.
 
     Per method and attack: TPR at the nominal FPR (p-value < fpr), the empirical FPR on the unwatermarked
     images, AUC of the z-score (watermarked vs not), and the re-tokenization match rate of token and symbol.
     Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch.
-    `guidance_scale` None: the model's own; `delta`: the KGW rows' strength (None: the config's)."""
+    `guidance_scale` None: the model's own; `delta`: the KGW rows' strength (None: the config's). The report's
+    "overhead" is `overhead` at batch 1 and 8 over `overhead_repeats` repeats (0: not measured)."""
     base = pipe.watermark_config()
     if configs is None:
         # KGW is tested with its own statistic, the green-list count
@@ -144,6 +153,86 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
             }
         bar.update()
         report["methods"][method] = rows
+    bar.close()
+    if overhead_repeats:
+        report["overhead"] = overhead(pipe, repeats=overhead_repeats, guidance_scale=guidance_scale, key=key,
+                                      seed=seed, progress=progress)
+    return report
+
+
+class _Timed:
+    """A watermark processor that adds the seconds spent in it (its queued device work waited for) to `seconds`."""
+
+    def __init__(self, processor: WatermarkProcessor, device):
+        self.processor, self.device, self.seconds = processor, device, 0.0
+
+    def __call__(self, *args):
+        return self._time(self.processor, *args)
+
+    def keyed_by(self, *args):
+        return self._time(self.processor.keyed_by, *args)
+
+    def _time(self, fn, *args):
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+@torch.no_grad()
+def overhead(pipe, batch_sizes=(1, 8), repeats: int = 7, methods=METHODS, samplers=("ar", "sjd"),
+             guidance_scale: float | None = None, key: str = "mmgen-bench-key", seed: int = 0, sjd_window: int = 16,
+             progress: bool = True) -> dict:
+    """What the watermark costs: the model's tokens sampled without it and with each method (the processor made per
+    call, as a pipeline call makes it), by its own paradigm's `generate` (and speculative Jacobi decoding for a
+    next-token model), interleaved repeat by repeat with the same prompt and seeds; median seconds over `repeats`
+    after a warm-up. `ratio`: watermarked / plain seconds (the goal: <= 1.05 at batch 8); `processor_share`: the
+    share of the watermarked call spent inside the processor, timed in the same call, so it does not move with
+    the machine's load as two calls' ratio does. Decoding tokens to pixels is left out of both."""
+    layout, device = pipe.layout, pipe.transformer.device
+    scale = guidance(pipe, guidance_scale)
+    prompts = distinct_prompts(heldout_prompts, repeats + 1, seed)
+    texts = encode_prompts(pipe.tokenizer, prompts, layout.max_text_len)
+    sampling = SamplingConfig(scale)
+    if pipe.paradigm is not next_token:
+        samplers = tuple(s for s in samplers if s == "ar")
+
+    def call(sampler, text, b, r, method=None):
+        gens = generators_from_seed(seed + r, b)
+        processor = None if method is None else _Timed(WatermarkProcessor(pipe.watermark_config(method), key), device)
+        synchronize(device)
+        t0 = time.perf_counter()
+        if sampler == "ar":
+            pipe.paradigm.generate(pipe.transformer, layout, [text] * b, sampling, gens, processor=processor)
+        else:
+            next_token.generate_sjd(pipe.transformer, layout, [text] * b, sampling, SJDConfig(sjd_window), gens,
+                                    processor=processor)
+        synchronize(device)
+        seconds = time.perf_counter() - t0
+        return seconds, 0.0 if processor is None else processor.seconds / seconds
+
+    variants = (None, *methods)
+    report = {"guidance_scale": scale, "repeats": repeats, "prompts": prompts[1:], "sjd_window": sjd_window}
+    bar = tqdm(total=len(batch_sizes) * len(samplers) * len(variants) * (repeats + 1), desc="watermark overhead",
+               disable=not progress)
+    for b in batch_sizes:
+        for sampler in samplers:
+            for m in variants:  # warm-up
+                call(sampler, texts[0], b, 0, m)
+                bar.update()
+            times = {m: [] for m in variants}
+            for r, text in enumerate(texts[1:]):
+                for m in variants[r % len(variants):] + variants[: r % len(variants)]:  # rotate who goes first
+                    times[m].append(call(sampler, text, b, r, m))
+                    bar.update()
+            plain = statistics.median(t for t, _ in times[None])
+            report[f"batch_{b}/{sampler}"] = {"plain_seconds": round(plain, 4), "methods": {
+                m: {"seconds": round(statistics.median(t for t, _ in times[m]), 4),
+                    "ratio": round(statistics.median(t for t, _ in times[m]) / plain, 4),
+                    "processor_share": round(statistics.median(share for _, share in times[m]), 4)}
+                for m in methods}}
     bar.close()
     return report
 

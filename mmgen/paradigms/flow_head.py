@@ -32,9 +32,8 @@ from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
-from mmgen.sampling.flow import (cfg_velocity, flow_generators, initial_noise, interpolate, logit_normal_t,
-                                 sample_flow)
-from mmgen.sampling.logits import SamplingConfig, guidance_at
+from mmgen.sampling.flow import flow_generators, initial_noise, interpolate, logit_normal_t, sample_flow
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide
 from mmgen.text import UnifiedVocab
 
 
@@ -198,8 +197,7 @@ def sample_token(model: RasterFlowModel, z_RC, noise_BD, guidance: float, use_cf
     def velocity(x_BD, t_B):
         if not use_cfg:
             return model.head(x_BD, t_B, z_RC)
-        v_cond, v_uncond = model.head(torch.cat([x_BD, x_BD]), torch.cat([t_B, t_B]), z_RC).chunk(2)
-        return cfg_velocity(v_cond, v_uncond, guidance)
+        return guide(model.head(torch.cat([x_BD, x_BD]), torch.cat([t_B, t_B]), z_RC), guidance)
 
     return sample_flow(velocity, noise_BD, steps, method)[0]
 

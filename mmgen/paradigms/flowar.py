@@ -39,8 +39,8 @@ from mmgen.models.heads import TimestepEmbedder, modulate
 from mmgen.models.transformer import Block, KVCache, Transformer, rope_angles
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import attention_mask, guided_text_block, latent_pyramid, scale_positions, text_block
-from mmgen.sampling.flow import cfg_velocity, initial_noise, interpolate, logit_normal_t, sample_flow
-from mmgen.sampling.logits import SamplingConfig, guidance_at
+from mmgen.sampling.flow import initial_noise, interpolate, logit_normal_t, sample_flow
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide
 from mmgen.text import UnifiedVocab
 
 
@@ -341,8 +341,7 @@ def flow_velocity_fn(model: FlowARModel, z_RnD: torch.Tensor, side: int, guidanc
     def fn(x, t):
         if not use_cfg:
             return model.velocity(x, t, z_RnD, side)
-        v_cond, v_uncond = model.velocity(torch.cat([x, x]), torch.cat([t, t]), z_RnD, side).chunk(2)
-        return cfg_velocity(v_cond, v_uncond, guidance)
+        return guide(model.velocity(torch.cat([x, x]), torch.cat([t, t]), z_RnD, side), guidance)
     return fn
 
 

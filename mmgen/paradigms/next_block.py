@@ -36,11 +36,11 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.paradigms.next_neighbor import check_grid, check_tokenizer, guided_logits
+from mmgen.paradigms.next_neighbor import check_grid, check_tokenizer
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import guided_text_block, text_block
-from mmgen.sampling.logits import SamplingConfig, guidance_at, process_logits, sample
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 from mmgen.watermark import KeyOrder
 
@@ -271,14 +271,14 @@ def generate(model: NextBlockTransformer, layout: NextBlockLayout, text_ids: Seq
     gens = None if generators is None else [g for g in generators for _ in range(w)]
     codes = torch.zeros(B, h * w, dtype=torch.long, device=device)
     order = watermark_key_order(layout) if processor is not None else None
-    cols = torch.arange(w)
+    cols = torch.arange(w, device=device)
 
     logits = prefill(model, text, positions[: T0 + w], block_mask(layout, key_valid[:, : T0 + w]), cache)
     for r in range(h):
         weight = guidance_at(sampling.guidance_scale, r, h, schedule) if use_cfg else 1.0
-        logits = process_logits(guided_logits(logits, weight, use_cfg).flatten(0, 1), sampling)  # (B w, V)
+        logits = process_logits(guide(logits.float(), weight, use_cfg).flatten(0, 1), sampling)  # (B w, V)
         if processor is not None:
-            logits = processor.keyed_by(order, logits, codes, torch.arange(B).repeat_interleave(w),
+            logits = processor.keyed_by(order, logits, codes, torch.arange(B, device=device).repeat_interleave(w),
                                         (r * w + cols).repeat(B))
         codes[:, r * w: (r + 1) * w] = sample(logits, gens, greedy).view(B, w)
         if callback is not None:

@@ -55,7 +55,7 @@ from mmgen.models.transformer import Block, KVCache, RMSNorm, Transformer
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 from mmgen.watermark import KeyOrder
 
@@ -284,15 +284,6 @@ def decode_step(model: NARTransformer, tokens_Rn, positions_n2, key_valid_RS, ca
     return model(tokens_Rn, positions=positions_n2[None], mask=mask, cache=cache)
 
 
-def guided_logits(logits_RnV: torch.Tensor, guidance_scale: float, use_cfg: bool) -> torch.Tensor:
-    """CFG over [cond rows; uncond rows]; w = 1 (a ramp's first step) keeps the cond logits."""
-    logits = logits_RnV.float()
-    if not use_cfg:
-        return logits
-    cond, uncond = logits.chunk(2)
-    return cond if guidance_scale == 1.0 else cfg_combine(cond, uncond, guidance_scale)
-
-
 def watermark_key_order(layout: NARLayout) -> KeyOrder:
     """The watermark's key context of token (r, c): its left neighbour (then that one's left, ...), in the first
     column the token above: all decoded on earlier anti-diagonals. Keys are spent in decoding order."""
@@ -340,10 +331,10 @@ def generate(model: NARTransformer, layout: NARLayout, text_ids: Sequence[Sequen
         logits = mix_heads(right, bottom, torch.where(src_r >= 0, in_pass[src_r.clamp_min(0)], -1),
                            torch.where(src_b >= 0, in_pass[src_b.clamp_min(0)], -1))
         weight = guidance_at(sampling.guidance_scale, d, D, schedule) if use_cfg else 1.0
-        logits = process_logits(guided_logits(logits, weight, use_cfg).flatten(0, 1), sampling)  # (B n, V)
+        logits = process_logits(guide(logits.float(), weight, use_cfg).flatten(0, 1), sampling)  # (B n, V)
         if processor is not None:
-            logits = processor.keyed_by(order, logits, codes, torch.arange(B).repeat_interleave(n),
-                                        diag.cpu().repeat(B))
+            logits = processor.keyed_by(order, logits, codes, torch.arange(B, device=device).repeat_interleave(n),
+                                        diag.repeat(B))
         gens = None if generators is None else [g for g in generators for _ in range(n)]
         codes[:, diag] = sample(logits, gens, greedy).view(B, n)
         if callback is not None:

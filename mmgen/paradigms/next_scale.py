@@ -40,7 +40,7 @@ from diffusers.configuration_utils import register_to_config
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import guided_text_block, text_block
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 
 def _check_scales(scales) -> tuple[int, ...]:
@@ -292,13 +292,9 @@ def scale_step(model: NextScaleModel, inputs_RlC, level: int, positions_Rl2, mas
 
 def guided_image_logits(layout: NextScaleLayout, logits_RlV: torch.Tensor, guidance_scale: float,
                         use_cfg: bool) -> torch.Tensor:
-    """Restrict to image ids and apply CFG over [cond rows; uncond rows]; w = 1 keeps the cond logits."""
+    """Restrict to image ids and apply CFG over [cond rows; uncond rows] (`guide`)."""
     off = layout.vocab.image_offset
-    logits = logits_RlV[..., off: off + layout.vocab.image_vocab_size].float()
-    if not use_cfg:
-        return logits
-    cond, uncond = logits.chunk(2)
-    return cond if guidance_scale == 1.0 else cfg_combine(cond, uncond, guidance_scale)
+    return guide(logits_RlV[..., off: off + layout.vocab.image_vocab_size].float(), guidance_scale, use_cfg)
 
 
 @torch.no_grad()

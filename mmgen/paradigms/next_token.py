@@ -28,7 +28,7 @@ from mmgen.models.compiled_decode import (WINDOW_PASS_COST, compiled_decode_step
                                           measure_pass_costs, window_widths)
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.sampling.logits import RowNoise, SamplingConfig, cfg_combine, guidance_at, process_logits, sample
+from mmgen.sampling.logits import RowRandom, SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.paradigms.sequence import IGNORE_INDEX, attention_mask, guided_text_block, text_block
 from mmgen.sampling.sjd import PassCost, SJDConfig, SJDStats, jacobi_sample, speculation_pays, window_mask
 from mmgen.text import UnifiedVocab
@@ -178,11 +178,7 @@ def image_logits(layout: NextTokenLayout, logits_BV: torch.Tensor, guidance_scal
 
 def guided_logits(logits_BV: torch.Tensor, guidance_scale: float, use_cfg: bool | None = None) -> torch.Tensor:
     """`image_logits` for logits already restricted to the image ids."""
-    logits = logits_BV.float()
-    if not (guidance_scale != 1.0 if use_cfg is None else use_cfg):
-        return logits
-    cond, uncond = logits.chunk(2)
-    return cfg_combine(cond, uncond, guidance_scale)
+    return guide(logits_BV.float(), guidance_scale, guidance_scale != 1.0 if use_cfg is None else use_cfg)
 
 
 @torch.no_grad()
@@ -215,10 +211,7 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
     # built once instead of every step: the keys' additive mask, the rotary table, the rows' noise
     key_bias = torch.zeros(key_valid.shape, device=device).masked_fill(~key_valid, float("-inf"))
     cos, sin = model.rope_cos_sin(positions[:1])
-    noise = None if greedy or generators is None else RowNoise(generators, n_img, layout.vocab.image_vocab_size,
-                                                               device)
-    if generators is not None and len(generators) != B:
-        raise ValueError(f"need one generator per row: {B} rows, {len(generators)} generators")
+    noise = None if greedy else RowRandom(generators, B, device).race_noise_steps(n_img, layout.vocab.image_vocab_size)
 
     image_rows = (layout.vocab.image_offset, layout.vocab.image_vocab_size)
     logits = prefill(model, text, positions[:, :T0], valid, cache)[:, image_rows[0]: sum(image_rows)]
@@ -229,8 +222,8 @@ def generate(model: Transformer, layout: NextTokenLayout, text_ids: Sequence[Seq
         guidance = guidance_at(sampling.guidance_scale, i, n_img, cfg_schedule) if use_cfg else 1.0
         logits = process_logits(guided_logits(logits, guidance, use_cfg), sampling)
         if processor is not None:
-            logits = processor(logits, codes, torch.full((B,), i, dtype=torch.long))
-        codes[:, i] = sample(logits, generators, greedy, noise.next() if noise is not None else None)
+            logits = processor(logits, codes, torch.full((B,), i, dtype=torch.long, device=device))
+        codes[:, i] = sample(logits, generators, greedy, None if noise is None else next(noise))
         if callback is not None:
             callback(i)
         if i + 1 == n_img:

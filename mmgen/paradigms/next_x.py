@@ -53,9 +53,8 @@ from mmgen.models.heads import TimestepEmbedder, modulate
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import attention_mask, guided_text_block, latent_pyramid, scale_positions, text_block
-from mmgen.sampling.flow import (cfg_velocity, flow_generators, initial_noise, interpolate, logit_normal_t,
-                                 sample_flow)
-from mmgen.sampling.logits import SamplingConfig, guidance_at
+from mmgen.sampling.flow import flow_generators, initial_noise, interpolate, logit_normal_t, sample_flow
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide
 from mmgen.text import UnifiedVocab
 
 ENTITY_KINDS = ("token", "cell", "subsample", "scale", "image")
@@ -380,7 +379,7 @@ def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence
         def velocity(x_Bn, t_B, a=a, b=b, guidance=guidance):
             x, t = (torch.cat([x_Bn, x_Bn]), torch.cat([t_B, t_B])) if use_cfg else (x_Bn, t_B)
             v = entity_velocity(model, x, t, positions[:, a:b], key_valid, cache, a)
-            return cfg_velocity(*v.chunk(2), guidance) if use_cfg else v
+            return guide(v, guidance, use_cfg)
 
         noise = initial_noise((b - a, C), generators, temperature, device)
         x0, flow_evals = sample_flow(velocity, noise, steps, method)

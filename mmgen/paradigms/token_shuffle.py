@@ -33,7 +33,7 @@ from mmgen.models.transformer import KVCache
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at, process_logits, sample
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 
 
@@ -153,15 +153,6 @@ def decode_step(model: TokenShuffleTransformer, window_RK, position_R2, key_vali
     return model(None, window_RK[:, None], position_R2[:, None], mask, cache=cache)[:, -1]
 
 
-def guided_logits(logits_RKV: torch.Tensor, guidance_scale: float, use_cfg: bool) -> torch.Tensor:
-    """CFG over [cond rows; uncond rows]; w = 1 (a ramp's first step) keeps the cond logits."""
-    logits = logits_RKV.float()
-    if not use_cfg:
-        return logits
-    cond, uncond = logits.chunk(2)
-    return cond if guidance_scale == 1.0 else cfg_combine(cond, uncond, guidance_scale)
-
-
 @torch.no_grad()
 def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_ids: Sequence[Sequence[int]],
              sampling: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
@@ -189,7 +180,7 @@ def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_id
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
     for j in range(N):
-        logits = process_logits(guided_logits(logits, weights[j], use_cfg).flatten(0, 1), sampling)
+        logits = process_logits(guide(logits.float(), weights[j], use_cfg).flatten(0, 1), sampling)
         windows[:, j] = sample(logits, gens, greedy).view(B, K)
         if callback is not None:
             callback(j)

@@ -34,7 +34,7 @@ from mmgen.pipelines.backend import BackendPipeline
 from mmgen.pipelines.base import WatermarkDetection, check_image_mode
 from mmgen.pipelines.transformers_models import TransformersLayout
 from mmgen.sampling.hf_backend import CausalLMBackend, RowOffsetCache, window_attention
-from mmgen.sampling.logits import cfg_combine
+from mmgen.sampling.logits import guide
 from tokenizers_vis.protocol import Emu3VQTokenizer
 
 # the negative prompt of transformers' Emu3 image-generation example (and of BAAI's own inference script)
@@ -118,10 +118,7 @@ class Emu3Backend:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
                             use_cache=True, logits_to_keep=L).logits  # (R, L, vocab): the window's positions
         logits = logits[..., self.code_ids].float().gather(1, last[..., None].expand(R, T, self.vocab_size))
-        if not self.use_cfg:
-            return logits
-        cond, uncond = logits.chunk(2)
-        return cfg_combine(cond, uncond, self.guidance_scale)
+        return guide(logits, self.guidance_scale, self.use_cfg)
 
     keep = CausalLMBackend.keep  # the same rows (cond, then uncond), cache and prompt state
 

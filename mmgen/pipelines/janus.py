@@ -24,7 +24,7 @@ from mmgen.pipelines.backend import BackendPipeline
 from mmgen.pipelines.base import WatermarkDetection
 from mmgen.pipelines.transformers_models import TransformersLayout
 from mmgen.sampling.hf_backend import CausalLMBackend, window_attention
-from mmgen.sampling.logits import cfg_combine
+from mmgen.sampling.logits import guide
 from tokenizers_vis.protocol import JanusVQTokenizer
 
 JANUS_GUIDANCE_SCALE = 5.0  # transformers' Janus generate uses 5 when the generation config sets none
@@ -67,9 +67,7 @@ class JanusBackend(CausalLMBackend):
         h_RTD = self.model(inputs_embeds=x_RTD, attention_mask=mask, position_ids=positions, cache=self.cache,
                            use_cache=True).last_hidden_state[:, -T:]
         logits = self.janus.model.generation_head(h_RTD).float()
-        if not self.use_cfg:
-            return logits
-        return cfg_combine(*logits.chunk(2), self.guidance_scale)
+        return guide(logits, self.guidance_scale, self.use_cfg)
 
 
 class JanusPipeline(WatermarkDetection, TransformersLayout, BackendPipeline):

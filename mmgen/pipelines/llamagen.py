@@ -17,7 +17,8 @@ the model's learned `uncond_embedding` under the same mask.
 
 The loop is `pipelines.backend.sample_codes` over `LlamaGenBackend`, a `mmgen.sampling.sjd.JacobiBackend`: plain AR
 is the one-token window (the first pass carries the condition prefix), and speculative Jacobi decoding runs through
-the same backend.
+the same backend. `watermark_key` embeds the distortion-free watermark over clusters of the converted VQ's own
+codebook (`pipelines.base.WatermarkDetection`); `detect_watermark` re-encodes images with that VQ's encoder.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from mmgen.conditioning import ClassConditioning, TextEncoderConditioning
 from mmgen.models.llamagen import LlamaGenGPT
 from mmgen.options import OptionError, check_count, check_output_type, check_prompts
 from mmgen.pipelines.backend import BackendPipeline
-from mmgen.sampling.logits import cfg_combine
+from mmgen.pipelines.base import WatermarkDetection
+from mmgen.sampling.logits import guide
 from mmgen.sampling.sjd import window_mask
 from tokenizers_vis.llamagen_vq import LlamaGenVQ
 
@@ -75,14 +77,11 @@ class LlamaGenBackend:
         slots = start[:, None] + torch.arange(x_RTC.shape[1], device=self.device)
         mask = window_mask(slots, self.key_valid[:, : int(slots.max()) + 1]).unsqueeze(1)
         logits = self.model(x_RTC, slots, mask, self.cache, start)[:, -T:]
-        if not self.use_cfg:
-            return logits
-        cond, uncond = logits.chunk(2)
-        guided = cfg_combine(cond, uncond, self.guidance_scale)
-        if self.cfg_interval < 0:
-            return guided
-        index = n_A[:, None] + torch.arange(T, device=self.device)  # token index of each output
-        return torch.where((index > self.cfg_interval + 1)[..., None], cond, guided)
+        scale = self.guidance_scale
+        if self.use_cfg and self.cfg_interval >= 0:  # no guidance (w = 1) after token cfg_interval + 1
+            index = n_A[:, None] + torch.arange(T, device=self.device)  # token index of each output
+            scale = torch.where(index > self.cfg_interval + 1, 1.0, scale).to(logits.dtype)[..., None]
+        return guide(logits, scale, self.use_cfg)
 
     def keep(self, keep_A: torch.Tensor) -> None:
         rows = keep_A.nonzero().squeeze(-1)
@@ -103,7 +102,7 @@ def multinomial(logits_BV: torch.Tensor, generators: Sequence[torch.Generator], 
                       for r, g in enumerate(generators)])
 
 
-class LlamaGenPipeline(BackendPipeline):
+class LlamaGenPipeline(WatermarkDetection, BackendPipeline):
     _optional_components = ["text_encoder", "tokenizer"]  # t2i only
 
     def __init__(self, transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder=None, tokenizer=None,
@@ -228,6 +227,7 @@ class LlamaGenPipeline(BackendPipeline):
         sjd_init: str = "random",
         sjd_coupled: bool = False,
         sjd_adaptive: bool = False,
+        watermark_key: str | None = None,
     ):
         """Generate images for `class_labels` (c2i) or `prompt` / `prompt_embeds` (t2i).
 
@@ -235,22 +235,25 @@ class LlamaGenPipeline(BackendPipeline):
         guidance. top_k: default the model's (2000 c2i, 1000 t2i); temperature 0 is greedy. generator: one per
         image, or one that seeds them. sampler "sjd": speculative Jacobi decoding (exact in distribution).
         `callback_on_step_end` runs after every decoder pass; with sampler "ar" it may ask for "tokens" (the codes
-        drawn so far, (B, n)) and change the pass's own code (`pipelines.base.StepCallback`)."""
+        drawn so far, (B, n)) and change the pass's own code (`pipelines.base.StepCallback`). `watermark_key`: embed
+        the distortion-free watermark (clusters of this model's VQ codebook by default); detect it with
+        `detect_watermark`."""
         model = self.transformer
         if isinstance(cfg_interval, bool) or not isinstance(cfg_interval, int) or cfg_interval < -1:
             raise OptionError(f"cfg_interval must be -1 (guidance on every token) or an integer >= 0, got "
                               f"{cfg_interval!r}")
         check_output_type(output_type)
         top_k = self.config.default_top_k if top_k is None else top_k
-        sampling, sjd, _, step = self.stages(guidance_scale, temperature, top_k, top_p, sampler,
-                                             (sjd_window, sjd_init, sjd_coupled, sjd_adaptive, None, 8), None,
-                                             callback_on_step_end, callback_on_step_end_tensor_inputs)
+        sampling, sjd, processor, step = self.stages(guidance_scale, temperature, top_k, top_p, sampler,
+                                                     (sjd_window, sjd_init, sjd_coupled, sjd_adaptive, None, 8),
+                                                     watermark_key, callback_on_step_end,
+                                                     callback_on_step_end_tensor_inputs)
         rows, cond_valid, _ = self.condition_rows(class_labels, prompt, prompt_embeds, prompt_attention_mask,
                                                   num_images_per_prompt, guided=sampling.guidance_scale > 1)
         backend = LlamaGenBackend(model, model.embed_condition(rows), cond_valid, sampling.guidance_scale,
                                   cfg_interval, window=1 if sjd is None else sjd.window)
-        return self.sample(backend, self.vq_model.token_shape, sampling, sjd, generator, step, None, output_type,
-                           return_dict, draw=multinomial)
+        return self.sample(backend, self.vq_model.token_shape, sampling, sjd, generator, step, processor,
+                           output_type, return_dict, draw=multinomial)
 
 
 def check_parts(transformer: LlamaGenGPT, vq_model: LlamaGenVQ, text_encoder, tokenizer) -> None:

@@ -26,17 +26,10 @@ from mmgen.conditioning import ClassConditioning
 from mmgen.models.var import VARTransformer
 from mmgen.options import check_count, check_output_type
 from mmgen.pipelines.base import MMGenPipeline, SavedDirectory, per_image_generators
-from mmgen.sampling.logits import SamplingConfig, sample, top_k_filter
+from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, sample, top_k_filter
 from tokenizers_vis.var_vqvae import VARVQVAE
 
 VAR_GUIDANCE_SCALE = 2.5  # VAR's FID setting cfg 1.5, in mmgen's convention (1 = no guidance)
-
-
-def guidance_ramp(guidance_scale: float, k: int, K: int, schedule: str) -> float:
-    """VAR's t at scale k: the weight on (c - u) beyond the conditional logits. "linear" ramps it from 0 to
-    guidance_scale - 1 over the scales, as VAR does; "constant" keeps it at guidance_scale - 1."""
-    cfg = guidance_scale - 1
-    return cfg * (k / (K - 1)) if schedule == "linear" else cfg
 
 
 def var_top_p_filter(logits_BlV: torch.Tensor, p: float) -> torch.Tensor:
@@ -131,12 +124,8 @@ class VARPipeline(SavedDirectory, MMGenPipeline):
         with self.progress_bar(total=K) as bar:
             for k, s in enumerate(model.patch_nums):
                 logits_RlV = model(x_RlC, cond_RD, cache=cache)
-                if guided:
-                    t = guidance_ramp(guidance_scale, k, K, schedule)
-                    # VAR's own arithmetic, (1 + t) c - t u, so greedy ties fall as in its code
-                    logits_BlV = (1 + t) * logits_RlV[:B] - t * logits_RlV[B:]
-                else:
-                    logits_BlV = logits_RlV
+                # VAR's own arithmetic, (1 + t) c - t u with t = w - 1, so greedy ties fall as in its code
+                logits_BlV = guide(logits_RlV, guidance_at(guidance_scale, k, K, schedule), guided, form="var")
                 ids_Bl = self.sample_scale(logits_BlV, sampling, gens)
                 ids_Bl = step(torch.cat([*tokens, ids_Bl], 1), drawn)[:, drawn:]  # the callback may change them
                 tokens.append(ids_Bl)

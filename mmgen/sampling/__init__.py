@@ -1,5 +1,7 @@
-"""Sampling: logits processors, CFG, and sampling stages."""
+"""Sampling: guidance, logits processors, per-row randomness, and sampling stages."""
 
-from mmgen.sampling.logits import SamplingConfig, cfg_combine, process_logits, sample, top_k_filter, top_p_filter
+from mmgen.sampling.logits import (RowRandom, SamplingConfig, cfg_combine, guide, process_logits, sample, top_k_filter,
+                                   top_p_filter)
 
-__all__ = ["SamplingConfig", "cfg_combine", "process_logits", "sample", "top_k_filter", "top_p_filter"]
+__all__ = ["RowRandom", "SamplingConfig", "cfg_combine", "guide", "process_logits", "sample", "top_k_filter",
+           "top_p_filter"]

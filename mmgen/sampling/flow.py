@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from mmgen.sampling.config import FLOW_SAMPLERS, SamplingConfig
+from mmgen.sampling.logits import cfg_combine
 
 
 def logit_normal_t(n: int, generator: torch.Generator | None = None, device=None, mean: float = 0.0,
@@ -59,8 +60,8 @@ def sample_flow(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return x, evals
 
 
-def cfg_velocity(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    return v_uncond + scale * (v_cond - v_uncond)
+# guidance on velocities is the same combination as on logits (`mmgen.sampling.logits.guide`, which the paradigms call)
+cfg_velocity = cfg_combine
 
 
 def flow_generators(sampling: SamplingConfig, generators: Sequence[torch.Generator] | None,

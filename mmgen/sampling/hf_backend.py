@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mmgen.sampling.logits import cfg_combine
+from mmgen.sampling.logits import guide
 from mmgen.sampling.sjd import window_mask
 
 
@@ -137,10 +137,7 @@ class CausalLMBackend:
         logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
                             past_key_values=self.cache, use_cache=True).logits[:, -T:]
         logits = logits[..., self.offset: self.offset + self.vocab_size].float()
-        if not self.use_cfg:
-            return logits
-        cond, uncond = logits.chunk(2)
-        return cfg_combine(cond, uncond, self.guidance_scale)
+        return guide(logits, self.guidance_scale, self.use_cfg)
 
     def keep(self, keep_A: torch.Tensor) -> None:
         rows = keep_A.nonzero().squeeze(-1)

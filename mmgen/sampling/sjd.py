@@ -33,7 +33,7 @@ from typing import Protocol
 
 import torch
 
-from mmgen.sampling.logits import SamplingConfig, process_logits
+from mmgen.sampling.logits import RowRandom, SamplingConfig, process_logits
 
 INITS = ("random", "repeat", "sample_left", "above")
 
@@ -159,35 +159,6 @@ def window_mask(slots_RT: torch.Tensor, key_valid_RS: torch.Tensor) -> torch.Ten
     keys = torch.arange(key_valid_RS.shape[1], device=slots_RT.device)[None, None, :]
     own = keys == slots_RT[:, :, None]
     return ((keys <= slots_RT[:, :, None]) & key_valid_RS[:, None, :]) | own
-
-
-class RowRandom:
-    """Random draws with one generator per sample (or the global generator when none are given). Every pass
-    draws the same amounts for every sample, so a sample's stream never depends on the rest of the batch."""
-
-    def __init__(self, generators: Sequence[torch.Generator] | None, num_samples: int, device):
-        if generators is not None and len(generators) != num_samples:
-            raise ValueError(f"need one generator per sample: {num_samples} samples, {len(generators)} generators")
-        self.generators, self.device = generators, device
-
-    def uniform(self, rows: torch.Tensor, *shape: int) -> torch.Tensor:
-        if self.generators is None:
-            return torch.rand(len(rows), *shape, device=self.device)
-        return torch.stack([torch.rand(shape, generator=self.generators[r], device=self.generators[r].device)
-                            for r in rows.tolist()]).to(self.device)
-
-    def exponential(self, rows: torch.Tensor, *shape: int) -> torch.Tensor:
-        return -torch.log1p(-self.uniform(rows, *shape))
-
-    def uniforms(self, rows: torch.Tensor, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
-        """`uniform(rows, *shape)` for each shape in turn, the same values: a generator's stream comes out in the
-        same order whether drawn in one call or several (tested), so each sample draws once."""
-        if self.generators is None:
-            return [self.uniform(rows, *shape) for shape in shapes]
-        sizes = [math.prod(shape) for shape in shapes]
-        flat = torch.stack([torch.rand(sum(sizes), generator=self.generators[r], device=self.generators[r].device)
-                            for r in rows.tolist()]).to(self.device)
-        return [part.view(len(rows), *shape) for part, shape in zip(flat.split(sizes, 1), shapes)]
 
 
 def _race(probs: torch.Tensor, noise: torch.Tensor, greedy: bool) -> torch.Tensor:
@@ -428,9 +399,7 @@ def start_state(B: int, N: int, sjd: SJDConfig, V: int, device, noise: torch.Ten
 def position_noise(generators: Sequence[torch.Generator] | None, B: int, N: int, V: int, device) -> torch.Tensor:
     """(B, N, V) Exp(1) noise, sample b's position i from generators[b] as plain AR's exponential race draws it
     (torch's `exponential_`, N steps in one call), so shared-noise decoding commits AR's tokens."""
-    if generators is None:
-        return torch.empty(B, N, V, device=device).exponential_()
-    return torch.stack([torch.empty(N, V, device=g.device).exponential_(generator=g) for g in generators]).to(device)
+    return RowRandom(generators, B, device).race_noise(None, N, V)
 
 
 def pass_width(state: JacobiState, n_A: torch.Tensor, N: int, sjd: SJDConfig, rows: int, cost: PassCost) -> int:

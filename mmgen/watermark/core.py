@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mmgen.atomic import write_text_atomic
 
@@ -219,8 +220,9 @@ def _seed(key: str, context: tuple[int, ...]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def _splitmix64(seed: int, n: int) -> np.ndarray:
-    x = (np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+def _splitmix64(seeds: np.ndarray, n: int) -> np.ndarray:
+    """(M, n) splitmix64 outputs 1..n of each of the M seeds."""
+    x = (seeds.astype(np.uint64)[:, None] + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     with np.errstate(over="ignore"):
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -238,11 +240,15 @@ class KeyedPermutations:
     def ranks(self, context: tuple[int, ...]) -> torch.Tensor:
         r = self._cache.get(context)
         if r is None:
-            order = np.argsort(_splitmix64(_seed(self.key, context), self.n), kind="stable")
-            r = torch.empty(self.n, dtype=torch.long)
-            r[torch.from_numpy(order.astype(np.int64))] = torch.arange(self.n)
-            self._cache[context] = r
+            r = self._cache[context] = self.permutations([context])[1][0]
         return r
+
+    def permutations(self, contexts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The permutations of M contexts at once, uncached: order (M, n), the symbol at each permuted position, and
+        ranks (M, n), each symbol's position (the values of `ranks`)."""
+        seeds = np.array([_seed(self.key, c) for c in contexts], dtype=np.uint64)
+        order = np.argsort(_splitmix64(seeds, self.n), axis=1, kind="stable").astype(np.int64, copy=False)
+        return torch.from_numpy(order), torch.from_numpy(np.argsort(order, axis=1))  # ranks: order's inverse
 
 
 def contexts(symbols: list[int], h: int, keying: str = "clusters") -> list[tuple]:
@@ -303,22 +309,70 @@ class KeyOrder:
 # ---- reweighting ------------------------------------------------------------------------------------------
 
 
-def alpha_reweight(p_BK: torch.Tensor, ranks_BK: torch.Tensor, alpha: float) -> torch.Tensor:
-    """DiPmark alpha-reweight of distributions p (B, K) with symbol s at permuted position ranks[s]."""
-    order = ranks_BK.argsort(-1)  # order[i] = symbol at position i
+def alpha_reweight(p_BK: torch.Tensor, ranks_BK: torch.Tensor, alpha: float,
+                   order_BK: torch.Tensor | None = None) -> torch.Tensor:
+    """DiPmark alpha-reweight of distributions p (B, K) with symbol s at permuted position ranks[s] (`order_BK`: the
+    symbol at each position, ranks' inverse, where the caller has it)."""
+    order = ranks_BK.argsort(-1) if order_BK is None else order_BK  # order[i] = symbol at position i
     p_sorted = p_BK.gather(-1, order)
-    F = p_sorted.cumsum(-1).clamp_max(1.0)
-    Fw = (F - alpha).clamp_min(0) + (F - (1 - alpha)).clamp_min(0)
-    q_sorted = torch.diff(Fw, dim=-1, prepend=torch.zeros_like(Fw[..., :1])).clamp_min(0)
-    return torch.zeros_like(p_BK).scatter(-1, order, q_sorted)
+    cdf = p_sorted.cumsum(-1).clamp_max(1.0)
+    cdf_w = (cdf - alpha).clamp_min(0) + (cdf - (1 - alpha)).clamp_min(0)
+    q_sorted = torch.diff(cdf_w, dim=-1, prepend=torch.zeros_like(cdf_w[..., :1])).clamp_min(0)
+    return q_sorted.gather(-1, ranks_BK)  # symbol s's mass sits at its position ranks[s]
+
+
+# a key context space of at most this many ids gets its whole rank table (from a processor's second call: a first call
+# looks up its own ids only), so no later step makes a host round trip (the default C-reweight, K = 16 clusters and
+# h = 2, has 17^2 = 289 ids); a larger one is filled as ids appear
+DENSE_CONTEXTS = 4096
+
+
+class _RankTable:
+    """The permutation of every context id, as order (S,) and ranks (S,), on one device: every id of a small space at
+    once, else the ids met so far, added with one host round trip per call that meets new ones (the keyed PRF,
+    blake2b, runs on the host)."""
+
+    def __init__(self, perms: KeyedPermutations, context_of, size: int, device, dense: bool):
+        self.perms, self.context_of, self.size, self.device, self.dense = perms, context_of, size, device, dense
+        self.slot, self.order, self.ranks = {}, None, None
+        if self.dense:
+            self.order, self.ranks = (t.to(device) for t in perms.permutations([context_of(i) for i in range(size)]))
+
+    def __call__(self, ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order (N, S), ranks (N, S)) of the contexts ids_N."""
+        if self.dense:
+            return self.order[ids_N], self.ranks[ids_N]
+        ids = ids_N.tolist()
+        new = [i for i in dict.fromkeys(ids) if i not in self.slot]
+        if new:
+            start, end = len(self.slot), len(self.slot) + len(new)
+            self.slot.update((i, start + k) for k, i in enumerate(new))
+            order, ranks = (t.to(self.device) for t in self.perms.permutations([self.context_of(i) for i in new]))
+            if not start:
+                self.order, self.ranks = order, ranks
+            else:
+                if end > len(self.order):  # grow by doubling: a long run copies its rows at most twice over
+                    grow = lambda t: torch.cat([t[:start], t.new_empty(2 * end - start, t.shape[1])])  # noqa: E731
+                    self.order, self.ranks = grow(self.order), grow(self.ranks)
+                self.order[start:end], self.ranks[start:end] = order, ranks
+        slots = torch.tensor([self.slot[i] for i in ids], device=self.device)
+        return self.order[slots], self.ranks[slots]
 
 
 class WatermarkProcessor:
-    """Logits processor: (log-probs (N, V), prefixes) -> watermarked log-probs (N, V).
+    """Logits processor: (log-probs (N, V), prefixes) -> watermarked log-probs (N, V), on the logits' device.
 
     A function of the prefix only, so it composes with CFG, temperature, top-k/top-p (applied before it, on
     the final sampling distribution) and with speculative Jacobi decoding (which then samples exactly the
-    watermarked distribution)."""
+    watermarked distribution).
+
+    Vectorised over rows and positions: a position's key context is one integer id, its h previous symbols as
+    base-(S + 1) digits (S symbols; the -1 before the start is digit 0), led by the position itself under
+    keying="position". A few tensor ops give the ids of every position of every row (each from the h symbols
+    before it, no tuples), a step is keyed iff its id does not occur at an earlier position of its row, and its
+    permutation (order and ranks) comes from a `_RankTable` on the device. Where the ids are few (the default
+    C-reweight) no step leaves the device; token-level methods (S = the vocabulary) look new ids up on the host once
+    per step. The same tokens as the per-row form (tests/test_watermark.py holds a slow reference)."""
 
     def __init__(self, config: WatermarkConfig, key: str):
         if not config.clusters:
@@ -326,20 +380,24 @@ class WatermarkProcessor:
         self.config = config
         self.clusters = torch.as_tensor(config.clusters)
         self.perms = KeyedPermutations(key, config.num_symbols)
+        self.base = config.num_symbols + 1
+        # a context's symbols are its id's base-(S + 1) digits, oldest first; digit = symbol + 1
+        self.weights = torch.tensor([self.base ** j for j in range(config.context - 1, -1, -1)], dtype=torch.long)
+        self._on, self._tables, self._order = {}, {}, None
 
-    def __call__(self, logits_NV: torch.Tensor, prefix_NL: torch.Tensor, lengths_N: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        probs = logits_NV.float().softmax(-1)
-        N = probs.shape[0]
-        ranks, active = torch.zeros(N, cfg.num_symbols, dtype=torch.long), torch.zeros(N, dtype=torch.bool)
-        prefix_sym = cfg.symbols(prefix_NL.cpu())
-        for i in range(N):
-            syms = prefix_sym[i, : int(lengths_N[i])].tolist()
-            ctxs = contexts(syms, cfg.context, cfg.keying)
-            if ctxs[-1] in ctxs[:-1]:
-                continue  # this context keyed an earlier step: leave the step unwatermarked
-            ranks[i], active[i] = self.perms.ranks(ctxs[-1]), True
-        return self._reweight(logits_NV, probs, ranks, active)
+    def __call__(self, logits_NV: torch.Tensor, prefix_BL: torch.Tensor, lengths_N: torch.Tensor,
+                 rows_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Row n of `logits_NV` is the distribution of the token after prefix_BL[rows_N[n], :lengths_N[n]] (rows_N
+        None: prefix row n; a length past the prefix's end reads the whole row). `rows_N` lets the positions of a
+        speculative window share their sequence's prefix row instead of a copy each."""
+        device = logits_NV.device
+        prefix = prefix_BL.to(device)
+        size = self._space(prefix.shape[1] + 1)
+        at = lengths_N.to(device).clamp_max(prefix.shape[1])
+        ids = self._raster_ids(self._digits(prefix))  # (B, L + 1): the context of every position
+        if rows_N is not None:
+            ids = ids[rows_N.to(device)]
+        return self._step(logits_NV, ids, at, size)
 
     def keyed_by(self, order: KeyOrder, logits_NV: torch.Tensor, codes_BL: torch.Tensor, rows_N: torch.Tensor,
                  positions_N: torch.Tensor) -> torch.Tensor:
@@ -347,49 +405,124 @@ class WatermarkProcessor:
         of raster position positions_N[n] of image rows_N[n]; `codes_BL` (B, h*w) holds every position decoded so
         far (the rest may hold anything). The key comes from `order`'s context; a context that an earlier
         position of `order` already keyed leaves the step unwatermarked, as `__call__` does along a prefix."""
+        device = logits_NV.device
+        chain, decoding, rank = self._order_tables(order, device)
+        size = self._space(len(order.order))
+        digits = self._digits(codes_BL.to(device))
+        ids = self._ids(torch.where(chain >= 0, digits[:, chain.clamp_min(0)], 0))  # (B, n), raster positions
+        ids = ids[rows_N.to(device)][:, decoding]  # (N, n), in decoding order
+        at = rank[positions_N.to(device)]  # each position's place in that order
+        return self._step(logits_NV, ids, at, size)
+
+    def _step(self, logits_NV: torch.Tensor, ids_NP: torch.Tensor, at_N: torch.Tensor, size: int) -> torch.Tensor:
+        """Row n's step keys by the context id at position at_N[n] of ids_NP[n], where that id occurs first: a
+        context seen at an earlier position leaves the step unwatermarked (argmax returns the first maximum).
+        Position keys never repeat."""
+        cur = ids_NP.gather(1, at_N[:, None])
+        if self.config.keying == "position":
+            fresh = torch.ones(len(ids_NP), dtype=torch.bool, device=ids_NP.device)
+        else:
+            fresh = (ids_NP == cur).to(torch.uint8).argmax(1) == at_N
+        return self._reweight(logits_NV, *self._table(size, logits_NV.device)(cur[:, 0]), fresh)
+
+    # ---- context ids -------------------------------------------------------------------------------------------
+
+    def _constants(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cluster table, its digits (cluster + 1) and the digits' weights on `device`, moved there once."""
+        on = self._on.get(device)
+        if on is None:
+            clusters = self.clusters.to(device)
+            on = self._on[device] = (clusters, clusters + 1, self.weights.to(device))
+        return on
+
+    def _digits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's digit in a context id: its symbol + 1 (0 stands for the -1 before the start)."""
+        return self._constants(tokens.device)[1][tokens] if self.config.cluster_level else tokens + 1
+
+    def _raster_ids(self, digits_BL: torch.Tensor) -> torch.Tensor:
+        """Context ids (B, L + 1) of positions 0 .. L of raster sequences: position t's context is symbols
+        t - h .. t - 1."""
+        h, (B, L) = self.config.context, digits_BL.shape
+        padded = F.pad(digits_BL, (h, 0))  # (B, L + h): digit 0 before the start
+        return self._ids(padded.unfold(1, h, 1) if h else padded.new_empty(B, L + 1, 0))
+
+    def _ids(self, digits_BPh: torch.Tensor) -> torch.Tensor:
+        """Context ids (B, P) of positions whose h context digits are digits_BPh[b, t] (oldest first): base-(S + 1)
+        numbers, led by the position under keying="position"."""
+        device = digits_BPh.device
+        ids = (digits_BPh * self._constants(device)[2]).sum(-1)
+        if self.config.keying == "position":
+            ids = ids + torch.arange(digits_BPh.shape[1], device=device) * self.base ** self.config.context
+        return ids
+
+    def _context_of(self, cid: int) -> tuple:
+        """The context tuple of an id, as `contexts` and `KeyOrder.context` write it (the PRF hashes the tuple)."""
+        digits = []
+        for _ in range(self.config.context):
+            cid, d = divmod(cid, self.base)
+            digits.append(d - 1)
+        ctx = tuple(digits[::-1])
+        return ("position", cid, *ctx) if self.config.keying == "position" else ctx
+
+    def _space(self, positions: int) -> int:
+        """How many context ids `positions` positions can have (ids are int64 tensor entries)."""
+        size = self.base ** self.config.context * (positions if self.config.keying == "position" else 1)
+        if size >= 1 << 62:
+            raise ValueError(f"watermark context h={self.config.context} over {self.config.num_symbols} symbols "
+                             f"gives {size} key contexts, too many to index; use a shorter context")
+        return size
+
+    def _table(self, size: int, device) -> _RankTable:
+        table = self._tables.get(device)
+        dense = table is not None and size <= DENSE_CONTEXTS
+        if table is None or (dense and not (table.dense and table.size >= size)):
+            table = self._tables[device] = _RankTable(self.perms, self._context_of, size, device, dense)
+        return table
+
+    def _order_tables(self, order: KeyOrder, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `order`, kept for the last one: chain (n, h), the raster indices whose symbols make up each position's
+        context (oldest first, -1 before the start); the decoding order (n,); each position's rank in it (n,)."""
+        if self._order is None or self._order[0] is not order or self._order[1] != device:
+            h, chains = self.config.context, []
+            for i in range(len(order.parents)):
+                chain, q = [], order.parents[i]
+                while q >= 0 and len(chain) < h:
+                    chain.append(q)
+                    q = order.parents[q]
+                chains.append([-1] * (h - len(chain)) + chain[::-1])
+            tables = (torch.tensor(chains, dtype=torch.long, device=device).view(len(chains), h),
+                      torch.tensor(order.order, device=device), torch.tensor(order.rank, device=device))
+            self._order = (order, device, tables)
+        return self._order[2]
+
+    # ---- reweighting -------------------------------------------------------------------------------------------
+
+    def _reweight(self, logits_NV: torch.Tensor, order: torch.Tensor, ranks: torch.Tensor,
+                  active: torch.Tensor) -> torch.Tensor:
+        """The method's reweighting of the rows marked `active` under their permutations (order and ranks, (N, K));
+        the other rows pass through (as float)."""
         cfg = self.config
         probs = logits_NV.float().softmax(-1)
-        N = probs.shape[0]
-        ranks, active = torch.zeros(N, cfg.num_symbols, dtype=torch.long), torch.zeros(N, dtype=torch.bool)
-        syms, rank = cfg.symbols(codes_BL.cpu()).tolist(), order.rank
-        rows, positions = rows_N.tolist(), positions_N.tolist()
-        first = {}  # image row -> {context: rank of its first position in `order`}
-        for n, (b, p) in enumerate(zip(rows, positions)):
-            if b not in first:
-                last = max(rank[q] for r, q in zip(rows, positions) if r == b)
-                first[b] = {}
-                for k, q in enumerate(order.order[: last + 1]):
-                    first[b].setdefault(order.context(syms[b], q, cfg.context, cfg.keying), k)
-            ctx = order.context(syms[b], p, cfg.context, cfg.keying)
-            if first[b][ctx] == rank[p]:
-                ranks[n], active[n] = self.perms.ranks(ctx), True
-        return self._reweight(logits_NV, probs, ranks, active)
-
-    def _reweight(self, logits_NV: torch.Tensor, probs: torch.Tensor, ranks: torch.Tensor,
-                  active: torch.Tensor) -> torch.Tensor:
-        """The method's reweighting of the rows marked `active` under their permutation ranks (N, K)."""
-        cfg = self.config
         N, V = probs.shape
-        if not bool(active.any()):
-            return logits_NV
-        ranks = ranks.to(probs.device)
         if cfg.method in ("c-reweight", "token-reweight"):
             if cfg.cluster_level:
-                idx = self.clusters.to(probs.device).expand(N, V)
+                idx = self._constants(probs.device)[0].expand(N, V)
                 pc = torch.zeros(N, cfg.num_clusters, device=probs.device).scatter_add(-1, idx, probs)
-                qc = alpha_reweight(pc, ranks, cfg.alpha)
+                qc = alpha_reweight(pc, ranks, cfg.alpha, order)
                 scale = torch.where(pc > 0, qc / pc.clamp_min(1e-30), torch.zeros_like(pc))
                 new = probs * scale.gather(-1, idx)
             else:
-                new = alpha_reweight(probs, ranks, cfg.alpha)
+                new = alpha_reweight(probs, ranks, cfg.alpha, order)
             new = new / new.sum(-1, keepdim=True).clamp_min(1e-30)
-            out = torch.where(new > 0, new.clamp_min(1e-38).log(), torch.full_like(new, float("-inf")))
+            # log(0) = -inf; the zeros become 1 before the log, as the log of a subnormal (1e-38) is slow on CPUs
+            kept = new > 0
+            out = torch.where(kept, new.clamp_min(1e-38), 1.0).log().masked_fill(~kept, float("-inf"))
         else:  # KGW: +delta on the green symbols (ranks in the last (1 - gamma) share)
             green = ranks >= math.ceil(cfg.gamma * cfg.num_symbols)
             if cfg.cluster_level:
-                green = green.gather(-1, self.clusters.to(probs.device).expand(N, V))
+                green = green.gather(-1, self._constants(probs.device)[0].expand(N, V))
             out = logits_NV.float().log_softmax(-1) + cfg.delta * green.float()
-        return torch.where(active[:, None].to(out.device), out, logits_NV.float())
+        return torch.where(active[:, None], out, logits_NV.float())
 
 
 # ---- detection --------------------------------------------------------------------------------------------
