@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import tiny_vqgan
+from tiny import tiny_vqgan
 from mmgen.alignment import AlignmentConfig, AlignmentHead, make_target_encoder
 from mmgen.alignment.losses import resample_patches
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import tiny_next_token_pipeline, tiny_text_tokenizer
+from tiny import tiny_next_token_pipeline, tiny_text_tokenizer
 from mmgen import cli
 from mmgen.config import load_config
 from mmgen.pipelines import NextTokenPipeline, load_pipeline, save_pipeline, verify

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
+from tiny import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
 from mmgen import bench, cli
 from mmgen.bench import device
 from mmgen.pipelines import load_pipeline

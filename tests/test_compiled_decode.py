@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import tiny_transformer
+from tiny import tiny_transformer
 from mmgen.models import compiled_decode
 from mmgen.models.compiled_decode import (DecodeStep, WindowStep, decode_one, decode_weights, decode_window,
                                           window_form, window_widths)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_vqgan
+from tiny import tiny_vqgan
 
 from mmgen import cli
 from mmgen.conditioning import (KINDS, CaptionConditioning, ClassConditioning, ConditionConfig, Unconditional,

@@ -17,14 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_pipeline, tiny_text_tokenizer
+from tiny import tiny_pipeline, tiny_text_tokenizer
 from mmgen import cli
 from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 
 PROMPTS = ["a red circle", "two green stars", "a blue square above a red circle", "a large yellow triangle"]
 
-# conftest.tiny_pipeline of each paradigm; next-token with room for 96 positions, next-X with 2x2-cell entities
+# tiny.tiny_pipeline of each paradigm; next-token with room for 96 positions, next-X with 2x2-cell entities
 BUILDERS = {"next_token": partial(tiny_pipeline, "next_token", max_seq_len=96),
             "token_shuffle": partial(tiny_pipeline, "token_shuffle"),
             "next_scale": partial(tiny_pipeline, "next_scale"), "flow_head": partial(tiny_pipeline, "flow_head"),

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import tiny_transformer
+from tiny import tiny_transformer
 from mmgen.paradigms.next_token import NextTokenLayout, build_batch, generate, generate_sjd, loss_fn
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig

@@ -9,7 +9,7 @@ import diffusers.utils.hub_utils
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_next_token_pipeline, tiny_text_tokenizer
+from tiny import tiny_next_token_pipeline, tiny_text_tokenizer
 from diffusers import DiffusionPipeline
 
 import mmgen.pipelines.base

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_next_token_pipeline, tiny_seed_tokenizer, tiny_vae, tiny_vqgan
+from tiny import tiny_next_token_pipeline, tiny_seed_tokenizer, tiny_vae, tiny_vqgan
 from mmgen import cli
 from mmgen.data.fashion_mnist import CLASSES, caption_for
 from mmgen.data.shapes import CATEGORIES, ShapesDataset, all_caption_words, heldout_prompts
@@ -147,7 +147,7 @@ def test_tokenizer_oracles():
 
 @pytest.mark.parametrize("kind", ["vqgan", "multiscale", "vae", "seed"])
 def test_real_tokenizers(kind):
-    tok = {  # conftest factories, each seeded 0
+    tok = {  # tests/tiny.py factories, each seeded 0
         "vqgan": partial(tiny_vqgan, channel_mult=(1, 2, 2), image_size=SIZE),
         "multiscale": partial(tiny_vqgan, channel_mult=(1, 2, 2), image_size=SIZE, scales=(1, 2, 4, 8)),
         "vae": partial(tiny_vae, image_size=SIZE),

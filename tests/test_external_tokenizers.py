@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import VQModel
 
-from conftest import load_script
+from tiny import load_script
 from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import generators_from_seed
 from mmgen.paradigms import next_token

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from conftest import load_script
+from tiny import free_port, load_script
 from mmgen.training.transformers_models import JanusTrainer, load_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,8 +245,9 @@ def test_two_processes_take_the_steps_of_one(janus_dir, folder, tmp_path):
     common += ["train.cond_drop_prob=0"]
     run(*common, f"train.out_dir={tmp_path / 'one'}")
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           str(ROOT / "configs" / "accelerate" / "ddp_2proc.yaml"), "--main_process_port", "29671",
-                           str(ROOT / "scripts" / "train_generator.py"), *common, f"train.out_dir={tmp_path / 'two'}"],
+                           str(ROOT / "configs" / "accelerate" / "ddp_2proc.yaml"),
+                           "--main_process_port", str(free_port()), str(ROOT / "scripts" / "train_generator.py"), *common,
+                           f"train.out_dir={tmp_path / 'two'}"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((tmp_path / "two" / "step-0000003" / "state.json").read_text())

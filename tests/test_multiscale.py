@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_vqgan
+from tiny import tiny_vqgan
 from mmgen.eval.image_metrics import psnr
 from test_vqgan import blob_images
 from tokenizers_vis.multiscale import MultiScaleVQGAN

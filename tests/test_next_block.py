@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import BACKBONE, CAPTIONS, tiny_pipeline, tiny_text_tokenizer, tiny_vqgan
+from tiny import BACKBONE, CAPTIONS, tiny_pipeline, tiny_text_tokenizer, tiny_vqgan
 from mmgen import cli
 from mmgen.bench.paradigms import bench_paradigms, standin_models
 from mmgen.paradigms import next_block as nb

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import BACKBONE, tiny_text_tokenizer, tiny_vqgan
+from tiny import BACKBONE, tiny_text_tokenizer, tiny_vqgan
 from mmgen import cli
 from mmgen.paradigms import next_neighbor as nar
 from mmgen.paradigms.protocol import ModelConfig

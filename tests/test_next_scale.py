@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import tiny_vqgan
+from tiny import tiny_vqgan
 import mmgen.paradigms.next_scale as ns
 from mmgen.paradigms.next_scale import (NextScaleLayout, NextScaleModel, build_batch, generate, guidance_schedule,
                                         loss_and_image_hidden, loss_fn)
@@ -228,7 +228,7 @@ def test_trunk_starts_from_a_next_token_decoder_over_another_codebook():
     """`init_backbone_from` across codebooks (train_generator passes `shared_rows=vocab.image_offset`): a
     next-scale decoder over 9 image codes takes a next-token decoder's (16 codes) layers, its text and special
     rows of the embedding table and logits head, and keeps fresh image rows and VAR input side."""
-    from conftest import tiny_transformer
+    from tiny import tiny_transformer
     from mmgen.training.checkpoint import init_backbone
 
     vocab_src, vocab_dst = UnifiedVocab(12, 16), UnifiedVocab(12, 9)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BACKBONE, CAPTIONS, tiny_pipeline, tiny_text_tokenizer, tiny_vae
+from tiny import BACKBONE, CAPTIONS, tiny_pipeline, tiny_text_tokenizer, tiny_vae
 from mmgen import bench, cli
 from mmgen.paradigms.flow_head import RasterFlowModel
 from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextXPipeline, RasterFlowPipeline, load_pipeline

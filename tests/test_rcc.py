@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
+from tiny import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
 from mmgen.pipelines import load_pipeline
 from mmgen.pipelines.base import ENCODER_WEIGHTS, load_detection_encoder, save_detection_encoder
 from mmgen.training.augment import DISTORTIONS, distort, distort_one

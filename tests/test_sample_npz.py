@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sample_npz.py"
@@ -79,8 +80,8 @@ def two_process_run(tmp_path_factory):
     config; with no CUDA the script asks for the CPU, so gloo): process 0 makes images 0 and 2, process 1 image 1."""
     out = tmp_path_factory.mktemp("sharded") / "samples.npz"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp_2proc.yaml"), "--main_process_port", "29671", str(SCRIPT),
-           "--model", "shapes-emoji", "--out", str(out), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+           str(ROOT / "configs" / "accelerate" / "ddp_2proc.yaml"), "--main_process_port", str(free_port()),
+           str(SCRIPT), "--model", "shapes-emoji", "--out", str(out), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
            "--prompt", PROMPTS[0], "--per-prompt", "1", "--shard-size", "1", "--batch-size", "1", "--seed", "5",
            "--keep-shards", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
@@ -156,7 +157,7 @@ def test_bad_flags_exit_2_with_the_flag_named(tmp_path, capsys):
 def test_a_class_conditional_pipeline_is_sampled_by_class_labels_into_arr_1(tmp_path, capsys):
     """A real (tiny) class-conditional NextTokenPipeline through the script: the classes come from its conditioning,
     each image from `class_labels=` with its own seed, the labels in `arr_1`."""
-    from conftest import BACKBONE, tiny_vqgan
+    from tiny import BACKBONE, tiny_vqgan
     from mmgen.conditioning import ClassConditioning
     from mmgen.models.transformer import Transformer
     from mmgen.pipelines import NextTokenPipeline, save_pipeline

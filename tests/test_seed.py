@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import load_script, tiny_seed_tokenizer, tiny_transformer
+from tiny import load_script, tiny_seed_tokenizer, tiny_transformer
 from mmgen.data.shapes import ShapesDataset
 from mmgen.eval.image_metrics import psnr
 from mmgen.pipelines import NextTokenPipeline, load_pipeline
@@ -22,7 +22,7 @@ from tokenizers_vis.seed import (SEEDTextEncoder, SEEDTokenizer, contrastive_los
                                  random_prefix_lengths)
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 8  # tokens per image in the tiny models (conftest.SEED_TINY)
+N = 8  # tokens per image in the tiny models (tiny.SEED_TINY)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@ headless Chromium (Debian `chromium` + `chromium-driver`, installed by .ci/run).
 
 import io
 import shutil
-import socket
 import urllib.request
 
 import gradio as gr
 import pytest
 import torch
 from PIL import Image
+from tiny import free_port
 
 from mmgen import cli, serve
 from mmgen.pipelines import load_pipeline
@@ -146,12 +146,6 @@ def test_cli_serve(tiny_dir, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["serve", *argv])
         assert exit_info.value.code == 2 and needle in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

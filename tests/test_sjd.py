@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import tiny_transformer
+from tiny import tiny_transformer
 from mmgen.models.hf_llama import to_llama
 from mmgen.paradigms.next_token import NextTokenLayout, build_batch, generate, generate_sjd, image_logits
 from mmgen.sampling.hf_backend import CausalLMBackend

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
+from tiny import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_vqgan
 from mmgen import bench, cli
 from mmgen.models.shuffle import TokenShuffleTransformer
 from mmgen.paradigms import token_shuffle as ts
@@ -348,7 +348,7 @@ def test_bench_cli_shuffle_suite(capsys):
 def test_trunk_starts_from_a_next_token_decoder():
     """`init_backbone_from` (train_generator): a Token-Shuffle decoder's trunk takes a next-token decoder's
     layers and embeddings by name; its merge/split and heads keep their own initialisation."""
-    from conftest import tiny_transformer
+    from tiny import tiny_transformer
     from mmgen.training.checkpoint import init_backbone
 
     source = tiny_transformer(40, 32, seed=1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_script
+from tiny import load_script
 from mmgen import cli
 
 TOK = ["model.base_channels=8", "model.channel_mult=[1,2,2,2]", "model.embed_dim=16", "model.num_codes=32",

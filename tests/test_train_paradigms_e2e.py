@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_script
+from tiny import load_script
 from mmgen import cli
 
 DATA = ["data.size=64", "train.batch_size=8", "train.eval_images=16", "train.log_every=1",
@@ -78,7 +78,7 @@ def test_alignment_rejected_for_continuous_paradigm(tokenizers, tmp_path):
 def test_tokenizer_of_another_paradigm_is_rejected(tmp_path):
     """train_generator.py loads `tokenizer` through load_visual_tokenizer(paradigm, dir), which checks the class
     the directory holds: a function call on a saved (untrained) multi-scale VQGAN, no training run needed."""
-    from conftest import tiny_vqgan
+    from tiny import tiny_vqgan
     from mmgen.pipelines import load_visual_tokenizer
 
     tiny_vqgan(channel_mult=(1, 2, 2), scales=(1, 2, 4)).save_pretrained(tmp_path / "msvq")

@@ -296,7 +296,7 @@ def test_fsdp_units_are_each_familys_blocks():
 def test_generator_script_takes_the_switches(tmp_path, capsys):
     from pathlib import Path
 
-    from conftest import load_script
+    from tiny import load_script
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gen"

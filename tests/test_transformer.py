@@ -5,7 +5,7 @@ from functools import partial
 import torch
 import pytest
 
-from conftest import tiny_transformer
+from tiny import tiny_transformer
 from mmgen.models.transformer import Transformer, rope_angles
 from mmgen.paradigms.next_token import NextTokenLayout, build_batch, decode_step, prefill
 from mmgen.paradigms.sequence import attention_mask

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-import conftest
+import tiny
 from tokenizers_vis.vae import (decode_latents, encode_latents, estimate_scaling_factor, latent_channels, make_vae,
                                 vae_grid, vae_last_layer, vae_training_forward)
 
@@ -27,7 +27,7 @@ def disk_images(n: int = 8, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.stack(out).clamp(-1, 1)
 
 
-tiny_vae = partial(conftest.tiny_vae, image_size=32, block_out_channels=(8, 16, 16))  # 8x8 latents
+tiny_vae = partial(tiny.tiny_vae, image_size=32, block_out_channels=(8, 16, 16))  # 8x8 latents
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import tiny_vqgan
+from tiny import tiny_vqgan
 from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
 from tokenizers_vis.features import EfficientNetLite0Features
 from tokenizers_vis.losses import PerceptualLoss, VQGANLoss
