@@ -132,6 +132,10 @@ def cmd_watermark_detect(args) -> dict:
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as e:
             raise CLIError(f"IMAGE {path!r} is not a readable image ({e.__class__.__name__})") from None
     pipe = load_pipeline(model)
+    if not hasattr(pipe, "detect_watermark"):
+        raise CLIError(f"--model {str(args.model)!r} is a {type(pipe).__name__}, which embeds no watermark: the "
+                       f"watermark reweights one token per decoder pass given the tokens before it, so only "
+                       f"next-token models (mmgen's next-token family, Janus, Emu3, LlamaGen) carry and detect it")
     results = pipe.detect_watermark(images, args.key, fpr=args.fpr, combine=args.combine, method=args.method)
     per_image = results["images"] if args.combine else results
     report = {"model": str(args.model), "fpr": args.fpr, "method": pipe.watermark_config(args.method).method,
@@ -278,11 +282,8 @@ def cmd_convert(args) -> dict:
     return args.convert(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmgen", description="Autoregressive visual generation.")
-    parser.add_argument("--version", action="version", version=f"mmgen {importlib.metadata.version('mmgen')}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_generate(sub) -> None:
+    """`mmgen generate`: images from a prompt, a class label or nothing."""
     g = sub.add_parser("generate", help="generate images from a text prompt or a class label",
                        description="Generate images with a saved pipeline: from a text PROMPT (caption models), "
                                    "--class-label (class-conditional models) or neither (unconditional models).")
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", type=device, default="cpu", help="torch device to run on (cpu, cuda, ...)")
     g.set_defaults(func=cmd_generate)
 
+def _add_watermark(sub) -> None:
+    """`mmgen watermark detect`."""
     w = sub.add_parser("watermark", help="watermark tools", description="Watermark tools.")
     wsub = w.add_subparsers(dest="watermark_command", required=True, metavar="ACTION")
     d = wsub.add_parser("detect", help="test images for the watermark",
@@ -324,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print a JSON result")
     d.set_defaults(func=cmd_watermark_detect)
 
+def _add_bench(sub) -> None:
+    """`mmgen bench`: the suites of mmgen/bench."""
     b = sub.add_parser("bench", help="measure sampling speed and quality as ratios against a baseline",
                        description="Benchmarks (see mmgen/bench/): each figure is a ratio against a baseline run "
                                    "in the same process.")
@@ -353,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed calls per measurement (default: sjd 2 passes over all its prompts, others 5)")
     b.add_argument("--eval-per-category", type=positive_int("--eval-per-category"), default=16,
                    help="held-out prompts per category for compositional accuracy")
-    b.add_argument("--watermark-images", type=positive_int("--watermark-images"), default=100,
-                   help="images per watermark method (and unwatermarked) in the attack suite")
+    b.add_argument("--watermark-images", type=nonnegative_int("--watermark-images"), default=100,
+                   help="images per watermark method (and unwatermarked) in the attack suite; 0: only the "
+                        "watermark's overhead (watermarked against plain sampling, eager and compiled AR, SJD)")
     b.add_argument("--watermark-delta", type=positive_float("--watermark-delta"), default=None,
                    help="strength of the KGW rows of the attack suite (default: the model's watermark.json)")
     b.add_argument("--watermark-fpr-images", type=_count_or_off("--watermark-fpr-images"), default=1000,
@@ -376,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="print the JSON report")
     b.set_defaults(func=cmd_bench)
 
+def _add_eval(sub) -> None:
+    """`mmgen eval`: a saved model, or FID / IS of a sample batch."""
     e = sub.add_parser("eval", help="evaluate a saved model, or FID / IS of a sample batch",
                        description="Evaluate a saved model (--model; see mmgen/eval/harness.py). shapes: "
                                    "compositional accuracy per category on the held-out and train splits; "
@@ -430,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the JSON report")
     e.set_defaults(func=cmd_eval)
 
+def _add_models(sub) -> None:
+    """`mmgen models`: the shipped zoo."""
     m = sub.add_parser("models", help="list the shipped models",
                        description="List the shipped models (mmgen/zoo): pipeline, paradigm, parameters, size, "
                                    "headline results from their eval.json and, with --json, the commands that "
@@ -437,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true", help="print the list as JSON")
     m.set_defaults(func=cmd_models)
 
+def _add_convert(sub) -> None:
+    """`mmgen convert FAMILY`: one subcommand per converter."""
     c = sub.add_parser("convert", help="convert another project's released checkpoint into a pipeline directory",
                        description="Convert released checkpoints of projects that are not in transformers "
                                    "(read with weights_only=True) into an mmgen pipeline directory.")
@@ -451,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--json", action="store_true", help="print what was written as JSON")
         f.set_defaults(func=cmd_convert, convert=run)
 
+def _add_serve(sub) -> None:
+    """`mmgen serve`: the Gradio demo."""
     s = sub.add_parser("serve", help="web demo (Gradio) in the browser",
                        description="Serve a web demo: prompt, model/paradigm, sampler (AR/SJD), seed, guidance, "
                                    "watermark. Pipelines load on first use. Stop with Ctrl-C.")
@@ -462,6 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", type=device, default="cpu", help="torch device the models run on (cpu, cuda, ...)")
     s.add_argument("--json", action="store_true", help="on exit, print what was served as JSON")
     s.set_defaults(func=cmd_serve)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmgen", description="Autoregressive visual generation.")
+    parser.add_argument("--version", action="version", version=f"mmgen {importlib.metadata.version('mmgen')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    _add_watermark(sub)
+    _add_bench(sub)
+    _add_eval(sub)
+    _add_models(sub)
+    _add_convert(sub)
+    _add_serve(sub)
     return parser
 
 

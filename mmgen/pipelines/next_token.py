@@ -91,35 +91,30 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
         """Generate images for `prompt` (a caption model) or `class_labels` (a class-conditional model: an int or
         a class name, or a list of them; `num_images_per_prompt` images each); an unconditional model takes
         neither (`mmgen.conditioning`). `callback_on_step_end(pipe, step, timestep, callback_kwargs)` runs after every
-        decoder pass, AR or SJD (`pipelines.base.StepCallback`); `callback_kwargs` is empty, as the loop is the
-        paradigm's `generate`, which hands out no tensors (`callback_on_step_end_tensor_inputs` takes none).
+        decoder pass, AR or SJD (`pipelines.base.StepCallback`), with empty `callback_kwargs` (the paradigm's loop
+        hands out no tensors).
 
         sampler: "ar" (one token per forward pass) or "sjd" (speculative Jacobi decoding: the same
-        distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of
-        random / repeat / sample_left / above; `sjd_coupled`: next drafts by maximal coupling with the old ones,
-        still exact; `sjd_adaptive`: each pass's width (at most `sjd_window`) from the images' acceptance rates
-        and a pass-cost model, still exact, for batches; `sjd_tree_width` c > 0: the first `sjd_tree_depth` window
-        positions also score c other candidates, tried by recursive rejection sampling, still exact;
+        distribution in fewer passes; `sjd_window` drafts per pass, `sjd_init` one of random / repeat / sample_left /
+        above; `sjd_coupled`: next drafts by maximal coupling with the old ones; `sjd_adaptive`: each pass's width
+        (at most `sjd_window`) from the images' acceptance rates and a pass-cost model; `sjd_tree_width` c > 0: the
+        first `sjd_tree_depth` window positions also score c other candidates (recursive rejection sampling);
         `sjd_shared_noise`: each position's token is the race of its distribution with that position's own noise
-        and a draft is accepted when it equals it, so the tokens are plain AR's for the same seeds).
+        and a draft is accepted when it equals it, so the tokens are plain AR's for the same seeds; all exact).
         `sjd_lantern_delta` (LOSSY, off by default): LANTERN's relaxed acceptance, a draft also takes the
-        probability of its `sjd_lantern_k` nearest codebook neighbours
-        up to total variation delta per token; the output then says `lossless=False`. Image i of a call uses
-        its own generator, so with a seed per image the result does not depend on the batch size.
-        `watermark_key`: embed the distortion-free watermark (`self.watermark`, C-reweight by default) under this secret key; detect it with
-        `detect_watermark`. `watermark_method` / `watermark_delta`: another method of `mmgen.watermark.METHODS`
-        over the same cluster table, e.g. the distorting "kgw-cluster" at strength delta, which a per-image test
-        detects far more reliably than the distortion-free default (detect with the same `method`).
+        probability of its `sjd_lantern_k` nearest codebook neighbours up to total variation delta per token; the
+        output then says `lossless=False`. Image i uses its own generator: the batch size changes no image.
+        `watermark_key`: embed the distortion-free watermark (`self.watermark`, C-reweight by default) under this
+        secret key; detect it with `detect_watermark`. `watermark_method` / `watermark_delta`: another method of
+        `mmgen.watermark.METHODS` over the same cluster table, e.g. the distorting "kgw-cluster" (detect with it).
 
         cfg_schedule: "constant" or "linear" (guidance ramped from 1 at the first token / window to
-        guidance_scale at the last; sampler "ar" only). Token-Shuffle decoders sample s x s codes per pass with
-        sampler "ar" only (SJD verifies one token per position; the watermark reweights one token's
-        distribution per step). NAR and next-block decoders sample an anti-diagonal / a row per pass, sampler "ar"
-        only; their watermark keys each token by already decoded neighbours (`watermark_key_order`).
+        guidance_scale at the last; sampler "ar" only). Token-Shuffle (s x s codes per pass), NAR (an anti-diagonal)
+        and next-block (a row) decoders take sampler "ar" only; NAR and next-block key the watermark by decoded
+        neighbours (`watermark_key_order`), Token-Shuffle takes none (it reweights one token per step).
 
         compile_decode: sampler "ar" through a `torch.compile`d one-token step (`mmgen.models.compiled_decode`),
-        compiled on the first call per batch size (tens of seconds) and reused after; the same tokens up to float
-        rounding, 2-4x faster per image on CPU. Sampler "sjd": its verify passes through the compiled window step
+        compiled once per batch size (tens of seconds); the same tokens up to float rounding, 2-4x faster on CPU. Sampler "sjd": its verify passes through the compiled window step
         (a graph per batch size and width 1, 2, 4, ... up to `sjd_window` on a CPU, the window alone on a GPU); with
         `sjd_adaptive` a batch for which no width pays is sampled by the compiled AR step instead. Falls back to
         eager, with a warning, where compilation fails.
@@ -130,32 +125,48 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k,
                          sjd_tree_width, sjd_tree_depth, sjd_shared_noise)
-        processor = None
-        if watermark_key is not None:
-            processor = WatermarkProcessor(self.watermark_config(watermark_method, watermark_delta), watermark_key)
-        elif watermark_method is not None or watermark_delta is not None:
-            raise OptionError("watermark_method and watermark_delta need a watermark_key")
+        processor = self.watermark_processor(watermark_key, watermark_method, watermark_delta)
         step = self.step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, sampler)
-
         if sjd is None:
-            stages = {} if processor is None else {"processor": processor}
-            if compile_decode:
-                stages["compile"] = True
-            passes = getattr(self.layout, "num_steps", self.layout.num_image_tokens)  # NAR / next-block: fewer
-            codes, cost = self.run_paradigm(text_ids, sampling, gens, prompt, num_images_per_prompt, passes, step,
-                                            **stages)
-            passes = cost.decoder_passes
-            compression = accepted = math.prod(self.visual_tokenizer.token_shape) / passes  # Token-Shuffle: s^2
+            codes, passes, compression, accepted = self.sample_ar(text_ids, sampling, gens, prompt,
+                                                                  num_images_per_prompt, step, processor,
+                                                                  compile_decode)
         else:
-            with self.progress_bar(total=self.layout.num_image_tokens) as bar, \
-                    condition_prefix(self, prompt, num_images_per_prompt):
-                codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
-                                                       callback=lambda done: (bar.update(done - bar.n), step()),
-                                                       processor=processor, compile=compile_decode,
-                                                       neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
-            passes, compression, accepted = stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
+            codes, passes, compression, accepted = self.sample_sjd(text_ids, sampling, sjd, gens, prompt,
+                                                                   num_images_per_prompt, step, processor,
+                                                                   compile_decode)
         return self.output(self.visual_tokenizer.decode_tokens(codes), codes, output_type, return_dict, passes,
                            compression, accepted, lossless=sjd is None or sjd.lossless)
+
+    def watermark_processor(self, key: str | None, method: str | None, delta: float | None):
+        """The call's watermark stage: None without a key."""
+        if key is not None:
+            return WatermarkProcessor(self.watermark_config(method, delta), key)
+        if method is not None or delta is not None:
+            raise OptionError("watermark_method and watermark_delta need a watermark_key")
+        return None
+
+    def sample_ar(self, text_ids, sampling, gens, prompt, num_images_per_prompt, step, processor, compile_decode):
+        """The paradigm's own loop: (codes, decoder passes, step compression, tokens per pass)."""
+        stages = {} if processor is None else {"processor": processor}
+        if compile_decode:
+            stages["compile"] = True
+        passes = getattr(self.layout, "num_steps", self.layout.num_image_tokens)  # NAR / next-block: fewer
+        codes, cost = self.run_paradigm(text_ids, sampling, gens, prompt, num_images_per_prompt, passes, step,
+                                        **stages)
+        compression = math.prod(self.visual_tokenizer.token_shape) / cost.decoder_passes  # Token-Shuffle: s^2
+        return codes, cost.decoder_passes, compression, compression
+
+    def sample_sjd(self, text_ids, sampling, sjd, gens, prompt, num_images_per_prompt, step, processor,
+                   compile_decode):
+        """Speculative Jacobi decoding: (codes, decoder passes, step compression, mean accepted length)."""
+        with self.progress_bar(total=self.layout.num_image_tokens) as bar, \
+                condition_prefix(self, prompt, num_images_per_prompt):
+            codes, stats = next_token.generate_sjd(self.transformer, self.layout, text_ids, sampling, sjd, gens,
+                                                   callback=lambda done: (bar.update(done - bar.n), step()),
+                                                   processor=processor, compile=compile_decode,
+                                                   neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
+        return codes, stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
 
     def check_stages(self, sampler: str, watermark_key, cfg_schedule: str, compile_decode: bool,
                      sjd_tree_width: int) -> None:
