@@ -119,16 +119,34 @@ def _subset(n_items: int, n: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n_items, generator=torch.Generator().manual_seed(seed))[:n].tolist())
 
 
+def _class_model(pipe) -> bool:
+    return getattr(getattr(pipe, "condition", None), "kind", None) == "class"
+
+
+def _class_conditions(pipe, class_names: Sequence[str], labels: list[int]) -> list:
+    """The `class_labels` that ask a class-conditional model for a data set's classes: by name when the model's
+    conditioning names its classes, else by index (a converted LlamaGen or VAR model knows its classes by number
+    only, in the order of an ImageNet-style folder's sorted class directories)."""
+    cond = pipe.condition
+    if cond.class_names:
+        return [class_names[c] for c in labels]
+    if len(class_names) > cond.num_classes:
+        raise ValueError(f"the data set has {len(class_names)} classes but {type(pipe).__name__} takes "
+                         f"{cond.accepted()}: evaluate it on data (--data) with at most {cond.num_classes} classes")
+    return list(labels)
+
+
 def _fd_block(pipe, dataset, indices: list[int], batch_size: int, seed: int, device, meter: _Meter,
               progress: bool, sampling: dict) -> dict:
     """FD-ENL0 between the real images at `indices` and images generated from their captions (a class-conditional
     model: from their class names, as the data set names them)."""
     real = _stack(dataset, indices)
-    if getattr(getattr(pipe, "condition", None), "kind", None) == "class":
+    if _class_model(pipe):
         if not hasattr(dataset, "labels") or not hasattr(dataset, "classes"):
             raise ValueError(f"fd on a class-conditional model needs a labelled data set; {type(dataset).__name__} "
                              f"has no labels")
-        conditions, condition = [dataset.classes[int(dataset.labels[i])] for i in indices], "class_labels"
+        conditions = _class_conditions(pipe, dataset.classes, [int(dataset.labels[i]) for i in indices])
+        condition = "class_labels"
     else:
         conditions, condition = [dataset[i]["caption"] for i in indices], "prompt"
     fake, _ = _generate(pipe, conditions, batch_size, seed, meter, progress, "fd", sampling, condition)
@@ -169,8 +187,8 @@ def _class_accuracy(pipe, per_category: int, batch_size: int, seed: int, device,
     if isinstance(classifier, torch.nn.Module):
         classifier = classifier.to(device).eval()
     labels = [c for c in range(len(CLASSES)) for _ in range(per_category)]
-    if getattr(getattr(pipe, "condition", None), "kind", None) == "class":  # `mmgen.conditioning`: by class name
-        conditions, condition = [CLASSES[c] for c in labels], "class_labels"
+    if _class_model(pipe):  # `mmgen.conditioning`: by class name, or by index for a model without names
+        conditions, condition = _class_conditions(pipe, CLASSES, labels), "class_labels"
     else:
         conditions, condition = [caption_for(c) for c in labels], "prompt"
     images, seconds = _generate(pipe, conditions, batch_size, seed, meter, progress, "fashion_mnist", sampling,
@@ -215,6 +233,10 @@ def evaluate_pipeline(pipe, data: str = "shapes", per_category: int = 50, splits
         raise ValueError(f"splits must be a non-empty list drawn from {', '.join(SPLITS)}; got {splits!r}")
     if data in FD_ONLY and fd == 0:
         raise ValueError(f"data={data!r} is scored by FD-ENL0 only: set fd (--fd) to the number of images, >= 2")
+    if data == "shapes" and _class_model(pipe):
+        raise ValueError(f"data='shapes' prompts captions, and {type(pipe).__name__} is class-conditional: pass data "
+                         f"(--data) fashion_mnist, whose classes it is asked for by index (or by name when it names "
+                         f"its classes), scored by class accuracy and, with fd (--fd) >= 2, FD-ENL0")
     refuse_options(pipe, sampling)  # the CLI's check: options the pipeline's `__call__` does not take
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -249,7 +271,10 @@ def evaluate_pipeline(pipe, data: str = "shapes", per_category: int = 50, splits
 # ------------------------------------------------------------------------------------------------- tokenizer
 
 def tokenizer_of(pipe):
-    """A pipeline's visual tokenizer component (the module it saves), named by the paradigm registry."""
+    """A pipeline's visual tokenizer component (the module it saves), named by the paradigm registry; a pipeline
+    that runs no registered paradigm (a converted LlamaGen or VAR model) states its own `visual_tokenizer`."""
+    if getattr(pipe, "paradigm", None) is None:
+        return pipe.visual_tokenizer
     return getattr(pipe, PARADIGMS[paradigm_name(pipe)].component)
 
 
