@@ -4,7 +4,9 @@ Two tabs. Generate: prompt, model (its paradigm is its pipeline class), sampler 
 decoding where the pipeline offers it), seed, guidance scale, number of images and the distortion-free
 watermark, then a gallery of the images and one status line (seconds, decoder passes). Detect: upload images,
 pick the model and type the key; per image the p-value and verdict, and optionally one pooled test for the set
-(`mmgen watermark detect ... --combine`). It calls pipelines exactly as
+(`mmgen watermark detect ... --combine`). A class-conditional model (a converted LlamaGen c2i or VAR model, one trained
+with `condition.kind=class`) draws the class typed in the class-label box instead of the prompt. It calls pipelines
+exactly as
 `mmgen generate` does: `load_pipeline` once per model (lazily, then cached) and `generators_from_seed`, so the
 same settings give the same images on the page and on the command line.
 
@@ -17,6 +19,7 @@ seed >= 0 and the number of images in 1..8.
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 import time
@@ -27,7 +30,7 @@ import gradio as gr
 from mmgen.pipelines import PIPELINES, load_pipeline
 from mmgen.pipelines.base import DEFAULT_GUIDANCE_SCALE, generators_from_seed
 from mmgen.safe_save import pipeline_class_name
-from mmgen.zoo import DEFAULT_MODEL, default_guidance_scale, zoo_models
+from mmgen.zoo import DEFAULT_MODEL, conditioning_kind, default_guidance_scale, zoo_models
 
 SAMPLER_CHOICES = [("AR", "ar"), ("SJD", "sjd")]  # (label, value): values are the pipeline's `sampler`
 MAX_IMAGES = 8
@@ -70,6 +73,14 @@ class DemoModels:
         """The model's own guidance scale, read without loading it."""
         return default_guidance_scale(self.dirs[name])
 
+    def condition_kind(self, name: str) -> str:
+        """What the model is conditioned on (`mmgen.conditioning` kinds), read without loading it: its
+        model_index.json, or its pipeline class when that takes class labels and no prompt (VAR)."""
+        params = inspect.signature(self.classes[name].__call__).parameters
+        if "prompt" not in params:
+            return "class" if "class_labels" in params else "unconditional"
+        return conditioning_kind(json.loads((self.dirs[name] / "model_index.json").read_text()))
+
     def describe(self, name: str) -> str:
         """One line for the page: the model's paradigm and the optional stages it takes."""
         accepted = self.accepts(name)
@@ -77,6 +88,8 @@ class DemoModels:
                   if arg in accepted]
         extra = (f"Takes: {', '.join(stages)}." if stages
                  else "SJD and the watermark are next-token stages; this model samples with AR only.")
+        if self.condition_kind(name) == "class":
+            extra += " Class-conditional: it draws the class label, not the prompt."
         return f"**{name}**: `{self.classes[name].__name__}`. {extra}"
 
     def pipeline(self, name: str):
@@ -89,9 +102,10 @@ class DemoModels:
 
     def generate(self, prompt: str, model: str, sampler: str = "ar", seed: int = 0,
                  guidance_scale: float = DEFAULT_GUIDANCE_SCALE, num_images: int = 1, watermark: bool = False,
-                 watermark_key: str = "") -> tuple[list[tuple], str]:
+                 watermark_key: str = "", class_label: str = "") -> tuple[list[tuple], str]:
         """The Generate button: ([(image, caption), ...], status line). Bad input raises `gr.Error`, which the
-        page shows as a message. The page always sends a guidance scale (its slider opens at the model's own)."""
+        page shows as a message. The page always sends a guidance scale (its slider opens at the model's own).
+        `class_label` (an integer or a class name) is what a class-conditional model draws; it takes no prompt."""
         if model not in self.dirs:
             raise _error(f"model must be one of {', '.join(self.dirs)}; got {model!r}")
         accepted, kind = self.accepts(model), self.classes[model].__name__
@@ -113,8 +127,12 @@ class DemoModels:
         try:
             generators = generators_from_seed(seed, num_images)
             pipe = self.pipeline(model)
+        except ValueError as e:
+            raise _error(str(e)) from None
+        condition = self.condition(pipe, model, prompt, class_label)
+        try:
             t0 = time.perf_counter()
-            out = pipe(prompt=prompt, num_images_per_prompt=num_images, guidance_scale=guidance_scale,
+            out = pipe(**condition, num_images_per_prompt=num_images, guidance_scale=guidance_scale,
                        generator=generators, **kwargs)
         except ValueError as e:
             raise _error(str(e)) from None
@@ -129,6 +147,20 @@ class DemoModels:
         if watermark:
             status += "; watermarked"
         return [(image, f"seed {seed + i}") for i, image in enumerate(out.images)], status + "."
+
+    @staticmethod
+    def condition(pipe, model: str, prompt: str, class_label) -> dict:
+        """The call's condition: {"class_labels": [label]} for a class-conditional model (checked by the pipeline),
+        else {"prompt": prompt}; a class label given to a model that takes none is refused."""
+        cond = getattr(pipe, "condition", None)
+        label = "" if class_label is None else str(class_label).strip()
+        if cond is not None and cond.kind == "class":
+            if not label:
+                raise _error(f"Enter a class label: {model} is class-conditional; it takes {cond.accepted()}.")
+            return {"class_labels": [int(label) if label.lstrip("-").isdigit() else label]}
+        if label:
+            raise _error(f"The class label does not apply to {model}: it is not class-conditional. Clear it.")
+        return {"prompt": prompt}
 
     def detect(self, files, model: str, key: str, combine: bool = False, fpr: float = 0.01) -> str:
         """The Detect tab's callback: uploaded image files -> a Markdown table of per-image p-values and verdicts
@@ -188,7 +220,7 @@ def _error(message: str) -> gr.Error:
 def build_demo(models: dict[str, Path] | None = None, device: str = "cpu") -> gr.Blocks:
     """The demo page over `models` (name -> saved pipeline directory; default: the shipped zoo).
 
-    Components carry stable `elem_id`s (prompt, model, sampler, seed, guidance, num-images, watermark,
+    Components carry stable `elem_id`s (prompt, class-label, model, sampler, seed, guidance, num-images, watermark,
     watermark-key, generate, output, status, model-info; detect-files, detect-model, detect-key, detect-combine,
     detect, detect-result) for browser tests. The `DemoModels` behind the page
     is `demo.models`.
@@ -204,6 +236,8 @@ def build_demo(models: dict[str, Path] | None = None, device: str = "cpu") -> gr
         with gr.Tab("Generate", elem_id="tab-generate"), gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", placeholder="a red circle above a blue square", elem_id="prompt")
+                class_label = gr.Textbox(label="Class label (class-conditional models)",
+                                         placeholder="an integer, e.g. 207, or a class name", elem_id="class-label")
                 model = gr.Dropdown(choices=[(f"{name} ({backend.classes[name].__name__})", name)
                                              for name in backend.dirs],
                                     value=first, label="Model (paradigm)", elem_id="model")
@@ -244,8 +278,8 @@ def build_demo(models: dict[str, Path] | None = None, device: str = "cpu") -> gr
         detect_button.click(backend.detect, inputs=[files, detect_model, detect_key, combine],
                             outputs=detect_result)
         model.change(backend.controls, inputs=model, outputs=[sampler, watermark, key, info, guidance])
-        gr.on([button.click, prompt.submit], backend.generate,
-              inputs=[prompt, model, sampler, seed, guidance, num_images, watermark, key],
+        gr.on([button.click, prompt.submit, class_label.submit], backend.generate,
+              inputs=[prompt, model, sampler, seed, guidance, num_images, watermark, key, class_label],
               outputs=[gallery, status])
     demo.models = backend
     return demo
