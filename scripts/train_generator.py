@@ -32,6 +32,11 @@ embeddings, aligner and head train on the images' codes from its own frozen VQ-V
 generation size), captions prompted as its processor does; `<out_dir>/pipeline` is the fine-tuned model and
 processor in the transformers layout (`from_pretrained`). `tokenizer`, `model`, `flow` and `max_text_len` do not apply.
 
+`init_from=<a converted LlamaGen c2i directory>` (`mmgen convert llamagen`) fine-tunes it with LlamaGen's own loss
+on a labelled folder (`mmgen.training.llamagen`: `data.name=imagefolder data.root=DIR`, the sorted class directories
+being its class ids; the VQ frozen, images at the model's size); `<out_dir>/pipeline` is a `LlamaGenPipeline`.
+A converted VAR directory is refused: its next-scale decoder has no training loop here.
+
 `condition.kind` (`mmgen.conditioning`) is what the decoder is conditioned on, with any paradigm: `caption` (the
 default: the data's captions through a word-level tokenizer), `class` (the data's class labels: one prefix token per
 image, whatever `max_text_len` says, and <null> for CFG; needs labelled data: `data.name=imagefolder
@@ -73,6 +78,7 @@ from mmgen.pipelines.transformers_models import transformers_model_type
 from mmgen.text import UnifiedVocab
 from mmgen.training.checkpoint import init_backbone, latest_checkpoint, read_tensors
 from mmgen.training.data import DataConfig, encode_dataset, image_fields, make_dataset, run_text_tokenizer
+from mmgen.training.llamagen import converted_trainer
 from mmgen.training.loop import Run, cosine_lr, load_run_config
 from mmgen.training.transformers_models import FINETUNE, load_finetune
 from tokenizers_vis.protocol import as_visual_tokenizer
@@ -158,20 +164,27 @@ class TrainStep(torch.nn.Module):
         return ar_loss + align.weight * align_loss, ar_loss, align_loss
 
 
-def finetune(cfg: GeneratorRunConfig) -> None:
-    """Continue the image generation of a public transformers checkpoint (`init_from`, model type `paradigm`)."""
+def finetune(cfg: GeneratorRunConfig, trainer=None) -> None:
+    """Continue the image generation of a released checkpoint `init_from`: a public transformers checkpoint (model
+    type `paradigm`), or the converted checkpoint whose `trainer` (`converted_trainer`) is given."""
     if cfg.init_from is None:
         raise ValueError(f"paradigm {cfg.paradigm!r} needs init_from=<a transformers checkpoint directory>")
     if cfg.alignment.type != "none":
-        raise ValueError(f"paradigm {cfg.paradigm!r} takes no alignment.type")
-    trainer = load_finetune(cfg.paradigm, cfg.init_from)  # the checkpoint as saved; a resume overwrites what trains
+        raise ValueError(f"fine-tuning init_from={cfg.init_from!r} takes no alignment.type")
+
+    converted = trainer is not None
+
+    def load():  # the checkpoint as saved; a resume overwrites what trains
+        return converted_trainer(cfg.paradigm, cfg.init_from) if converted else \
+            load_finetune(cfg.paradigm, cfg.init_from)
+
+    trainer = trainer if converted else load()
     cfg.data.image_size = trainer.image_size  # the model's generation size (and the record in config.json)
-    run = Run(cfg, cfg.train, f"fine-tune {cfg.paradigm}")
+    run = Run(cfg, cfg.train, f"fine-tune {getattr(trainer, 'family', cfg.paradigm)}")
     out, device = run.out, run.device
     trainer.to(device)
     dataset = make_dataset(cfg.data)
-    captions = list(dataset.captions) if hasattr(dataset, "captions") else [d["caption"] for d in dataset]
-    prompts = trainer.prompts(captions)
+    prompts = trainer.conditions(dataset)  # per image: prompt ids (Janus) or a class label (LlamaGen)
     key = hashlib.sha256(json.dumps([image_fields(cfg.data), str(Path(cfg.init_from).resolve()),
                                      cfg.paradigm]).encode()).hexdigest()
     codes = encode_dataset(lambda imgs: trainer.encode_images(imgs.to(device)), dataset, out / "codes.safetensors",
@@ -204,18 +217,20 @@ def finetune(cfg: GeneratorRunConfig) -> None:
     run.train(step, digits={"lr": None, "grad_norm": 4})
     if run.is_main:
         if run.sharded:  # parameters are shards: the trained modules' whole weights from the last checkpoint
-            trainer = load_finetune(cfg.paradigm, cfg.init_from)
+            trainer = load()
             for name, module in trainer.trained_modules().items():
                 module.load_state_dict(read_tensors(latest_checkpoint(out), name))
         run.for_sampling(trainer.model)
         trainer.eval().cpu().save_pretrained(out / "pipeline")
-        run.print(f"saved model and processor to {out / 'pipeline'}")
+        run.print(f"saved the fine-tuned model to {out / 'pipeline'}")
 
 
 def main(argv=None):
     cfg = load_run_config(GeneratorRunConfig, __doc__, argv)
     if cfg.paradigm in FINETUNE:
         return finetune(cfg)
+    if (trainer := converted_trainer(cfg.paradigm, cfg.init_from)) is not None:  # LlamaGen; VAR is refused
+        return finetune(cfg, trainer)
     run = Run(cfg, cfg.train, "train generator")
     out, device = run.out, run.device
 

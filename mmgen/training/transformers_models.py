@@ -66,6 +66,11 @@ class JanusTrainer(torch.nn.Module):
         """(B, 3, S, S) in [-1, 1] -> the frozen VQ-VAE's codes (B, h*w)."""
         return self.vq.encode_tokens(images).flatten(1)
 
+    def conditions(self, dataset) -> list[list[int]]:
+        """Each image's prompt ids: its caption, prompted as `prompts` does."""
+        captions = list(dataset.captions) if hasattr(dataset, "captions") else [d["caption"] for d in dataset]
+        return self.prompts(captions)
+
     def prompts(self, captions: list[str]) -> list[list[int]]:
         """Token ids of each caption as Janus is prompted for an image: the chat template (when the processor has
         one) with the assistant turn opened, then the processor in generation_mode="image" (appends
