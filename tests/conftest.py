@@ -18,6 +18,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# The costliest files (CPU seconds of their tests, docs/results/ci.md), costliest first. Under `-n 2 --dist loadfile`
+# each file goes whole to the next free worker in collection order, so these start first and the cheap files fill
+# in around them: neither worker is left running one long file alone at the end.
+COSTLY_FIRST = ("test_golden.py", "test_distributed.py", "test_sjd.py", "test_bench.py", "test_distributed_sharded.py",
+                "test_emu3.py", "test_determinism.py", "test_seed.py", "test_flow_head.py", "test_sample_npz.py",
+                "test_finetune_janus.py", "test_diffusers_layout.py", "test_janus.py", "test_eval_harness.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a plain run keeps the file order
+        rank = {name: i for i, name in enumerate(COSTLY_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """Each test starts with the worker's thread count, whatever an earlier test set."""
