@@ -129,8 +129,8 @@ def test_each_paradigm_runs_end_to_end_through_the_protocol(name):
     assert isinstance(cost, GenerationCost)
     if name in DECODER_PASSES:
         assert cost.decoder_passes == DECODER_PASSES[name], cost
-    else:  # a paradigm registered after this test was written: add its count to DECODER_PASSES
-        assert cost.decoder_passes >= 1
+    else:  # a paradigm registered after this test was written
+        pytest.fail(f"add {name}'s decoder passes for this 4x4 grid to DECODER_PASSES (it reported {cost})")
     assert out.shape == tokens.shape
     assert tok.decode_tokens(out).shape == (2, 3, SIZE, SIZE)
     # the pipeline the registry names takes these parts and reports the same paradigm back

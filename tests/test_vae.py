@@ -92,7 +92,7 @@ def test_tiny_vae_overfits(images):
         loss.backward()
         opt.step()
         losses.append(rec.item())
-    assert kl.shape == () and kl.item() >= 0
+    assert kl.shape == () and kl.item() > 0  # the posterior never equals the prior
     assert recon.shape == images.shape
     assert vae_last_layer(vae).grad is not None and vae_last_layer(vae).shape[0] == 3
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
