@@ -51,8 +51,9 @@ def test_class_conditional_shards_are_disjoint_and_pack_in_item_order(tmp_path):
     assert sample_npz.condition_kind(pipe) == "class"
     run = dict(per=3, out=out, seed=7, batch_size=2, shard_size=2, keep_shards=True, progress=False)
     part = sample_npz.sample_to_npz(pipe, [0, 1, 2], state=Rank(1, 2), **run)  # shards 1, 3
-    seconds = part.pop("seconds")  # wall-clock of this process's shards: a positive float
-    assert part == {"process": 1, "shards": 2, "generated_shards": 2} and isinstance(seconds, float) and seconds > 0
+    seconds = part.pop("seconds")  # wall-clock of this process's shards (a stub: well under a second)
+    assert part == {"process": 1, "shards": 2, "generated_shards": 2} and isinstance(seconds, float)
+    assert 0 <= seconds < 30  # a duration, not a clock reading
     report = sample_npz.sample_to_npz(pipe, [0, 1, 2], state=Rank(0, 2), **run)  # shards 0, 2, 4; then packs
     shards = sorted((tmp_path / "c.shards").glob("shard-*.npz"))
     owners = {}
