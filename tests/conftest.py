@@ -22,9 +22,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # --no-loadscope-reorder` each file goes whole to the next free worker in collection order (xdist's default
 # reorder would put the files with the most tests first instead), so these start first and the cheap files fill in
 # around them: neither worker is left running one long file alone at the end.
-COSTLY_FIRST = ("test_golden.py", "test_distributed.py", "test_sjd.py", "test_bench.py", "test_distributed_sharded.py",
-                "test_emu3.py", "test_determinism.py", "test_seed.py", "test_flow_head.py", "test_sample_npz.py",
-                "test_finetune_janus.py", "test_diffusers_layout.py", "test_janus.py", "test_eval_harness.py")
+COSTLY_FIRST = ("test_sjd.py", "test_distributed.py", "test_distributed_sharded.py", "test_watermark.py",
+                "test_golden.py", "test_seed.py", "test_emu3.py", "test_bench.py", "test_flow_head.py",
+                "test_sample_npz.py", "test_finetune_janus.py", "test_readme.py", "test_rcc.py", "test_janus.py",
+                "test_train_paradigms_e2e.py", "test_diffusers_layout.py", "test_eval_harness.py",
+                "test_determinism.py")
 
 
 def pytest_collection_modifyitems(config, items):
