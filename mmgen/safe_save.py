@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from mmgen.atomic import atomic_dir, write_text_atomic
+from tokenizers_vis.shared import SHARED_FILE, shared_files, shared_source
 
 CHECKSUM_FILE = "checksums.json"
 # measurements and descriptions recorded beside a model after it was saved (mmgen eval, train_tokenizer.py,
@@ -144,7 +145,23 @@ def verify(model_dir: str | Path) -> dict:
         if not name.startswith("_") and isinstance(spec, list) and None not in spec \
                 and not (model_dir / name).is_dir():
             raise ValueError(f"model component {str(model_dir / name)!r} is missing (named in model_index.json)")
+        if not name.startswith("_") and (model_dir / name / SHARED_FILE).is_file():
+            _verify_shared(model_dir / name)
     return {"checksums": bool(listed), "files": len(files)}
+
+
+def _verify_shared(component: Path) -> None:
+    """The files a component reads from the one it shares (`tokenizers_vis.shared`): present, with the size and digest
+    its shared.json records, and structurally whole."""
+    source = shared_source(component)
+    for name, entry in shared_files(component).items():
+        path = source / name
+        if path.stat().st_size != entry.get("bytes") or file_sha256(path) != entry.get("sha256"):
+            raise ValueError(f"model file {str(path)!r}, shared by {str(component / SHARED_FILE)!r}, is not the file "
+                             f"it records ({entry.get('bytes')} bytes, sha256 {entry.get('sha256')}): the model it is "
+                             f"shared from changed; package this one again")
+        if path.suffix == ".safetensors":
+            _check_safetensors(path)
 
 
 def main(argv: list[str] | None = None) -> int:

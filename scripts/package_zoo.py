@@ -9,15 +9,19 @@ shipped model computes in float32 from float16-rounded weights. Its `eval.json` 
 packaged model (`mmgen eval --model <name> --out mmgen/zoo/<name>/eval.json`), not copied from the run.
 The directory is assembled under a temporary name and renamed into place.
 
-A weights file that another zoo model already ships byte for byte (a decoder trained on the default model's
-tokenizer) is stored once: the new model's file becomes a relative symbolic link to it. A model's size
-(`MAX_MODEL_MB`) counts what loading it reads, shared files included; the zoo's (`MAX_ZOO_MB`) counts each
-distinct file once (`mmgen.zoo.zoo_mb`).
+A tokenizer component that another zoo model already ships byte for byte, config and weights (a decoder trained on
+the default model's tokenizer), is stored once: the new model's component directory keeps its config.json and a
+shared.json naming the other's directory and the digests of the files it reads there (`tokenizers_vis.shared`), in
+place of the weights. A reference, not a symbolic link: wheels hold no links and would store a linked file twice.
+Components whose class cannot follow a reference (`SharedComponentMixin`: the tokenizers) keep their own files.
+A model's size (`MAX_MODEL_MB`) counts what loading it reads, shared files included; the zoo's (`MAX_ZOO_MB`)
+counts each distinct file once (`mmgen.zoo.zoo_mb`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -28,46 +32,62 @@ from safetensors.torch import load_file, save_file
 
 from mmgen.atomic import atomic_dir
 from mmgen.safe_save import CARD_FILE, file_sha256, verify, write_checksums
-from mmgen.zoo import ZOO_DIR, model_mb, zoo_models
+from mmgen.zoo import ZOO_DIR, model_files, model_mb, zoo_models
+from tokenizers_vis.shared import SHARED_FILE, SharedComponentMixin
 
 MAX_MODEL_MB, MAX_ZOO_MB = 25, 100
 
 
 def shipped_weights(zoo: Path, exclude: str) -> dict[str, Path]:
-    """sha256 -> a weights file stored (not linked) in another zoo model."""
-    return {file_sha256(f): f for n, d in zoo_models(zoo).items() if n != exclude
-            for f in d.rglob("*.safetensors") if not f.is_symlink()}
+    """sha256 -> a weights file stored (not shared from elsewhere) in another zoo model."""
+    return {file_sha256(f): f for n, d in zoo_models(zoo).items() if n != exclude for f in d.rglob("*.safetensors")}
 
 
 def other_files(zoo: Path, name: str) -> dict[Path, Path]:
-    """Every file the other zoo models read (resolved path -> the path as listed, a link or the file itself)."""
-    return {f.resolve(): f for n, d in zoo_models(zoo).items() if n != name for f in d.rglob("*") if f.is_file()}
+    """Every file the other zoo models read (resolved path -> the model directory that reads it)."""
+    return {f: d for n, d in zoo_models(zoo).items() if n != name for f in model_files(d)}
 
 
 def check_shared_kept(tmp: Path, target: Path, zoo: Path) -> None:
-    """A file of `target` that another model links to must stay, byte for byte, in the new `target`."""
+    """A file of `target` that another model shares must stay, byte for byte, in the new `target`."""
     if not target.is_dir():
         return
     root = target.resolve()
-    for resolved, link in other_files(zoo, target.name).items():
+    for resolved, reader in other_files(zoo, target.name).items():
         if root in resolved.parents:
             rel = resolved.relative_to(root)
             if not (tmp / rel).is_file() or file_sha256(tmp / rel) != file_sha256(resolved):
-                raise ValueError(f"{link} links to {target.name}/{rel}, which the new {target.name} would not keep "
-                                 f"as it is; package {link.relative_to(zoo).parts[0]} again after it")
+                raise ValueError(f"{reader.name} shares {target.name}/{rel}, which the new {target.name} would not "
+                                 f"keep as it is; package {reader.name} again after it")
+
+
+def follows_references(tmp: Path, component: str) -> bool:
+    """Whether the class model_index.json names for `component` loads through a shared.json."""
+    spec = json.loads((tmp / "model_index.json").read_text()).get(component)
+    try:
+        cls = getattr(importlib.import_module(spec[0]), spec[1])
+    except (ImportError, AttributeError, TypeError, IndexError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, SharedComponentMixin)
 
 
 def share_duplicates(tmp: Path, target: Path, zoo: Path) -> list[str]:
-    """Replace each weights file of `tmp` (to become `target`) that another zoo model ships byte for byte with a
-    relative link to that file, written as seen from `target`. Returns the shared paths (relative to `tmp`)."""
+    """Replace each weights file of `tmp` (to become `target`) that another zoo model ships byte for byte, in a
+    component directory with the same config.json and a class that follows references, with that component's
+    shared.json naming the other directory as seen from `target`. Returns the shared paths (relative to `tmp`)."""
     shipped, shared = shipped_weights(zoo, target.name), []
     for f in sorted(tmp.rglob("*.safetensors")):
         other = shipped.get(file_sha256(f))
-        if other is not None:
-            rel = f.relative_to(tmp)
-            f.unlink()
-            f.symlink_to(os.path.relpath(other, (target / rel).parent))
-            shared.append(str(rel))
+        component = f.parent
+        if other is None or component.parent != tmp or not follows_references(tmp, component.name) \
+                or file_sha256(component / "config.json") != file_sha256(other.parent / "config.json"):
+            continue
+        rel = f.relative_to(tmp)
+        entry = {"from": os.path.relpath(other.parent, target / component.name).replace(os.sep, "/"),
+                 "files": {f.name: {"sha256": file_sha256(f), "bytes": f.stat().st_size}}}
+        f.unlink()
+        (component / SHARED_FILE).write_text(json.dumps(entry, indent=1) + "\n")
+        shared.append(str(rel))
     return shared
 
 
@@ -88,15 +108,17 @@ def package(pipeline: Path, name: str, card: dict, zoo: Path = ZOO_DIR) -> Path:
         write_checksums(tmp)
         verify(tmp)
         check_shared_kept(tmp, target, zoo)
-        shared = share_duplicates(tmp, target, zoo)  # links that resolve once tmp is renamed to target
-        new = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
+        shared = share_duplicates(tmp, target, zoo)  # references that resolve once tmp is renamed to target
+        if shared:
+            write_checksums(tmp)  # the shared weights are no longer files of this directory
+        new = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) / 2**20
         root = target.resolve()
         others = sum(f.stat().st_size for f in other_files(zoo, name) if root not in f.parents) / 2**20
         if others + new > MAX_ZOO_MB:
             raise ValueError(f"the zoo would hold {others + new:.1f} MB with {name}, over {MAX_ZOO_MB} MB")
     verify(target)
     if shared:
-        print(f"{name}: shares {', '.join(shared)} with another zoo model (linked, stored once)")
+        print(f"{name}: shares {', '.join(shared)} with another zoo model ({SHARED_FILE}, stored once)")
     return target
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from tokenizers_vis.shared import SharedComponentMixin
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -169,7 +170,7 @@ class Quantizer(nn.Module):
         return self.codebook[ids_Bhw].permute(0, 3, 1, 2)  # (B, D, h, w)
 
 
-class LlamaGenVQ(ModelMixin, ConfigMixin):
+class LlamaGenVQ(SharedComponentMixin, ModelMixin, ConfigMixin):
     """LlamaGen's VQ tokenizer; `image_size` is the pixel side it is used at (grid: image_size / 2^(levels - 1))."""
 
     kind = "codes"

@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 
 from tokenizers_vis.quantize import FactorizedQuantizer
 from tokenizers_vis.vqgan import Decoder, Encoder
+from tokenizers_vis.shared import SharedComponentMixin
 
 
 @dataclass
@@ -54,7 +55,7 @@ def area_downsample(x_BCHW: torch.Tensor, side: int) -> torch.Tensor:
     return F.interpolate(x_BCHW, size=(side, side), mode="area")
 
 
-class MultiScaleVQGAN(ModelMixin, ConfigMixin):
+class MultiScaleVQGAN(SharedComponentMixin, ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,

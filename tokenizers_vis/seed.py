@@ -58,6 +58,7 @@ from diffusers.configuration_utils import register_to_config
 from tokenizers_vis.features import EfficientNetLite0Features
 from tokenizers_vis.quantize import FactorizedQuantizer, GridCodesMixin, QuantizerOutput
 from tokenizers_vis.vqgan import Decoder
+from tokenizers_vis.shared import SharedComponentMixin
 
 # Output channels of EfficientNet-Lite0's 16 blocks, so the projections are sized without loading the network.
 LITE0_BLOCK_CHANNELS = (16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320)
@@ -253,7 +254,7 @@ class SEEDOutput:
     usage: torch.Tensor  # () fraction of codes hit in this batch
 
 
-class SEEDTokenizer(GridCodesMixin, ModelMixin, ConfigMixin):
+class SEEDTokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixin):
     """Images (B, 3, image_size, image_size) in [-1, 1] <-> a 1D causal sequence of N codes, stated as the token
     grid (1, N) so it drops in where a VQGAN's (h, w) grid goes."""
 

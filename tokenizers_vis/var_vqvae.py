@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from tokenizers_vis.shared import SharedComponentMixin
 
 
 def _norm(c: int) -> nn.GroupNorm:
@@ -196,7 +197,7 @@ def _check_patch_nums(patch_nums) -> tuple[int, ...]:
     return pn
 
 
-class VARVQVAE(ModelMixin, ConfigMixin):
+class VARVQVAE(SharedComponentMixin, ModelMixin, ConfigMixin):
     """The released VAR VQVAE (defaults: `vae_ch160v4096z32.pth`, 256 px, 10 scales)."""
 
     @register_to_config

@@ -21,6 +21,7 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from tokenizers_vis.quantize import FactorizedQuantizer, GridCodesMixin
+from tokenizers_vis.shared import SharedComponentMixin
 
 
 def group_norm(c: int) -> nn.GroupNorm:
@@ -107,7 +108,7 @@ class VQGANOutput:
     usage: torch.Tensor  # () fraction of codes hit in this batch
 
 
-class VQGAN(GridCodesMixin, ModelMixin, ConfigMixin):
+class VQGAN(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
