@@ -160,10 +160,17 @@ def cmd_bench(args) -> dict:
             models[name] = path
     given = {k: v for k, v in (("batch_sizes", args.batch_sizes and tuple(args.batch_sizes)),
                                 ("repeats", args.repeats)) if v is not None}  # else each suite's own default
+    if args.sjd_modes:  # the latency table (and pass times) of these modes alone
+        known = bench.sjd_modes()
+        if set(args.sjd_modes) - set(known):
+            raise CLIError(f"--sjd-modes must be among {', '.join(known)}; got {' '.join(args.sjd_modes)}")
+        given |= dict(modes=tuple(args.sjd_modes), sweep_windows=(), accept_widths=(), profile=False,
+                      hf_generate=False)
     return bench.run(suites, model_dir=model, progress=not args.json, guidance_scale=args.guidance_scale,
                      window=args.sjd_window, num_prompts=args.sjd_prompts, lantern_delta=args.sjd_lantern_delta,
-                     tree_widths=tuple(args.sjd_tree_widths), tree_depth=args.sjd_tree_depth,
-                     eval_per_category=args.eval_per_category, **given,
+                     tree_widths=tuple(args.sjd_tree_widths) if not args.sjd_modes else (),
+                     tree_depth=args.sjd_tree_depth,
+                     eval_per_category=args.eval_per_category if not args.sjd_modes else 0, **given,
                      watermark_images=args.watermark_images, watermark_delta=args.watermark_delta,
                      watermark_fpr_images=args.watermark_fpr_images, eval_split=args.eval_split, device=args.device,
                      models=models, paradigm_eval_per_category=args.paradigm_eval_per_category,
@@ -354,6 +361,10 @@ def _add_bench(sub) -> None:
     b.add_argument("--sjd-tree-depth", type=positive_int("--sjd-tree-depth"), default=4,
                    help="sjd suite: window positions that get the tree's extra candidates, in the sweep and the "
                         "sjd_tree row")
+    b.add_argument("--sjd-modes", nargs="+", default=None, metavar="MODE",
+                   help="sjd suite: only these modes' latency table and pass times beside the AR baselines (eager "
+                        "and compiled), no sweeps, accuracy or transformers block (modes as named in the report, "
+                        "e.g. sjd_shared sjd_compiled sjd_compiled_adaptive)")
     b.add_argument("--repeats", type=positive_int("--repeats"), default=None,
                    help="timed calls per measurement (default: sjd 2 passes over all its prompts, others 5)")
     b.add_argument("--eval-per-category", type=positive_int("--eval-per-category"), default=16,

@@ -22,13 +22,13 @@ from mmgen.bench.decode import bench_hf_generate
 from mmgen.bench.memory import MEMORY_LIMIT_MB, bench_memory
 from mmgen.bench.paradigms import bench_paradigms
 from mmgen.bench.shuffle import bench_shuffle
-from mmgen.bench.sjd import bench_sjd
+from mmgen.bench.sjd import bench_sjd, sjd_modes
 from mmgen.bench.watermark import attack_suite, clean_fpr
 from mmgen.pipelines import load_pipeline
 from mmgen.zoo import DEFAULT_MODEL
 
-__all__ = ["SUITES", "MEMORY_LIMIT_MB", "run", "bench_sjd", "bench_hf_generate", "bench_paradigms", "bench_shuffle",
-           "bench_memory"]
+__all__ = ["SUITES", "MEMORY_LIMIT_MB", "run", "bench_sjd", "sjd_modes", "bench_hf_generate", "bench_paradigms",
+           "bench_shuffle", "bench_memory"]
 
 SUITES = ("sjd", "decode", "watermark", "paradigms", "shuffle", "memory")
 

@@ -82,6 +82,9 @@ ATTACKS = {
 }
 
 
+SAMPLERS = ("ar", "ar_compiled", "sjd")  # what the suite times the watermark against: eager AR, compiled AR, SJD
+
+
 def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: float = 0.01, seed: int = 0,
                  guidance_scale: float | None = None, batch_size: int = 25, configs: dict | None = None,
                  delta: float | None = None, progress: bool = True, overhead_repeats: int = 7) -> dict:
@@ -92,6 +95,10 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
     Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch.
     `guidance_scale` None: the model's own; `delta`: the KGW rows' strength (None: the config's). The report's
     "overhead" is `overhead` at batch 1 and 8 over `overhead_repeats` repeats (0: not measured)."""
+    if n_images == 0:  # the overhead block alone
+        return {"n_images": 0, "overhead": overhead(pipe, repeats=overhead_repeats or 7, samplers=SAMPLERS,
+                                                     guidance_scale=guidance_scale, key=key, seed=seed,
+                                                     progress=progress)}
     base = pipe.watermark_config()
     if configs is None:
         # KGW is tested with its own statistic, the green-list count
@@ -128,7 +135,8 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
         bar.update()
     bar.update()
 
-    report = {"n_images": n_images, "fpr": fpr, "guidance_scale": guidance_scale, "key_context": base.context, "num_clusters": base.num_clusters,
+    report = {"n_images": n_images, "fpr": fpr, "guidance_scale": guidance_scale, "key_context": base.context,
+              "num_clusters": base.num_clusters,
               "clustering": base.clustering, "keying": base.keying, "statistic": base.statistic,
               "kgw_delta": {m: c.delta for m, c in configs.items() if m.startswith("kgw")},
               "detection_encoder": base.encoder, "methods": {}}
@@ -155,8 +163,8 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
         report["methods"][method] = rows
     bar.close()
     if overhead_repeats:
-        report["overhead"] = overhead(pipe, repeats=overhead_repeats, guidance_scale=guidance_scale, key=key,
-                                      seed=seed, progress=progress)
+        report["overhead"] = overhead(pipe, repeats=overhead_repeats, samplers=SAMPLERS,
+                                      guidance_scale=guidance_scale, key=key, seed=seed, progress=progress)
     return report
 
 
@@ -186,11 +194,12 @@ def overhead(pipe, batch_sizes=(1, 8), repeats: int = 7, methods=METHODS, sample
              guidance_scale: float | None = None, key: str = "mmgen-bench-key", seed: int = 0, sjd_window: int = 16,
              progress: bool = True) -> dict:
     """What the watermark costs: the model's tokens sampled without it and with each method (the processor made per
-    call, as a pipeline call makes it), by its own paradigm's `generate` (and speculative Jacobi decoding for a
-    next-token model), interleaved repeat by repeat with the same prompt and seeds; median seconds over `repeats`
-    after a warm-up. `ratio`: watermarked / plain seconds (the goal: <= 1.05 at batch 8); `processor_share`: the
-    share of the watermarked call spent inside the processor, timed in the same call, so it does not move with
-    the machine's load as two calls' ratio does. Decoding tokens to pixels is left out of both."""
+    call, as a pipeline call makes it), by its own paradigm's `generate` (`samplers`: for a next-token model also
+    "ar_compiled", the compiled AR step, and "sjd"), interleaved repeat by repeat with the same prompt and seeds;
+    median seconds over `repeats` after a warm-up. `ratio`: watermarked / plain seconds (the goal: <= 1.05 at
+    batch 8); `processor_share`: the share of the watermarked call spent inside the processor, timed in the same
+    call, so it does not move with the machine's load as two calls' ratio does. Decoding tokens to pixels is left
+    out of both."""
     layout, device = pipe.layout, pipe.transformer.device
     scale = guidance(pipe, guidance_scale)
     prompts = distinct_prompts(heldout_prompts, repeats + 1, seed)
@@ -198,14 +207,16 @@ def overhead(pipe, batch_sizes=(1, 8), repeats: int = 7, methods=METHODS, sample
     sampling = SamplingConfig(scale)
     if pipe.paradigm is not next_token:
         samplers = tuple(s for s in samplers if s == "ar")
+    compiled = {"ar": False, "ar_compiled": True}
 
     def call(sampler, text, b, r, method=None):
         gens = generators_from_seed(seed + r, b)
         processor = None if method is None else _Timed(WatermarkProcessor(pipe.watermark_config(method), key), device)
         synchronize(device)
         t0 = time.perf_counter()
-        if sampler == "ar":
-            pipe.paradigm.generate(pipe.transformer, layout, [text] * b, sampling, gens, processor=processor)
+        if sampler in compiled:
+            pipe.paradigm.generate(pipe.transformer, layout, [text] * b, sampling, gens, processor=processor,
+                                   **({"compile": True} if compiled[sampler] else {}))
         else:
             next_token.generate_sjd(pipe.transformer, layout, [text] * b, sampling, SJDConfig(sjd_window), gens,
                                     processor=processor)
