@@ -6,12 +6,13 @@ neighbours. Tiny models: width 32, 2 layers, 4x4 (or 3x4) grids."""
 
 import json
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tiny import BACKBONE, tiny_text_tokenizer, tiny_vqgan
+from tiny import BACKBONE, tiny_code_paradigm, tiny_text_tokenizer, tiny_vqgan
 from mmgen import cli
 from mmgen.paradigms import next_neighbor as nar
 from mmgen.paradigms.protocol import ModelConfig
@@ -28,17 +29,7 @@ TEXT_IDS = [[3, 4], [5]]
 VARIANTS = ["right", "raster_mask", "swapped_heads", "first_from_right"]  # "right" is the paradigm; the rest are wrong
 
 
-def tiny_parts(grid=(4, 4), image_vocab=16, text_vocab=10, max_text_len=4, seed=0, wild=False):
-    """Layout and a 2-layer NARTransformer; `wild`: weights redrawn from N(0, 1) so greedy choices are decisive."""
-    tok = SimpleNamespace(kind="codes", token_shape=grid, vocab_size=image_vocab)
-    layout = nar.make_layout(tok, UnifiedVocab(text_vocab, image_vocab), max_text_len, ModelConfig(**BACKBONE))
-    torch.manual_seed(seed)
-    model = nar.make_model(layout, ModelConfig(**BACKBONE))
-    if wild:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 1)
-    return layout, model.eval()
+tiny_parts = partial(tiny_code_paradigm, nar)  # layout and a 2-layer NARTransformer
 
 
 # ---- the slow reference -------------------------------------------------------------------------------------

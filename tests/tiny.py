@@ -73,6 +73,25 @@ def tiny_transformer(vocab_size, max_seq_len, seed=0, **kw) -> Transformer:
     return Transformer(vocab_size=vocab_size, max_seq_len=max_seq_len, **BACKBONE, **kw).eval()
 
 
+def tiny_code_paradigm(paradigm, grid=(4, 4), image_vocab=16, text_vocab=10, max_text_len=4, seed=0, wild=False):
+    """(layout, eval-mode model) of a code paradigm module (`mmgen.paradigms.next_block`, `next_neighbor`) on a
+    `grid` of `image_vocab` codes with a BACKBONE decoder; `wild`: weights redrawn from N(0, 1) so greedy choices
+    are decisive."""
+    from types import SimpleNamespace
+
+    from mmgen.paradigms.protocol import ModelConfig
+
+    tok = SimpleNamespace(kind="codes", token_shape=grid, vocab_size=image_vocab)
+    layout = paradigm.make_layout(tok, UnifiedVocab(text_vocab, image_vocab), max_text_len, ModelConfig(**BACKBONE))
+    torch.manual_seed(seed)
+    model = paradigm.make_model(layout, ModelConfig(**BACKBONE))
+    if wild:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 1)
+    return layout, model.eval()
+
+
 def tiny_text_tokenizer(captions=CAPTIONS, shapes_words=False):
     """A word-level text tokenizer on `captions`, plus every shapes caption word when `shapes_words`."""
     return train_text_tokenizer(captions, all_caption_words()) if shapes_words else train_text_tokenizer(captions)
