@@ -1,4 +1,5 @@
-"""Packaging: optional parts live in extras, and a missing extra is named where it is needed."""
+"""Packaging: optional parts live in extras, and a missing extra is named where it is needed; the code and the
+shipped models are two distributions (mmgen, mmgen-zoo), each wheel under 100 MB, no weights stored twice."""
 
 import sys
 import tomllib
