@@ -129,7 +129,8 @@ def test_gpu_check_script_arguments(tmp_path):
 
 
 def test_bench_cli_rejects_bad_suite_and_model(tmp_path, monkeypatch, capsys):
-    for args, needle in ((["--suite", "nope"], "--suite"), (["--model", str(tmp_path / "none")], "--model")):
+    for args, needle in ((["--suite", "nope"], "--suite"), (["--model", str(tmp_path / "none")], "--model"),
+                         (["--suite", "sjd", "--sjd-modes", "sjd", "nope"], "--sjd-modes must be among ar, ")):
         with pytest.raises(SystemExit) as exc:  # in-process: the exit status `mmgen bench` would return
             cli.main(["bench", *args, "--json"])
         err = capsys.readouterr().err
@@ -140,6 +141,25 @@ def test_bench_cli_rejects_bad_suite_and_model(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         runpy.run_path(str(script), run_name="__main__")
     assert exc.value.code == 0 and "usage: mmgen bench" in capsys.readouterr().out
+
+
+def test_bench_cli_focused_runs(monkeypatch):
+    """--sjd-modes asks the sjd suite for those modes' latency table alone; --watermark-images 0 for the watermark's
+    overhead alone (attack_suite with no images)."""
+    from mmgen import bench
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda suites, **kw: seen.update(kw, suites=suites) or {})
+    assert cli.main(["bench", "--suite", "sjd", "--sjd-modes", "sjd_shared", "sjd_compiled", "--json"]) == 0
+    assert seen["suites"] == ["sjd"] and seen["modes"] == ("sjd_shared", "sjd_compiled")
+    assert (seen["tree_widths"], seen["sweep_windows"], seen["eval_per_category"], seen["hf_generate"]) == \
+        ((), (), 0, False)
+    seen.clear()
+    assert cli.main(["bench", "--suite", "sjd", "--json"]) == 0
+    assert "modes" not in seen and seen["eval_per_category"] == 16  # the full suite without the flag
+    seen.clear()
+    assert cli.main(["bench", "--suite", "watermark", "--watermark-images", "0", "--json"]) == 0
+    assert seen["watermark_images"] == 0
 
 
 def test_memory_suite_default_model_under_2gb():
