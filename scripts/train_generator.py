@@ -57,6 +57,7 @@ is saved to `<out_dir>/pipeline`, loadable with `mmgen generate --model`.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import shutil
@@ -225,61 +226,45 @@ def finetune(cfg: GeneratorRunConfig, trainer=None) -> None:
         run.print(f"saved the fine-tuned model to {out / 'pipeline'}")
 
 
-def main(argv=None):
-    cfg = load_run_config(GeneratorRunConfig, __doc__, argv)
-    if cfg.paradigm in FINETUNE:
-        return finetune(cfg)
-    if (trainer := converted_trainer(cfg.paradigm, cfg.init_from)) is not None:  # LlamaGen; VAR is refused
-        return finetune(cfg, trainer)
-    run = Run(cfg, cfg.train, "train generator")
-    out, device = run.out, run.device
-
-    name = resolve_paradigm(cfg.paradigm, cfg.model.shuffle_window)
-    entry = PARADIGMS[name]
-    paradigm = entry.module
-    vq = load_visual_tokenizer(name, cfg.tokenizer).to(device)  # the pipeline's component, float32 and frozen
-    tok = as_visual_tokenizer(vq)  # its protocol view: encode_tokens, token_shape, vocab_size
-    kind = check_kind(cfg.condition.kind, cfg.condition.encoder)
-    check_condition(name, kind)
-    dataset = make_dataset(cfg.data)
+def init_source(cfg, kind: str, run) -> tuple[str | None, Path | None]:
+    """The directory a run starts its decoder from (init_from / init_backbone_from), checked; a caption model's word
+    ids come with it."""
     if cfg.init_from is not None and cfg.init_backbone_from is not None:
         raise ValueError("set init_from (the same decoder, continued) or init_backbone_from (another decoder's "
                          "trunk), not both")
     init_arg = "init_from" if cfg.init_from is not None else "init_backbone_from"
-    if (init := cfg.init_from or cfg.init_backbone_from) is not None:
-        init_dir = Path(init)
-        if not (init_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
-            hint = (f"; to fine-tune its {kind} checkpoint set paradigm={kind} (configs/{kind}_finetune.yaml)"
-                    if (kind := transformers_model_type(init_dir)) in FINETUNE else "")
-            raise FileNotFoundError(f"{init_arg} {init!r} is not a saved pipeline directory "
-                                    f"(no transformer/){hint}")
-        if kind == "caption" and run.is_main and not (out / "text_tokenizer" / "tokenizer.json").is_file():
-            shutil.copytree(init_dir / "tokenizer", out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
-        run.accelerator.wait_for_everyone()
-    text_tokenizer = captions = features = None
+    if (init := cfg.init_from or cfg.init_backbone_from) is None:
+        return None, None
+    init_dir = Path(init)
+    if not (init_dir / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
+        hint = (f"; to fine-tune its {family} checkpoint set paradigm={family} (configs/{family}_finetune.yaml)"
+                if (family := transformers_model_type(init_dir)) in FINETUNE else "")
+        raise FileNotFoundError(f"{init_arg} {init!r} is not a saved pipeline directory (no transformer/){hint}")
+    if kind == "caption" and run.is_main and not (run.out / "text_tokenizer" / "tokenizer.json").is_file():
+        shutil.copytree(init_dir / "tokenizer", run.out / "text_tokenizer", dirs_exist_ok=True)  # keep its word ids
+    run.accelerator.wait_for_everyone()
+    return init, init_dir
+
+
+def run_condition(cfg, kind: str, dataset, run):
+    """(conditioning, text tokenizer, condition ids per image, a text_encoder run's cached features or None)."""
+    text_tokenizer = captions = None
     if kind in ("caption", "text_encoder"):
         captions = [dataset[i]["caption"] for i in range(len(dataset))] if not hasattr(dataset, "captions") \
             else list(dataset.captions)
     if kind == "caption":
-        text_tokenizer = run_text_tokenizer(cfg.data, captions, out, run.is_main)
+        text_tokenizer = run_text_tokenizer(cfg.data, captions, run.out, run.is_main)
     if kind == "text_encoder":  # the frozen encoder's features of every caption, computed once
         conditioning, features = run_text_encoder(cfg.condition, captions, cfg.max_text_len,
-                                                  out / "caption_features.safetensors", device)
-        text_tokenizer, text_ids = conditioning.tokenizer, features.ids()
-    else:
-        # condition ids per image: caption words, [1 + class], or [] (<null>), in the vocabulary's first rows
-        conditioning, text_ids = run_conditioning(cfg.condition, dataset, captions, text_tokenizer, cfg.max_text_len)
+                                                  run.out / "caption_features.safetensors", run.device)
+        return conditioning, conditioning.tokenizer, features.ids(), features
+    # condition ids per image: caption words, [1 + class], or [] (<null>), in the vocabulary's first rows
+    conditioning, text_ids = run_conditioning(cfg.condition, dataset, captions, text_tokenizer, cfg.max_text_len)
+    return conditioning, text_tokenizer, text_ids, None
 
-    encoding = tok.kind  # paradigms reading the same kind of tokens share the cache
-    key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, encoding]).encode()).hexdigest()
-    codes = encode_dataset(lambda imgs: tok.encode_tokens(imgs.to(device)), dataset,
-                           out / "codes.safetensors", key, workers=cfg.train.data_workers)
-    vocab = UnifiedVocab(text_vocab_size=conditioning.vocab_size, image_vocab_size=tok.vocab_size)
-    layout = paradigm.make_layout(tok, vocab, conditioning.max_len, cfg.model, cfg.flow)
-    model = paradigm.make_model(layout, cfg.model, cfg.flow)
-    projection = CaptionProjection(conditioning.feature_dim, cfg.model.dim) if features is not None else None
-    # what the pipeline samples with: the decoder (and a text_encoder run's projection), averaged by EMA as one
-    sampled = model if projection is None else torch.nn.ModuleDict({"transformer": model, "projection": projection})
+
+def alignment_parts(cfg, name: str, tok, vq, dataset, out: Path, device):
+    """(head, target encoder, cached targets, target grid) of representation alignment; None where it is off."""
     align = cfg.alignment
     align.validate(cfg.model.n_layers)
     if align.type != "none" and cfg.model.shuffle_window != 1:
@@ -301,45 +286,113 @@ def main(argv=None):
                                   .encode()).hexdigest()
             targets = cached_alignment_targets(encoder, dataset, grid, want_patches,
                                                out / "alignment_targets.safetensors", akey, device)
+    return head, encoder, targets, grid
+
+
+def initialise(cfg, model, projection, init: str, init_dir: Path, shared_rows: int, run) -> None:
+    """A fresh run's decoder from init_from (the same decoder, strictly) or init_backbone_from (another's trunk)."""
+    weights = load_file(init_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    if cfg.init_from is not None:
+        model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
+        if projection is not None and (init_dir / "text_projection").is_dir():  # a text_encoder model's
+            projection.load_state_dict(load_file(init_dir / "text_projection" / "diffusion_pytorch_model.safetensors"))
+        run.print(f"decoder initialised from {init}")
+        return
+    # the same caption ids; class rows and the specials after them start fresh
+    copied, fresh = init_backbone(model, weights, shared_rows=shared_rows)
+    run.print(f"decoder trunk initialised from {init}: {len(copied)} tensors copied, {len(fresh)} fresh "
+              f"({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its {len(weights)} not used")
+
+
+def final_weights(run, model, projection, sampled):
+    """The decoder and projection the pipeline is saved with: a sharded run's rebuilt from its last checkpoint's whole
+    weights, else the trained modules (in place: with train.ema_for_sampling, the averaged weights)."""
+    if not run.sharded:
+        run.for_sampling(sampled)
+        return model, projection
+    model = type(model).from_config(model.config)
+    model.load_state_dict(read_tensors(latest_checkpoint(run.out), "model"))
+    if projection is not None:
+        projection = CaptionProjection.from_config(projection.config)
+        projection.load_state_dict(read_tensors(latest_checkpoint(run.out), "text_projection"))
+    return model, projection
+
+
+def make_optimizer(train, sampled, head):
+    """AdamW over the sampled modules and the alignment head, weight decay on matrices only."""
     params = list(sampled.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
                                                  if head is not None else [])
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.train.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.train.lr, betas=cfg.train.betas)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr, betas=train.betas)
+
+
+def snapshot_steps(train, sharded: bool) -> set[int]:
+    """train.snapshots, checked: steps in 1..train.steps of an unsharded run."""
+    snapshots = {int(k) for k in train.snapshots}
+    if snapshots and (sharded or min(snapshots) < 1 or max(snapshots) > train.steps):
+        raise ValueError(f"train.snapshots={sorted(snapshots)} must be steps in 1..train.steps={train.steps}, "
+                         f"in an unsharded run (train.fsdp=false)")
+    return snapshots
+
+
+def save_run_pipeline(entry, vq, conditioning, kind: str, text_tokenizer, decoder, directory: Path,
+                      text_projection=None) -> None:
+    """The run's pipeline (decoder, its visual tokenizer and conditioning), saved atomically with checksums.json."""
+    extra = {"conditioning": conditioning.config()} if kind != "caption" else {}
+    if kind == "unconditional":
+        extra["default_guidance_scale"] = 1.0  # nothing to guide by
+    if kind == "text_encoder":
+        extra |= {"text_encoder": conditioning.text_encoder.cpu(), "text_projection": text_projection.eval().cpu()}
+    pipe = entry.pipeline(transformer=decoder.eval().cpu(), tokenizer=text_tokenizer,
+                          max_text_len=conditioning.max_len, **{entry.component: vq.cpu()}, **extra)
+    save_pipeline(pipe, directory)
+
+
+def main(argv=None):
+    cfg = load_run_config(GeneratorRunConfig, __doc__, argv)
+    if cfg.paradigm in FINETUNE:
+        return finetune(cfg)
+    if (trainer := converted_trainer(cfg.paradigm, cfg.init_from)) is not None:  # LlamaGen; VAR is refused
+        return finetune(cfg, trainer)
+    run = Run(cfg, cfg.train, "train generator")
+    out, device = run.out, run.device
+
+    name = resolve_paradigm(cfg.paradigm, cfg.model.shuffle_window)
+    entry = PARADIGMS[name]
+    paradigm = entry.module
+    vq = load_visual_tokenizer(name, cfg.tokenizer).to(device)  # the pipeline's component, float32 and frozen
+    tok = as_visual_tokenizer(vq)  # its protocol view: encode_tokens, token_shape, vocab_size
+    kind = check_kind(cfg.condition.kind, cfg.condition.encoder)
+    check_condition(name, kind)
+    dataset = make_dataset(cfg.data)
+    init, init_dir = init_source(cfg, kind, run)
+    conditioning, text_tokenizer, text_ids, features = run_condition(cfg, kind, dataset, run)
+
+    # paradigms reading the same kind of tokens share the cache
+    key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, tok.kind]).encode()).hexdigest()
+    codes = encode_dataset(lambda imgs: tok.encode_tokens(imgs.to(device)), dataset,
+                           out / "codes.safetensors", key, workers=cfg.train.data_workers)
+    vocab = UnifiedVocab(text_vocab_size=conditioning.vocab_size, image_vocab_size=tok.vocab_size)
+    layout = paradigm.make_layout(tok, vocab, conditioning.max_len, cfg.model, cfg.flow)
+    model = paradigm.make_model(layout, cfg.model, cfg.flow)
+    projection = CaptionProjection(conditioning.feature_dim, cfg.model.dim) if features is not None else None
+    # what the pipeline samples with: the decoder (and a text_encoder run's projection), averaged by EMA as one
+    sampled = model if projection is None else torch.nn.ModuleDict({"transformer": model, "projection": projection})
+    head, encoder, targets, grid = alignment_parts(cfg, name, tok, vq, dataset, out, device)
+    opt = make_optimizer(cfg.train, sampled, head)
     run.resume({"model": model, "align": head, "text_projection": projection})
     if run.ckpt is None and init is not None:
-        weights = load_file(init_dir / "transformer" / "diffusion_pytorch_model.safetensors")
-        if cfg.init_from is not None:
-            model.load_state_dict({k: v.float() for k, v in weights.items()})  # strict: same architecture
-            if projection is not None and (init_dir / "text_projection").is_dir():  # a text_encoder model's
-                projection.load_state_dict(load_file(init_dir / "text_projection" /
-                                                     "diffusion_pytorch_model.safetensors"))
-            run.print(f"decoder initialised from {init}")
-        else:
-            # the same caption ids; class rows and the specials after them start fresh
-            copied, fresh = init_backbone(model, weights, shared_rows=vocab.image_offset if kind == "caption" else 0)
-            run.print(f"decoder trunk initialised from {init}: {len(copied)} tensors copied, {len(fresh)} fresh "
-                      f"({', '.join(fresh) or 'none'}), {len(weights) - len(copied)} of its {len(weights)} not used")
+        initialise(cfg, model, projection, init, init_dir, vocab.image_offset if kind == "caption" else 0, run)
     train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head, projection), {"opt": opt},
                                   ema=sampled)
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")
 
-    snapshots = {int(k) for k in cfg.train.snapshots}
-    if snapshots and (run.sharded or min(snapshots) < 1 or max(snapshots) > cfg.train.steps):
-        raise ValueError(f"train.snapshots={sorted(snapshots)} must be steps in 1..train.steps={cfg.train.steps}, "
-                         f"in an unsharded run (train.fsdp=false)")
+    snapshots = snapshot_steps(cfg.train, run.sharded)
 
-    def save(decoder, directory: Path, text_projection=None) -> None:
-        extra = {"conditioning": conditioning.config()} if kind != "caption" else {}
-        if kind == "unconditional":
-            extra["default_guidance_scale"] = 1.0  # nothing to guide by
-        if kind == "text_encoder":
-            extra |= {"text_encoder": conditioning.text_encoder.cpu(), "text_projection": text_projection.eval().cpu()}
-        pipe = entry.pipeline(transformer=decoder.eval().cpu(), tokenizer=text_tokenizer,
-                              max_text_len=conditioning.max_len, **{entry.component: vq.cpu()}, **extra)
-        save_pipeline(pipe, directory)  # atomic, with checksums.json
+    save = functools.partial(save_run_pipeline, entry, vq, conditioning, kind, text_tokenizer)
 
     # plain next-token: every text block padded once, on the device (a step then only gathers rows)
     text_table = next_token.TextTable(layout, text_ids, device) if name == "next_token" else None
@@ -352,7 +405,7 @@ def main(argv=None):
         lr = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        tg = tp = None
+        tg = tp = None  # alignment targets: global, patches
         if head is not None and targets is not None:
             tg = targets[0][idx].to(device).float()
             tp = targets[1][idx].to(device).float() if targets[1] is not None else None
@@ -372,14 +425,7 @@ def main(argv=None):
 
     run.train(step, digits={"lr": None, "grad_norm": 4})
     if run.is_main:
-        if run.sharded:  # parameters are shards: rebuild the decoder from the last checkpoint's whole weights
-            model = type(model).from_config(model.config)
-            model.load_state_dict(read_tensors(latest_checkpoint(out), "model"))
-            if projection is not None:
-                projection = CaptionProjection.from_config(projection.config)
-                projection.load_state_dict(read_tensors(latest_checkpoint(out), "text_projection"))
-        else:
-            run.for_sampling(sampled)  # in place: with train.ema_for_sampling, the averaged weights
+        model, projection = final_weights(run, model, projection, sampled)
         save(model, out / "pipeline", projection)
         run.print(f"saved pipeline to {out / 'pipeline'}")
 
