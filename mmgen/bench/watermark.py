@@ -85,6 +85,23 @@ ATTACKS = {
 SAMPLERS = ("ar", "ar_compiled", "sjd")  # what the suite times the watermark against: eager AR, compiled AR, SJD
 
 
+def detection_row(wm_tokens: torch.Tensor, plain: torch.Tensor, tokens: torch.Tensor, cfg, key: str,
+                  fpr: float) -> dict:
+    """One method x attack: TPR and FPR at `fpr`, the z-score's AUC, and how many of the generated `tokens` (and
+    their symbols) the re-tokenized marked images `wm_tokens` kept."""
+    det_w, det_p = detect_tokens(wm_tokens, cfg, key), detect_tokens(plain, cfg, key)
+    scores = torch.tensor([d.score for d in det_w] + [d.score for d in det_p])
+    labels = torch.tensor([1] * len(det_w) + [0] * len(det_p))
+    return {
+        "tpr": sum(d.p_value < fpr for d in det_w) / len(det_w),
+        "fpr": sum(d.p_value < fpr for d in det_p) / len(det_p),
+        "auc": round(float(BinaryAUROC()(scores, labels)), 4),
+        "token_match": round(float((wm_tokens == tokens).float().mean()), 4),
+        "symbol_match": round(float((cfg.symbols(wm_tokens) == cfg.symbols(tokens)).float().mean()), 4),
+        "scored_positions": round(sum(d.scored for d in det_w) / len(det_w), 1),
+    }
+
+
 def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: float = 0.01, seed: int = 0,
                  guidance_scale: float | None = None, batch_size: int = 25, configs: dict | None = None,
                  delta: float | None = None, progress: bool = True, overhead_repeats: int = 7) -> dict:
@@ -148,17 +165,7 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
             conditions[name] = (encode([attack(im, seed + j) for j, im in enumerate(images)]), plain_attacked[name])
             bar.update()
         for name, (wm_tokens, plain) in conditions.items():
-            det_w, det_p = detect_tokens(wm_tokens, cfg, key), detect_tokens(plain, cfg, key)
-            scores = torch.tensor([d.score for d in det_w] + [d.score for d in det_p])
-            labels = torch.tensor([1] * len(det_w) + [0] * len(det_p))
-            rows[name] = {
-                "tpr": sum(d.p_value < fpr for d in det_w) / len(det_w),
-                "fpr": sum(d.p_value < fpr for d in det_p) / len(det_p),
-                "auc": round(float(BinaryAUROC()(scores, labels)), 4),
-                "token_match": round(float((wm_tokens == tokens).float().mean()), 4),
-                "symbol_match": round(float((cfg.symbols(wm_tokens) == cfg.symbols(tokens)).float().mean()), 4),
-                "scored_positions": round(sum(d.scored for d in det_w) / len(det_w), 1),
-            }
+            rows[name] = detection_row(wm_tokens, plain, tokens, cfg, key, fpr)
         bar.update()
         report["methods"][method] = rows
     bar.close()
