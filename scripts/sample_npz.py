@@ -132,13 +132,8 @@ def _generate(pipe, kind: str, conds: list, seed_: int, sampling: dict) -> np.nd
     return np.stack([np.asarray(im.convert("RGB")) for im in out.images])
 
 
-def sample_to_npz(pipe, conditions: list, per: int, out: str | Path, kind: str | None = None, seed: int = 0,
-                  batch_size: int = 25, shard_size: int = 50, sampling: dict | None = None, model=None,
-                  keep_shards: bool = False, progress: bool = True, state=None) -> dict:
-    """Sample `per` images of each of `conditions` (class ids or prompts) with `pipe` into the ADM batch `out`,
-    this process doing its shards of `state` (accelerate's `PartialState`; default: one process). Returns the
-    report process 0 writes beside `out` (other processes return their part)."""
-    out, state, sampling = Path(out), state or SingleProcess(), dict(sampling or {})
+def _checked(out: Path, conditions: list, per, batch_size, shard_size, kind: str) -> str:
+    """The arguments checked at the edge; the condition kind."""
     if out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz (ADM's format), got {str(out)!r}")
     for name, v in (("--per-class / --per-prompt", per), ("--batch-size", batch_size), ("--shard-size", shard_size)):
@@ -146,9 +141,48 @@ def sample_to_npz(pipe, conditions: list, per: int, out: str | Path, kind: str |
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     if not conditions:
         raise ValueError("conditions must be a non-empty list of class ids or prompts")
-    kind = kind or condition_kind(pipe)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    return kind
+
+
+def _sample_shard(pipe, kind: str, item_conds: list, items: range, path: Path, seed: int, batch_size: int,
+                  sampling: dict, rank: int, bar) -> None:
+    """Images `items` (item i with seed + i), written atomically as one shard file."""
+    images = []
+    for start in range(items.start, items.stop, batch_size):
+        stop = min(start + batch_size, items.stop)
+        images.append(_generate(pipe, kind, item_conds[start:stop], seed + start, sampling))
+        bar.update(stop - start)
+    arrays = {IMAGES: np.concatenate(images), "index": np.arange(items.start, items.stop), "rank": np.array(rank)}
+    if kind == "class":
+        arrays[LABELS] = np.array(item_conds[items.start:items.stop], np.int64)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _wait_for_shards(out: Path, num_shards: int, progress: bool) -> None:
+    """Until every shard file exists. The files are the synchronisation: a collective barrier would time out
+    (30 min) while a process that resumed with fewer shards waits for the others; a failed process stops the whole
+    launch anyway."""
+    missing = [k for k in range(num_shards) if not shard_path(out, k).is_file()]
+    with tqdm(total=num_shards, initial=num_shards - len(missing), desc="waiting for the other processes",
+              unit="shard", disable=not (progress and missing)) as bar:
+        while missing:
+            time.sleep(POLL_SECONDS)
+            done = [k for k in missing if shard_path(out, k).is_file()]
+            bar.update(len(done))
+            missing = [k for k in missing if k not in done]
+
+
+def sample_to_npz(pipe, conditions: list, per: int, out: str | Path, kind: str | None = None, seed: int = 0,
+                  batch_size: int = 25, shard_size: int = 50, sampling: dict | None = None, model=None,
+                  keep_shards: bool = False, progress: bool = True, state=None) -> dict:
+    """Sample `per` images of each of `conditions` (class ids or prompts) with `pipe` into the ADM batch `out`,
+    this process doing its shards of `state` (accelerate's `PartialState`; default: one process). Returns the
+    report process 0 writes beside `out` (other processes return their part)."""
+    out, state, sampling = Path(out), state or SingleProcess(), dict(sampling or {})
+    kind = _checked(out, conditions, per, batch_size, shard_size, kind or condition_kind(pipe))
     config = _config(model if model is not None else type(pipe).__name__, pipe, kind, conditions, per, seed,
                      shard_size, sampling)
     n = config["num_images"]
@@ -176,32 +210,14 @@ def sample_to_npz(pipe, conditions: list, per: int, out: str | Path, kind: str |
               desc=f"sampling (process {state.process_index}/{state.num_processes})", unit="img",
               disable=not (progress and state.is_main_process)) as bar:
         for k in todo:
-            images = []
-            for start in range(shards[k].start, shards[k].stop, batch_size):
-                stop = min(start + batch_size, shards[k].stop)
-                images.append(_generate(pipe, kind, item_conds[start:stop], seed + start, sampling))
-                bar.update(stop - start)
-            arrays = {IMAGES: np.concatenate(images), "index": np.arange(shards[k].start, shards[k].stop),
-                      "rank": np.array(state.process_index)}
-            if kind == "class":
-                arrays[LABELS] = np.array(item_conds[shards[k].start:shards[k].stop], np.int64)
-            with atomic_path(shard_path(out, k)) as tmp, open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+            _sample_shard(pipe, kind, item_conds, shards[k], shard_path(out, k), seed, batch_size, sampling,
+                          state.process_index, bar)
     seconds = time.perf_counter() - t0
     part = {"process": state.process_index, "shards": len(mine), "generated_shards": len(todo),
             "seconds": round(seconds, 2)}
     if not state.is_main_process:
         return part
-    # the shard files are the synchronisation: a collective barrier would time out (30 min) while a process
-    # that resumed with fewer shards waits for the others; a failed process stops the whole launch anyway
-    missing = [k for k in range(len(shards)) if not shard_path(out, k).is_file()]
-    with tqdm(total=len(shards), initial=len(shards) - len(missing), desc="waiting for the other processes",
-              unit="shard", disable=not (progress and missing)) as bar:
-        while missing:
-            time.sleep(POLL_SECONDS)
-            done = [k for k in missing if shard_path(out, k).is_file()]
-            bar.update(len(done))
-            missing = [k for k in missing if k not in done]
+    _wait_for_shards(out, len(shards), progress)
     for k, items in enumerate(shards):
         if not _shard_done(shard_path(out, k), items):
             raise RuntimeError(f"shard {k} ({str(shard_path(out, k))!r}) does not hold images {items.start}.."
