@@ -186,9 +186,8 @@ def fidelity_loss(vq, codes: torch.Tensor, target: torch.Tensor) -> tuple[torch.
     return (x01 - target.float() / 255).pow(2).mean(), x01
 
 
-def main(argv=None) -> None:
-    cfg = load_run_config(RCCConfig, __doc__, argv)
-    t = cfg.train
+def check_train(t):
+    """train's RCC fields checked at the edge."""
     if not 0 <= t.real_share < 1:
         raise SystemExit(f"train.real_share must be in [0, 1), got {t.real_share}")
     if t.fidelity_weight < 0:
@@ -197,6 +196,31 @@ def main(argv=None) -> None:
     if unknown or not t.distortions:
         raise SystemExit(f"train.distortions must be a non-empty subset of {', '.join(DISTORTIONS)}; got "
                          f"{list(t.distortions)}")
+    return t
+
+
+def heldout_report(original, tuned, data: dict, tune_decoder: bool) -> dict:
+    """Token match on held-out generated images and PSNR on real ones, original against tuned; with a tuned decoder
+    also how far its drawing of the same codes moves from the original's."""
+    heldout = data["heldout_images"]
+    if tune_decoder:  # detection reads what the tuned decoder draws
+        tuned_heldout = decode_to_uint8(tuned, data["heldout_codes"])
+        drift = ((tuned_heldout.float() - heldout.float()) / 255).pow(2).flatten(1).mean(1)
+    report = {"heldout_generated_images": len(data["heldout_codes"]), "tune_decoder": tune_decoder,
+              "token_match": {"original": match_report(original, heldout, data["heldout_codes"], 1),
+                              "tuned": match_report(tuned, tuned_heldout if tune_decoder else heldout,
+                                                    data["heldout_codes"], 1)},
+              "real_psnr": {"original": psnr(original, data["real_images"][:256]),
+                            "tuned": psnr(tuned, data["real_images"][:256])}}
+    if tune_decoder:  # how far generated images move: tuned against original drawing of the same codes
+        report["generated_psnr_tuned_vs_original"] = round(
+            float((-10 * torch.log10(drift.clamp_min(1e-10))).mean()), 3)
+    return report
+
+
+def main(argv=None) -> None:
+    cfg = load_run_config(RCCConfig, __doc__, argv)
+    t = check_train(cfg.train)
     run = Run(cfg, t, "train rcc")
     pipe = load_pipeline(cfg.model)
     if getattr(pipe, "vq_model", None) is None or not hasattr(pipe.vq_model, "quantizer"):
@@ -250,18 +274,7 @@ def main(argv=None) -> None:
     if not run.is_main:
         return
     tuned = run.accelerator.unwrap_model(model).eval()
-    heldout = data["heldout_images"]
-    if t.tune_decoder:  # detection reads what the tuned decoder draws
-        tuned_heldout = decode_to_uint8(tuned, data["heldout_codes"])
-        drift = ((tuned_heldout.float() - heldout.float()) / 255).pow(2).flatten(1).mean(1)
-    report = {"heldout_generated_images": len(data["heldout_codes"]), "tune_decoder": t.tune_decoder,
-              "token_match": {"original": match_report(original, heldout, data["heldout_codes"], 1),
-                              "tuned": match_report(tuned, tuned_heldout if t.tune_decoder else heldout,
-                                                    data["heldout_codes"], 1)},
-              "real_psnr": {"original": psnr(original, data["real_images"][:256]),
-                            "tuned": psnr(tuned, data["real_images"][:256])}}
-    if t.tune_decoder:  # how far generated images move: tuned against original drawing of the same codes
-        report["generated_psnr_tuned_vs_original"] = round(float((-10 * torch.log10(drift.clamp_min(1e-10))).mean()), 3)
+    report = heldout_report(original, tuned, data, t.tune_decoder)
     final = run.out / "final"
     info = {"steps": t.steps, "trained_by": "scripts/train_rcc.py", "model": cfg.model}
     if t.tune_decoder:
