@@ -176,9 +176,10 @@ def test_page_in_headless_chromium(tiny_dir, reference, browser):
     try:
         browser.get(demo.local_url)
         wait = WebDriverWait(browser, 30)
+        # the page builds its components as it loads: wait for each one used, not only the first
         prompt = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, "#prompt textarea")))
         prompt.send_keys("a blue square above a red circle")
-        browser.find_element(By.ID, "generate").click()
+        wait.until(EC.element_to_be_clickable((By.ID, "generate"))).click()
         img = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, "#output img")))
         no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the server is local
         with no_proxy.open(img.get_attribute("src"), timeout=10) as response:
@@ -191,7 +192,7 @@ def test_page_in_headless_chromium(tiny_dir, reference, browser):
 
         prompt.send_keys(Keys.CONTROL, "a")
         prompt.send_keys(Keys.BACKSPACE)  # as a user does: clear() skips the input event the page listens to
-        browser.find_element(By.ID, "generate").click()
+        wait.until(EC.element_to_be_clickable((By.ID, "generate"))).click()
         wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "body"), "prompt must be a non-empty string"))
     finally:
         demo.close()
