@@ -64,6 +64,38 @@ def pixels(images: torch.Tensor) -> np.ndarray:
     return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
 
 
+def checkout_commit(root: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown (not a git checkout)"
+
+
+def tiny_vq(VQ_models, Encoder, Decoder, g: torch.Generator):
+    """LlamaGen's VQModel with a narrower encoder/decoder (its own classes; released: ch 128, 2 res blocks)."""
+    vq = VQ_models["VQ-16"](codebook_size=VQ["codebook_size"], codebook_embed_dim=VQ["codebook_embed_dim"],
+                            z_channels=VQ["z_channels"])
+    vq.encoder = Encoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
+                         z_channels=VQ["z_channels"])
+    vq.decoder = Decoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
+                         z_channels=VQ["z_channels"])
+    randomize(vq, 1.0, g)
+    return vq.eval()
+
+
+def caption_conditions(lengths: list[int], g: torch.Generator):
+    """T5-like caption features, right-padded as T5 returns them with their masks, and sample_t2i.py's left-padded
+    form (valid tokens moved to the end, padding zeroed) with its mask."""
+    caption = torch.randn(len(lengths), CAPTION_TOKENS, CAPTION_DIM, generator=g)
+    caption_mask = torch.zeros(len(lengths), CAPTION_TOKENS, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        caption_mask[i, :n] = 1
+    left_mask = torch.flip(caption_mask, dims=[-1])
+    left = torch.stack([torch.cat([c[int(m.sum()):], c[:int(m.sum())]]) for c, m in zip(caption, caption_mask)])
+    return caption, caption_mask, left * left_mask[:, :, None], left_mask
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("llamagen", help="path of a LlamaGen checkout")
@@ -75,11 +107,7 @@ def main(argv=None) -> int:
     from autoregressive.models.gpt import GPT_models, ModelArgs, Transformer
     from tokenizer.tokenizer_image.vq_model import VQ_models, Decoder, Encoder
 
-    try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        commit = "unknown (not a git checkout)"
+    commit = checkout_commit(root)
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     torch.manual_seed(SEED)  # the buffers LlamaGen draws itself (t2i's uncond_embedding)
@@ -88,14 +116,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(SEED)
 
     # the VQ: VQ_models' VQModel with a narrower encoder/decoder (its own classes; released: ch 128, 2 res blocks)
-    vq = VQ_models["VQ-16"](codebook_size=VQ["codebook_size"], codebook_embed_dim=VQ["codebook_embed_dim"],
-                            z_channels=VQ["z_channels"])
-    vq.encoder = Encoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
-                         z_channels=VQ["z_channels"])
-    vq.decoder = Decoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
-                         z_channels=VQ["z_channels"])
-    randomize(vq, 1.0, g)
-    vq.eval()
+    vq = tiny_vq(VQ_models, Encoder, Decoder, g)
     vq_sd = to_half_and_back(vq)
     downsample = 2 ** (len(VQ["ch_mult"]) - 1)
     image_size = GRID * downsample
@@ -115,14 +136,7 @@ def main(argv=None) -> int:
     # conditions: class labels; T5-like caption features, right-padded as T5 returns them with their masks
     labels = torch.tensor([3, 7])
     lengths = [5, 11]
-    caption = torch.randn(2, CAPTION_TOKENS, CAPTION_DIM, generator=g)
-    caption_mask = torch.zeros(2, CAPTION_TOKENS, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        caption_mask[i, :n] = 1
-    # sample_t2i.py's left padding: valid tokens moved to the end, padding zeroed
-    left_mask = torch.flip(caption_mask, dims=[-1])
-    left = torch.stack([torch.cat([c[int(m.sum()):], c[:int(m.sum())]]) for c, m in zip(caption, caption_mask)])
-    left = left * left_mask[:, :, None]
+    caption, caption_mask, left, left_mask = caption_conditions(lengths, g)
 
     arrays = {"class_labels": labels.numpy(), "caption_embeds": caption.numpy(),
               "caption_mask": caption_mask.numpy()}
