@@ -176,14 +176,17 @@ def shared_blocks(sources: dict[str, str], size: int = 6) -> list[tuple[str, int
     return found
 
 
-def test_no_block_of_six_lines_repeats_between_two_pipelines():
-    """One pipeline skeleton (issue 34): what every pipeline shares lives in pipelines/base.py or backend.py, once."""
+def test_no_block_of_six_lines_repeats_between_two_pipelines_or_two_paradigms():
+    """One pipeline skeleton (issue 34): what every pipeline shares lives in pipelines/base.py or backend.py, once;
+    what samplers and grid batches share lives in paradigms/sequence.py, once."""
     from pathlib import Path
 
+    import mmgen.paradigms
     import mmgen.pipelines
 
-    folder = Path(mmgen.pipelines.__file__).parent
-    assert shared_blocks({p.name: p.read_text() for p in folder.glob("*.py")}) == []
+    for package in (mmgen.pipelines, mmgen.paradigms):
+        folder = Path(package.__file__).parent
+        assert shared_blocks({p.name: p.read_text() for p in folder.glob("*.py")}) == [], folder.name
     # the check sees a shared block where there is one (a loop body copied into a second file)
     body = "\n".join(f"    x{i} = f(x{i - 1})" for i in range(1, 7))
     copied = {"a.py": f"def a(x0):\n    '''doc'''\n{body}\n    return x6\n",

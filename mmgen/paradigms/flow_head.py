@@ -31,7 +31,7 @@ from mmgen.models.heads import FlowHead
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
+from mmgen.paradigms.sequence import attention_mask, prompt_block, text_block
 from mmgen.sampling.flow import flow_generators, initial_noise, interpolate, logit_normal_t, sample_flow
 from mmgen.sampling.logits import SamplingConfig, guidance_at, guide
 from mmgen.text import UnifiedVocab
@@ -216,14 +216,12 @@ def generate(model: RasterFlowModel, layout: RasterFlowLayout, text_ids: Sequenc
     guidance_scale, temperature = sampling.guidance_scale, sampling.temperature
     cfg_schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     steps, method = sampling.num_inference_steps, sampling.flow_sampler
-    use_cfg = guidance_scale != 1.0
     device = model.device
-    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
+    slots = layout.seq_len - 1  # the last token is sampled, never fed back
+    use_cfg, text, valid, key_valid = prompt_block(layout, text_ids, guidance_scale, slots, device)
     R, T0 = text.shape
     positions = layout.positions(R, device)
-    cache = model.transformer.new_cache(R, T0 + n - 1)
-    key_valid = torch.ones(R, T0 + n - 1, dtype=torch.bool, device=device)
-    key_valid[:, :T0] = valid
+    cache = model.transformer.new_cache(R, slots)
     tokens = torch.zeros(B, n, D, device=device)
 
     z = prefill(model, text, positions[:, :T0], valid, cache)

@@ -36,10 +36,10 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.transformer import KVCache, Transformer
-from mmgen.paradigms.next_neighbor import check_grid, check_tokenizer
+from mmgen.paradigms.next_neighbor import ImageIdsDecoder, check_grid, check_tokenizer
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.paradigms.sequence import guided_text_block, text_block
+from mmgen.paradigms.sequence import grid_batch, prompt_block
 from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 from mmgen.watermark import KeyOrder
@@ -106,11 +106,9 @@ def make_model(layout: NextBlockLayout, model: ModelConfig, flow: FlowConfig | N
                                 max_seq_len=layout.seq_len, rope_2d=layout.rope_2d, **model.backbone())
 
 
-class NextBlockTransformer(ModelMixin, ConfigMixin):
+class NextBlockTransformer(ImageIdsDecoder):
     """The decoder `Transformer` plus the row of `block_size` learned query embeddings that predicts the first
     block. Returns logits over the image ids. Forward only."""
-
-    _no_split_modules = ["Block"]
 
     @register_to_config
     def __init__(
@@ -129,21 +127,13 @@ class NextBlockTransformer(ModelMixin, ConfigMixin):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
-        if isinstance(image_vocab_size, bool) or not isinstance(image_vocab_size, int) \
-                or not 1 <= image_vocab_size < vocab_size:
-            raise ValueError(f"image_vocab_size must be an integer in [1, vocab_size={vocab_size}) (image ids are "
-                             f"the last ones of the unified vocabulary), got {image_vocab_size!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size (tokens per block: the token grid's width) must be an integer >= 1, "
                              f"got {block_size!r}")
-        self.transformer = Transformer(vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                       mlp_hidden=mlp_hidden, max_seq_len=max_seq_len, rope_theta=rope_theta,
-                                       rope_2d=rope_2d, norm_eps=norm_eps)
+        self.build_trunk(vocab_size, image_vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                         n_kv_heads=n_kv_heads, mlp_hidden=mlp_hidden, max_seq_len=max_seq_len, rope_theta=rope_theta,
+                         rope_2d=rope_2d, norm_eps=norm_eps)
         self.block_queries = nn.Parameter(torch.randn(block_size, dim) * 0.02)  # as the token embeddings
-
-    @property
-    def image_offset(self) -> int:
-        return self.config.vocab_size - self.config.image_vocab_size
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return self.transformer.new_cache(batch_size, max_len)
@@ -189,15 +179,8 @@ class NextBlockBatch:
 def build_batch(layout: NextBlockLayout, text_ids, image_codes_BHW: torch.Tensor, cond_drop_prob: float = 0.0,
                 generator: torch.Generator | None = None, *, tokenizer=None) -> NextBlockBatch:
     """Teacher-forced training batch from condition ids and tokenizer codes (B, h, w)."""
-    B = image_codes_BHW.shape[0]
-    if tuple(image_codes_BHW.shape[1:]) != tuple(layout.grid):
-        raise ValueError(f"image codes have grid {tuple(image_codes_BHW.shape[1:])}, the model expects {layout.grid}")
-    if len(text_ids) != B:
-        raise ValueError(f"got {len(text_ids)} conditions for {B} images")
-    dev = image_codes_BHW.device
-    drop = torch.rand(B, generator=generator) < cond_drop_prob if cond_drop_prob > 0 else None
-    text, text_valid = (t.to(dev) for t in text_block(layout, text_ids, drop))
-    codes = image_codes_BHW.reshape(B, -1).long()
+    codes, text, text_valid = grid_batch(layout, text_ids, image_codes_BHW, cond_drop_prob, generator)
+    B, dev = codes.shape[0], codes.device
     rows = layout.vocab.image_to_unified(codes[:, : codes.shape[1] - layout.block_size])
     valid = torch.cat([text_valid, torch.ones(B, codes.shape[1], dtype=torch.bool, device=dev)], 1)
     return NextBlockBatch(text, rows, codes, layout.positions(B, dev), block_mask(layout, valid))
@@ -256,18 +239,14 @@ def generate(model: NextBlockTransformer, layout: NextBlockLayout, text_ids: Seq
     tokens are drawn from generators[b] alone, row by row."""
     _check_model(model, layout)
     B, (h, w) = len(text_ids), layout.grid
-    if generators is not None and len(generators) != B:
-        raise ValueError(f"need one generator per image: {B} conditions, {len(generators)} generators")
-    schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
-    use_cfg = sampling.guidance_scale != 1.0
-    greedy = sampling.temperature == 0
     device = model.device
-    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
+    use_cfg, text, valid, key_valid = prompt_block(layout, text_ids, sampling.guidance_scale, layout.seq_len, device,
+                                                   generators)
     R, T0 = text.shape
     positions = layout.positions(1, device)[0]  # (L, 2): text, query row, image rows 0..h-2
     cache = model.new_cache(R, layout.seq_len)
-    key_valid = torch.ones(R, layout.seq_len, dtype=torch.bool, device=device)
-    key_valid[:, :T0] = valid
+    schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
+    greedy = sampling.temperature == 0
     gens = None if generators is None else [g for g in generators for _ in range(w)]
     codes = torch.zeros(B, h * w, dtype=torch.long, device=device)
     order = watermark_key_order(layout) if processor is not None else None

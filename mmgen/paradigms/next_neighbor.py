@@ -54,7 +54,7 @@ from mmgen.models.heads import LogitsHead
 from mmgen.models.transformer import Block, KVCache, RMSNorm, Transformer
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
+from mmgen.paradigms.sequence import attention_mask, grid_batch, prompt_block
 from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 from mmgen.watermark import KeyOrder
@@ -136,11 +136,27 @@ def make_model(layout: NARLayout, model: ModelConfig, flow: FlowConfig | None = 
                           rope_2d=layout.rope_2d, **model.backbone())
 
 
-class NARTransformer(ModelMixin, ConfigMixin):
-    """The decoder trunk (`Transformer`, whose head is the right head) plus the bottom head: one more `Block` after
-    the trunk's last layer (before its final norm), its own RMSNorm and linear over the image ids. Forward only."""
+class ImageIdsDecoder(ModelMixin, ConfigMixin):
+    """What the NAR and next-block decoders share: a `Transformer` trunk over the unified vocabulary, built by
+    `build_trunk`, whose heads read the image ids (the vocabulary's last `image_vocab_size` ids) only."""
 
     _no_split_modules = ["Block"]
+
+    def build_trunk(self, vocab_size: int, image_vocab_size: int, **trunk) -> None:
+        if isinstance(image_vocab_size, bool) or not isinstance(image_vocab_size, int) \
+                or not 1 <= image_vocab_size < vocab_size:
+            raise ValueError(f"image_vocab_size must be an integer in [1, vocab_size={vocab_size}) (image ids are "
+                             f"the last ones of the unified vocabulary), got {image_vocab_size!r}")
+        self.transformer = Transformer(vocab_size, **trunk)
+
+    @property
+    def image_offset(self) -> int:
+        return self.config.vocab_size - self.config.image_vocab_size
+
+
+class NARTransformer(ImageIdsDecoder):
+    """The decoder trunk (`Transformer`, whose head is the right head) plus the bottom head: one more `Block` after
+    the trunk's last layer (before its final norm), its own RMSNorm and linear over the image ids. Forward only."""
 
     @register_to_config
     def __init__(
@@ -158,13 +174,9 @@ class NARTransformer(ModelMixin, ConfigMixin):
         norm_eps: float = 1e-5,
     ):
         super().__init__()
-        if isinstance(image_vocab_size, bool) or not isinstance(image_vocab_size, int) \
-                or not 1 <= image_vocab_size < vocab_size:
-            raise ValueError(f"image_vocab_size must be an integer in [1, vocab_size={vocab_size}) (image ids are "
-                             f"the last ones of the unified vocabulary), got {image_vocab_size!r}")
-        self.transformer = Transformer(vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                       mlp_hidden=mlp_hidden, max_seq_len=max_seq_len, rope_theta=rope_theta,
-                                       rope_2d=rope_2d, norm_eps=norm_eps)
+        self.build_trunk(vocab_size, image_vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                         n_kv_heads=n_kv_heads, mlp_hidden=mlp_hidden, max_seq_len=max_seq_len, rope_theta=rope_theta,
+                         rope_2d=rope_2d, norm_eps=norm_eps)
         hidden = self.transformer.layers[0].mlp.w1.out_features
         self.bottom_block = Block(dim, n_heads, self.transformer.n_kv_heads, hidden, norm_eps, None)
         self.bottom_norm = RMSNorm(dim, norm_eps)
@@ -173,10 +185,6 @@ class NARTransformer(ModelMixin, ConfigMixin):
             if p.dim() == 2:  # the trunk's initialisation, residual projections scaled as GPT-2 does
                 std = 0.02 / math.sqrt(2 * (n_layers + 1)) if name.endswith(("wo.weight", "w2.weight")) else 0.02
                 nn.init.normal_(p, std=std)
-
-    @property
-    def image_offset(self) -> int:
-        return self.config.vocab_size - self.config.image_vocab_size
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache with one layer more than the trunk: the bottom block's keys and values."""
@@ -233,15 +241,8 @@ class NARBatch:
 def build_batch(layout: NARLayout, text_ids, image_codes_BHW: torch.Tensor, cond_drop_prob: float = 0.0,
                 generator: torch.Generator | None = None, *, tokenizer=None) -> NARBatch:
     """Teacher-forced training batch from condition ids and tokenizer codes (B, h, w)."""
-    B = image_codes_BHW.shape[0]
-    if tuple(image_codes_BHW.shape[1:]) != tuple(layout.grid):
-        raise ValueError(f"image codes have grid {tuple(image_codes_BHW.shape[1:])}, the model expects {layout.grid}")
-    if len(text_ids) != B:
-        raise ValueError(f"got {len(text_ids)} conditions for {B} images")
-    dev = image_codes_BHW.device
-    drop = torch.rand(B, generator=generator) < cond_drop_prob if cond_drop_prob > 0 else None
-    text, text_valid = (t.to(dev) for t in text_block(layout, text_ids, drop))
-    codes = image_codes_BHW.reshape(B, -1).long()
+    codes, text, text_valid = grid_batch(layout, text_ids, image_codes_BHW, cond_drop_prob, generator)
+    B, dev = codes.shape[0], codes.device
     tokens = torch.cat([text, layout.vocab.image_to_unified(codes[:, :-1])], 1)
     valid = torch.cat([text_valid, torch.ones(B, codes.shape[1] - 1, dtype=torch.bool, device=dev)], 1)
     return NARBatch(tokens, codes, layout.positions(B, dev), diagonal_mask(layout, valid))
@@ -302,18 +303,14 @@ def generate(model: NARTransformer, layout: NARLayout, text_ids: Sequence[Sequen
     `watermark_key_order`. Image b's tokens are drawn from generators[b] alone, diagonal by diagonal."""
     _check_model(model, layout)
     B, D, N = len(text_ids), layout.num_steps, layout.num_image_tokens
-    if generators is not None and len(generators) != B:
-        raise ValueError(f"need one generator per image: {B} conditions, {len(generators)} generators")
     schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
-    use_cfg = sampling.guidance_scale != 1.0
     greedy = sampling.temperature == 0
     device = model.device
-    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
+    use_cfg, text, valid, key_valid = prompt_block(layout, text_ids, sampling.guidance_scale, layout.seq_len, device,
+                                                   generators)
     R, T0 = text.shape
     positions = layout.positions(1, device)[0]  # (L, 2): text, then image token k at T0 + k
     cache = model.new_cache(R, layout.seq_len)
-    key_valid = torch.ones(R, layout.seq_len, dtype=torch.bool, device=device)
-    key_valid[:, :T0] = valid
     diagonals = layout.diagonals(device)
     src_right, src_bottom = layout.head_sources(device)
     # shifted position -> its row in the pass that computed it: <boi> in the prompt pass, image token k in its diagonal

@@ -39,7 +39,7 @@ from diffusers.configuration_utils import register_to_config
 
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.paradigms.sequence import guided_text_block, text_block
+from mmgen.paradigms.sequence import prompt_block, text_block
 from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 
@@ -303,20 +303,17 @@ def generate(model: NextScaleModel, layout: NextScaleLayout, text_ids: Sequence[
              callback: Callable[[int], None] | None = None):
     """Sample the scale codes (B, L) (every scale's ids, raster, coarse to fine) for B tokenized prompts, one
     forward pass per scale; `tokenizer` (the MultiScaleVQGAN) builds each next scale's inputs. Returns the codes
-    and their `GenerationCost` (K decoder passes). Guidance is constant or VAR's linear ramp (`sampling.cfg_schedule`)."""
+    and their `GenerationCost` (K decoder passes). Guidance is constant or VAR's linear ramp
+    (`sampling.cfg_schedule`)."""
     vq = tokenizer
     _check_model(model, layout)
     _check_tokenizer(layout, vq)
     K, B = len(layout.scales), len(text_ids)
     weights = guidance_schedule(sampling.guidance_scale, K, sampling.schedule(DEFAULT_CFG_SCHEDULE))
-    if generators is not None and len(generators) != B:
-        raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
-    use_cfg = sampling.guidance_scale != 1.0
     device = model.device
-    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
+    use_cfg, text, valid, key_valid = prompt_block(layout, text_ids, sampling.guidance_scale, layout.seq_len, device,
+                                                   generators)
     R, T0 = text.shape
-    key_valid = torch.ones(R, layout.seq_len, dtype=torch.bool, device=device)
-    key_valid[:, :T0] = valid
     mask = full_mask(layout, key_valid)
     positions = layout.positions(R, device)
     cache = model.new_cache(R, layout.seq_len)

@@ -52,7 +52,7 @@ from diffusers.configuration_utils import register_to_config
 from mmgen.models.heads import TimestepEmbedder, modulate
 from mmgen.models.transformer import KVCache, Transformer
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.paradigms.sequence import attention_mask, guided_text_block, latent_pyramid, scale_positions, text_block
+from mmgen.paradigms.sequence import attention_mask, latent_pyramid, prompt_block, scale_positions, text_block
 from mmgen.sampling.flow import flow_generators, initial_noise, interpolate, logit_normal_t, sample_flow
 from mmgen.sampling.logits import SamplingConfig, guidance_at, guide
 from mmgen.text import UnifiedVocab
@@ -360,14 +360,11 @@ def generate(model: NextXModel, layout: NextXLayout, text_ids: Sequence[Sequence
     guidance_scale, temperature = sampling.guidance_scale, sampling.temperature
     cfg_schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     steps, method = sampling.num_inference_steps, sampling.flow_sampler
-    use_cfg = guidance_scale != 1.0
     device = model.device
-    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
+    use_cfg, text, valid, key_valid = prompt_block(layout, text_ids, guidance_scale, layout.seq_len, device)
     R, T0 = text.shape
     positions = layout.positions(R, device)
     cache = model.transformer.new_cache(R, layout.seq_len)
-    key_valid = torch.ones(R, layout.seq_len, dtype=torch.bool, device=device)
-    key_valid[:, :T0] = valid
     tokens = torch.zeros(B, N, C, device=device)
     prefill(model, text, positions[:, :T0], valid, cache)
     evals = 1

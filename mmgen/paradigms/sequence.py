@@ -35,6 +35,34 @@ def guided_text_block(layout, text_ids: Sequence[Sequence[int]], use_cfg: bool, 
     return text.to(device), valid.to(device)
 
 
+def prompt_block(layout, text_ids: Sequence[Sequence[int]], guidance_scale: float, slots: int, device=None,
+                 generators=None):
+    """Where every sampler starts: (use_cfg, text (R, T0), its validity (R, T0), key validity (R, slots) with the
+    prompt's pads closed and every later slot open). Guidance is on unless the scale is 1; `generators`, where
+    given, must be one per image."""
+    if generators is not None and len(generators) != len(text_ids):
+        raise ValueError(f"need one generator per image: {len(text_ids)} conditions, {len(generators)} generators")
+    use_cfg = guidance_scale != 1.0
+    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
+    key_valid = torch.ones(len(text), slots, dtype=torch.bool, device=text.device)
+    key_valid[:, :text.shape[1]] = valid
+    return use_cfg, text, valid, key_valid
+
+
+def grid_batch(layout, text_ids, image_codes_BHW: torch.Tensor, cond_drop_prob: float = 0.0,
+               generator: torch.Generator | None = None):
+    """A training batch's checked start for paradigms over the token grid: codes (B, h * w), the text block and its
+    validity on the codes' device, conditions dropped to <null> with probability `cond_drop_prob`."""
+    B = image_codes_BHW.shape[0]
+    if tuple(image_codes_BHW.shape[1:]) != tuple(layout.grid):
+        raise ValueError(f"image codes have grid {tuple(image_codes_BHW.shape[1:])}, the model expects {layout.grid}")
+    if len(text_ids) != B:
+        raise ValueError(f"got {len(text_ids)} conditions for {B} images")
+    drop = torch.rand(B, generator=generator) < cond_drop_prob if cond_drop_prob > 0 else None
+    text, text_valid = (t.to(image_codes_BHW.device) for t in text_block(layout, text_ids, drop))
+    return image_codes_BHW.reshape(B, -1).long(), text, text_valid
+
+
 def attention_mask(key_valid_BS: torch.Tensor, T: int | None = None) -> torch.Tensor:
     """Causal mask (B, 1, T, S) over valid keys for the last T queries; a query always sees itself so padded
     rows never softmax over nothing (which would put NaNs into the cache)."""

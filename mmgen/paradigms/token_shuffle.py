@@ -32,7 +32,7 @@ from mmgen.models.shuffle import TokenShuffleTransformer, check_window, shuffle_
 from mmgen.models.transformer import KVCache
 from mmgen.paradigms.next_token import NextTokenLayout
 from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
-from mmgen.paradigms.sequence import attention_mask, guided_text_block, text_block
+from mmgen.paradigms.sequence import attention_mask, prompt_block, text_block
 from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
 
@@ -163,16 +163,12 @@ def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_id
     N, K, B = layout.num_image_tokens, layout.tokens_per_step, len(text_ids)
     schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
     weights = [guidance_at(sampling.guidance_scale, j, N, schedule) for j in range(N)]
-    if generators is not None and len(generators) != B:
-        raise ValueError(f"need one generator per image: {B} prompts, {len(generators)} generators")
-    use_cfg = sampling.guidance_scale != 1.0
     device = model.device
-    text, valid = guided_text_block(layout, text_ids, use_cfg, device)
+    use_cfg, text, valid, key_valid = prompt_block(layout, text_ids, sampling.guidance_scale, layout.seq_len, device,
+                                                   generators)
     R, T0 = text.shape
     positions = layout.positions(R, device)
     cache = model.new_cache(R, layout.seq_len)
-    key_valid = torch.ones(R, layout.seq_len, dtype=torch.bool, device=device)
-    key_valid[:, :T0] = valid
     greedy = sampling.temperature == 0
     # one generator per image drives all K codes of its window, so an image does not depend on its batch mates
     gens = None if generators is None else [g for g in generators for _ in range(K)]
