@@ -180,31 +180,3 @@ def rewound_copy(src: Path, dst: Path, step: int) -> Path:
     shutil.rmtree(dst / "pipeline")
     (dst / "latest").write_text(f"step-{step:07d}")
     return dst
-
-
-def test_sharded_decoder_checkpoint_resumes_under_one_and_two_processes(tmp_path):
-    sharded = tmp_path / "sharded"
-    printed = run("train_generator.py", *FSDP, f"train.out_dir={sharded}", processes=2, port=29653)
-    assert "fully_shard: 3 units" in printed  # two Blocks and the root, over 2 processes
-    assert [state(sharded, s)["extra"]["rank_spread"] for s in (3, 6)] == [0.0, 0.0]
-    assert (sharded / "pipeline" / "model_index.json").is_file()  # rebuilt from the checkpoint's whole weights
-    ref = losses(sharded)
-    assert sorted(ref) == list(range(6))
-
-    # whole-tensor checkpoint of the sharded run, resumed sharded: the same computation, bit for bit
-    two = rewound_copy(sharded, tmp_path / "two", 3)
-    printed = run("train_generator.py", *FSDP, f"train.out_dir={two}", processes=2, port=29654)
-    assert "resumed from" in printed and "fully_shard" in printed
-    assert losses(two) == ref
-    assert max_diff(sharded / "step-0000006", two / "step-0000006", "model.safetensors") == 0.0
-    assert state(two, 6)["extra"]["rank_spread"] == 0.0
-
-    # resumed whole in one process: float32 sums of 2 half-batch gradients against one full batch differ in
-    # the last bits (measured: 1.2e-7 in the weights after the 3 resumed steps, logged losses equal to their 5
-    # decimals); 1e-4 leaves room for that and a rounding flip of the logged value, and is far below a
-    # step's change of the loss (about 1e-2 here)
-    one = rewound_copy(sharded, tmp_path / "one", 3)
-    run("train_generator.py", *FSDP, f"train.out_dir={one}")
-    assert sorted(losses(one)) == list(range(6))
-    assert all(abs(losses(one)[s] - ref[s]) < 1e-4 for s in range(6)), (losses(one), ref)
-    assert max_diff(sharded / "step-0000006", one / "step-0000006", "model.safetensors") < 1e-5
