@@ -101,49 +101,68 @@ def decode_one(weights: tuple, tokens_R: torch.Tensor, cos_1D: torch.Tensor, sin
     return _project(F.rms_norm(x, (C,), norm_w, eps), head_w, form), torch.stack(new_kv)
 
 
-class DecodeStep:
+class _CompiledStep:
+    """What the one-token and the window step share: the model's fused weights (the head cut to `head_rows`), the
+    eager function compiled once per model, the cache pinned at a static address on CUDA, and the fallback to the
+    same function eagerly (with a warning) if compilation fails."""
+
+    RECOMPILE_LIMIT: int | None = None  # dynamo's per-function graph limit, if the step needs more than its default
+    KIND = "decode"
+
+    def __init__(self, model: Transformer, eager, compile: bool):
+        if model.head is None or any(blk.ada is not None for blk in model.layers):
+            raise ValueError(f"the compiled {self.KIND} step needs a Transformer with a logits head and no adaLN "
+                             "conditioning (a next-token decoder)")
+        self.model, self.eager = model, eager
+        self.eps, self.n_heads = model.norm.eps, model.layers[0].attn.n_heads
+        self.fn, self.compiled = eager, compile
+        self.cuda = model.device.type == "cuda"
+        if compile:
+            self.fn = torch.compile(eager, fullgraph=True, dynamic=False,
+                                    mode="reduce-overhead" if self.cuda else None)
+
+    def _pin(self, cache) -> None:
+        if self.compiled and self.cuda and not getattr(cache, "static_address", False):
+            _static_on_cuda((cache.k, cache.v))
+            cache.static_address = True
+
+    def _run(self, *args, form, head_rows):
+        weights = decode_weights(self.model)
+        if head_rows is not None:  # only the logits the caller samples from (the image ids): fewer weights read
+            weights = (*weights[:3], weights[3][head_rows[0]: head_rows[0] + head_rows[1]])
+        if self.RECOMPILE_LIMIT is None:  # the one-token step: no context to enter on the hot path
+            return self.fn(weights, *args, n_heads=self.n_heads, eps=self.eps, form=form)
+        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
+            return self.fn(weights, *args, n_heads=self.n_heads, eps=self.eps, form=form)
+
+    def _call(self, *args, form, head_rows):
+        """`_run`, falling back for good to the eager function if the compiled one raises."""
+        try:
+            return self._run(*args, form=form, head_rows=head_rows)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same function, eager
+            if not self.compiled:
+                raise
+            warnings.warn(f"torch.compile of the {self.KIND} step failed ({type(err).__name__}: {err}); decoding "
+                          f"eagerly", RuntimeWarning, stacklevel=3)
+            self.fn, self.compiled = self.eager, False
+            return self._run(*args, form=form, head_rows=head_rows)
+
+
+class DecodeStep(_CompiledStep):
     """`decode_one` for one model, compiled on first use per (rows, cache length), eager if compilation fails.
 
     `step(tokens_R, cos_1D, sin_1D, key_bias_RS, cache)` returns logits (R, V) and stores the new keys and values
     in `cache` at slot `cache.length`, then advances it; the caller sets the new slot's bias to 0 after."""
 
     def __init__(self, model: Transformer, compile: bool = True):
-        if model.head is None or any(blk.ada is not None for blk in model.layers):
-            raise ValueError("the compiled decode step needs a Transformer with a logits head and no adaLN "
-                             "conditioning (a next-token decoder)")
-        self.model = model
-        self.eps = model.norm.eps
-        self.n_heads = model.layers[0].attn.n_heads
-        self.fn = decode_one
-        self.compiled = compile
-        self.cuda = model.device.type == "cuda"
-        if compile:
-            self.fn = torch.compile(decode_one, fullgraph=True, dynamic=False,
-                                    mode="reduce-overhead" if self.cuda else None)
-
-    def _run(self, *args, form, head_rows):
-        weights = decode_weights(self.model)
-        if head_rows is not None:  # only the logits the caller samples from (the image ids): fewer weights read
-            weights = (*weights[:3], weights[3][head_rows[0]: head_rows[0] + head_rows[1]])
-        return self.fn(weights, *args, n_heads=self.n_heads, eps=self.eps, form=form)
+        super().__init__(model, decode_one, compile)
 
     def __call__(self, tokens_R, cos_1D, sin_1D, key_bias_RS, cache, head_rows: tuple[int, int] | None = None
                  ) -> torch.Tensor:
         """`head_rows=(start, n)`: return only logits start .. start + n - 1, (R, n)."""
-        form = projection_form(tokens_R.shape[0], tokens_R.device)
-        if self.compiled and self.cuda and not getattr(cache, "static_address", False):
-            _static_on_cuda((cache.k, cache.v))
-            cache.static_address = True
-        args = (tokens_R, cos_1D, sin_1D, key_bias_RS, cache.k, cache.v)
-        try:
-            logits, new_kv = self._run(*args, form=form, head_rows=head_rows)
-        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same function, eager
-            if not self.compiled:
-                raise
-            warnings.warn(f"torch.compile of the decode step failed ({type(err).__name__}: {err}); decoding "
-                          f"eagerly", RuntimeWarning, stacklevel=2)
-            self.fn, self.compiled = decode_one, False
-            logits, new_kv = self._run(*args, form=form, head_rows=head_rows)
+        self._pin(cache)
+        logits, new_kv = self._call(tokens_R, cos_1D, sin_1D, key_bias_RS, cache.k, cache.v,
+                                    form=projection_form(tokens_R.shape[0], tokens_R.device), head_rows=head_rows)
         slot = cache.length
         cache.k[:, :, :, slot] = new_kv[:, 0]
         cache.v[:, :, :, slot] = new_kv[:, 1]
@@ -222,33 +241,20 @@ def _static_on_cuda(tensors) -> None:
             torch._dynamo.mark_static_address(t)
 
 
-class WindowStep:
+class WindowStep(_CompiledStep):
     """`decode_window` for one model, compiled on first use per (rows, width, cache length) at the widths
     `window_widths` gives (or `widths`), eager if compilation fails: the AR step's machinery (`DecodeStep`) for the
     verify passes of speculative decoding. `step(tokens_RT, cos_RTD, sin_RTD, start_R, key_valid_RS, cache)`
     returns logits (R, T, V) and stores the window's keys and values in `cache` at slots start_R[r] + t."""
 
+    KIND = "window"
     # each (rows, width, projection form) is one graph; dynamo's default of 8 per function would send later shapes
     # back to eager
     RECOMPILE_LIMIT = 64
 
     def __init__(self, model: Transformer, window: int, compile: bool = True, widths: tuple[int, ...] | None = None):
-        if model.head is None or any(blk.ada is not None for blk in model.layers):
-            raise ValueError("the compiled window step needs a Transformer with a logits head and no adaLN "
-                             "conditioning (a next-token decoder)")
-        self.model, self.widths = model, tuple(sorted(widths or window_widths(window, model.device.type)))
-        self.eps, self.n_heads = model.norm.eps, model.layers[0].attn.n_heads
-        self.fn, self.compiled = decode_window, compile
-        if compile:
-            self.fn = torch.compile(decode_window, fullgraph=True, dynamic=False,
-                                    mode="reduce-overhead" if model.device.type == "cuda" else None)
-
-    def _run(self, *args, form, head_rows):
-        weights = decode_weights(self.model)
-        if head_rows is not None:
-            weights = (*weights[:3], weights[3][head_rows[0]: head_rows[0] + head_rows[1]])
-        with torch._dynamo.config.patch(recompile_limit=self.RECOMPILE_LIMIT):
-            return self.fn(weights, *args, n_heads=self.n_heads, eps=self.eps, form=form)
+        super().__init__(model, decode_window, compile)
+        self.widths = tuple(sorted(widths or window_widths(window, model.device.type)))
 
     def __call__(self, tokens_RT, cos_RTD, sin_RTD, start_R, key_valid_RS, cache,
                  head_rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -257,20 +263,9 @@ class WindowStep:
         if width > T:  # pad to a compiled width by repeating the last column
             pad = lambda x: torch.cat([x, x[:, -1:].expand(-1, width - T, *x.shape[2:])], 1)  # noqa: E731
             tokens_RT, cos_RTD, sin_RTD = pad(tokens_RT), pad(cos_RTD), pad(sin_RTD)
-        if self.compiled and not getattr(cache, "static_address", False):
-            _static_on_cuda((cache.k, cache.v))
-            cache.static_address = True
-        args = (tokens_RT, cos_RTD, sin_RTD, start_R, key_valid_RS, cache.k, cache.v)
-        form = window_form(R * width, tokens_RT.device)
-        try:
-            logits, new_kv = self._run(*args, form=form, head_rows=head_rows)
-        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same function, eager
-            if not self.compiled:
-                raise
-            warnings.warn(f"torch.compile of the window step failed ({type(err).__name__}: {err}); decoding "
-                          f"eagerly", RuntimeWarning, stacklevel=2)
-            self.fn, self.compiled = decode_window, False
-            logits, new_kv = self._run(*args, form=form, head_rows=head_rows)
+        self._pin(cache)
+        logits, new_kv = self._call(tokens_RT, cos_RTD, sin_RTD, start_R, key_valid_RS, cache.k, cache.v,
+                                    form=window_form(R * width, tokens_RT.device), head_rows=head_rows)
         L, _, _, K, _, D = new_kv.shape
         slots = (start_R[:, None] + torch.arange(width, device=start_R.device))[None, :, None, :, None]
         slots = slots.expand(L, R, K, width, D)
