@@ -177,6 +177,14 @@ def load_run_config(cls, doc: str, argv=None):
         parser.error(str(e))
 
 
+def _defaults(cfg) -> dict | None:
+    """The defaults of run config `cfg`'s class as a dict (None when a field has no default)."""
+    missing = dataclasses.MISSING
+    if any(f.default is missing and f.default_factory is missing for f in dataclasses.fields(cfg)):
+        return None
+    return asdict(type(cfg)())
+
+
 def _resumable(cls) -> bool:
     """Run config `cls` has a `train.resume` field (then `--resume` sets it)."""
     hint = typing.get_type_hints(cls).get("train")
@@ -277,7 +285,7 @@ class Run:
         self.ckpt = resolve_resume(getattr(self.train_cfg, "resume", "latest"), self.out)
         if self.ckpt is not None:
             saved = json.loads((Path(self.ckpt) / "state.json").read_text())["extra"].get("config")
-            check_resumable(saved, asdict(self.cfg))
+            check_resumable(saved, asdict(self.cfg), _defaults(self.cfg))
             self.start = load_checkpoint(self.ckpt, self.modules, {}, rank=self.rank)["step"]
             self.print(f"resumed from {self.ckpt} at step {self.start}")
         else:

@@ -47,14 +47,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(saved: dict | None, new: dict) -> None:
+def check_resumable(saved: dict | None, new: dict, defaults: dict | None = None) -> None:
     """Refuse to continue a checkpoint written under `saved` (a run config as JSON) with config `new` when a key
-    that changes the run's meaning differs. Nothing to compare (`saved` None, older checkpoints): allowed."""
+    that changes the run's meaning differs. Nothing to compare (`saved` None, older checkpoints): allowed. A key the
+    checkpoint predates is allowed at its value in `defaults` (the config class's defaults: a switch added since,
+    left off)."""
     if saved is None:
         return
     a, b = _flat(saved), _flat(json.loads(json.dumps(new)))  # tuples as lists, as saved
+    d = _flat(json.loads(json.dumps(defaults))) if defaults is not None else {}
     changed = [k for k in sorted(set(a) | set(b))
-               if a.get(k) != b.get(k) and not (k.startswith("train.") and k[len("train."):] in SAFE)]
+               if a.get(k) != b.get(k) and not (k.startswith("train.") and k[len("train."):] in SAFE)
+               and not (k not in a and k in d and b.get(k) == d[k])]
     if changed:
         raise ValueError("cannot resume: the checkpoint was trained under another config (" +
                          "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed) +
