@@ -107,6 +107,10 @@ class FactorizedQuantizer(nn.Module):
         z = self.project(z_BChw)  # (B, h, w, D)
         return self.nearest(z.reshape(-1, self.code_dim), self._codes()).view(z.shape[:3])
 
+    def code_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids (...) -> their lookup-space code vectors (..., D), differentiable in the codebook (ETT's input)."""
+        return self._codes()[ids.long()]
+
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, h, w) -> quantized features (B, C, h, w)."""
         if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
