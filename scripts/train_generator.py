@@ -48,6 +48,11 @@ data.root=DIR` for an ImageNet-style `DIR/train/<class>/*.JPEG|png` folder, or `
         data.root=data/fashion-folder condition.kind=class
     python scripts/train_generator.py --config configs/generator_shapes_emoji_minilm.yaml   # condition.encoder=minilm
 
+`ett.enabled=true` (next_token on a VQGAN, `mmgen.training.ett`, configs/ett_shapes.yaml) tunes the tokenizer with
+the generator (ETT): the decoder reads code vectors through a projector, trained alone for `ett.stage1_steps`, then
+with the decoder and the VQGAN on the AR loss plus `ett.rec_weight` x the VQGAN's loss (`ett.loss`); images are
+encoded each step instead of cached, and the pipeline is saved with the tuned VQGAN and the projector folded in.
+
 Steps: train the word-level text tokenizer on the captions, encode every training image once with the frozen
 tokenizer (cached under the run directory), then the usual loop. Checkpoints every `train.ckpt_every` steps
 (safetensors + JSON); a re-run of the same command resumes from the last one. At the end the whole pipeline
@@ -79,6 +84,7 @@ from mmgen.pipelines.transformers_models import transformers_model_type
 from mmgen.text import UnifiedVocab
 from mmgen.training.checkpoint import init_backbone, latest_checkpoint, read_tensors
 from mmgen.training.data import DataConfig, encode_dataset, image_fields, make_dataset, run_text_tokenizer
+from mmgen.training.ett import CodebookProjector, ETTConfig, ETTStep, ett_param_groups, fold_projector
 from mmgen.training.llamagen import converted_trainer
 from mmgen.training.loop import Run, cosine_lr, load_run_config
 from mmgen.training.transformers_models import FINETUNE, load_finetune
@@ -133,6 +139,7 @@ class GeneratorRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
+    ett: ETTConfig = field(default_factory=ETTConfig)  # end-to-end tokenizer tuning (`mmgen.training.ett`), off
 
 
 class TrainStep(torch.nn.Module):
@@ -318,14 +325,35 @@ def final_weights(run, model, projection, sampled):
     return model, projection
 
 
-def make_optimizer(train, sampled, head):
-    """AdamW over the sampled modules and the alignment head, weight decay on matrices only."""
+def make_optimizer(train, sampled, head, extra_groups=()):
+    """AdamW over the sampled modules and the alignment head, weight decay on matrices only; `extra_groups`: more
+    parameter groups (ETT's projector and tokenizer)."""
     params = list(sampled.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
                                                  if head is not None else [])
     decay = [p for n, p in params if p.dim() >= 2]
     no_decay = [p for n, p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=train.lr, betas=train.betas)
+                              {"params": no_decay, "weight_decay": 0.0}, *extra_groups], lr=train.lr, betas=train.betas)
+
+
+def step_targets(cfg, head, targets, encoder, dataset, idx, grid, device):
+    """(global, patches) alignment targets of the images `idx`: cached, or computed now; (None, None) without."""
+    if head is None:
+        return None, None
+    if targets is None:
+        return alignment_targets(encoder, dataset, idx, grid, cfg.alignment.type == "repa", device)
+    return targets[0][idx].to(device).float(), targets[1][idx].to(device).float() if targets[1] is not None else None
+
+
+def ett_forward(cfg, module, train_step, dataset, idx, texts, caption_features, i: int, device):
+    """One ETT forward on the images `idx` (rendered now: the tokenizer's codes change in stage 2) -> (loss, logs);
+    `module` is the ETTStep that `train_step` runs, prepared."""
+    stage2 = i >= cfg.ett.stage1_steps
+    module.set_stage(stage2)
+    images = torch.stack([dataset[k]["image"] for k in idx]).to(device)
+    loss, ar_loss, tok_loss = train_step(images, texts, stage2, cfg.train.cond_drop_prob, i, caption_features)
+    logs = {"stage": 2 if stage2 else 1, "ar_loss": ar_loss.detach()}
+    return loss, logs if tok_loss is None else logs | {"tok_loss": tok_loss.detach()}
 
 
 def snapshot_steps(train, sharded: bool) -> set[int]:
@@ -338,8 +366,11 @@ def snapshot_steps(train, sharded: bool) -> set[int]:
 
 
 def save_run_pipeline(entry, vq, conditioning, kind: str, text_tokenizer, decoder, directory: Path,
-                      text_projection=None) -> None:
-    """The run's pipeline (decoder, its visual tokenizer and conditioning), saved atomically with checksums.json."""
+                      text_projection=None, ett=None) -> None:
+    """The run's pipeline (decoder, its visual tokenizer and conditioning), saved atomically with checksums.json.
+    `ett`: (projector, image offset) of an ETT run, folded into `decoder`'s image-id rows first (in place)."""
+    if ett is not None:
+        fold_projector(decoder, vq, *ett)
     extra = {"conditioning": conditioning.config()} if kind != "caption" else {}
     if kind == "unconditional":
         extra["default_guidance_scale"] = 1.0  # nothing to guide by
@@ -348,6 +379,25 @@ def save_run_pipeline(entry, vq, conditioning, kind: str, text_tokenizer, decode
     pipe = entry.pipeline(transformer=decoder.eval().cpu(), tokenizer=text_tokenizer,
                           max_text_len=conditioning.max_len, **{entry.component: vq.cpu()}, **extra)
     save_pipeline(pipe, directory)
+
+
+def cached_codes(cfg, tok, dataset, out: Path, device) -> torch.Tensor:
+    """Every training image's tokens, encoded once by the frozen tokenizer and cached under the run directory
+    (paradigms reading the same kind of tokens share the cache)."""
+    key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, tok.kind]).encode()).hexdigest()
+    return encode_dataset(lambda imgs: tok.encode_tokens(imgs.to(device)), dataset, out / "codes.safetensors", key,
+                          workers=cfg.train.data_workers)
+
+
+def build_decoder(cfg, paradigm, tok, conditioning, features):
+    """(vocab, layout, decoder, a text_encoder run's caption projection or None, the sampled module)."""
+    vocab = UnifiedVocab(text_vocab_size=conditioning.vocab_size, image_vocab_size=tok.vocab_size)
+    layout = paradigm.make_layout(tok, vocab, conditioning.max_len, cfg.model, cfg.flow)
+    model = paradigm.make_model(layout, cfg.model, cfg.flow)
+    projection = CaptionProjection(conditioning.feature_dim, cfg.model.dim) if features is not None else None
+    # what the pipeline samples with: the decoder (and a text_encoder run's projection), averaged by EMA as one
+    sampled = model if projection is None else torch.nn.ModuleDict({"transformer": model, "projection": projection})
+    return vocab, layout, model, projection, sampled
 
 
 def main(argv=None):
@@ -366,33 +416,34 @@ def main(argv=None):
     tok = as_visual_tokenizer(vq)  # its protocol view: encode_tokens, token_shape, vocab_size
     kind = check_kind(cfg.condition.kind, cfg.condition.encoder)
     check_condition(name, kind)
+    cfg.ett.validate(name, vq, cfg.train, cfg.alignment.type, run.world)
+    ett = cfg.ett.enabled
     dataset = make_dataset(cfg.data)
     init, init_dir = init_source(cfg, kind, run)
     conditioning, text_tokenizer, text_ids, features = run_condition(cfg, kind, dataset, run)
 
-    # paradigms reading the same kind of tokens share the cache
-    key = hashlib.sha256(json.dumps([image_fields(cfg.data), cfg.tokenizer, tok.kind]).encode()).hexdigest()
-    codes = encode_dataset(lambda imgs: tok.encode_tokens(imgs.to(device)), dataset,
-                           out / "codes.safetensors", key, workers=cfg.train.data_workers)
-    vocab = UnifiedVocab(text_vocab_size=conditioning.vocab_size, image_vocab_size=tok.vocab_size)
-    layout = paradigm.make_layout(tok, vocab, conditioning.max_len, cfg.model, cfg.flow)
-    model = paradigm.make_model(layout, cfg.model, cfg.flow)
-    projection = CaptionProjection(conditioning.feature_dim, cfg.model.dim) if features is not None else None
-    # what the pipeline samples with: the decoder (and a text_encoder run's projection), averaged by EMA as one
-    sampled = model if projection is None else torch.nn.ModuleDict({"transformer": model, "projection": projection})
+    codes = None if ett else cached_codes(cfg, tok, dataset, out, device)  # ETT encodes each step's images anew
+    vocab, layout, model, projection, sampled = build_decoder(cfg, paradigm, tok, conditioning, features)
     head, encoder, targets, grid = alignment_parts(cfg, name, tok, vq, dataset, out, device)
-    opt = make_optimizer(cfg.train, sampled, head)
-    run.resume({"model": model, "align": head, "text_projection": projection})
+    projector = CodebookProjector(vq.quantizer.code_dim, cfg.model.dim, cfg.ett.projector_hidden) if ett else None
+    opt = make_optimizer(cfg.train, sampled, head, ett_param_groups(cfg.train, cfg.ett, vq, projector) if ett else ())
+    # built before the resume: the tokenizer loss draws its (unused) discriminator from the RNG the resume restores
+    module = ETTStep(cfg.ett, paradigm, layout, model, vq, projector, cfg.ett.make_loss(), projection).to(device) \
+        if ett else TrainStep(cfg, paradigm, layout, model, head, projection)
+    run.resume({"model": model, "align": head, "text_projection": projection, "ett_projector": projector,
+                "vq_model": vq if ett else None})
     if run.ckpt is None and init is not None:
         initialise(cfg, model, projection, init, init_dir, vocab.image_offset if kind == "caption" else 0, run)
-    train_step, opt = run.prepare(TrainStep(cfg, paradigm, layout, model, head, projection), {"opt": opt},
-                                  ema=sampled)
+    if ett:  # what trains at the resumed step: the optimizer state is restored for the parameters that train
+        module.set_stage(run.start >= cfg.ett.stage1_steps)
+    train_step, opt = run.prepare(module, {"opt": opt}, ema=sampled)
     run.print(f"decoder parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M; "
               f"sequence length {layout.seq_len}; {len(dataset)} images")
 
     snapshots = snapshot_steps(cfg.train, run.sharded)
 
-    save = functools.partial(save_run_pipeline, entry, vq, conditioning, kind, text_tokenizer)
+    save = functools.partial(save_run_pipeline, entry, vq, conditioning, kind, text_tokenizer,
+                             ett=(projector, vocab.image_offset) if ett else None)
 
     # plain next-token: every text block padded once, on the device (a step then only gathers rows)
     text_table = next_token.TextTable(layout, text_ids, device) if name == "next_token" else None
@@ -401,17 +452,16 @@ def main(argv=None):
         idx = run.indices(i, len(dataset))
         texts = text_table.rows(idx) if text_table is not None else [text_ids[k] for k in idx]
         caption_features = features.rows(idx, device) if features is not None else None
-        batch = paradigm.build_batch(layout, texts, codes[idx].to(device), cfg.train.cond_drop_prob, tokenizer=tok)
         lr = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps, cfg.train.min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = lr
-        tg = tp = None  # alignment targets: global, patches
-        if head is not None and targets is not None:
-            tg = targets[0][idx].to(device).float()
-            tp = targets[1][idx].to(device).float() if targets[1] is not None else None
-        elif head is not None:
-            tg, tp = alignment_targets(encoder, dataset, idx, grid, align.type == "repa", device)
-        loss, ar_loss, align_loss = train_step(batch, tg, tp, caption_features)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        if ett:
+            loss, extra = ett_forward(cfg, module, train_step, dataset, idx, texts, caption_features, i, device)
+        else:
+            batch = paradigm.build_batch(layout, texts, codes[idx].to(device), cfg.train.cond_drop_prob, tokenizer=tok)
+            tg, tp = step_targets(cfg, head, targets, encoder, dataset, idx, grid, device)
+            loss, ar_loss, align_loss = train_step(batch, tg, tp, caption_features)
+            extra = {} if align_loss is None else {"ar_loss": ar_loss.detach(), "align_loss": align_loss.detach()}
         run.accelerator.backward(loss)
         grad_norm = run.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.train.grad_clip)
         opt.step()
@@ -420,10 +470,9 @@ def main(argv=None):
             save(copy.deepcopy(run.accelerator.unwrap_model(model)), out / "snapshots" / f"step-{i + 1:07d}",
                  copy.deepcopy(projection))
             vq.to(device)
-        logs = {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm}
-        return logs if align_loss is None else logs | {"ar_loss": ar_loss.detach(), "align_loss": align_loss.detach()}
+        return {"loss": loss.detach(), "lr": lr, "grad_norm": grad_norm} | extra
 
-    run.train(step, digits={"lr": None, "grad_norm": 4})
+    run.train(step, digits={"lr": None, "grad_norm": 4, "stage": 0})
     if run.is_main:
         model, projection = final_weights(run, model, projection, sampled)
         save(model, out / "pipeline", projection)
