@@ -87,7 +87,7 @@ def test_folded_decoder_reads_ids_as_training_read_codes():
 TRAIN = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "data.size=32",
          "data.image_size=32", "train.batch_size=8", "train.log_every=1", "train.lr=3e-3", "train.warmup=2",
          "train.ckpt_every=3", "ett.enabled=true", "ett.stage1_steps=2", "ett.loss.perceptual_weight=0.0",
-         "ett.tokenizer_lr_scale=0.5"]
+         "ett.tokenizer_lr_scale=0.5", "ett.projector_lr_scale=2.0"]
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,7 @@ def test_ett_resume_is_exact(ett_run):
     ("ett.loss.disc_weight=0.1", "ett.loss.disc_weight must be 0"),
     ("ett.loss.gan=1", r"ett.loss: unknown key\(s\) \['gan'\]; accepted: \['codebook_weight'"),
     ("ett.rec_weight=-1", "ett.rec_weight must be >= 0"),
+    ("ett.projector_lr_scale=0.0", "ett.projector_lr_scale must be > 0"),
     ("train.ema_decay=0.9", "train.ema_decay must be 0 with ett.enabled"),
     ("model.shuffle_window=2", "paradigm must be next_token"),
 ])

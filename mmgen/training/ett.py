@@ -32,7 +32,8 @@ class ETTConfig:
     enabled: bool = False
     stage1_steps: int = 0  # steps [0, stage1_steps) train the projector alone; the rest tune everything
     rec_weight: float = 1.0  # weight of the tokenizer's loss beside the AR loss in stage 2 (paper's value unverified)
-    tokenizer_lr_scale: float = 1.0  # the tokenizer's learning rate as a fraction of train.lr
+    tokenizer_lr_scale: float = 1.0  # the tokenizer's learning rate as a multiple of train.lr
+    projector_lr_scale: float = 1.0  # the projector's (fresh, while the rest continues) as a multiple of train.lr
     projector_hidden: int = 0  # the projector MLP's hidden width; 0: the decoder width
     # the tokenizer's loss terms (VQGANLoss arguments: l1_weight, l2_weight, perceptual_weight, codebook_weight,
     # perceptual_resize); the adversarial term is not available here (disc_weight must stay 0)
@@ -49,6 +50,7 @@ class ETTConfig:
              f"ett.stage1_steps must be in 0..train.steps={train.steps}, got {self.stage1_steps}"),
             (self.rec_weight >= 0, f"ett.rec_weight must be >= 0, got {self.rec_weight}"),
             (self.tokenizer_lr_scale > 0, f"ett.tokenizer_lr_scale must be > 0, got {self.tokenizer_lr_scale}"),
+            (self.projector_lr_scale > 0, f"ett.projector_lr_scale must be > 0, got {self.projector_lr_scale}"),
             (self.projector_hidden >= 0, f"ett.projector_hidden must be >= 0, got {self.projector_hidden}"),
             (alignment_type == "none", f"alignment.type must be none with ett.enabled, got {alignment_type!r}"),
             (train.ema_decay == 0, f"train.ema_decay must be 0 with ett.enabled (the tokenizer has no average), "
@@ -147,10 +149,10 @@ class ETTStep(nn.Module):
 
 
 def ett_param_groups(train, cfg: ETTConfig, vq: VQGAN, projector: CodebookProjector) -> list[dict]:
-    """AdamW groups of the projector (train.lr) and the tokenizer (x ett.tokenizer_lr_scale), weight decay on
-    matrices; each group's `lr_scale` multiplies the step's learning rate."""
+    """AdamW groups of the projector (x ett.projector_lr_scale) and the tokenizer (x ett.tokenizer_lr_scale), weight
+    decay on matrices; each group's `lr_scale` multiplies the step's learning rate."""
     groups = []
-    for module, scale in ((projector, 1.0), (vq, cfg.tokenizer_lr_scale)):
+    for module, scale in ((projector, cfg.projector_lr_scale), (vq, cfg.tokenizer_lr_scale)):
         params = list(module.parameters())
         groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay,
                     "lr_scale": scale},
