@@ -94,7 +94,7 @@ TRAIN = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "data.size=32",
 def ett_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("ett")
     tiny_vqgan(channel_mult=(1, 2, 2, 2), image_size=32).save_pretrained(d / "vq")
-    args = [*TRAIN, f"tokenizer={d / 'vq'}", "train.steps=6"]
+    args = [*TRAIN, f"tokenizer={d / 'vq'}", "train.steps=6", "train.snapshots=[6]"]
     load_script("train_generator").main([*args, f"train.out_dir={d / 'run'}"])
     return d, args
 
@@ -130,6 +130,10 @@ def test_tuned_tokenizer_is_saved_with_the_pipeline_bit_identically(ett_run):
     with torch.no_grad():
         rows = projector(pipe.vq_model.quantizer.code_vectors(torch.arange(pipe.vq_model.vocab_size)))
     assert torch.allclose(pipe.transformer.tok_emb.weight[off: off + len(rows)], rows, atol=1e-6)
+    for part in ("transformer", "vq_model"):  # a snapshot is folded the same way
+        snap = load_file(d / "run" / "snapshots" / "step-0000006" / part / "diffusion_pytorch_model.safetensors")
+        final = load_file(d / "run" / "pipeline" / part / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(snap[k], final[k]) for k in final)
 
 
 def test_ett_resume_is_exact(ett_run):
