@@ -76,6 +76,18 @@ def test_sjd_suite_report(tiny_shapes_pipe_dir, monkeypatch):
     assert all(1 <= a <= 2 for a in accepted.values())
 
 
+def test_sjd_modes_keep_both_baselines(tiny_shapes_pipe_dir, monkeypatch):
+    """`--sjd-modes` narrows the SJD modes, never the baselines: each row's ratio against compiled AR needs the
+    compiled AR row (a filter that kept only "ar" reported no compiled baseline at all)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    r = bench.bench_sjd(tiny_shapes_pipe_dir, batch_sizes=(1,), repeats=1, num_prompts=2, window=4, eval_per_category=0,
+                        sweep_windows=(), tree_widths=(), pass_widths=(), accept_widths=(), profile=False,
+                        hf_generate=False, progress=False, modes=("sjd_shared",))
+    rows = r["latency"]["batch_1"]
+    assert set(rows) == {"ar", "ar_compiled", "sjd_shared"}
+    assert rows["ar_compiled"]["speedup_vs_compiled"] == 1.0 and "speedup_vs_compiled" in rows["sjd_shared"]
+
+
 def test_greedy_check_catches_a_wrong_verifier(tiny_shapes_pipe_dir, monkeypatch):
     """The suite's exactness column has power: a verifier that accepts every draft (no rejection) is reported."""
     import mmgen.sampling.sjd as sjd_module

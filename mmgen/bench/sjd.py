@@ -285,7 +285,8 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
     `guidance_scale` is given; each figure covers `num_prompts` different held-out prompts in batches of each size.
     `lossless` marks the exact modes; `sjd_lantern` is the lossy one (`lantern_delta`). `compiled`: also the
     compiled AR step (`ar_compiled`, the second baseline) and the compiled SJD modes (their compiles, once per
-    shape, fall in untimed warm-ups). `modes`: the names of `sjd_modes` to run (default all; "ar" always runs).
+    shape, fall in untimed warm-ups). `modes`: the names of `sjd_modes` to run (default all; the baselines always
+    run).
     Empty `pass_widths` / `accept_widths` / `sweep_windows` / `tree_widths`, and `eval_per_category` 0, `profile` /
     `hf_generate` False, leave those blocks out."""
     pipe = load_pipeline(model_dir).to(device)
@@ -295,7 +296,7 @@ def bench_sjd(model_dir, batch_sizes=(1, 8, 32), inits=(), window: int = 16, rep
     unknown = sorted(set(modes or ()) - set(all_modes))
     if unknown:
         raise ValueError(f"modes must be among {', '.join(all_modes)}; got {', '.join(unknown)}")
-    modes = {k: v for k, v in all_modes.items() if modes is None or k == "ar" or k in modes}
+    modes = {k: v for k, v in all_modes.items() if modes is None or k in BASELINES or k in modes}
     n_img = pipe.layout.num_image_tokens
     prompts = distinct_prompts(heldout_prompts, num_prompts, seed)
     report = {"model": str(model_dir), "tokens_per_image": n_img, "window": window, "num_prompts": num_prompts,
