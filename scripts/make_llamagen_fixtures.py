@@ -72,14 +72,21 @@ def checkout_commit(root: Path) -> str:
         return "unknown (not a git checkout)"
 
 
-def tiny_vq(VQ_models, Encoder, Decoder, g: torch.Generator):
-    """LlamaGen's VQModel with a narrower encoder/decoder (its own classes; released: ch 128, 2 res blocks)."""
+def vq_architecture(VQ_models, Encoder, Decoder):
+    """LlamaGen's VQModel with a narrower encoder/decoder (its own classes; released: ch 128, 2 res blocks), at its
+    default initialisation."""
     vq = VQ_models["VQ-16"](codebook_size=VQ["codebook_size"], codebook_embed_dim=VQ["codebook_embed_dim"],
                             z_channels=VQ["z_channels"])
     vq.encoder = Encoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
                          z_channels=VQ["z_channels"])
     vq.decoder = Decoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
                          z_channels=VQ["z_channels"])
+    return vq
+
+
+def tiny_vq(VQ_models, Encoder, Decoder, g: torch.Generator):
+    """`vq_architecture` with random weights from `g`."""
+    vq = vq_architecture(VQ_models, Encoder, Decoder)
     randomize(vq, 1.0, g)
     return vq.eval()
 

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_llamagen_fixtures import GRID, VQ, pixels, randomize, to_half_and_back  # noqa: E402
+from make_llamagen_fixtures import GRID, VQ, pixels, randomize, to_half_and_back, vq_architecture  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 0
@@ -96,12 +96,7 @@ def main(argv=None) -> int:
     caption_embs, emb_masks = t5.get_text_embeddings(PROMPTS)
 
     # the VQ of tests/fixtures/llamagen (its weights as saved there)
-    vq = VQ_models["VQ-16"](codebook_size=VQ["codebook_size"], codebook_embed_dim=VQ["codebook_embed_dim"],
-                            z_channels=VQ["z_channels"])
-    vq.encoder = Encoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
-                         z_channels=VQ["z_channels"])
-    vq.decoder = Decoder(ch=VQ["ch"], ch_mult=VQ["ch_mult"], num_res_blocks=VQ["num_res_blocks"],
-                         z_channels=VQ["z_channels"])
+    vq = vq_architecture(VQ_models, Encoder, Decoder)
     vq_file = ROOT / "tests/fixtures/llamagen/vq.pt"
     vq.load_state_dict({k: v.float() for k, v in torch.load(vq_file, weights_only=True)["model"].items()})
     vq.eval()
