@@ -86,7 +86,7 @@ from mmgen.training.checkpoint import init_backbone, latest_checkpoint, read_ten
 from mmgen.training.data import DataConfig, encode_dataset, image_fields, make_dataset, run_text_tokenizer
 from mmgen.training.ett import CodebookProjector, ETTConfig, ETTStep, ett_param_groups, fold_projector
 from mmgen.training.llamagen import converted_trainer
-from mmgen.training.loop import Run, cosine_lr, load_run_config
+from mmgen.training.loop import Run, cosine_lr, decay_groups, load_run_config
 from mmgen.training.transformers_models import FINETUNE, load_finetune
 from tokenizers_vis.protocol import as_visual_tokenizer
 
@@ -198,9 +198,8 @@ def finetune(cfg: GeneratorRunConfig, trainer=None) -> None:
     codes = encode_dataset(lambda imgs: trainer.encode_images(imgs.to(device)), dataset, out / "codes.safetensors",
                            key, batch_size=16, workers=cfg.train.data_workers)
     params = [(n, p) for n, p in trainer.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": cfg.train.weight_decay},
-                             {"params": [p for _, p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.train.lr, betas=cfg.train.betas)
+    opt = torch.optim.AdamW(decay_groups((p for _, p in params), cfg.train.weight_decay), lr=cfg.train.lr,
+                            betas=cfg.train.betas)
     run.resume(trainer.trained_modules())
     train_step, opt = run.prepare(trainer, {"opt": opt}, ema=trainer.model)
     run.print(f"trained parameters: {sum(p.numel() for _, p in params) / 1e6:.2f} M of "
@@ -328,12 +327,9 @@ def final_weights(run, model, projection, sampled):
 def make_optimizer(train, sampled, head, extra_groups=()):
     """AdamW over the sampled modules and the alignment head, weight decay on matrices only; `extra_groups`: more
     parameter groups (ETT's projector and tokenizer)."""
-    params = list(sampled.named_parameters()) + ([("align." + n, p) for n, p in head.named_parameters()]
-                                                 if head is not None else [])
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}, *extra_groups], lr=train.lr, betas=train.betas)
+    params = list(sampled.parameters()) + (list(head.parameters()) if head is not None else [])
+    return torch.optim.AdamW([*decay_groups(params, train.weight_decay), *extra_groups], lr=train.lr,
+                             betas=train.betas)
 
 
 def step_targets(cfg, head, targets, encoder, dataset, idx, grid, device):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from mmgen.models.text_encoder import caption_prefix
 from mmgen.paradigms.sequence import IGNORE_INDEX
+from mmgen.training.loop import decay_groups
 from tokenizers_vis.losses import VQGANLoss
 from tokenizers_vis.vqgan import VQGAN
 
@@ -151,13 +152,8 @@ class ETTStep(nn.Module):
 def ett_param_groups(train, cfg: ETTConfig, vq: VQGAN, projector: CodebookProjector) -> list[dict]:
     """AdamW groups of the projector (x ett.projector_lr_scale) and the tokenizer (x ett.tokenizer_lr_scale), weight
     decay on matrices; each group's `lr_scale` multiplies the step's learning rate."""
-    groups = []
-    for module, scale in ((projector, cfg.projector_lr_scale), (vq, cfg.tokenizer_lr_scale)):
-        params = list(module.parameters())
-        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": train.weight_decay,
-                    "lr_scale": scale},
-                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
-    return groups
+    return [group for module, scale in ((projector, cfg.projector_lr_scale), (vq, cfg.tokenizer_lr_scale))
+            for group in decay_groups(module.parameters(), train.weight_decay, lr_scale=scale)]
 
 
 @torch.no_grad()

@@ -85,6 +85,14 @@ class JsonlLogger:
         return json.loads(kept[-1]) if kept else {}
 
 
+def decay_groups(params, weight_decay: float, **extra) -> list[dict]:
+    """AdamW parameter groups of `params`: weight decay on matrices (2 or more dims), none on vectors (norms,
+    biases); `extra` keys (e.g. `lr_scale`) go on both groups."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **extra},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
+
+
 def make_accelerator(grad_accum: int = 1, log_with: str | None = None, project_dir: str | Path | None = None):
     """An `Accelerator` that falls back to the CPU (gloo) when there is no CUDA, so that
     `accelerate launch --config_file configs/accelerate/ddp_2proc.yaml` runs data-parallel on a CPU-only box;
