@@ -35,6 +35,7 @@ class QuantizerOutput:
     loss: torch.Tensor  # () codebook + beta * commitment
     perplexity: torch.Tensor  # () exp(entropy) of this batch's code histogram, in [1, K]
     usage: torch.Tensor  # () fraction of the K codes hit in this batch
+    z: torch.Tensor  # (B, h, w, D) the features in lookup space before quantization, differentiable (ETT reads them)
 
 
 def _positive(name: str, value, integer: bool = False) -> None:
@@ -139,7 +140,8 @@ class FactorizedQuantizer(nn.Module):
         perplexity = torch.exp(-(probs_K * probs_K.clamp_min(1e-12).log()).sum())
         if self.training:
             self._track_and_restart(counts_K.clone(), z_ND.detach().view(B, h * w, self.code_dim))
-        return QuantizerOutput(z_q, ids_N.view(B, h, w), loss, perplexity, (counts_K > 0).float().mean())
+        return QuantizerOutput(z_q, ids_N.view(B, h, w), loss, perplexity, (counts_K > 0).float().mean(),
+                               z_ND.view(B, h, w, self.code_dim))
 
     forward = quantize_map
 

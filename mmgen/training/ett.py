@@ -98,7 +98,7 @@ def tokenizer_pass(vq: VQGAN, images: torch.Tensor) -> TokenizerPass:
     """One encoder pass giving both what the generator reads and what the reconstruction loss sees."""
     h = vq.encoder(images)
     q = vq.quantizer(h)  # eval mode: no usage tracking, no restarts
-    z_BND = vq.quantizer.project(h).flatten(1, 2)
+    z_BND = q.z.flatten(1, 2)
     codes_BND = vq.quantizer.code_vectors(q.ids.flatten(1))
     codes_BND = codes_BND + (z_BND - z_BND.detach())  # straight-through to the encoder, the codes' value kept
     return TokenizerPass(q.ids, codes_BND, vq.decoder(q.z_q), q.loss)
