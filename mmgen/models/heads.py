@@ -4,17 +4,18 @@
 `FlowHead`: a per-token flow-matching head for continuous tokens, MAR's small MLP with adaLN ("Autoregressive
 Image Generation without Vector Quantization", Li et al., 2024, arXiv 2406.11838), predicting the velocity of
 the rectified-flow convention in `mmgen.sampling.flow` instead of MAR's diffusion noise.
-`TimestepEmbedder`: DiT's sinusoidal time embedding (Peebles & Xie, 2023) followed by an MLP.
+`TimestepEmbedder`: DiT's sinusoidal time embedding (Peebles & Xie, 2023) followed by an MLP; defined in
+`tokenizers_vis.flow` (the PCA tokenizer's flow decoder uses it too) and re-exported here.
 
 Shape letters: N rows (tokens), D token dim, W head width, C condition dim.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
+
+from tokenizers_vis.flow import TimestepEmbedder  # re-exported: the flow paradigms import it here
 
 
 class LogitsHead(nn.Module):
@@ -24,28 +25,6 @@ class LogitsHead(nn.Module):
 
     def forward(self, h_BTC):
         return self.proj(h_BTC)
-
-
-class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (N,) -> (N, dim). t is scaled by 1000 first so the sinusoid frequencies, chosen by DiT for
-    integer diffusion steps 0..1000, resolve small differences in t."""
-
-    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0, t_scale: float = 1000.0):
-        super().__init__()
-        self.freq_dim, self.max_period, self.t_scale = freq_dim, max_period, t_scale
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-
-    def sinusoid(self, t_N: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, device=t_N.device) / half)
-        angles = self.t_scale * t_N.float()[:, None] * freqs[None]
-        emb = torch.cat([angles.cos(), angles.sin()], -1)
-        if self.freq_dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], -1)
-        return emb
-
-    def forward(self, t_N: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.sinusoid(t_N).to(self.mlp[0].weight.dtype))
 
 
 def modulate(x, shift, scale):

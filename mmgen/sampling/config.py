@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tokenizers_vis.flow import FLOW_SAMPLERS  # the ODE integrators sample_flow offers
+
 CFG_SCHEDULES = ("constant", "linear")
 DEFAULT_GUIDANCE_SCALE = 3.0  # a model's guidance scale when its saved config sets none
-FLOW_SAMPLERS = ("euler", "heun")
 
 
 @dataclass(frozen=True)
