@@ -1,11 +1,12 @@
-"""Train a visual tokenizer: VQGAN (ViT-VQGAN codebook), VAR multi-scale VQGAN, a continuous AutoencoderKL, or a
-SEED-style 1D causal tokenizer.
+"""Train a visual tokenizer: VQGAN (ViT-VQGAN codebook), VAR multi-scale VQGAN, a continuous AutoencoderKL, a
+SEED-style 1D causal tokenizer, or the PCA-ordered 1D tokenizer.
 
     python scripts/train_tokenizer.py --config configs/vqgan_shapes.yaml [key.sub=value ...]
     python scripts/train_tokenizer.py --config configs/msvq_shapes.yaml      # model_type: multiscale
     python scripts/train_tokenizer.py --config configs/vae_shapes.yaml       # model_type: vae
     python scripts/train_tokenizer.py --config configs/seed_shapes_stage1.yaml   # model_type: seed, seed.stage: 1
     python scripts/train_tokenizer.py --config configs/seed_shapes_stage2.yaml   # init_from: the stage-1 final/
+    python scripts/train_tokenizer.py --config configs/pca_shapes.yaml       # model_type: pca
     accelerate launch scripts/train_tokenizer.py --config configs/vqgan_shapes.yaml
 
 Losses: L1/L2 reconstruction + EfficientNet-Lite0 perceptual, a PatchGAN hinge loss with the adaptive weight
@@ -25,6 +26,14 @@ embedding decoder and pixel decoder learn from the losses above plus `seed.embed
 reconstruction loss, each image decoded from a random prefix of its tokens (all of them with
 `seed.full_prefix_prob`);
 metrics.json adds held-out PSNR when decoding from prefixes (`psnr_prefix_<k>`).
+
+PCA (`tokenizers_vis/pca.py`, Semanticist's nested dropout with a flow-matching decoder) trains in one loop on
+its own loss: the decoder's x0 MSE plus the VQ loss, each image conditioned on a random prefix of k ~ U{1..K}
+tokens (`pca.full_prefix_prob` of them on all K); the first `pca.continuous_steps` steps hand the decoder the
+continuous token vectors and skip the codebook (the warm-up that keeps the codes apart). No perceptual or GAN
+term: the generative decoder is what keeps the low-level spectrum out of the first tokens. metrics.json holds
+held-out PSNR / SSIM of full decodes, code usage, and the explained variance of every prefix length with the
+gain of each added token on `pca.ev_images` images (`mmgen.eval.tokenizer_metrics.prefix_explained_variance`).
 """
 
 from __future__ import annotations
@@ -37,17 +46,21 @@ import torch
 from safetensors.torch import load_file
 
 from mmgen.atomic import write_json_atomic
-from mmgen.eval.tokenizer_metrics import prefix_psnr, reconstruction_metrics, retrieval_accuracy, same_caption
+from mmgen.eval.image_metrics import codebook_usage, psnr, ssim
+from mmgen.eval.tokenizer_metrics import (prefix_explained_variance, prefix_psnr, reconstruction_metrics,
+                                          retrieval_accuracy, same_caption)
 from mmgen.text import encode_prompts
 from mmgen.training.data import DataConfig, make_dataset, run_text_tokenizer, step_images
 from mmgen.training.loop import Run, cosine_lr, load_run_config
 from tokenizers_vis.losses import VQGANLoss
 from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.pca import PCATokenizer
 from tokenizers_vis.seed import SEEDTextEncoder, SEEDTokenizer, contrastive_loss, pad_text, random_prefix_lengths
 from tokenizers_vis.vae import estimate_scaling_factor, make_vae, vae_last_layer, vae_training_forward
 from tokenizers_vis.vqgan import VQGAN
 
-MODEL_TYPES = {"vqgan": VQGAN, "multiscale": MultiScaleVQGAN, "vae": make_vae, "seed": SEEDTokenizer}
+MODEL_TYPES = {"vqgan": VQGAN, "multiscale": MultiScaleVQGAN, "vae": make_vae, "seed": SEEDTokenizer,
+               "pca": PCATokenizer}
 
 
 @dataclass
@@ -80,8 +93,15 @@ class SEEDConfig:
 
 
 @dataclass
+class PCAConfig:
+    continuous_steps: int = 0  # first steps on continuous token vectors, before the codebook (see pca.py)
+    full_prefix_prob: float = 0.0  # share of images decoded from all K tokens; the rest: k ~ U{1..K} (Semanticist)
+    ev_images: int = 64  # held-out images for the explained variance per prefix length in metrics.json
+
+
+@dataclass
 class TokenizerRunConfig:
-    model_type: str = "vqgan"  # vqgan | multiscale | vae | seed
+    model_type: str = "vqgan"  # vqgan | multiscale | vae | seed | pca
     model: dict = field(default_factory=dict)  # constructor arguments of the model type
     kl_weight: float = 1e-6  # vae only: weight of the KL term (the latent-diffusion autoencoders' order)
     init_from: str | None = None  # a saved tokenizer whose same-named weights start a fresh run (e.g. VQGAN -> multiscale)
@@ -89,6 +109,7 @@ class TokenizerRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: SEEDConfig = field(default_factory=SEEDConfig)  # model_type seed only
+    pca: PCAConfig = field(default_factory=PCAConfig)  # model_type pca only
 
 
 def build(cls, kwargs: dict, section: str):
@@ -197,6 +218,58 @@ def train_seed_stage1(cfg: TokenizerRunConfig, run: Run, model: SEEDTokenizer) -
         run.print(f"saved tokenizer to {final}; held-out {metrics}")
 
 
+def train_pca(cfg: TokenizerRunConfig, run: Run, model: PCATokenizer) -> None:
+    """The PCA tokenizer: flow decoder loss + VQ loss under nested dropout, after a continuous warm-up."""
+    if cfg.pca.continuous_steps < 0 or not 0 <= cfg.pca.full_prefix_prob <= 1 or cfg.pca.ev_images < 2:
+        raise ValueError(f"pca needs continuous_steps >= 0, full_prefix_prob in [0, 1] and ev_images >= 2; got "
+                         f"{cfg.pca.continuous_steps}, {cfg.pca.full_prefix_prob}, {cfg.pca.ev_images}")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas)
+    run.resume({"model": model})
+    if run.ckpt is None and cfg.init_from:
+        init_weights(model, cfg.init_from)
+        run.print(f"initialised from {cfg.init_from}")
+    raw = model
+    model, opt = run.prepare(model, {"opt": opt})
+    train_set = make_dataset(cfg.data, "train")
+    run.print(f"pca parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M")
+    batches = step_images(train_set, range(run.start, cfg.train.steps), cfg.train.batch_size, cfg.train.seed,
+                          run.rank, run.world, cfg.train.data_workers)
+
+    def step(i: int) -> dict:
+        images = next(batches).to(run.device)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(i, cfg.train.lr, cfg.train.warmup, cfg.train.steps)
+        # prefix lengths, flow times and noise are a function of (seed, step, rank): a resumed run draws the same
+        gen = torch.Generator().manual_seed((cfg.train.seed * 100003 + i) * 64 + run.rank)
+        k = random_prefix_lengths(len(images), raw.num_tokens, cfg.pca.full_prefix_prob, gen)
+        out = model(images, k, gen, quantize=i >= cfg.pca.continuous_steps)
+        loss = out.flow_loss + out.quant_loss
+        opt.zero_grad(set_to_none=True)
+        run.accelerator.backward(loss)
+        opt.step()
+        return {"loss": loss.detach(), "flow": out.flow_loss.detach(), "quant": out.quant_loss.detach(),
+                "perplexity": out.perplexity}
+
+    run.train(step, digits={"perplexity": 2}, show=("loss", "perplexity"))
+    if run.is_main:
+        final = run.out / "final"
+        raw.save_pretrained(final)
+        raw.eval()
+        heldout = make_dataset(cfg.data, "heldout")
+        n = min(cfg.train.eval_images, len(heldout))
+        images = torch.stack([heldout[j]["image"] for j in range(n)]).to(raw.device)
+        ids = torch.cat([raw.encode(images[j:j + 64]) for j in range(0, n, 64)])
+        with torch.no_grad():
+            recon = torch.cat([raw.decode(ids[j:j + 64]) for j in range(0, n, 64)])
+        metrics = {"psnr": psnr(recon, images).item(), "ssim": ssim(recon, images).item(), "images": n,
+                   **codebook_usage(ids.flatten().cpu(), raw.vocab_size),
+                   "prefix": prefix_explained_variance(raw, images[: cfg.pca.ev_images])}
+        write_json_atomic(final / "metrics.json", metrics)
+        ev = metrics["prefix"]["explained_variance"]
+        run.print(f"saved tokenizer to {final}; held-out PSNR {metrics['psnr']:.2f} dB, explained variance "
+                  f"{ev[1]:.3f} (1 token) .. {ev[raw.num_tokens]:.3f} ({raw.num_tokens} tokens)")
+
+
 class VAEForward(torch.nn.Module):
     """The VAE's training forward (encode, sample the posterior, decode) as one module call, so that DDP sees the
     encoder and decoder used inside its wrapped forward and all-reduces their gradients."""
@@ -225,6 +298,8 @@ def main(argv=None):
     model = build_model(cfg)
     if is_seed and cfg.seed.stage == 1:
         return train_seed_stage1(cfg, run, model)
+    if cfg.model_type == "pca":
+        return train_pca(cfg, run, model)
     loss_fn = build(VQGANLoss, cfg.loss, "loss")
     params = seed_trainable(cfg, model) if is_seed else list(model.parameters())
     opt_g = torch.optim.Adam(params, lr=cfg.train.lr, betas=cfg.train.betas)

@@ -21,6 +21,7 @@ from mmgen.paradigms.next_x import NextXModel
 from mmgen.pipelines import FlowARPipeline, NextScalePipeline, NextTokenPipeline, NextXPipeline, RasterFlowPipeline
 from mmgen.text import UnifiedVocab, train_text_tokenizer
 from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.pca import PCATokenizer
 from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import make_vae
 from tokenizers_vis.vqgan import VQGAN
@@ -65,6 +66,16 @@ def tiny_seed_tokenizer(seed=0, **kw) -> SEEDTokenizer:
     """A 32 px SEED 1-D tokenizer (SEED_TINY: 8 tokens of 16 codes), `kw` overriding SEED_TINY."""
     torch.manual_seed(seed)
     return SEEDTokenizer(**{**SEED_TINY, **kw})
+
+
+PCA_TINY = dict(image_size=32, patch_size=8, num_tokens=8, dim=32, heads=2, encoder_layers=1, decoder_layers=1,
+                num_codes=16, code_dim=4, sample_steps=4)
+
+
+def tiny_pca_tokenizer(seed=0, **kw) -> PCATokenizer:
+    """A 32 px PCA-ordered 1-D tokenizer (PCA_TINY: 8 tokens of 16 codes, 4 Euler steps), `kw` overriding PCA_TINY."""
+    torch.manual_seed(seed)
+    return PCATokenizer(**{**PCA_TINY, **kw})
 
 
 def tiny_transformer(vocab_size, max_seq_len, seed=0, **kw) -> Transformer:

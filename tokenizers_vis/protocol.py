@@ -1,7 +1,8 @@
 """The one interface every visual tokenizer offers to mmgen, ours and (through adapters) other libraries'.
 
-    kind          "codes" (ids on a 2-D grid: VQGAN, SEED's 1 x N), "scale_codes" (VAR: the ids of every
-                  scale, flattened and concatenated coarse to fine), "latents" (continuous, e.g. AutoencoderKL)
+    kind          "codes" (ids on a 2-D grid: VQGAN, SEED's and the PCA tokenizer's 1 x N), "scale_codes"
+                  (VAR: the ids of every scale, flattened and concatenated coarse to fine), "latents" (continuous,
+                  e.g. AutoencoderKL)
     image_size    side of the square images it reads and writes
     token_shape   per-image shape of its tokens: (h, w), (L,) or (C, h, w)
     vocab_size    codebook size (0 for latents)
@@ -24,6 +25,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 
 from tokenizers_vis.multiscale import MultiScaleVQGAN
+from tokenizers_vis.pca import PCATokenizer
 from tokenizers_vis.seed import SEEDTokenizer
 from tokenizers_vis.vae import decode_latents, encode_latents, latent_channels, vae_grid
 from tokenizers_vis.var_vqvae import VARVQVAE
@@ -217,9 +219,9 @@ def as_visual_tokenizer(component) -> VisualTokenizer:
 
 # saved tokenizer directories name their class in config.json's `_class_name`
 TOKENIZER_CLASSES = {cls.__name__: cls for cls in (VQGAN, MultiScaleVQGAN, SEEDTokenizer, AutoencoderKL, VQModel,
-                                                   VARVQVAE)}
-CLASS_KINDS = {"VQGAN": "codes", "SEEDTokenizer": "codes", "MultiScaleVQGAN": "scale_codes", "AutoencoderKL": "latents",
-               "VQModel": "codes", "VARVQVAE": "scale_codes"}
+                                                   VARVQVAE, PCATokenizer)}
+CLASS_KINDS = {"VQGAN": "codes", "SEEDTokenizer": "codes", "PCATokenizer": "codes", "MultiScaleVQGAN": "scale_codes",
+               "AutoencoderKL": "latents", "VQModel": "codes", "VARVQVAE": "scale_codes"}
 
 
 def tokenizer_class_name(directory: str | Path) -> str:

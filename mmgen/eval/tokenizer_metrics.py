@@ -1,6 +1,6 @@
 """Held-out metrics of a trained visual tokenizer, written to `final/metrics.json` by `scripts/train_tokenizer.py`:
-reconstruction PSNR / SSIM and code usage, PSNR when decoding from token prefixes (SEED), and image-caption
-retrieval of SEED's stage-1 contrastive embeddings."""
+reconstruction PSNR / SSIM and code usage, PSNR and explained variance when decoding from token prefixes (SEED,
+the PCA tokenizer), and image-caption retrieval of SEED's stage-1 contrastive embeddings."""
 
 from __future__ import annotations
 
@@ -79,3 +79,40 @@ def prefix_psnr(model: SEEDTokenizer, dataset, n: int, batch_size: int = 128) ->
             sums[k] += psnr(model.decode_prefix(ids, k), images).item() * len(images)
     model.train()
     return {f"psnr_prefix_{k}": v / n for k, v in sums.items()}
+
+
+def explained_variance(images: torch.Tensor, recon: torch.Tensor) -> float:
+    """1 - sum ||x - x_hat||^2 / sum ||x - mean||^2 over a set of images (B, 3, H, W), the mean being the set's
+    mean image: the share of the set's variance a reconstruction accounts for, as PCA counts it (1: exact, 0: no
+    better than the mean image, negative: worse)."""
+    if images.shape != recon.shape or images.dim() != 4 or len(images) < 2:
+        raise ValueError(f"images and recon must be the same (B >= 2, 3, H, W) shape, got {tuple(images.shape)} "
+                         f"and {tuple(recon.shape)}")
+    x, x_hat = images.double(), recon.double()
+    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    if total == 0:
+        raise ValueError("images must not all be the same image (their variance is 0)")
+    return float(1 - (x - x_hat).pow(2).sum() / total)
+
+
+@torch.no_grad()
+def prefix_explained_variance(model, images: torch.Tensor, prefixes=None, batch_size: int = 64) -> dict:
+    """Explained variance EV(k) of `images` (B, 3, H, W) decoded from the first k tokens (`model.decode_prefix`
+    with its fixed default noise), for each k in `prefixes` (default 1..K), and the gain of each added token,
+    EV(k) - EV(previous k) (EV(0) = 0, the mean image). A PCA-ordered tokenizer's EV rises and its gain falls."""
+    K = model.num_tokens
+    prefixes = list(range(1, K + 1)) if prefixes is None else sorted(set(prefixes))
+    bad = [k for k in prefixes if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K]
+    if bad or not prefixes:
+        raise ValueError(f"prefixes must be ints in [1, {K}] (the tokenizer's tokens), got {bad or prefixes}")
+    was_training = model.training
+    model.eval()
+    ids = torch.cat([model.encode(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    ev, gain, prev = {}, {}, 0.0
+    for k in prefixes:
+        recon = torch.cat([model.decode_prefix(ids[i:i + batch_size], k).cpu()
+                           for i in range(0, len(ids), batch_size)])
+        ev[k] = explained_variance(images.cpu(), recon)
+        gain[k], prev = ev[k] - prev, ev[k]
+    model.train(was_training)
+    return {"explained_variance": ev, "gain": gain, "images": len(images)}
