@@ -16,6 +16,7 @@ from mmgen.pipelines.base import generators_from_seed
 from mmgen.sampling.logits import SamplingConfig, cfg_combine, guidance_at
 from mmgen.models.shuffle import ShuffleMerge, ShuffleSplit, shuffle, shuffle_ids, unshuffle, unshuffle_ids
 from mmgen.text import UnifiedVocab
+from mmgen.watermark import KeyOrder, WatermarkConfig, WatermarkProcessor, detect_tokens, kmeans
 
 V = 16
 VOCAB = UnifiedVocab(text_vocab_size=10, image_vocab_size=V)
@@ -262,7 +263,6 @@ def test_pipeline_generates_and_reloads_identically(pipes):
 
 @pytest.mark.parametrize("kind, kwargs, needle", [
     ("shuffle", dict(sampler="sjd"), "sampler='sjd' is not available for Token-Shuffle models"),
-    ("shuffle", dict(watermark_key="k"), "watermark_key is not available for Token-Shuffle models"),
     ("shuffle", dict(cfg_schedule="cosine"), "cfg_schedule must be one of constant, linear"),
     ("plain", dict(sampler="sjd", cfg_schedule="linear"), "not available with sampler='sjd'"),
 ])
@@ -372,3 +372,62 @@ def test_trunk_starts_from_a_next_token_decoder():
     with pytest.raises(ValueError, match="init_backbone_from"):
         init_backbone(TokenShuffleTransformer(vocab_size=40, image_vocab_size=16, dim=48, n_layers=2, n_heads=4,
                                               max_seq_len=32), source.state_dict())
+
+
+# ---- watermark ------------------------------------------------------------------------------------------------
+
+
+def test_watermark_key_order_reads_tokens_of_earlier_passes():
+    """Token (r, c) is keyed by the same slot of the window to its left (of the window above in the first window
+    column): a token sampled at an earlier pass, never one of its own window."""
+    lay = layout_for(2, grid=(4, 6))
+    order, slots = ts.watermark_key_order(lay), ts.slot_positions(lay)
+    assert torch.equal(slots, shuffle_ids(torch.arange(24).view(1, 4, 6), 2)[0])
+    assert order.order == tuple(slots.flatten().tolist())
+    assert order.parents[:8] == (-1, -1, 0, 1, 2, 3, -1, -1) and order.parents[12:14] == (0, 1)
+    window = {int(t): j for j, row in enumerate(slots) for t in row}
+    assert all(p < 0 or window[p] < window[t] for t, p in enumerate(order.parents))
+
+
+def _shuffle_watermark_hits(order_fn, monkeypatch):
+    """Hits at p < 0.01 (right key, wrong key) over 24 images sampled with a strong KGW watermark keyed by
+    `order_fn`, detected with the paradigm's own order."""
+    lay = layout_for(2, grid=(8, 8), max_text_len=4)
+    model = tiny_model(2, max_seq_len=24)  # near-uniform: high entropy
+    cfg = WatermarkConfig(num_clusters=8, context=2, method="kgw-cluster", delta=4.0,
+                          clusters=kmeans(model.transformer.tok_emb.weight[-V:].detach(), 8).tolist())
+    order = ts.watermark_key_order(lay)
+    monkeypatch.setattr(ts, "watermark_key_order", order_fn)
+    codes, _ = ts.generate(model, lay, [[3, 4]] * 24, SamplingConfig(), generators_from_seed(0, 24),
+                           processor=WatermarkProcessor(cfg, "k1"))
+    right = sum(d.p_value < 0.01 for d in detect_tokens(codes.flatten(1), cfg, "k1", order))
+    wrong = sum(d.p_value < 0.01 for d in detect_tokens(codes.flatten(1), cfg, "k2", order))
+    return right, wrong
+
+
+def test_watermark_keyed_by_earlier_windows_is_detected(monkeypatch):
+    """Generation reweights each window's s^2 distributions under the order's keys; detection with the same order
+    flags the images under their key and not under another. Power: keying generation by the left neighbour (in
+    a window's right column a token of the same pass, not sampled yet) loses the watermark."""
+    right, wrong = _shuffle_watermark_hits(ts.watermark_key_order, monkeypatch)
+    assert right >= 20 and wrong <= 1, (right, wrong)
+    good = ts.watermark_key_order
+    left = lambda lay: KeyOrder(tuple(t - 1 if t % 8 else -1 for t in range(64)), good(lay).order)  # noqa: E731
+    assert _shuffle_watermark_hits(left, monkeypatch)[0] <= 2
+
+
+def test_pipeline_watermark_is_detected_by_the_bench_with_the_key_order(pipes):
+    """A Token-Shuffle pipeline takes `watermark_key`; the bench's attack suite detects with the pipeline's key order
+    (on raster contexts the same tokens would read as unmarked)."""
+    from mmgen.bench.watermark import attack_suite
+    from mmgen.watermark import cluster_codebook
+
+    pipe = load_pipeline(pipes["shuffle"])
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.watermark_key_order() == ts.watermark_key_order(pipe.layout)
+    cfg = WatermarkConfig(num_clusters=8, context=2, method="kgw-cluster", delta=4.0,
+                          clusters=cluster_codebook(pipe.vq_model.quantizer.codebook, 8))
+    report = attack_suite(pipe, n_images=8, batch_size=8, configs={"kgw-cluster": cfg}, progress=False,
+                          overhead_repeats=0)
+    tokens_row = report["methods"]["kgw-cluster"]["tokens"]
+    assert tokens_row["tpr"] >= 0.75 and tokens_row["fpr"] <= 0.125 and tokens_row["auc"] >= 0.95, tokens_row

@@ -86,10 +86,11 @@ SAMPLERS = ("ar", "ar_compiled", "sjd")  # what the suite times the watermark ag
 
 
 def detection_row(wm_tokens: torch.Tensor, plain: torch.Tensor, tokens: torch.Tensor, cfg, key: str,
-                  fpr: float) -> dict:
+                  fpr: float, order=None) -> dict:
     """One method x attack: TPR and FPR at `fpr`, the z-score's AUC, and how many of the generated `tokens` (and
-    their symbols) the re-tokenized marked images `wm_tokens` kept."""
-    det_w, det_p = detect_tokens(wm_tokens, cfg, key), detect_tokens(plain, cfg, key)
+    their symbols) the re-tokenized marked images `wm_tokens` kept. `order`: the model's key order
+    (`pipe.watermark_key_order()`; None for raster)."""
+    det_w, det_p = detect_tokens(wm_tokens, cfg, key, order), detect_tokens(plain, cfg, key, order)
     scores = torch.tensor([d.score for d in det_w] + [d.score for d in det_p])
     labels = torch.tensor([1] * len(det_w) + [0] * len(det_p))
     return {
@@ -165,7 +166,7 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
             conditions[name] = (encode([attack(im, seed + j) for j, im in enumerate(images)]), plain_attacked[name])
             bar.update()
         for name, (wm_tokens, plain) in conditions.items():
-            rows[name] = detection_row(wm_tokens, plain, tokens, cfg, key, fpr)
+            rows[name] = detection_row(wm_tokens, plain, tokens, cfg, key, fpr, pipe.watermark_key_order())
         bar.update()
         report["methods"][method] = rows
     bar.close()
@@ -269,11 +270,11 @@ def clean_fpr(pipe, n_images: int = 1000, keys: int = 10, fpr: float = 0.01, see
         chunk = prompts[i:i + batch_size]
         out = pipe(prompt=chunk, guidance_scale=guidance_scale, generator=generators_from_seed(seed + i, len(chunk)))
         tokens.append(pipe.retokenize(out.images).cpu())
-    tokens = torch.cat(tokens)
+    tokens, order = torch.cat(tokens), pipe.watermark_key_order()
     report = {"images": n_images, "keys": keys, "fpr": fpr, "methods": {}}
     for method in methods or METHODS:
         cfg = pipe.watermark_config(method)
-        rates = [sum(d.p_value < fpr for d in detect_tokens(tokens, cfg, f"clean-fpr-key-{k}")) / n_images
+        rates = [sum(d.p_value < fpr for d in detect_tokens(tokens, cfg, f"clean-fpr-key-{k}", order)) / n_images
                  for k in range(keys)]
         report["methods"][method] = {"fpr_mean": round(sum(rates) / keys, 4), "fpr_max": round(max(rates), 4)}
     return report

@@ -14,7 +14,9 @@ position, one head each, cross-entropy over all of them. The last window is neve
 
 Sampling emits s^2 codes per forward pass with a KV cache (h*w/s^2 passes per image). CFG batches conditional
 and <null> rows; the guidance is constant or ramps by step, w_j = 1 + (w - 1) j / (N - 1): the paper schedules
-CFG by token position and we use the ramp that VAR and FlowAR use over scales.
+CFG by token position and we use the ramp that VAR and FlowAR use over scales. The watermark reweights each of
+a window's s^2 distributions, keyed by tokens of earlier windows (`watermark_key_order`: the same slot of the
+window to the left, of the window above in the first window column), never by a token of the same pass.
 
 Letters: B batch (R = rows incl. the unconditional half), T0 = max_text_len + 1 text block, N windows,
 K = s^2 codes per window, V image vocabulary.
@@ -35,6 +37,7 @@ from mmgen.paradigms.protocol import FlowConfig, GenerationCost, ModelConfig
 from mmgen.paradigms.sequence import attention_mask, prompt_block, text_block
 from mmgen.sampling.logits import SamplingConfig, guidance_at, guide, process_logits, sample
 from mmgen.text import UnifiedVocab
+from mmgen.watermark import KeyOrder
 
 
 @dataclass
@@ -153,12 +156,29 @@ def decode_step(model: TokenShuffleTransformer, window_RK, position_R2, key_vali
     return model(None, window_RK[:, None], position_R2[:, None], mask, cache=cache)[:, -1]
 
 
+def slot_positions(layout: TokenShuffleLayout, device=None) -> torch.Tensor:
+    """(N, K): the raster index in the token grid of slot k of window j."""
+    h, w = layout.token_grid
+    return shuffle_ids(torch.arange(h * w, device=device).view(1, h, w), layout.window)[0]
+
+
+def watermark_key_order(layout: TokenShuffleLayout) -> KeyOrder:
+    """The watermark's key context of token (r, c): the same slot of the window to its left, (r, c - s) (then
+    (r, c - 2s), ...), in the first window column the same slot of the window above, (r - s, c): always a token
+    of an earlier pass, since a pass samples its window's s^2 tokens together. Keys are spent in decoding order,
+    window by window and slot by slot inside one."""
+    (h, w), s = layout.token_grid, layout.window
+    parents = tuple(t - s if t % w >= s else (t - s * w if t >= s * w else -1) for t in range(h * w))
+    return KeyOrder(parents, tuple(slot_positions(layout).flatten().tolist()))
+
+
 @torch.no_grad()
 def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_ids: Sequence[Sequence[int]],
              sampling: SamplingConfig, generators: Sequence[torch.Generator] | None = None, *, tokenizer=None,
-             callback: Callable[[int], None] | None = None):
+             callback: Callable[[int], None] | None = None, processor=None):
     """Sample image codes (B, h, w), in the tokenizer's raster order, for B tokenized prompts: s^2 codes per
-    forward pass. Returns the codes and their `GenerationCost` (h*w / s^2 decoder passes)."""
+    forward pass. Returns the codes and their `GenerationCost` (h*w / s^2 decoder passes). `processor`: a
+    `mmgen.watermark.WatermarkProcessor`, keyed by `watermark_key_order`."""
     _check_model(model, layout)
     N, K, B = layout.num_image_tokens, layout.tokens_per_step, len(text_ids)
     schedule = sampling.schedule(DEFAULT_CFG_SCHEDULE)
@@ -173,11 +193,19 @@ def generate(model: TokenShuffleTransformer, layout: TokenShuffleLayout, text_id
     # one generator per image drives all K codes of its window, so an image does not depend on its batch mates
     gens = None if generators is None else [g for g in generators for _ in range(K)]
     windows = torch.zeros(B, N, K, dtype=torch.long, device=device)
+    if processor is not None:  # the codes decoded so far in raster order, which the keys read
+        order, slots = watermark_key_order(layout), slot_positions(layout, device)
+        codes, rows = torch.zeros(B, N * K, dtype=torch.long, device=device), torch.arange(B, device=device)
+        rows = rows.repeat_interleave(K)
 
     logits = prefill(model, text, positions[:, :T0], valid, cache)
     for j in range(N):
-        logits = process_logits(guide(logits.float(), weights[j], use_cfg).flatten(0, 1), sampling)
+        logits = process_logits(guide(logits.float(), weights[j], use_cfg).flatten(0, 1), sampling)  # (B K, V)
+        if processor is not None:
+            logits = processor.keyed_by(order, logits, codes, rows, slots[j].repeat(B))
         windows[:, j] = sample(logits, gens, greedy).view(B, K)
+        if processor is not None:
+            codes[:, slots[j]] = windows[:, j]
         if callback is not None:
             callback(j)
         if j + 1 == N:

@@ -53,7 +53,7 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
 
     def watermark_key_order(self):
         """Where the watermark keys each position (`mmgen.watermark.KeyOrder`): the paradigm's own decoding order
-        (next_neighbor, next_block), or None for raster order."""
+        (next_neighbor, next_block, token_shuffle), or None for raster order."""
         key_order = getattr(self.paradigm, "watermark_key_order", None)
         return None if key_order is None else key_order(self.layout)
 
@@ -110,8 +110,8 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
 
         cfg_schedule: "constant" or "linear" (guidance ramped from 1 at the first token / window to
         guidance_scale at the last; sampler "ar" only). Token-Shuffle (s x s codes per pass), NAR (an anti-diagonal)
-        and next-block (a row) decoders take sampler "ar" only; NAR and next-block key the watermark by decoded
-        neighbours (`watermark_key_order`), Token-Shuffle takes none (it reweights one token per step).
+        and next-block (a row) decoders take sampler "ar" only; they key the watermark by tokens decoded at earlier
+        passes (`watermark_key_order`: NAR and Token-Shuffle the left neighbour, next-block the token above).
 
         compile_decode: sampler "ar" through a `torch.compile`d one-token step (`mmgen.models.compiled_decode`),
         compiled once per batch size (tens of seconds); the same tokens up to float rounding, 2-4x faster on CPU. Sampler "sjd": its verify passes through the compiled window step
@@ -121,7 +121,7 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
         """
         text_ids, guidance_scale, gens = self.prepare(prompt, class_labels, num_images_per_prompt, output_type,
                                                       guidance_scale, generator)
-        self.check_stages(sampler, watermark_key, cfg_schedule, compile_decode, sjd_tree_width)
+        self.check_stages(sampler, cfg_schedule, compile_decode, sjd_tree_width)
         sampling = SamplingConfig(guidance_scale, temperature, top_k, top_p, cfg_schedule=cfg_schedule)
         sjd = sjd_config(sampler, sjd_window, sjd_init, sjd_coupled, sjd_adaptive, sjd_lantern_delta, sjd_lantern_k,
                          sjd_tree_width, sjd_tree_depth, sjd_shared_noise)
@@ -168,8 +168,7 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
                                                    neighbours=sjd_neighbours(self.visual_tokenizer, sjd))
         return codes, stats.decoder_passes, stats.step_compression, stats.mean_accepted_length
 
-    def check_stages(self, sampler: str, watermark_key, cfg_schedule: str, compile_decode: bool,
-                     sjd_tree_width: int) -> None:
+    def check_stages(self, sampler: str, cfg_schedule: str, compile_decode: bool, sjd_tree_width: int) -> None:
         """The sampler and the stages this decoder takes (`mmgen.options` checks the values)."""
         check_choice(sampler, SAMPLERS, "sampler")
         if self.shuffle and sampler != "ar":
@@ -179,9 +178,6 @@ class NextTokenPipeline(WatermarkDetection, ParadigmPipeline):
             raise OptionError(f"sampler must be 'ar' for this model; got {sampler!r}: "
                               f"{PARALLEL_PASSES[self.paradigm]}, speculative Jacobi decoding verifies a raster "
                               f"sequence one token per position")
-        if self.shuffle and watermark_key is not None:
-            raise OptionError("watermark_key is not available for Token-Shuffle models: the watermark reweights one "
-                              "token's distribution per step, a Token-Shuffle step samples s^2 tokens")
         if sampler == "sjd" and cfg_schedule != "constant":
             raise OptionError(f"cfg_schedule={cfg_schedule!r} is not available with sampler='sjd' (a Jacobi window "
                               f"spans many positions); use cfg_schedule='constant'")
