@@ -172,7 +172,9 @@ def cmd_bench(args) -> dict:
                      tree_depth=args.sjd_tree_depth,
                      eval_per_category=args.eval_per_category if not args.sjd_modes else 0, **given,
                      watermark_images=args.watermark_images, watermark_delta=args.watermark_delta,
-                     watermark_fpr_images=args.watermark_fpr_images, eval_split=args.eval_split, device=args.device,
+                     watermark_fpr_images=args.watermark_fpr_images,
+                     watermark_set_sizes=tuple(args.watermark_set_sizes), eval_split=args.eval_split,
+                     device=args.device,
                      models=models, paradigm_eval_per_category=args.paradigm_eval_per_category,
                      shuffle_windows=tuple(args.shuffle_windows), shuffle_grid=args.shuffle_grid)
 
@@ -377,6 +379,9 @@ def _add_bench(sub) -> None:
     b.add_argument("--watermark-fpr-images", type=_count_or_off("--watermark-fpr-images"), default=1000,
                    metavar="N", help="clean images whose detection under 10 keys gives each method's empirical "
                                      "false-positive rate (0: skip)")
+    b.add_argument("--watermark-set-sizes", type=positive_int("--watermark-set-sizes"), nargs="+", default=[16, 64],
+                   metavar="N", help="watermark suite: also detect over sets of N images pooled (consecutive images "
+                                     "of one key; sizes above --watermark-images are left out)")
     b.add_argument("--eval-split", choices=("train", "heldout"), default="train",
                    help="prompt split for the compositional accuracy column")
     b.add_argument("--models", nargs="+", metavar="NAME=DIR", default=None,

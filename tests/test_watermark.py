@@ -16,6 +16,7 @@ from PIL import Image
 from tiny import tiny_next_token_pipeline, tiny_text_tokenizer, tiny_transformer
 from mmgen import cli
 from mmgen.paradigms.next_token import NextTokenLayout, generate, generate_sjd
+from mmgen.pipelines.base import generators_from_seed
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.watermark import (KeyedPermutations, WatermarkConfig, WatermarkProcessor, alpha_reweight,
@@ -142,6 +143,24 @@ def test_set_level_detection_flags_a_watermarked_set():
     assert max(d.scored for d in singles) < pooled.scored < sum(d.scored for d in singles)
     assert pooled.p_value < 0.01
     assert detect_tokens_combined(codes.flatten(1), cfg, "k2").p_value > 0.01
+
+
+def test_bench_set_detection_counts_marked_and_unmarked_sets():
+    """The bench's set-level rows (`mmgen bench --suite watermark --watermark-set-sizes`): consecutive sets of
+    `size` images, a partial last set left out, sizes above the image count skipped; a weak watermark that half
+    the single images show is found in every set of 5 pooled, and no unmarked set is flagged."""
+    from mmgen.bench.watermark import detection_row
+
+    model, layout = high_entropy_model()
+    cfg = WatermarkConfig(num_clusters=8, context=2, method="kgw-cluster", delta=1.0,
+                          clusters=kmeans(model.tok_emb.weight[-64:].detach(), 8).tolist())
+    marked, _ = generate(model, layout, [[3, 4]] * 24, SamplingConfig(), generators_from_seed(0, 24),
+                         processor=WatermarkProcessor(cfg, "k1"))
+    plain, _ = generate(model, layout, [[3, 4]] * 24, SamplingConfig(), generators_from_seed(50, 24))
+    marked, plain = marked.flatten(1), plain.flatten(1)
+    row = detection_row(marked, plain, marked, cfg, "k1", 0.01, set_sizes=(5, 30))
+    assert set(row["sets"]) == {"5"} and row["tpr"] <= 0.75 and row["fpr"] == 0.0, row
+    assert row["sets"]["5"] == {"sets": 4, "tpr": 1.0, "unmarked_sets": 4, "fpr": 0.0}
 
 
 def test_rank_sum_tail_is_exact():
@@ -473,10 +492,12 @@ def test_attack_suite_and_clean_fpr_report(watermarked):
     from mmgen.bench.watermark import ATTACKS, attack_suite, clean_fpr, overhead
 
     pipe = watermarked.again
-    report = attack_suite(pipe, n_images=4, batch_size=4, delta=5.0, progress=False, overhead_repeats=0)
+    report = attack_suite(pipe, n_images=4, batch_size=4, delta=5.0, progress=False, overhead_repeats=0,
+                          set_sizes=(2, 8))
     assert report["kgw_delta"] == {"kgw-token": 5.0, "kgw-cluster": 5.0} and "flip" in ATTACKS
     for rows in report["methods"].values():
         assert set(rows) == {"tokens", *ATTACKS}
+        assert all(set(r["sets"]) == {"2"} and r["sets"]["2"]["sets"] == 2 for r in rows.values())
         assert all(0 <= r["tpr"] <= 1 and 0 <= r["fpr"] <= 1 and 0 <= r["token_match"] <= 1 for r in rows.values())
         assert rows["tokens"]["token_match"] == 1.0
     fpr = clean_fpr(pipe, n_images=6, keys=3, batch_size=6, progress=False)

@@ -39,7 +39,7 @@ def _pick(kw: dict, *names: str) -> dict:
 
 def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: int = 100, models=None,
         shuffle_windows=(1, 2, 4), shuffle_grid: int = 16, guidance_scale: float | None = None,
-        watermark_delta: float | None = None, watermark_fpr_images: int = 0, **kw) -> dict:
+        watermark_delta: float | None = None, watermark_fpr_images: int = 0, watermark_set_sizes=(), **kw) -> dict:
     """The suites `suites` (of `SUITES`) on `model_dir` (default: the shipped default model), at
     `guidance_scale` (None: each model's own), as one report with the machine they ran on."""
     unknown = [s for s in suites if s not in SUITES]
@@ -61,7 +61,8 @@ def run(suites=SUITES, model_dir=None, progress: bool = True, watermark_images: 
     if "watermark" in suites:
         pipe = load_pipeline(model_dir).to(device)
         report["watermark"] = attack_suite(pipe, n_images=watermark_images, guidance_scale=guidance_scale,
-                                           delta=watermark_delta, progress=progress)
+                                           delta=watermark_delta, progress=progress,
+                                           set_sizes=tuple(watermark_set_sizes))
         if watermark_fpr_images:
             report["watermark"]["clean_fpr"] = clean_fpr(pipe, watermark_fpr_images, guidance_scale=guidance_scale,
                                                          progress=progress)

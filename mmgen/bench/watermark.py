@@ -25,7 +25,7 @@ from mmgen.pipelines.base import generators_from_seed
 from mmgen.sampling.logits import SamplingConfig
 from mmgen.sampling.sjd import SJDConfig
 from mmgen.text import encode_prompts
-from mmgen.watermark import METHODS, WatermarkProcessor, detect_tokens
+from mmgen.watermark import METHODS, WatermarkProcessor, detect_tokens, detect_tokens_combined
 
 
 def jpeg(quality: int):
@@ -86,14 +86,15 @@ SAMPLERS = ("ar", "ar_compiled", "sjd")  # what the suite times the watermark ag
 
 
 def detection_row(wm_tokens: torch.Tensor, plain: torch.Tensor, tokens: torch.Tensor, cfg, key: str,
-                  fpr: float, order=None) -> dict:
+                  fpr: float, order=None, set_sizes: tuple[int, ...] = ()) -> dict:
     """One method x attack: TPR and FPR at `fpr`, the z-score's AUC, and how many of the generated `tokens` (and
     their symbols) the re-tokenized marked images `wm_tokens` kept. `order`: the model's key order
-    (`pipe.watermark_key_order()`; None for raster)."""
+    (`pipe.watermark_key_order()`; None for raster). `set_sizes`: also the pooled test over sets of that many
+    images (consecutive ones; sizes above the image count are left out), as `sets`."""
     det_w, det_p = detect_tokens(wm_tokens, cfg, key, order), detect_tokens(plain, cfg, key, order)
     scores = torch.tensor([d.score for d in det_w] + [d.score for d in det_p])
     labels = torch.tensor([1] * len(det_w) + [0] * len(det_p))
-    return {
+    row = {
         "tpr": sum(d.p_value < fpr for d in det_w) / len(det_w),
         "fpr": sum(d.p_value < fpr for d in det_p) / len(det_p),
         "auc": round(float(BinaryAUROC()(scores, labels)), 4),
@@ -101,18 +102,36 @@ def detection_row(wm_tokens: torch.Tensor, plain: torch.Tensor, tokens: torch.Te
         "symbol_match": round(float((cfg.symbols(wm_tokens) == cfg.symbols(tokens)).float().mean()), 4),
         "scored_positions": round(sum(d.scored for d in det_w) / len(det_w), 1),
     }
+    sets = {str(size): set_detection(wm_tokens, plain, cfg, key, fpr, size, order) for size in set_sizes
+            if size <= min(len(wm_tokens), len(plain))}
+    return {**row, "sets": sets} if sets else row
+
+
+def set_detection(wm_tokens: torch.Tensor, plain: torch.Tensor, cfg, key: str, fpr: float, size: int,
+                  order=None) -> dict:
+    """Set-level detection (`detect_tokens_combined`) over consecutive sets of `size` images: the fraction of
+    marked sets and of unmarked sets with p < fpr."""
+    def flagged(tokens):
+        chunks = [tokens[i:i + size] for i in range(0, len(tokens) - size + 1, size)]
+        return [detect_tokens_combined(c, cfg, key, order).p_value < fpr for c in chunks]
+
+    hits, false = flagged(wm_tokens), flagged(plain)
+    return {"sets": len(hits), "tpr": sum(hits) / len(hits), "unmarked_sets": len(false),
+            "fpr": sum(false) / len(false)}
 
 
 def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: float = 0.01, seed: int = 0,
                  guidance_scale: float | None = None, batch_size: int = 25, configs: dict | None = None,
-                 delta: float | None = None, progress: bool = True, overhead_repeats: int = 7) -> dict:
+                 delta: float | None = None, progress: bool = True, overhead_repeats: int = 7,
+                 set_sizes: tuple[int, ...] = ()) -> dict:
     """Generate n_images per method with the watermark and n_images without, attack, re-tokenize, detect.
 
     Per method and attack: TPR at the nominal FPR (p-value < fpr), the empirical FPR on the unwatermarked
     images, AUC of the z-score (watermarked vs not), and the re-tokenization match rate of token and symbol.
     Row "tokens" detects on the generated tokens themselves (no decoding): the ceiling without mismatch.
     `guidance_scale` None: the model's own; `delta`: the KGW rows' strength (None: the config's). The report's
-    "overhead" is `overhead` at batch 1 and 8 over `overhead_repeats` repeats (0: not measured)."""
+    "overhead" is `overhead` at batch 1 and 8 over `overhead_repeats` repeats (0: not measured). `set_sizes`: each
+    row also gives set-level detection over that many images pooled (`set_detection`)."""
     if n_images == 0:  # the overhead block alone
         return {"n_images": 0, "overhead": overhead(pipe, repeats=overhead_repeats or 7, samplers=SAMPLERS,
                                                      guidance_scale=guidance_scale, key=key, seed=seed,
@@ -166,7 +185,8 @@ def attack_suite(pipe, n_images: int = 100, key: str = "mmgen-bench-key", fpr: f
             conditions[name] = (encode([attack(im, seed + j) for j, im in enumerate(images)]), plain_attacked[name])
             bar.update()
         for name, (wm_tokens, plain) in conditions.items():
-            rows[name] = detection_row(wm_tokens, plain, tokens, cfg, key, fpr, pipe.watermark_key_order())
+            rows[name] = detection_row(wm_tokens, plain, tokens, cfg, key, fpr, pipe.watermark_key_order(),
+                                       set_sizes)
         bar.update()
         report["methods"][method] = rows
     bar.close()
