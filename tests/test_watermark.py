@@ -1,6 +1,7 @@
 """Watermark: distortion-freeness, detector false-positive rate, detection power, SJD composition, I/O."""
 
 import dataclasses
+import functools
 import importlib.util
 import itertools
 import json
@@ -169,6 +170,25 @@ def test_rank_sum_tail_is_exact():
     for s in range(-1, 14):
         assert uniform_sum_sf(s, 3, 5) == pytest.approx(sum(x >= s for x in sums) / len(sums), abs=1e-15)
     assert uniform_sum_sf(0, 0, 16) == 1.0
+
+
+def test_rank_sum_tail_of_pooled_sets_matches_the_exact_count():
+    """Above EXACT_RANK_TAIL_MAX_N terms (pooled sets) the tail comes from the FFT of the distribution: within 1e-13
+    of the exact big-integer count from the centre to far tails, and floored at FFT_TAIL_FLOOR beyond (never
+    below the true tail by more than the error, so p-values stay valid). Summing from s + 1 misses by ~1e-4."""
+    from mmgen.watermark import core
+
+    n, k = core.EXACT_RANK_TAIL_MAX_N + 44, 16
+    exact = functools.partial(core.uniform_sum_sf, n=n, k=k)
+    mean, sd = n * (k - 1) / 2, math.sqrt(n * (k * k - 1) / 12)
+    for z in (-3, 0, 1, 2.33, 4, 6):
+        s = int(mean + z * sd)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(core, "EXACT_RANK_TAIL_MAX_N", 10 ** 6)
+            want = exact(s)
+        got = exact(s)
+        assert got == pytest.approx(want, abs=1e-13) and got >= core.FFT_TAIL_FLOOR, (z, got, want)
+    assert exact(int(mean + 9 * sd)) == core.FFT_TAIL_FLOOR
 
 
 def test_confusion_clustering_puts_always_confused_codes_together():
