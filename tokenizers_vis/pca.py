@@ -42,8 +42,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from tokenizers_vis.flow import TimestepEmbedder, interpolate, logit_normal_t, sample_flow
-from tokenizers_vis.quantize import FactorizedQuantizer, GridCodesMixin
-from tokenizers_vis.seed import Block, causal_mask
+from tokenizers_vis.quantize import FactorizedQuantizer
+from tokenizers_vis.seed import Block, CausalCodesMixin, causal_mask
 from tokenizers_vis.shared import SharedComponentMixin
 
 
@@ -133,7 +133,7 @@ class PCAOutput:
     usage: torch.Tensor  # () fraction of codes hit in this batch
 
 
-class PCATokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixin):
+class PCATokenizer(SharedComponentMixin, CausalCodesMixin, ModelMixin, ConfigMixin):
     """Images (B, 3, image_size, image_size) in [-1, 1] <-> K causal, PCA-ordered codes, stated as the token grid
     (1, K) so it drops in where SEED's codes go."""
 
@@ -182,26 +182,7 @@ class PCATokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixin
     def num_tokens(self) -> int:
         return self.config.num_tokens
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.num_codes
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """(1, K): one row of K causal tokens."""
-        return (1, self.config.num_tokens)
-
     # ---- tokenize ----------------------------------------------------------------------------------------
-
-    def _check_images(self, images) -> None:
-        s = self.config.image_size
-        if not torch.is_tensor(images) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s) \
-                or not images.is_floating_point():
-            got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"images must be a float tensor (B, 3, {s}, {s}) in [-1, 1], got {got}")
-        if images.numel() and images.detach().abs().max() > 1 + 1e-3:
-            raise ValueError(f"images must lie in [-1, 1], got values in "
-                             f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
 
     def token_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> the encoder's token features as the quantizer's code map (B, C, 1, K)."""
@@ -214,14 +195,6 @@ class PCATokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixin
         return self.quantizer.ids_from_map(self.token_features(images))
 
     # ---- de-tokenize -------------------------------------------------------------------------------------
-
-    def _ids_B1n(self, ids) -> torch.Tensor:
-        if torch.is_tensor(ids) and ids.dim() == 2:
-            ids = ids[:, None]
-        if not torch.is_tensor(ids) or ids.dim() != 3 or ids.shape[1] != 1 or not 1 <= ids.shape[2] <= self.num_tokens:
-            got = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
-            raise ValueError(f"ids must have shape (B, n) or (B, 1, n) with 1 <= n <= {self.num_tokens}, got {got}")
-        return ids
 
     def condition(self, z_BKC: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
         """Token vectors (B, n <= K, C) -> the decoder's (B, K, C): token i where i < prefix_lengths[b], else the

@@ -254,7 +254,40 @@ class SEEDOutput:
     usage: torch.Tensor  # () fraction of codes hit in this batch
 
 
-class SEEDTokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixin):
+class CausalCodesMixin(GridCodesMixin):
+    """What the 1-D causal tokenizers (SEED's, the PCA-ordered one) share on top of `GridCodesMixin`: K causal
+    codes stated as a (1, K) grid, square images of `config.image_size` in [-1, 1], and ids given as (B, n) or
+    (B, 1, n) prefixes of at most K codes. The class supplies `num_tokens`."""
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.num_codes
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """(1, K): one row of K causal tokens."""
+        return (1, self.num_tokens)
+
+    def _check_images(self, images) -> None:
+        s = self.config.image_size
+        if not torch.is_tensor(images) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s) \
+                or not images.is_floating_point():
+            got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a float tensor (B, 3, {s}, {s}) in [-1, 1], got {got}")
+        if images.numel() and images.detach().abs().max() > 1 + 1e-3:
+            raise ValueError(f"images must lie in [-1, 1], got values in "
+                             f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
+
+    def _ids_B1n(self, ids) -> torch.Tensor:
+        if torch.is_tensor(ids) and ids.dim() == 2:
+            ids = ids[:, None]
+        if not torch.is_tensor(ids) or ids.dim() != 3 or ids.shape[1] != 1 or not 1 <= ids.shape[2] <= self.num_tokens:
+            got = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
+            raise ValueError(f"ids must have shape (B, n) or (B, 1, n) with 1 <= n <= {self.num_tokens}, got {got}")
+        return ids
+
+
+class SEEDTokenizer(SharedComponentMixin, CausalCodesMixin, ModelMixin, ConfigMixin):
     """Images (B, 3, image_size, image_size) in [-1, 1] <-> a 1D causal sequence of N codes, stated as the token
     grid (1, N) so it drops in where a VQGAN's (h, w) grid goes."""
 
@@ -330,15 +363,6 @@ class SEEDTokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixi
         return self.config.num_queries
 
     @property
-    def vocab_size(self) -> int:
-        return self.config.num_codes
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """(1, N): one row of N causal tokens."""
-        return (1, self.config.num_queries)
-
-    @property
     def last_layer(self) -> torch.Tensor:
         """Weight of the pixel decoder's output conv, where the adaptive GAN weight compares gradient norms."""
         return self.pixel_decoder.conv.conv_out.weight
@@ -356,16 +380,6 @@ class SEEDTokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixi
             net = EfficientNetLite0Features(self.config.backbone_resize, tuple(self.config.backbone_taps))
             object.__setattr__(self, "_backbone", net.requires_grad_(False))
         return self._backbone
-
-    def _check_images(self, images) -> None:
-        s = self.config.image_size
-        if not torch.is_tensor(images) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s) \
-                or not images.is_floating_point():
-            got = f"{tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"images must be a float tensor (B, 3, {s}, {s}) in [-1, 1], got {got}")
-        if images.numel() and images.detach().abs().max() > 1 + 1e-3:
-            raise ValueError(f"images must lie in [-1, 1], got values in "
-                             f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
 
     def _backbone_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         self._check_images(images)
@@ -395,17 +409,9 @@ class SEEDTokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixi
 
     # ---- de-tokenize -------------------------------------------------------------------------------------
 
-    def _ids_BLn(self, ids: torch.Tensor) -> torch.Tensor:
-        if torch.is_tensor(ids) and ids.dim() == 2:
-            ids = ids[:, None]
-        if not torch.is_tensor(ids) or ids.dim() != 3 or ids.shape[1] != 1 or not 1 <= ids.shape[2] <= self.num_tokens:
-            got = tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__
-            raise ValueError(f"ids must have shape (B, n) or (B, 1, n) with 1 <= n <= {self.num_tokens}, got {got}")
-        return ids
-
     def code_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, n) or (B, 1, n) -> the codes projected back to C (B, n, C), what the pixel decoder reads."""
-        return self.quantizer.lookup(self._ids_BLn(ids)).squeeze(2).transpose(1, 2)
+        return self.quantizer.lookup(self._ids_B1n(ids)).squeeze(2).transpose(1, 2)
 
     def embeddings_from_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, n) or (B, 1, n) -> reconstructed Q-Former embeddings (B, n, C); row i reads ids <= i only."""
@@ -414,14 +420,14 @@ class SEEDTokenizer(SharedComponentMixin, GridCodesMixin, ModelMixin, ConfigMixi
     def decode_prefix(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from the first k tokens of ids (B, n) or (B, 1, n), n >= k; later
         tokens are not read. Small k gives a coarser image of the same content."""
-        ids = self._ids_BLn(ids)
+        ids = self._ids_B1n(ids)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ids.shape[2]:
             raise ValueError(f"k must be an int in [1, {ids.shape[2]}] (the tokens given), got {k!r}")
         return self.pixel_decoder(self.code_vectors(ids[..., :k])).clamp(-1, 1)
 
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, 1, N) or (B, N) -> images (B, 3, H, W) clamped to [-1, 1]."""
-        ids = self._ids_BLn(ids)
+        ids = self._ids_B1n(ids)
         if ids.shape[2] != self.num_tokens:
             raise ValueError(f"decode needs all {self.num_tokens} tokens, got {ids.shape[2]}; "
                              f"use decode_prefix(ids, k) for a prefix")
